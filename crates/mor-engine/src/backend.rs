@@ -1,0 +1,228 @@
+//! The op interface every backend implements. Each op is a forward/backward pair over buffers the
+//! caller allocated; shapes are passed explicitly and ops touch only the leading elements they
+//! describe, so one preallocated buffer can serve varying token counts.
+//!
+//! Conventions (all backends):
+//! * Row-major layouts; a `[n, d]` matrix is `n` rows of `d` contiguous values.
+//! * Linear weights use the PyTorch / Hugging Face layout `[out, in]`: `y = x · Wᵀ`.
+//! * Forward ops overwrite their outputs unless the name says `acc`/`add`.
+//! * **Backward ops accumulate** (`+=`) into every gradient they produce, so fan-out in the
+//!   graph (residual streams, shared weights, shared K/V) needs no special handling; callers
+//!   zero gradient buffers before a backward pass.
+//! * Index buffers hold `u32`. Scalars cross the interface as `f32`; host reads use `to_f32`.
+
+/// Attention over packed variable-length token sets.
+///
+/// Queries and keys are concatenated over `num_seqs` segments; segment `s` owns query rows
+/// `cu_q[s]..cu_q[s+1]` and key rows `cu_k[s]..cu_k[s+1]`. A query attends to a key of the same
+/// segment iff `pos_k[key] <= pos_q[query]`. Positions are original token positions, so one
+/// kernel serves vanilla attention, compacted recursion steps (subsets of tokens), KV sharing
+/// (queries = active subset, keys = all tokens of recursion 1) and document masking (segments =
+/// documents), and decoding (one query against a cache).
+pub struct AttnShape<'a, I> {
+    pub cu_q: &'a I,
+    pub cu_k: &'a I,
+    pub pos_q: &'a I,
+    pub pos_k: &'a I,
+    pub num_seqs: usize,
+    /// Total query rows (`cu_q[num_seqs]`).
+    pub nq: usize,
+    /// Total key rows (`cu_k[num_seqs]`).
+    pub nk: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Elementwise router activation `g = alpha * f(x)` (MOR_SPEC 3.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateFn {
+    Sigmoid,
+    Tanh,
+    /// `g = x` (alpha is ignored, as in the released code).
+    Identity,
+}
+
+pub trait Backend {
+    /// A float buffer on the device.
+    type Buf;
+    /// A `u32` buffer on the device.
+    type Idx;
+
+    fn name(&self) -> &'static str;
+
+    // ---- memory ---------------------------------------------------------------------------
+    fn zeros(&self, n: usize) -> Self::Buf;
+    fn from_f32(&self, data: &[f32]) -> Self::Buf;
+    fn to_f32(&self, buf: &Self::Buf) -> Vec<f32>;
+    /// Read the first `n` values.
+    fn to_f32_prefix(&self, buf: &Self::Buf, n: usize) -> Vec<f32>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn idx_from(&self, data: &[u32]) -> Self::Idx;
+    fn idx_to_vec(&self, idx: &Self::Idx) -> Vec<u32>;
+    /// Overwrite the first `data.len()` entries of an index buffer.
+    fn idx_write(&self, idx: &mut Self::Idx, data: &[u32]);
+    /// Overwrite the first `data.len()` entries of a float buffer.
+    fn write_f32(&self, buf: &mut Self::Buf, data: &[f32]);
+    fn fill(&self, buf: &mut Self::Buf, n: usize, value: f32);
+    /// `dst[..n] = src[..n]`.
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, n: usize);
+
+    // ---- elementwise ----------------------------------------------------------------------
+    /// `y[..n] += alpha * x[..n]`.
+    fn axpy(&self, y: &mut Self::Buf, x: &Self::Buf, alpha: f32, n: usize);
+    /// `x[..n] *= alpha`.
+    fn scale(&self, x: &mut Self::Buf, alpha: f32, n: usize);
+    /// `Σ x[..n]²` in double precision.
+    fn sum_squares(&self, x: &Self::Buf, n: usize) -> f64;
+
+    // ---- embedding ------------------------------------------------------------------------
+    /// `out[i] = table[ids[i]]`, rows of `d`.
+    fn embedding_fwd(&self, out: &mut Self::Buf, table: &Self::Buf, ids: &Self::Idx, n: usize, d: usize);
+    fn embedding_bwd(&self, dtable: &mut Self::Buf, dout: &Self::Buf, ids: &Self::Idx, n: usize, d: usize);
+
+    // ---- linear ---------------------------------------------------------------------------
+    /// `out[n, m] = x[n, k] · w[m, k]ᵀ`.
+    fn matmul_fwd(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, n: usize, k: usize, m: usize);
+    /// `dx += dout · w` (skipped when `dx` is `None`), `dw += doutᵀ · x`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_bwd(
+        &self,
+        dx: Option<&mut Self::Buf>,
+        dw: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        n: usize,
+        k: usize,
+        m: usize,
+    );
+
+    // ---- normalisation --------------------------------------------------------------------
+    /// `out = w ⊙ x / sqrt(mean(x²) + eps)` per row; saves `rstd[n]`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_fwd(&self, out: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, n: usize, d: usize, eps: f32);
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        n: usize,
+        d: usize,
+    );
+
+    // ---- rotary embedding -----------------------------------------------------------------
+    /// In place on `x[n, heads, head_dim]`, non-interleaved halves ("rotate_half"), angle
+    /// `pos[i] * theta^(-2j/head_dim)`, cos/sin computed in f32 or better.
+    fn rope_fwd(&self, x: &mut Self::Buf, pos: &Self::Idx, n: usize, heads: usize, head_dim: usize, theta: f32);
+    /// In place on a gradient: applies the inverse rotation (the transpose of the forward).
+    fn rope_bwd(&self, dx: &mut Self::Buf, pos: &Self::Idx, n: usize, heads: usize, head_dim: usize, theta: f32);
+
+    // ---- attention ------------------------------------------------------------------------
+    /// `out[nq, heads*head_dim]`, `lse[nq*heads]` (log-sum-exp of the scaled scores, saved for
+    /// the backward). Scale `1/sqrt(head_dim)`; GQA maps query head `h` to kv head
+    /// `h / (heads / kv_heads)`. A query with no visible key gets zero output.
+    fn attention_fwd(
+        &self,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: &AttnShape<'_, Self::Idx>,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: &AttnShape<'_, Self::Idx>,
+    );
+
+    // ---- activations ----------------------------------------------------------------------
+    /// `out = silu(gate) * up`, `n` elements.
+    fn swiglu_fwd(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf, n: usize);
+    fn swiglu_bwd(&self, dgate: &mut Self::Buf, dup: &mut Self::Buf, dout: &Self::Buf, gate: &Self::Buf, up: &Self::Buf, n: usize);
+    /// Exact (erf) GELU, as `torch.nn.GELU()`.
+    fn gelu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf, n: usize);
+    fn gelu_bwd(&self, dx: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf, n: usize);
+    /// `out = alpha * f(x)` elementwise.
+    fn gate_fwd(&self, out: &mut Self::Buf, x: &Self::Buf, f: GateFn, alpha: f32, n: usize);
+    fn gate_bwd(&self, dx: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf, f: GateFn, alpha: f32, n: usize);
+    /// Row softmax of `x[n, c]`.
+    fn softmax_fwd(&self, out: &mut Self::Buf, x: &Self::Buf, n: usize, c: usize);
+    fn softmax_bwd(&self, dx: &mut Self::Buf, dout: &Self::Buf, out: &Self::Buf, n: usize, c: usize);
+
+    // ---- token subsets --------------------------------------------------------------------
+    /// `out[i] = x[idx[i]]` for `i < m`, rows of `d`.
+    fn gather_rows(&self, out: &mut Self::Buf, x: &Self::Buf, idx: &Self::Idx, m: usize, d: usize);
+    /// `dx[idx[i]] += dout[i]` (the backward of `gather_rows`).
+    fn scatter_add_rows(&self, dx: &mut Self::Buf, dout: &Self::Buf, idx: &Self::Idx, m: usize, d: usize);
+    /// `h[idx[i]] += scale[i] * y[i]` (the MoR combine step).
+    fn scatter_add_scaled(&self, h: &mut Self::Buf, y: &Self::Buf, scale: &Self::Buf, idx: &Self::Idx, m: usize, d: usize);
+    /// Backward of `scatter_add_scaled`: `dy[i] += scale[i] * dh[idx[i]]`,
+    /// `dscale[i] += <dh[idx[i]], y[i]>`. `dh` itself passes through unchanged.
+    #[allow(clippy::too_many_arguments)]
+    fn scatter_add_scaled_bwd(
+        &self,
+        dy: &mut Self::Buf,
+        dscale: &mut Self::Buf,
+        dh: &Self::Buf,
+        y: &Self::Buf,
+        scale: &Self::Buf,
+        idx: &Self::Idx,
+        m: usize,
+        d: usize,
+    );
+    /// `x[idx[i]] = y[i]` (rows replaced).
+    fn scatter_rows(&self, x: &mut Self::Buf, y: &Self::Buf, idx: &Self::Idx, m: usize, d: usize);
+    /// Backward of `scatter_rows`: `dy[i] += dx[idx[i]]`, then `dx[idx[i]] = 0`.
+    fn scatter_rows_bwd(&self, dy: &mut Self::Buf, dx: &mut Self::Buf, idx: &Self::Idx, m: usize, d: usize);
+    /// `x[idx[i]] = value` for scalars (`d = 1`), `i < m`.
+    fn index_fill(&self, x: &mut Self::Buf, idx: &Self::Idx, m: usize, value: f32);
+    /// Per segment `s` (scores `cu[s]..cu[s+1]`), the indices of its `k` largest scores, in
+    /// ascending index order, written to `out[s*k .. (s+1)*k]` as global indices into `scores`.
+    /// Ties are broken towards the lower index. Requires `k <= segment length`.
+    fn topk_segments(&self, out: &mut Self::Idx, scores: &Self::Buf, cu: &Self::Idx, num_seqs: usize, k: usize);
+
+    // ---- losses ---------------------------------------------------------------------------
+    /// Per-row cross-entropy `loss[i] = logsumexp(logits[i]) - logits[i, target[i]]`; rows whose
+    /// target is `u32::MAX` are ignored (loss 0).
+    fn cross_entropy_fwd(&self, loss: &mut Self::Buf, logits: &Self::Buf, targets: &Self::Idx, n: usize, vocab: usize);
+    /// `dlogits[i] += scale * (softmax(logits[i]) - onehot(target[i]))` for non-ignored rows.
+    fn cross_entropy_bwd(&self, dlogits: &mut Self::Buf, logits: &Self::Buf, targets: &Self::Idx, scale: f32, n: usize, vocab: usize);
+    /// Elementwise `BCEWithLogits(x, t)`.
+    fn bce_logits_fwd(&self, loss: &mut Self::Buf, x: &Self::Buf, targets: &Self::Buf, n: usize);
+    /// `dx += scale * (sigmoid(x) - t)`.
+    fn bce_logits_bwd(&self, dx: &mut Self::Buf, x: &Self::Buf, targets: &Self::Buf, scale: f32, n: usize);
+
+    // ---- optimiser ------------------------------------------------------------------------
+    /// One AdamW update (PyTorch semantics: decoupled decay `p -= lr*wd*p` before the Adam
+    /// step; bias corrections with 1-based `step`).
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        n: usize,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        step: u64,
+    );
+}

@@ -1,0 +1,11 @@
+//! The engine: an op interface with explicit forward and backward passes ([`Backend`]), a plain
+//! Rust CPU implementation that is the reference for every other backend ([`cpu::Cpu`]), and the
+//! parameter store shared by the model and the trainer.
+
+pub mod backend;
+pub mod cpu;
+pub mod params;
+
+pub use backend::{AttnShape, Backend, GateFn};
+pub use cpu::Cpu;
+pub use params::{ParamGroup, ParamId, ParamInfo, ParamStore};
