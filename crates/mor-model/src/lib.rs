@@ -1,1 +1,11 @@
-//! mor-model
+//! The MoR model family over the engine's ops: vanilla Llama, recursive transformers with the
+//! four sharing strategies, and Mixture-of-Recursions with expert- or token-choice routing,
+//! recursion-wise KV caching or recursive KV sharing (MOR_SPEC sections 1–5).
+
+pub mod layer;
+pub mod model;
+pub mod router;
+pub mod tokens;
+pub mod weights;
+
+pub use model::{Batch, Model, RecursionStats, RouterState, Routing, Stats};

@@ -1,0 +1,222 @@
+//! One Llama decoder layer applied to a token set: forward saves what the backward needs.
+//!
+//! ```text
+//! a = x + O(Attn(RoPE(Q·n1), RoPE(K·n1), V·n1))      n1 = RMSNorm_1(x)
+//! y = a + Down(SiLU(Gate·n2) * (Up·n2))              n2 = RMSNorm_2(a)
+//! ```
+//! With KV sharing the layer takes keys/values from an earlier layer application (the same
+//! block offset at recursion 1) and computes only Q.
+
+use crate::tokens::TokenSet;
+use crate::weights::LayerWeights;
+use mor_config::ModelConfig;
+use mor_engine::{Backend, ParamStore};
+
+/// Dimensions every layer shares.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub d: usize,
+    pub f: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f32,
+    pub theta: f32,
+}
+
+impl Dims {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        Dims {
+            d: cfg.hidden_size,
+            f: cfg.intermediate_size,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            eps: cfg.rms_norm_eps as f32,
+            theta: cfg.rope_theta as f32,
+        }
+    }
+    pub fn qd(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    pub fn kvd(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// Saved activations of one layer application, sized for `cap` tokens.
+pub struct LayerAct<B: Backend> {
+    pub cap: usize,
+    pub x: B::Buf,
+    pub rstd1: B::Buf,
+    pub xn1: B::Buf,
+    pub q: B::Buf,
+    pub k: B::Buf,
+    pub v: B::Buf,
+    pub att: B::Buf,
+    pub lse: B::Buf,
+    pub a: B::Buf,
+    pub rstd2: B::Buf,
+    pub xn2: B::Buf,
+    pub gate: B::Buf,
+    pub up: B::Buf,
+    pub act: B::Buf,
+    /// Gradients of `k` / `v` (post-RoPE), accumulated by this layer and by layers sharing its
+    /// keys/values before this layer's own backward consumes them.
+    pub dk: B::Buf,
+    pub dv: B::Buf,
+}
+
+impl<B: Backend> LayerAct<B> {
+    pub fn new(b: &B, dims: &Dims, cap: usize) -> Self {
+        let (d, f, qd, kvd) = (dims.d, dims.f, dims.qd(), dims.kvd());
+        LayerAct {
+            cap,
+            x: b.zeros(cap * d),
+            rstd1: b.zeros(cap),
+            xn1: b.zeros(cap * d),
+            q: b.zeros(cap * qd),
+            k: b.zeros(cap * kvd),
+            v: b.zeros(cap * kvd),
+            att: b.zeros(cap * qd),
+            lse: b.zeros(cap * dims.heads),
+            a: b.zeros(cap * d),
+            rstd2: b.zeros(cap),
+            xn2: b.zeros(cap * d),
+            gate: b.zeros(cap * f),
+            up: b.zeros(cap * f),
+            act: b.zeros(cap * f),
+            dk: b.zeros(cap * kvd),
+            dv: b.zeros(cap * kvd),
+        }
+    }
+}
+
+/// Scratch gradient buffers shared by all layer backwards (sized for the largest token set).
+pub struct LayerScratch<B: Backend> {
+    pub da: B::Buf,
+    pub dact: B::Buf,
+    pub dgate: B::Buf,
+    pub dup: B::Buf,
+    pub dxn: B::Buf,
+    pub datt: B::Buf,
+    pub dq: B::Buf,
+}
+
+impl<B: Backend> LayerScratch<B> {
+    pub fn new(b: &B, dims: &Dims, cap: usize) -> Self {
+        LayerScratch {
+            da: b.zeros(cap * dims.d),
+            dact: b.zeros(cap * dims.f),
+            dgate: b.zeros(cap * dims.f),
+            dup: b.zeros(cap * dims.f),
+            dxn: b.zeros(cap * dims.d),
+            datt: b.zeros(cap * dims.qd()),
+            dq: b.zeros(cap * dims.qd()),
+        }
+    }
+}
+
+/// Keys/values borrowed from an earlier layer application (KV sharing).
+pub struct SharedKv<'a, B: Backend> {
+    pub src: &'a mut LayerAct<B>,
+    pub set: &'a TokenSet<B>,
+}
+
+/// Forward of one layer on `act.x` (n = `set.len()` rows), writing `out`.
+pub fn layer_forward<B: Backend>(
+    b: &B,
+    dims: &Dims,
+    p: &ParamStore<B>,
+    w: &LayerWeights,
+    act: &mut LayerAct<B>,
+    set: &TokenSet<B>,
+    shared: Option<SharedKv<'_, B>>,
+    out: &mut B::Buf,
+) {
+    let n = set.len();
+    let (d, f, qd, kvd) = (dims.d, dims.f, dims.qd(), dims.kvd());
+    b.rmsnorm_fwd(&mut act.xn1, &mut act.rstd1, &act.x, p.value(w.attn_norm), n, d, dims.eps);
+    b.matmul_fwd(&mut act.q, &act.xn1, p.value(w.wq), n, d, qd);
+    b.rope_fwd(&mut act.q, &set.pos, n, dims.heads, dims.head_dim, dims.theta);
+    match &shared {
+        None => {
+            b.matmul_fwd(&mut act.k, &act.xn1, p.value(w.wk), n, d, kvd);
+            b.matmul_fwd(&mut act.v, &act.xn1, p.value(w.wv), n, d, kvd);
+            b.rope_fwd(&mut act.k, &set.pos, n, dims.kv_heads, dims.head_dim, dims.theta);
+            let shape = set.attn_shape(set, dims.heads, dims.kv_heads, dims.head_dim);
+            b.attention_fwd(&mut act.att, &mut act.lse, &act.q, &act.k, &act.v, &shape);
+        }
+        Some(kv) => {
+            let shape = set.attn_shape(kv.set, dims.heads, dims.kv_heads, dims.head_dim);
+            b.attention_fwd(&mut act.att, &mut act.lse, &act.q, &kv.src.k, &kv.src.v, &shape);
+        }
+    }
+    // a = x + O(att)
+    b.matmul_fwd(&mut act.a, &act.att, p.value(w.wo), n, qd, d);
+    b.axpy(&mut act.a, &act.x, 1.0, n * d);
+    b.rmsnorm_fwd(&mut act.xn2, &mut act.rstd2, &act.a, p.value(w.mlp_norm), n, d, dims.eps);
+    b.matmul_fwd(&mut act.gate, &act.xn2, p.value(w.w_gate), n, d, f);
+    b.matmul_fwd(&mut act.up, &act.xn2, p.value(w.w_up), n, d, f);
+    b.swiglu_fwd(&mut act.act, &act.gate, &act.up, n * f);
+    // y = a + Down(act)
+    b.matmul_fwd(out, &act.act, p.value(w.w_down), n, f, d);
+    b.axpy(out, &act.a, 1.0, n * d);
+}
+
+/// Backward of one layer: `dx += ∂L/∂x` given `dy = ∂L/∂y`; weight gradients accumulate into
+/// `p.grads`; with KV sharing, key/value gradients accumulate into the source's `dk`/`dv`.
+/// A layer that owns keys/values must see all its sharers' backwards before its own.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_backward<B: Backend>(
+    b: &B,
+    dims: &Dims,
+    p: &mut ParamStore<B>,
+    w: &LayerWeights,
+    act: &mut LayerAct<B>,
+    set: &TokenSet<B>,
+    shared: Option<SharedKv<'_, B>>,
+    s: &mut LayerScratch<B>,
+    dy: &B::Buf,
+    dx: &mut B::Buf,
+) {
+    let n = set.len();
+    let (d, f, qd, kvd) = (dims.d, dims.f, dims.qd(), dims.kvd());
+    let ParamStore { values, grads, .. } = p;
+
+    // MLP branch; da = dy + ∂(mlp)/∂a
+    b.copy(&mut s.da, dy, n * d);
+    b.fill(&mut s.dact, n * f, 0.0);
+    b.matmul_bwd(Some(&mut s.dact), &mut grads[w.w_down.0], dy, &act.act, &values[w.w_down.0], n, f, d);
+    b.fill(&mut s.dgate, n * f, 0.0);
+    b.fill(&mut s.dup, n * f, 0.0);
+    b.swiglu_bwd(&mut s.dgate, &mut s.dup, &s.dact, &act.gate, &act.up, n * f);
+    b.fill(&mut s.dxn, n * d, 0.0);
+    b.matmul_bwd(Some(&mut s.dxn), &mut grads[w.w_gate.0], &s.dgate, &act.xn2, &values[w.w_gate.0], n, d, f);
+    b.matmul_bwd(Some(&mut s.dxn), &mut grads[w.w_up.0], &s.dup, &act.xn2, &values[w.w_up.0], n, d, f);
+    b.rmsnorm_bwd(&mut s.da, &mut grads[w.mlp_norm.0], &s.dxn, &act.a, &values[w.mlp_norm.0], &act.rstd2, n, d);
+
+    // Attention branch; dx += da + ∂(attn)/∂x
+    b.axpy(dx, &s.da, 1.0, n * d);
+    b.fill(&mut s.datt, n * qd, 0.0);
+    b.matmul_bwd(Some(&mut s.datt), &mut grads[w.wo.0], &s.da, &act.att, &values[w.wo.0], n, qd, d);
+    b.fill(&mut s.dq, n * qd, 0.0);
+    b.fill(&mut s.dxn, n * d, 0.0);
+    match shared {
+        None => {
+            let shape = set.attn_shape(set, dims.heads, dims.kv_heads, dims.head_dim);
+            b.attention_bwd(&mut s.dq, &mut act.dk, &mut act.dv, &s.datt, &act.att, &act.lse, &act.q, &act.k, &act.v, &shape);
+            b.rope_bwd(&mut act.dk, &set.pos, n, dims.kv_heads, dims.head_dim, dims.theta);
+            b.matmul_bwd(Some(&mut s.dxn), &mut grads[w.wk.0], &act.dk, &act.xn1, &values[w.wk.0], n, d, kvd);
+            b.matmul_bwd(Some(&mut s.dxn), &mut grads[w.wv.0], &act.dv, &act.xn1, &values[w.wv.0], n, d, kvd);
+        }
+        Some(kv) => {
+            let shape = set.attn_shape(kv.set, dims.heads, dims.kv_heads, dims.head_dim);
+            let src = kv.src;
+            b.attention_bwd(&mut s.dq, &mut src.dk, &mut src.dv, &s.datt, &act.att, &act.lse, &act.q, &src.k, &src.v, &shape);
+        }
+    }
+    b.rope_bwd(&mut s.dq, &set.pos, n, dims.heads, dims.head_dim, dims.theta);
+    b.matmul_bwd(Some(&mut s.dxn), &mut grads[w.wq.0], &s.dq, &act.xn1, &values[w.wq.0], n, d, qd);
+    b.rmsnorm_bwd(dx, &mut grads[w.attn_norm.0], &s.dxn, &act.x, &values[w.attn_norm.0], &act.rstd1, n, d);
+}

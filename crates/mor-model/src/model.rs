@@ -1,0 +1,974 @@
+//! The whole model: embedding → unique prefix layer(s) → recursion steps (plain, expert-choice
+//! or token-choice) → unique suffix layer(s) → final norm → LM head + cross-entropy.
+//!
+//! A forward pass records a [`Trace`] (token sets, selections, which saved activations belong
+//! to which layer application); the backward pass walks it in reverse. Buffers live in a
+//! [`Workspace`] allocated for the batch shape and reused across steps.
+
+use crate::layer::{layer_backward, layer_forward, Dims, LayerAct, LayerScratch, SharedKv};
+use crate::router::{router_backward, router_forward, RouterAct};
+use crate::tokens::{Segments, TokenSet};
+use crate::weights::Weights;
+use mor_config::{
+    capacity_tokens, warmed_capacity, Balancing, Combine, KvMode, ModelConfig, RouterActivation, RouterConfig,
+    RouterKind, Sampling, SharingMap,
+};
+use mor_engine::{Backend, GateFn, ParamStore};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+
+/// How expert-choice routers select tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// Top-k per sequence (training; non-causal at evaluation: it sees future tokens' scores).
+    TopK,
+    /// Per-token decision `sigmoid(logit) >= 0.5` (causal; inference).
+    Threshold,
+}
+
+/// One batch of token rows.
+pub struct Batch<'a> {
+    pub inputs: &'a [u32],
+    /// Next-token targets; `u32::MAX` marks positions without a target.
+    pub targets: &'a [u32],
+    pub batch: usize,
+    pub seq_len: usize,
+    /// Per row, offsets where a new document starts (document masking); `None`: whole rows.
+    pub doc_starts: Option<&'a [Vec<u32>]>,
+}
+
+/// Router statistics of one recursion step.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RecursionStats {
+    /// Fraction of all tokens active at this recursion.
+    pub selected_fraction: f64,
+    /// Expert-choice: agreement of `sigmoid(logit) >= 0.5` with the top-k selection.
+    pub sampling_accuracy: Option<f64>,
+    /// Expert-choice: mean BCE aux loss of this step.
+    pub bce: Option<f64>,
+}
+
+/// Losses and router statistics of one forward pass.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Stats {
+    /// Mean token cross-entropy.
+    pub ce: f64,
+    pub tokens: usize,
+    /// The training objective: `ce + Σ coeff · aux` (all coefficients relative to mean CE).
+    pub loss: f64,
+    /// Expert-choice BCE aux loss summed over steps (unweighted).
+    pub aux_bce: f64,
+    /// Aux-router BCE (trained by its own optimizer; not part of `loss`).
+    pub aux_router_bce: f64,
+    /// Router z-loss (unweighted).
+    pub z_loss: f64,
+    /// Token-choice balancing loss (unweighted).
+    pub balance_loss: f64,
+    pub recursions: Vec<RecursionStats>,
+    /// Expert-choice: fraction of positions never selected at the last recursion in this batch.
+    pub dead_token_ratio: Option<f64>,
+    /// Token-choice: MaxVio of depth loads and entropy of mean routing probabilities.
+    pub max_vio: Option<f64>,
+    pub entropy: Option<f64>,
+}
+
+/// Router state that must survive checkpoints for exact resume.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RouterState {
+    /// Training forward calls so far (capacity warm-up, random-router stream).
+    pub forward_calls: u64,
+    /// Token-choice loss-free bias per depth.
+    pub bias: Vec<f64>,
+    /// Depth loads accumulated since the last optimizer step.
+    pub load_sum: Vec<f64>,
+    pub load_batches: u64,
+}
+
+/// One layer application in a forward pass; activation slot = its index.
+#[derive(Debug, Clone)]
+struct App {
+    pos: usize,
+    set: usize,
+    /// Application whose keys/values this one attends to (KV sharing).
+    kv_src: Option<usize>,
+}
+
+enum StepTrace<B: Backend> {
+    /// Every token of `set` runs the block; the block output replaces the stream.
+    Plain { apps: Range<usize>, set: usize },
+    Expert(ExpertTrace<B>),
+    Token(TokenTrace<B>),
+}
+
+struct ExpertTrace<B: Backend> {
+    r: usize,
+    apps: Range<usize>,
+    cand: usize,
+    sel: usize,
+    /// Selected candidates as local indices into `cand`.
+    sel_local: B::Idx,
+    buf: usize,
+    has_router: bool,
+}
+
+struct TokenTrace<B: Backend> {
+    /// Per recursion: active set, its block applications, and the exit / continue split.
+    steps: Vec<TokenStep<B>>,
+    /// Host copies for the router backward.
+    depth: Vec<usize>,
+    probs: Vec<f64>,
+    logits: Vec<f64>,
+}
+
+struct TokenStep<B: Backend> {
+    apps: Range<usize>,
+    set: usize,
+    exit_local: B::Idx,
+    exit_global: B::Idx,
+    n_exit: usize,
+    cont_local: B::Idx,
+    cont_global: B::Idx,
+    n_cont: usize,
+    buf: usize,
+}
+
+/// Per recursion-step buffers.
+struct StepBuf<B: Backend> {
+    x: B::Buf,
+    g: B::Buf,
+    gk: B::Buf,
+    y: B::Buf,
+    ye: B::Buf,
+    targets: B::Buf,
+    bce: B::Buf,
+    dy: B::Buf,
+    dyin: B::Buf,
+    dgk: B::Buf,
+    dg: B::Buf,
+    dx: B::Buf,
+}
+
+impl<B: Backend> StepBuf<B> {
+    fn new(b: &B, n: usize, d: usize) -> Self {
+        StepBuf {
+            x: b.zeros(n * d),
+            g: b.zeros(n),
+            gk: b.zeros(n),
+            y: b.zeros(n * d),
+            ye: b.zeros(n * d),
+            targets: b.zeros(n),
+            bce: b.zeros(n),
+            dy: b.zeros(n * d),
+            dyin: b.zeros(n * d),
+            dgk: b.zeros(n),
+            dg: b.zeros(n),
+            dx: b.zeros(n * d),
+        }
+    }
+}
+
+/// Buffers for one batch shape, reused across steps.
+pub struct Workspace<B: Backend> {
+    n: usize,
+    acts: Vec<LayerAct<B>>,
+    scratch: LayerScratch<B>,
+    steps: Vec<StepBuf<B>>,
+    routers: Vec<RouterAct<B>>,
+    aux_routers: Vec<RouterAct<B>>,
+    h: B::Buf,
+    h1: B::Buf,
+    tx: B::Buf,
+    hn: B::Buf,
+    rstd: B::Buf,
+    dh: B::Buf,
+    dhn: B::Buf,
+    dtx: B::Buf,
+    g1: B::Buf,
+    g2: B::Buf,
+    head_rows: usize,
+    head_x: B::Buf,
+    head_dx: B::Buf,
+    logits: B::Buf,
+    /// Allocated on the first training forward (evaluation never needs it).
+    dlogits: Option<B::Buf>,
+    ce: B::Buf,
+}
+
+/// What one forward pass did, for the backward.
+pub struct Trace<B: Backend> {
+    segs: Segments,
+    sets: Vec<TokenSet<B>>,
+    apps: Vec<App>,
+    steps: Vec<StepTrace<B>>,
+    prefix: Range<usize>,
+    suffix: Range<usize>,
+    loss_scale: f32,
+    ids: B::Idx,
+}
+
+pub struct Model<B: Backend> {
+    pub cfg: ModelConfig,
+    pub map: SharingMap,
+    pub dims: Dims,
+    pub params: ParamStore<B>,
+    pub weights: Weights,
+    pub router_state: RouterState,
+    seed: u64,
+    ws: Option<Workspace<B>>,
+    trace: Option<Trace<B>>,
+}
+
+fn gate_fn(act: RouterActivation) -> GateFn {
+    match act {
+        RouterActivation::Sigmoid => GateFn::Sigmoid,
+        RouterActivation::Tanh => GateFn::Tanh,
+        RouterActivation::None => GateFn::Identity,
+        RouterActivation::Softmax => unreachable!("softmax is token-choice only"),
+    }
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl<B: Backend> Model<B> {
+    /// A freshly initialised model (N(0, init_std) matrices, unit norms).
+    pub fn new(backend: &B, cfg: ModelConfig, seed: u64) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let map = match &cfg.recursion {
+            Some(r) => SharingMap::new(r.sharing, cfg.num_layers, r.num_recursions)?,
+            None => SharingMap::vanilla(cfg.num_layers),
+        };
+        if cfg.kv_mode() == KvMode::Share {
+            let rec = cfg.recursion.as_ref().expect("kv share needs recursion");
+            anyhow::ensure!(
+                matches!(rec.sharing, mor_config::Sharing::Cycle | mor_config::Sharing::MiddleCycle),
+                "model.recursion.kv_mode: KV sharing needs cycle or middle_cycle sharing"
+            );
+            if let Some(rc) = &cfg.router {
+                anyhow::ensure!(
+                    rc.kind == RouterKind::Token || rc.capacity(0, rec.num_recursions) >= 1.0,
+                    "model.router.capacities: KV sharing needs capacity 1.0 at the first recursion"
+                );
+            }
+        }
+        let mut params = ParamStore::new();
+        let weights = Weights::build(backend, &cfg, &map, seed, &mut params);
+        let n_r = map.num_recursions;
+        Ok(Model {
+            dims: Dims::new(&cfg),
+            router_state: RouterState { bias: vec![0.0; n_r], load_sum: vec![0.0; n_r], ..Default::default() },
+            cfg,
+            map,
+            params,
+            weights,
+            seed,
+            ws: None,
+            trace: None,
+        })
+    }
+
+    fn router_cfg(&self) -> Option<&RouterConfig> {
+        self.cfg.router.as_ref()
+    }
+
+    fn ensure_workspace(&mut self, b: &B, n: usize) {
+        if self.ws.as_ref().is_some_and(|w| w.n == n) {
+            return;
+        }
+        let d = self.dims.d;
+        let vocab = self.cfg.vocab_size;
+        let head_rows = (16 * 1024 * 1024 / vocab).clamp(1, n);
+        let routers = self.weights.routers.iter().map(|w| RouterAct::new(b, w, n)).collect();
+        let aux_routers = self.weights.aux_routers.iter().map(|w| RouterAct::new(b, w, n)).collect();
+        self.ws = Some(Workspace {
+            n,
+            acts: Vec::new(),
+            scratch: LayerScratch::new(b, &self.dims, n),
+            steps: Vec::new(),
+            routers,
+            aux_routers,
+            h: b.zeros(n * d),
+            h1: b.zeros(n * d),
+            tx: b.zeros(n * d),
+            hn: b.zeros(n * d),
+            rstd: b.zeros(n),
+            dh: b.zeros(n * d),
+            dhn: b.zeros(n * d),
+            dtx: b.zeros(n * d),
+            g1: b.zeros(n * d),
+            g2: b.zeros(n * d),
+            head_rows,
+            head_x: b.zeros(head_rows * d),
+            head_dx: b.zeros(head_rows * d),
+            logits: b.zeros(head_rows * vocab),
+            dlogits: None,
+            ce: b.zeros(n),
+        });
+    }
+
+    /// Forward pass computing the loss; with `grad`, also the head gradient, ready for
+    /// [`Model::backward`]. `loss_scale` multiplies every gradient (e.g. `1 / grad_accum`).
+    pub fn forward(&mut self, b: &B, batch: &Batch, routing: Routing, grad: bool, loss_scale: f32) -> anyhow::Result<Stats> {
+        let (bsz, len) = (batch.batch, batch.seq_len);
+        let n = bsz * len;
+        anyhow::ensure!(batch.inputs.len() == n && batch.targets.len() == n, "batch: inputs/targets must have batch*seq_len tokens");
+        anyhow::ensure!(len <= self.cfg.max_seq_len, "batch: seq_len {len} exceeds model.max_seq_len {}", self.cfg.max_seq_len);
+        if let Some(&bad) = batch.inputs.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            anyhow::bail!("batch: token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size);
+        }
+        if let Some(&bad) = batch.targets.iter().find(|&&t| t != u32::MAX && t as usize >= self.cfg.vocab_size) {
+            anyhow::bail!("batch: target id {bad} is outside the vocabulary ({})", self.cfg.vocab_size);
+        }
+        self.ensure_workspace(b, n);
+        let segs = Segments::new(bsz, len, batch.doc_starts);
+        let full = TokenSet::full(b, &segs);
+        let ids = b.idx_from(batch.inputs);
+        let mut tr = Trace {
+            segs,
+            sets: vec![full],
+            apps: Vec::new(),
+            steps: Vec::new(),
+            prefix: 0..0,
+            suffix: 0..0,
+            loss_scale,
+            ids,
+        };
+        let mut stats = Stats::default();
+        let d = self.dims.d;
+
+        {
+            let ws = self.ws.as_mut().unwrap();
+            b.embedding_fwd(&mut ws.h, self.params.value(self.weights.embed), &tr.ids, n, d);
+        }
+
+        // Prefix (unique first layer of middle strategies, or every layer without recursion blocks).
+        let blocks_contiguous = self.map.strategy.is_some_and(|s| {
+            matches!(s, mor_config::Sharing::Cycle | mor_config::Sharing::MiddleCycle)
+        });
+        let prefix_end = if blocks_contiguous { self.map.prefix_len() } else { self.map.num_layers };
+        tr.prefix = 0..prefix_end;
+        for pos in 0..prefix_end {
+            self.plain_block(b, &mut tr, pos..pos + 1, 0, None);
+        }
+
+        if blocks_contiguous {
+            match self.router_cfg().map(|r| r.kind) {
+                None => {
+                    for r in 0..self.map.num_recursions {
+                        let src = self.kv_sources(&tr, r);
+                        self.plain_block(b, &mut tr, self.map.step_positions(r), 0, src);
+                    }
+                }
+                Some(RouterKind::Expert) => self.expert_forward(b, &mut tr, routing, grad, &mut stats)?,
+                Some(RouterKind::Token) => self.token_forward(b, &mut tr, grad, &mut stats)?,
+            }
+            let suffix = self.map.suffix_positions();
+            tr.suffix = suffix.clone();
+            for pos in suffix {
+                self.plain_block(b, &mut tr, pos..pos + 1, 0, None);
+            }
+        }
+
+        self.head_forward(b, batch, grad, loss_scale, &mut stats);
+        stats.loss += stats.ce;
+        if grad {
+            self.router_state.forward_calls += 1;
+        }
+        self.trace = Some(tr);
+        Ok(stats)
+    }
+
+    /// KV-sharing sources for the applications of recursion `r` (`None` = own keys/values).
+    fn kv_sources(&self, tr: &Trace<B>, r: usize) -> Option<Vec<usize>> {
+        if self.cfg.kv_mode() != KvMode::Share || r == 0 {
+            return None;
+        }
+        let first = self.map.step_positions(0);
+        Some(
+            first
+                .map(|pos| tr.apps.iter().position(|a| a.pos == pos).expect("recursion 1 ran before"))
+                .collect(),
+        )
+    }
+
+    fn push_apps(&mut self, b: &B, tr: &mut Trace<B>, positions: Range<usize>, set: usize, kv_src: Option<Vec<usize>>) -> Range<usize> {
+        let start = tr.apps.len();
+        for (j, pos) in positions.enumerate() {
+            tr.apps.push(App { pos, set, kv_src: kv_src.as_ref().map(|s| s[j]) });
+        }
+        let end = tr.apps.len();
+        let ws = self.ws.as_mut().unwrap();
+        while ws.acts.len() < end {
+            ws.acts.push(LayerAct::new(b, &self.dims, ws.n));
+        }
+        start..end
+    }
+
+    /// Run `positions` on every token of `set` (the full set), replacing `h`.
+    fn plain_block(&mut self, b: &B, tr: &mut Trace<B>, positions: Range<usize>, set: usize, kv_src: Option<Vec<usize>>) {
+        let apps = self.push_apps(b, tr, positions, set, kv_src);
+        let n = tr.sets[set].len() * self.dims.d;
+        let ws = self.ws.as_mut().unwrap();
+        b.copy(&mut ws.acts[apps.start].x, &ws.h, n);
+        let Workspace { acts, h, .. } = ws;
+        run_block(b, &self.dims, &self.params, &self.weights, tr, acts, apps.clone(), h);
+        tr.steps.push(StepTrace::Plain { apps, set });
+    }
+
+    fn step_buf(&mut self, b: &B, i: usize) {
+        let ws = self.ws.as_mut().unwrap();
+        while ws.steps.len() <= i {
+            ws.steps.push(StepBuf::new(b, ws.n, self.dims.d));
+        }
+    }
+
+    fn expert_forward(&mut self, b: &B, tr: &mut Trace<B>, routing: Routing, grad: bool, stats: &mut Stats) -> anyhow::Result<()> {
+        let rc = self.router_cfg().unwrap().clone();
+        let n_r = self.map.num_recursions;
+        let (bsz, len, d) = (tr.segs.batch, tr.segs.seq_len, self.dims.d);
+        let gate = gate_fn(rc.activation());
+        let alpha = rc.alpha() as f32;
+        let mut cand = 0usize;
+        for r in 0..n_r {
+            self.step_buf(b, r);
+            let n_c = tr.sets[cand].len();
+            let has_router = !rc.random;
+            // Router scores of the candidates.
+            {
+                let ws = self.ws.as_mut().unwrap();
+                let sb = &mut ws.steps[r];
+                b.gather_rows(&mut sb.x, &ws.h, &tr.sets[cand].idx, n_c, d);
+                if has_router {
+                    let ra = &mut ws.routers[r];
+                    router_forward(b, &self.params, &self.weights.routers[r], ra, &sb.x, n_c, d, rc.temperature as f32);
+                    b.gate_fwd(&mut sb.g, &ra.logits, gate, alpha, n_c);
+                } else {
+                    // Random-router baseline: a reproducible stream per (seed, call, step).
+                    let mut rng = ChaCha8Rng::seed_from_u64(
+                        self.seed ^ (self.router_state.forward_calls.wrapping_mul(0x9E37_79B9_7F4A_7C15)) ^ (r as u64) << 56,
+                    );
+                    let g: Vec<f32> = (0..n_c).map(|_| alpha * rng.gen::<f32>()).collect();
+                    b.write_f32(&mut sb.g, &g);
+                }
+            }
+            // Selection.
+            let sel_local_host: Vec<u32> = match routing {
+                Routing::TopK => {
+                    let warm = if grad { self.router_state.forward_calls as usize } else { usize::MAX };
+                    let c = warmed_capacity(rc.capacity(r, n_r), warm, rc.capacity_warmup);
+                    let k = capacity_tokens(c, len);
+                    let row_cu = b.idx_from(&tr.sets[cand].row_cu_host);
+                    let mut out = b.idx_from(&vec![0u32; bsz * k]);
+                    let ws = self.ws.as_ref().unwrap();
+                    b.topk_segments(&mut out, &ws.steps[r].g, &row_cu, bsz, k);
+                    b.idx_to_vec(&out)
+                }
+                Routing::Threshold => {
+                    let ws = self.ws.as_ref().unwrap();
+                    let scores = if has_router {
+                        b.to_f32_prefix(&ws.routers[r].logits, n_c)
+                    } else {
+                        // Random router: continue with probability 1/2 relative to its scale.
+                        b.to_f32_prefix(&ws.steps[r].g, n_c).iter().map(|g| g - alpha / 2.0).collect()
+                    };
+                    (0..n_c as u32).filter(|&i| scores[i as usize] >= 0.0).collect()
+                }
+            };
+            let m = sel_local_host.len();
+            let sel_set = tr.sets[cand].subset(b, &tr.segs, &sel_local_host);
+            let sel_local = b.idx_from(&sel_local_host);
+            tr.sets.push(sel_set);
+            let sel = tr.sets.len() - 1;
+            let kv_src = self.kv_sources(tr, r);
+            let apps = self.push_apps(b, tr, self.map.step_positions(r), sel, kv_src);
+
+            let ws = self.ws.as_mut().unwrap();
+            let Workspace { acts, steps, routers, aux_routers, h, .. } = ws;
+            let sb = &mut steps[r];
+            // Auxiliary objectives on the candidates' logits.
+            if has_router {
+                b.fill(&mut sb.targets, n_c, 0.0);
+                b.index_fill(&mut sb.targets, &sel_local, m, 1.0);
+                let logits = &routers[r].logits;
+                let mut rs = RecursionStats { selected_fraction: m as f64 / (bsz * len) as f64, ..Default::default() };
+                b.bce_logits_fwd(&mut sb.bce, logits, &sb.targets, n_c);
+                let bce = b.to_f32_prefix(&sb.bce, n_c).iter().map(|&x| x as f64).sum::<f64>() / n_c as f64;
+                let lg = b.to_f32_prefix(logits, n_c);
+                let tg = b.to_f32_prefix(&sb.targets, n_c);
+                let agree = lg.iter().zip(&tg).filter(|(l, t)| (**l >= 0.0) == (**t > 0.5)).count();
+                rs.sampling_accuracy = Some(agree as f64 / n_c as f64);
+                rs.bce = Some(bce);
+                stats.aux_bce += bce;
+                if rc.sampling == Sampling::AuxLoss {
+                    stats.loss += rc.aux_coeff * bce;
+                }
+                let z = b.sum_squares(logits, n_c) / n_c as f64;
+                stats.z_loss += z;
+                stats.loss += rc.z_coeff() * z;
+                if rc.sampling == Sampling::AuxRouter {
+                    let aw = &self.weights.aux_routers[r];
+                    let ar = &mut aux_routers[r];
+                    router_forward(b, &self.params, aw, ar, &sb.x, n_c, d, rc.temperature as f32);
+                    b.bce_logits_fwd(&mut sb.bce, &ar.logits, &sb.targets, n_c);
+                    stats.aux_router_bce += b.to_f32_prefix(&sb.bce, n_c).iter().map(|&x| x as f64).sum::<f64>() / n_c as f64;
+                }
+                stats.recursions.push(rs);
+            } else {
+                stats.recursions.push(RecursionStats { selected_fraction: m as f64 / (bsz * len) as f64, ..Default::default() });
+            }
+            // Run the block on the selected tokens and combine.
+            b.gather_rows(&mut sb.gk, &sb.g, &sel_local, m, 1);
+            let sel_idx = &tr.sets[sel].idx;
+            b.gather_rows(&mut acts[apps.start].x, h, sel_idx, m, d);
+            run_block(b, &self.dims, &self.params, &self.weights, tr, acts, apps.clone(), &mut sb.y);
+            match rc.combine {
+                Combine::Add => b.scatter_add_scaled(h, &sb.y, &sb.gk, &tr.sets[sel].idx, m, d),
+                Combine::Replace => b.scatter_rows(h, &sb.y, &tr.sets[sel].idx, m, d),
+            }
+            if r == n_r - 1 {
+                let mut seen = vec![false; len];
+                for &i in &tr.sets[sel].idx_host {
+                    seen[i as usize % len] = true;
+                }
+                stats.dead_token_ratio = Some(seen.iter().filter(|s| !**s).count() as f64 / len as f64);
+            }
+            tr.steps.push(StepTrace::Expert(ExpertTrace { r, apps, cand, sel, sel_local, buf: r, has_router }));
+            cand = sel;
+        }
+        Ok(())
+    }
+
+    fn token_forward(&mut self, b: &B, tr: &mut Trace<B>, grad: bool, stats: &mut Stats) -> anyhow::Result<()> {
+        let rc = self.router_cfg().unwrap().clone();
+        let n_r = self.map.num_recursions;
+        let (n, d) = (tr.sets[0].len(), self.dims.d);
+        let alpha = rc.alpha();
+        let softmax = rc.activation() == RouterActivation::Softmax;
+        // Router on h^1 (the stream entering recursion 1).
+        let logits: Vec<f64> = {
+            let ws = self.ws.as_mut().unwrap();
+            b.copy(&mut ws.h1, &ws.h, n * d);
+            b.copy(&mut ws.tx, &ws.h, n * d);
+            if rc.random {
+                let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ self.router_state.forward_calls.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                (0..n * n_r).map(|_| rng.gen::<f64>()).collect()
+            } else {
+                let ra = &mut ws.routers[0];
+                router_forward(b, &self.params, &self.weights.routers[0], ra, &ws.h1, n, d, rc.temperature as f32);
+                b.to_f32_prefix(&ra.logits, n * n_r).into_iter().map(f64::from).collect()
+            }
+        };
+        // Probabilities, depth assignment (bias only affects the argmax) and gate weights.
+        let mut probs = vec![0.0f64; n * n_r];
+        let mut depth = vec![0usize; n];
+        let mut weight = vec![0f32; n];
+        let mut counts = vec![0usize; n_r];
+        let mut mean_norm = vec![0.0f64; n_r];
+        for t in 0..n {
+            let row = &logits[t * n_r..(t + 1) * n_r];
+            let p = &mut probs[t * n_r..(t + 1) * n_r];
+            if softmax {
+                let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = row.iter().map(|x| (x - mx).exp()).sum();
+                for j in 0..n_r {
+                    p[j] = alpha * (row[j] - mx).exp() / z;
+                }
+            } else {
+                for j in 0..n_r {
+                    p[j] = alpha * sigmoid(row[j]);
+                }
+            }
+            let mut best = 0;
+            for j in 1..n_r {
+                if p[j] + self.router_state.bias[j] > p[best] + self.router_state.bias[best] {
+                    best = j;
+                }
+            }
+            depth[t] = best;
+            weight[t] = p[best] as f32;
+            counts[best] += 1;
+            let s: f64 = p.iter().sum();
+            for j in 0..n_r {
+                mean_norm[j] += p[j] / s / n as f64;
+            }
+        }
+        // Losses on the router output.
+        let frac: Vec<f64> = counts.iter().map(|&c| n_r as f64 * c as f64 / n as f64).collect();
+        if !rc.random {
+            let p_mean: Vec<f64> = (0..n_r).map(|j| (0..n).map(|t| probs[t * n_r + j]).sum::<f64>() / n as f64).collect();
+            let bal: f64 = (0..n_r).map(|j| frac[j] * p_mean[j]).sum();
+            stats.balance_loss = bal;
+            if rc.balancing == Balancing::Loss {
+                stats.loss += rc.balance_coeff * bal;
+            }
+            let z: f64 = (0..n)
+                .map(|t| {
+                    let row = &logits[t * n_r..(t + 1) * n_r];
+                    let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+                    lse * lse
+                })
+                .sum::<f64>()
+                / n as f64;
+            stats.z_loss = z;
+            stats.loss += rc.z_coeff() * z;
+        }
+        let loads: Vec<f64> = counts.iter().map(|&c| c as f64 / n as f64).collect();
+        let mean_load = 1.0 / n_r as f64;
+        stats.max_vio = Some(loads.iter().map(|l| (l - mean_load) / mean_load).fold(f64::NEG_INFINITY, f64::max));
+        stats.entropy = Some(-mean_norm.iter().filter(|&&p| p > 0.0).map(|p| p * p.ln()).sum::<f64>());
+        if grad {
+            for j in 0..n_r {
+                self.router_state.load_sum[j] += loads[j];
+            }
+            self.router_state.load_batches += 1;
+        }
+
+        // Recursions: tokens with depth >= r are active; exits are gated, continuing tokens are not.
+        let mut steps = Vec::new();
+        let mut active: Vec<u32> = (0..n as u32).collect();
+        let wbuf = b.from_f32(&weight);
+        for r in 0..n_r {
+            self.step_buf(b, r);
+            let set = tr.sets[0].subset(b, &tr.segs, &active);
+            tr.sets.push(set);
+            let set_i = tr.sets.len() - 1;
+            let kv_src = self.kv_sources(tr, r);
+            let apps = self.push_apps(b, tr, self.map.step_positions(r), set_i, kv_src);
+            let m = active.len();
+            stats.recursions.push(RecursionStats { selected_fraction: m as f64 / n as f64, ..Default::default() });
+            let (mut exit_l, mut exit_g, mut cont_l, mut cont_g) = (vec![], vec![], vec![], vec![]);
+            for (l, &t) in active.iter().enumerate() {
+                if depth[t as usize] == r {
+                    exit_l.push(l as u32);
+                    exit_g.push(t);
+                } else {
+                    cont_l.push(l as u32);
+                    cont_g.push(t);
+                }
+            }
+            let st = TokenStep {
+                apps: apps.clone(),
+                set: set_i,
+                exit_local: b.idx_from(&exit_l),
+                exit_global: b.idx_from(&exit_g),
+                n_exit: exit_l.len(),
+                cont_local: b.idx_from(&cont_l),
+                cont_global: b.idx_from(&cont_g),
+                n_cont: cont_l.len(),
+                buf: r,
+            };
+            let ws = self.ws.as_mut().unwrap();
+            let Workspace { acts, steps: sbufs, h, tx, .. } = ws;
+            let sb = &mut sbufs[r];
+            b.gather_rows(&mut acts[apps.start].x, tx, &tr.sets[set_i].idx, m, d);
+            run_block(b, &self.dims, &self.params, &self.weights, tr, acts, apps.clone(), &mut sb.y);
+            // exits: out[t] = h1[t] + w_t · y[t]   (h holds h1 for every token until it exits)
+            b.gather_rows(&mut sb.ye, &sb.y, &st.exit_local, st.n_exit, d);
+            b.gather_rows(&mut sb.gk, &wbuf, &st.exit_global, st.n_exit, 1);
+            b.scatter_add_scaled(h, &sb.ye, &sb.gk, &st.exit_global, st.n_exit, d);
+            // continuing tokens: x[t] = y[t]
+            b.gather_rows(&mut sb.x, &sb.y, &st.cont_local, st.n_cont, d);
+            b.scatter_rows(tx, &sb.x, &st.cont_global, st.n_cont, d);
+            steps.push(st);
+            active = cont_g;
+        }
+        tr.steps.push(StepTrace::Token(TokenTrace { steps, depth, probs, logits }));
+        Ok(())
+    }
+
+    /// Final norm, LM head and cross-entropy, in row chunks so the full logits never exist at
+    /// once. With `grad`, also `dhn` and the head's weight gradient.
+    fn head_forward(&mut self, b: &B, batch: &Batch, grad: bool, loss_scale: f32, stats: &mut Stats) {
+        let n = batch.batch * batch.seq_len;
+        let (d, vocab) = (self.dims.d, self.cfg.vocab_size);
+        let valid = batch.targets.iter().filter(|&&t| t != u32::MAX).count();
+        let head = self.weights.head();
+        let ws = self.ws.as_mut().unwrap();
+        b.rmsnorm_fwd(&mut ws.hn, &mut ws.rstd, &ws.h, self.params.value(self.weights.final_norm), n, d, self.dims.eps);
+        if grad {
+            b.fill(&mut ws.dhn, n * d, 0.0);
+        }
+        let scale = if valid > 0 { loss_scale / valid as f32 } else { 0.0 };
+        let mut total = 0.0f64;
+        let mut start = 0;
+        while start < n {
+            let rows = ws.head_rows.min(n - start);
+            let idx: Vec<u32> = (start as u32..(start + rows) as u32).collect();
+            let idx = b.idx_from(&idx);
+            let targets = b.idx_from(&batch.targets[start..start + rows]);
+            b.gather_rows(&mut ws.head_x, &ws.hn, &idx, rows, d);
+            b.matmul_fwd(&mut ws.logits, &ws.head_x, self.params.value(head), rows, d, vocab);
+            b.cross_entropy_fwd(&mut ws.ce, &ws.logits, &targets, rows, vocab);
+            total += b.to_f32_prefix(&ws.ce, rows).iter().map(|&x| x as f64).sum::<f64>();
+            if grad {
+                let dlogits = ws.dlogits.get_or_insert_with(|| b.zeros(ws.head_rows * vocab));
+                b.fill(dlogits, rows * vocab, 0.0);
+                b.cross_entropy_bwd(dlogits, &ws.logits, &targets, scale, rows, vocab);
+                b.fill(&mut ws.head_dx, rows * d, 0.0);
+                let ParamStore { values, grads, .. } = &mut self.params;
+                b.matmul_bwd(Some(&mut ws.head_dx), &mut grads[head.0], dlogits, &ws.head_x, &values[head.0], rows, d, vocab);
+                b.scatter_add_rows(&mut ws.dhn, &ws.head_dx, &idx, rows, d);
+            }
+            start += rows;
+        }
+        stats.tokens = valid;
+        stats.ce = if valid > 0 { total / valid as f64 } else { 0.0 };
+    }
+
+    /// Backward of the last `forward(.., grad = true, ..)`: accumulates into `params.grads`.
+    pub fn backward(&mut self, b: &B) -> anyhow::Result<()> {
+        let tr = self.trace.take().ok_or_else(|| anyhow::anyhow!("backward without a forward"))?;
+        let n = tr.sets[0].len();
+        let d = self.dims.d;
+        let scale = tr.loss_scale;
+        {
+            let ws = self.ws.as_mut().unwrap();
+            for a in ws.acts.iter_mut().take(tr.apps.len()) {
+                let kvd = self.dims.kvd() * ws.n;
+                b.fill(&mut a.dk, kvd, 0.0);
+                b.fill(&mut a.dv, kvd, 0.0);
+            }
+            b.fill(&mut ws.dh, n * d, 0.0);
+            let ParamStore { values, grads, .. } = &mut self.params;
+            let fw = self.weights.final_norm;
+            b.rmsnorm_bwd(&mut ws.dh, &mut grads[fw.0], &ws.dhn, &ws.h, &values[fw.0], &ws.rstd, n, d);
+        }
+        for step in tr.steps.iter().rev() {
+            match step {
+                StepTrace::Plain { apps, set } => {
+                    let ws = self.ws.as_mut().unwrap();
+                    let m = tr.sets[*set].len();
+                    let Workspace { acts, scratch, dh, g1, g2, dtx, .. } = ws;
+                    b.copy(dtx, dh, m * d);
+                    b.fill(dh, m * d, 0.0);
+                    run_block_backward(b, &self.dims, &mut self.params, &self.weights, &tr, acts, scratch, apps.clone(), dtx, dh, g1, g2);
+                }
+                StepTrace::Expert(et) => self.expert_backward(b, &tr, et, scale)?,
+                StepTrace::Token(tt) => self.token_backward(b, &tr, tt, scale)?,
+            }
+        }
+        let ws = self.ws.as_mut().unwrap();
+        let embed = self.weights.embed;
+        b.embedding_bwd(&mut self.params.grads[embed.0], &ws.dh, &tr.ids, n, d);
+        Ok(())
+    }
+
+    fn expert_backward(&mut self, b: &B, tr: &Trace<B>, et: &ExpertTrace<B>, scale: f32) -> anyhow::Result<()> {
+        let rc = self.router_cfg().unwrap().clone();
+        let d = self.dims.d;
+        let n_c = tr.sets[et.cand].len();
+        let m = tr.sets[et.sel].len();
+        let ws = self.ws.as_mut().unwrap();
+        let Workspace { acts, scratch, steps, routers, aux_routers, dh, g1, g2, .. } = ws;
+        let sb = &mut steps[et.buf];
+        let sel_idx = &tr.sets[et.sel].idx;
+        b.fill(&mut sb.dy, m * d, 0.0);
+        b.fill(&mut sb.dgk, m, 0.0);
+        match rc.combine {
+            Combine::Add => b.scatter_add_scaled_bwd(&mut sb.dy, &mut sb.dgk, dh, &sb.y, &sb.gk, sel_idx, m, d),
+            Combine::Replace => b.scatter_rows_bwd(&mut sb.dy, dh, sel_idx, m, d),
+        }
+        b.fill(&mut sb.dyin, m * d, 0.0);
+        run_block_backward(b, &self.dims, &mut self.params, &self.weights, tr, acts, scratch, et.apps.clone(), &sb.dy, &mut sb.dyin, g1, g2);
+        b.scatter_add_rows(dh, &sb.dyin, sel_idx, m, d);
+        if !et.has_router {
+            return Ok(());
+        }
+        let ra = &mut routers[et.r];
+        b.fill(&mut ra.dlogits, n_c, 0.0);
+        if rc.combine == Combine::Add {
+            b.fill(&mut sb.dg, n_c, 0.0);
+            b.scatter_add_rows(&mut sb.dg, &sb.dgk, &et.sel_local, m, 1);
+            b.gate_bwd(&mut ra.dlogits, &sb.dg, &ra.logits, gate_fn(rc.activation()), rc.alpha() as f32, n_c);
+        }
+        if rc.sampling == Sampling::AuxLoss && rc.aux_coeff > 0.0 {
+            b.bce_logits_bwd(&mut ra.dlogits, &ra.logits, &sb.targets, (rc.aux_coeff as f32) * scale / n_c as f32, n_c);
+        }
+        if rc.z_coeff() > 0.0 {
+            b.axpy(&mut ra.dlogits, &ra.logits, 2.0 * rc.z_coeff() as f32 * scale / n_c as f32, n_c);
+        }
+        b.fill(&mut sb.dx, n_c * d, 0.0);
+        router_backward(b, &mut self.params, &self.weights.routers[et.r], ra, &sb.x, n_c, d, rc.temperature as f32, Some(&mut sb.dx));
+        b.scatter_add_rows(dh, &sb.dx, &tr.sets[et.cand].idx, n_c, d);
+        if rc.sampling == Sampling::AuxRouter {
+            let ar = &mut aux_routers[et.r];
+            b.fill(&mut ar.dlogits, n_c, 0.0);
+            b.bce_logits_bwd(&mut ar.dlogits, &ar.logits, &sb.targets, scale / n_c as f32, n_c);
+            router_backward(b, &mut self.params, &self.weights.aux_routers[et.r], ar, &sb.x, n_c, d, rc.temperature as f32, None);
+        }
+        Ok(())
+    }
+
+    fn token_backward(&mut self, b: &B, tr: &Trace<B>, tt: &TokenTrace<B>, scale: f32) -> anyhow::Result<()> {
+        let rc = self.router_cfg().unwrap().clone();
+        let n_r = self.map.num_recursions;
+        let d = self.dims.d;
+        let n = tr.sets[0].len();
+        let mut dweight = vec![0.0f64; n];
+        {
+            let ws = self.ws.as_mut().unwrap();
+            let Workspace { acts, scratch, steps, dh, dtx, g1, g2, .. } = ws;
+            b.fill(dtx, n * d, 0.0);
+            for st in tt.steps.iter().rev() {
+                let sb = &mut steps[st.buf];
+                let m = tr.sets[st.set].len();
+                b.fill(&mut sb.dy, m * d, 0.0);
+                // exits
+                b.fill(&mut sb.dyin, st.n_exit * d, 0.0);
+                b.fill(&mut sb.dgk, st.n_exit, 0.0);
+                b.gather_rows(&mut sb.ye, &sb.y, &st.exit_local, st.n_exit, d);
+                b.scatter_add_scaled_bwd(&mut sb.dyin, &mut sb.dgk, dh, &sb.ye, &sb.gk, &st.exit_global, st.n_exit, d);
+                b.scatter_add_rows(&mut sb.dy, &sb.dyin, &st.exit_local, st.n_exit, d);
+                let dw = b.to_f32_prefix(&sb.dgk, st.n_exit);
+                let exits: Vec<u32> = b.idx_to_vec(&st.exit_global);
+                for (i, &t) in exits.iter().enumerate() {
+                    dweight[t as usize] += dw[i] as f64;
+                }
+                // continuing tokens
+                b.fill(&mut sb.dyin, st.n_cont * d, 0.0);
+                b.scatter_rows_bwd(&mut sb.dyin, dtx, &st.cont_global, st.n_cont, d);
+                b.scatter_add_rows(&mut sb.dy, &sb.dyin, &st.cont_local, st.n_cont, d);
+                // through the block into x
+                b.fill(&mut sb.dx, m * d, 0.0);
+                run_block_backward(b, &self.dims, &mut self.params, &self.weights, tr, acts, scratch, st.apps.clone(), &sb.dy, &mut sb.dx, g1, g2);
+                b.scatter_add_rows(dtx, &sb.dx, &tr.sets[st.set].idx, m, d);
+            }
+            b.axpy(dh, dtx, 1.0, n * d);
+        }
+        if rc.random {
+            return Ok(());
+        }
+        // Router: gradient w.r.t. probabilities, then logits (host; n × N_r values).
+        let alpha = rc.alpha();
+        let mut dp = vec![0.0f64; n * n_r];
+        for t in 0..n {
+            dp[t * n_r + tt.depth[t]] += dweight[t];
+        }
+        if rc.balancing == Balancing::Loss && rc.balance_coeff > 0.0 {
+            let mut counts = vec![0usize; n_r];
+            for &k in &tt.depth {
+                counts[k] += 1;
+            }
+            for t in 0..n {
+                for j in 0..n_r {
+                    let f = n_r as f64 * counts[j] as f64 / n as f64;
+                    dp[t * n_r + j] += rc.balance_coeff * scale as f64 * f / n as f64;
+                }
+            }
+        }
+        let softmax = rc.activation() == RouterActivation::Softmax;
+        let zc = rc.z_coeff();
+        let mut dlogits = vec![0f32; n * n_r];
+        for t in 0..n {
+            let p = &tt.probs[t * n_r..(t + 1) * n_r];
+            let g = &dp[t * n_r..(t + 1) * n_r];
+            let row = &tt.logits[t * n_r..(t + 1) * n_r];
+            let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = row.iter().map(|x| (x - mx).exp()).sum();
+            let lse = mx + z.ln();
+            for j in 0..n_r {
+                let mut v = if softmax {
+                    // p = α s; dL/dlogit_j = Σ_i g_i α s_i (δ_ij - s_j) = p_j (g_j - Σ_i g_i s_i)
+                    let s_dot: f64 = (0..n_r).map(|i| g[i] * p[i] / alpha).sum();
+                    p[j] * (g[j] - s_dot)
+                } else {
+                    let s = p[j] / alpha;
+                    g[j] * alpha * s * (1.0 - s)
+                };
+                if zc > 0.0 {
+                    v += zc * scale as f64 * 2.0 * lse * (row[j] - mx).exp() / z / n as f64;
+                }
+                dlogits[t * n_r + j] = v as f32;
+            }
+        }
+        let ws = self.ws.as_mut().unwrap();
+        let Workspace { routers, h1, dh, steps, .. } = ws;
+        let ra = &mut routers[0];
+        b.write_f32(&mut ra.dlogits, &dlogits);
+        let dx = &mut steps[0].dx;
+        b.fill(dx, n * d, 0.0);
+        router_backward(b, &mut self.params, &self.weights.routers[0], ra, h1, n, d, rc.temperature as f32, Some(dx));
+        b.axpy(dh, dx, 1.0, n * d);
+        Ok(())
+    }
+
+    /// Called after each optimizer step: the token-choice loss-free bias update
+    /// `b_i += u · sign(mean_load - load_i)` with loads averaged over the accumulated batches.
+    pub fn after_optimizer_step(&mut self) {
+        let st = &mut self.router_state;
+        if let Some(rc) = self.cfg.router.as_ref() {
+            if rc.kind == RouterKind::Token && rc.balancing == Balancing::LossFree && st.load_batches > 0 {
+                let loads: Vec<f64> = st.load_sum.iter().map(|l| l / st.load_batches as f64).collect();
+                let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+                for (b, l) in st.bias.iter_mut().zip(&loads) {
+                    let s = mean - l;
+                    *b += rc.bias_update_rate * if s > 0.0 { 1.0 } else if s < 0.0 { -1.0 } else { 0.0 };
+                }
+            }
+        }
+        st.load_sum.iter_mut().for_each(|l| *l = 0.0);
+        st.load_batches = 0;
+    }
+}
+
+/// Forward through the consecutive applications `apps`; the first one's input is already in
+/// `acts[apps.start].x`; the last one writes `out`.
+#[allow(clippy::too_many_arguments)]
+fn run_block<B: Backend>(
+    b: &B,
+    dims: &Dims,
+    params: &ParamStore<B>,
+    weights: &Weights,
+    tr: &Trace<B>,
+    acts: &mut [LayerAct<B>],
+    apps: Range<usize>,
+    out: &mut B::Buf,
+) {
+    for i in apps.clone() {
+        let app = &tr.apps[i];
+        let (before, rest) = acts.split_at_mut(i);
+        let (cur, after) = rest.split_first_mut().unwrap();
+        let target = if i + 1 < apps.end { &mut after[0].x } else { &mut *out };
+        let shared = app.kv_src.map(|s| SharedKv { src: &mut before[s], set: &tr.sets[tr.apps[s].set] });
+        layer_forward(b, dims, params, &weights.layers[app.pos], cur, &tr.sets[app.set], shared, target);
+    }
+}
+
+/// Backward through `apps` given the gradient of the block output `dy`; accumulates the
+/// gradient of the block input into `dx`. `g1`/`g2` are ping-pong scratch buffers.
+#[allow(clippy::too_many_arguments)]
+fn run_block_backward<B: Backend>(
+    b: &B,
+    dims: &Dims,
+    params: &mut ParamStore<B>,
+    weights: &Weights,
+    tr: &Trace<B>,
+    acts: &mut [LayerAct<B>],
+    scratch: &mut LayerScratch<B>,
+    apps: Range<usize>,
+    dy: &B::Buf,
+    dx: &mut B::Buf,
+    g1: &mut B::Buf,
+    g2: &mut B::Buf,
+) {
+    let n_rows = |i: usize| tr.sets[tr.apps[i].set].len();
+    b.copy(g1, dy, n_rows(apps.end - 1) * dims.d);
+    for i in apps.clone().rev() {
+        let app = &tr.apps[i];
+        let (before, rest) = acts.split_at_mut(i);
+        let cur = &mut rest[0];
+        let shared = app.kv_src.map(|s| SharedKv { src: &mut before[s], set: &tr.sets[tr.apps[s].set] });
+        let set = &tr.sets[app.set];
+        if i == apps.start {
+            layer_backward(b, dims, params, &weights.layers[app.pos], cur, set, shared, scratch, g1, dx);
+        } else {
+            b.fill(g2, set.len() * dims.d, 0.0);
+            layer_backward(b, dims, params, &weights.layers[app.pos], cur, set, shared, scratch, g1, g2);
+            std::mem::swap(g1, g2);
+        }
+    }
+}
