@@ -14,6 +14,74 @@ pub enum ConfigError {
     Parse { source_name: String, message: String },
     #[error("cannot read config {path}: {message}")]
     Io { path: String, message: String },
+    /// `mor_config::load` got a name that is neither a preset nor an existing file.
+    #[error("{}", unknown_preset_message(name, suggestions))]
+    UnknownPreset { name: String, suggestions: Vec<String> },
+}
+
+fn unknown_preset_message(name: &str, suggestions: &[String]) -> String {
+    let mut msg = format!("unknown preset `{name}` (and no such file)");
+    if !suggestions.is_empty() {
+        msg.push_str(&format!("; did you mean {}?", suggestions.join(", ")));
+    } else {
+        msg.push('.');
+    }
+    msg.push_str(" Run `mor presets` to list the presets, or pass a path to a TOML file.");
+    msg
+}
+
+/// Turn a TOML (syntax or schema) error into one that names the dotted field path, e.g.
+/// `model.router.foo: unknown field `foo`, expected one of ... (line 31, column 1)`.
+fn parse_error(text: &str, source_name: &str, err: &toml::de::Error) -> ConfigError {
+    let message = match err.span() {
+        Some(span) => {
+            let (line, column) = line_col(text, span.start);
+            let what = err.message().trim_end();
+            match field_path_at(text, span.start) {
+                Some(path) => format!("{path}: {what} (line {line}, column {column})"),
+                None => format!("{what} (line {line}, column {column})"),
+            }
+        }
+        None => err.to_string().trim_end().to_string(),
+    };
+    ConfigError::Parse { source_name: source_name.to_string(), message }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// The dotted path of the key (or table header) on the line containing `offset`.
+fn field_path_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let header = |line: &str| -> Option<String> {
+        let l = line.split('#').next()?.trim();
+        let inner = l.strip_prefix("[[").and_then(|l| l.strip_suffix("]]"))
+            .or_else(|| l.strip_prefix('[').and_then(|l| l.strip_suffix(']')))?;
+        Some(clean_key(inner))
+    };
+    let line = &text[line_start..line_end];
+    if let Some(h) = header(line) {
+        return Some(h);
+    }
+    let table = text[..line_start].lines().rev().find_map(header);
+    let key = line.split_once('=').map(|(k, _)| clean_key(k)).filter(|k| !k.is_empty());
+    match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (None, Some(k)) => Some(k),
+        (Some(t), None) => Some(t),
+        (None, None) => None,
+    }
+}
+
+fn clean_key(key: &str) -> String {
+    key.split('.').map(|p| p.trim().trim_matches('"').trim_matches('\'')).collect::<Vec<_>>().join(".")
 }
 
 pub fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
@@ -381,10 +449,7 @@ pub struct RunConfig {
 
 impl RunConfig {
     pub fn from_toml_str(text: &str, source_name: &str) -> Result<Self, ConfigError> {
-        let cfg: RunConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            source_name: source_name.to_string(),
-            message: e.to_string(),
-        })?;
+        let cfg: RunConfig = toml::from_str(text).map_err(|e| parse_error(text, source_name, &e))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -414,6 +479,14 @@ impl ModelConfig {
 
     pub fn kv_mode(&self) -> KvMode {
         self.recursion.as_ref().map_or(KvMode::RecursionWise, |r| r.kv_mode)
+    }
+
+    /// The sharing map of this model: [`SharingMap::vanilla`] without a `[model.recursion]` table.
+    pub fn sharing_map(&self) -> Result<crate::sharing::SharingMap, ConfigError> {
+        match &self.recursion {
+            None => Ok(crate::sharing::SharingMap::vanilla(self.num_layers)),
+            Some(rec) => crate::sharing::SharingMap::new(rec.sharing, self.num_layers, rec.num_recursions),
+        }
     }
 
     pub fn q_dim(&self) -> usize {
@@ -460,6 +533,12 @@ impl ModelConfig {
         }
         if let Some(rec) = &self.recursion {
             crate::sharing::SharingMap::new(rec.sharing, self.num_layers, rec.num_recursions)?;
+            if rec.kv_mode == KvMode::Share && !matches!(rec.sharing, Sharing::Cycle | Sharing::MiddleCycle) {
+                return Err(invalid(
+                    "model.recursion.kv_mode",
+                    "KV sharing needs cycle or middle_cycle sharing (the recursion-1 block is reused by later steps)",
+                ));
+            }
             if rec.untie_attention && self.router.as_ref().map(|r| r.kind) != Some(RouterKind::Expert) {
                 return Err(invalid(
                     "model.recursion.untie_attention",
