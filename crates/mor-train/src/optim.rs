@@ -1,0 +1,326 @@
+//! AdamW over one [`ParamGroup`] of a [`ParamStore`], with global gradient-norm clipping
+//! (MOR_SPEC 7.2: β1 0.9, β2 0.95, ε 1e-8, weight decay 0.1, clip 1.0).
+//!
+//! One optimizer per group: the main model uses `ParamGroup::Main`; the expert-choice aux router
+//! (MOR_SPEC 3.6) has its own optimizer over `ParamGroup::AuxRouter` whose learning rate is the
+//! scheduled LR times `lr_mult` (`model.router.aux_router_lr_mult`).
+//!
+//! Typical use, once per optimizer step (after the gradients of all micro-batches have been
+//! accumulated into `params.grads`):
+//! ```
+//! use mor_engine::{Cpu, ParamGroup, ParamInfo, ParamStore};
+//! use mor_train::{AdamW, AdamWConfig, LrSchedule};
+//! let backend = Cpu::<f32>::new();
+//! let mut params = ParamStore::new();
+//! let info = ParamInfo { name: "w".into(), shape: vec![2], decay: true, group: ParamGroup::Main };
+//! params.add(&backend, info, &[1.0, 2.0]);
+//! let sched = LrSchedule::wsd(3e-3, 100, 5, 0.2); // or LrSchedule::from_config(&cfg.train)
+//! let mut opt = AdamW::new(&backend, &params, ParamGroup::Main, AdamWConfig::default());
+//! // ... forward / backward accumulate into params.grads ...
+//! let stats = opt.step(&backend, &mut params, sched.lr(opt.steps_taken() as usize));
+//! assert_eq!(stats.lr, 0.0); // WSD: the first update has LR 0
+//! params.zero_grads(&backend);
+//! ```
+//! The update itself is [`Backend::adamw`] (PyTorch semantics: decoupled decay
+//! `p -= lr·wd·p`, then the bias-corrected Adam step with the 1-based step count).
+
+use anyhow::{bail, Result};
+use mor_config::TrainConfig;
+use mor_engine::{Backend, ParamGroup, ParamId, ParamStore};
+use std::collections::HashMap;
+
+/// A host copy of one named tensor (row-major f32).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Hyper-parameters of one [`AdamW`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Applied only to tensors whose [`mor_engine::ParamInfo::decay`] is true.
+    pub weight_decay: f64,
+    /// Clip the group's global gradient L2 norm to this value; `0` disables clipping.
+    pub grad_clip: f64,
+    /// The learning rate used is `lr * lr_mult` (1 for the main group).
+    pub lr_mult: f64,
+    /// If the gradient norm is NaN/inf, leave parameters, moments and the step count untouched
+    /// and report `skipped` (default true). PyTorch would instead propagate NaN into the weights.
+    pub skip_nonfinite: bool,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            lr_mult: 1.0,
+            skip_nonfinite: true,
+        }
+    }
+}
+
+impl AdamWConfig {
+    /// `beta1`, `beta2`, `adam_eps`, `weight_decay`, `grad_clip` from the config; `lr_mult` 1.
+    pub fn from_train(cfg: &TrainConfig) -> Self {
+        AdamWConfig {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.adam_eps,
+            weight_decay: cfg.weight_decay,
+            grad_clip: cfg.grad_clip,
+            lr_mult: 1.0,
+            skip_nonfinite: true,
+        }
+    }
+
+    /// The same settings with another LR multiplier (the aux-router optimizer).
+    pub fn with_lr_mult(mut self, lr_mult: f64) -> Self {
+        self.lr_mult = lr_mult;
+        self
+    }
+}
+
+/// What one [`AdamW::step`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Global L2 norm of the group's gradients **before** clipping.
+    pub grad_norm: f64,
+    /// Whether the gradients were scaled down by clipping.
+    pub clipped: bool,
+    /// The learning rate actually applied (`lr * lr_mult`).
+    pub lr: f64,
+    /// True when the step was skipped because the gradient norm was not finite.
+    pub skipped: bool,
+}
+
+/// AdamW state for the tensors of one [`ParamGroup`]; first/second moment buffers are allocated
+/// once, at construction, on the backend.
+pub struct AdamW<B: Backend> {
+    group: ParamGroup,
+    cfg: AdamWConfig,
+    ids: Vec<ParamId>,
+    m: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    step: u64,
+    store_len: usize,
+}
+
+/// Name of the optimizer state tensors in checkpoints: `<param>.exp_avg` (m), `<param>.exp_avg_sq` (v).
+pub fn exp_avg_name(param: &str) -> String {
+    format!("{param}.exp_avg")
+}
+pub fn exp_avg_sq_name(param: &str) -> String {
+    format!("{param}.exp_avg_sq")
+}
+
+impl<B: Backend> AdamW<B> {
+    /// An optimizer over every tensor of `params` in `group` (which may be empty: then
+    /// [`AdamW::step`] only advances the step count). Tensors added to the store later are not
+    /// covered; create the optimizer after the model.
+    pub fn new(backend: &B, params: &ParamStore<B>, group: ParamGroup, cfg: AdamWConfig) -> Self {
+        let ids: Vec<ParamId> = params.ids().filter(|id| params.info[id.0].group == group).collect();
+        let m = ids.iter().map(|id| backend.zeros(params.info[id.0].numel())).collect();
+        let v = ids.iter().map(|id| backend.zeros(params.info[id.0].numel())).collect();
+        AdamW { group, cfg, ids, m, v, step: 0, store_len: params.len() }
+    }
+
+    pub fn group(&self) -> ParamGroup {
+        self.group
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
+    /// The tensors this optimizer updates.
+    pub fn param_ids(&self) -> &[ParamId] {
+        &self.ids
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Number of updates applied so far (= the 0-based index of the next update, the argument
+    /// for [`crate::schedule::LrSchedule::lr`]).
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    fn check_store(&self, params: &ParamStore<B>) {
+        assert_eq!(
+            params.len(),
+            self.store_len,
+            "ParamStore changed size after the {:?} optimizer was created",
+            self.group
+        );
+    }
+
+    /// Global L2 norm of this group's gradients, `sqrt(Σ sum_squares(grad))` (f64).
+    pub fn grad_norm(&self, backend: &B, params: &ParamStore<B>) -> f64 {
+        self.check_store(params);
+        self.ids
+            .iter()
+            .map(|id| backend.sum_squares(&params.grads[id.0], params.info[id.0].numel()))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// PyTorch `clip_grad_norm_`: if `grad_clip > 0` and `max/(norm + 1e-6) < 1`, scale the
+    /// group's gradients by that coefficient. Returns `(pre-clip norm, clipped)`. A non-finite
+    /// norm is returned without touching the gradients.
+    pub fn clip_grad_norm(&self, backend: &B, params: &mut ParamStore<B>) -> (f64, bool) {
+        let norm = self.grad_norm(backend, params);
+        if self.cfg.grad_clip > 0.0 && norm.is_finite() {
+            let coef = self.cfg.grad_clip / (norm + 1e-6);
+            if coef < 1.0 {
+                for id in &self.ids {
+                    let n = params.info[id.0].numel();
+                    backend.scale(&mut params.grads[id.0], coef as f32, n);
+                }
+                return (norm, true);
+            }
+        }
+        (norm, false)
+    }
+
+    /// One optimizer step with scheduled learning rate `lr` (the multiplier is applied here):
+    /// clip the gradients (in place), then AdamW-update every tensor of the group, weight decay
+    /// only where `decay` is set. Gradients are not zeroed. See [`AdamWConfig::skip_nonfinite`].
+    pub fn step(&mut self, backend: &B, params: &mut ParamStore<B>, lr: f64) -> StepStats {
+        let (grad_norm, clipped) = self.clip_grad_norm(backend, params);
+        let lr = lr * self.cfg.lr_mult;
+        if self.cfg.skip_nonfinite && !grad_norm.is_finite() {
+            return StepStats { grad_norm, clipped, lr, skipped: true };
+        }
+        self.step += 1;
+        let ParamStore { info, values, grads } = params;
+        for (k, id) in self.ids.iter().enumerate() {
+            let meta = &info[id.0];
+            let wd = if meta.decay { self.cfg.weight_decay } else { 0.0 };
+            backend.adamw(
+                &mut values[id.0],
+                &grads[id.0],
+                &mut self.m[k],
+                &mut self.v[k],
+                meta.numel(),
+                lr as f32,
+                self.cfg.beta1 as f32,
+                self.cfg.beta2 as f32,
+                self.cfg.eps as f32,
+                wd as f32,
+                self.step,
+            );
+        }
+        StepStats { grad_norm, clipped, lr, skipped: false }
+    }
+
+    /// Zero the gradients of this group only.
+    pub fn zero_grads(&self, backend: &B, params: &mut ParamStore<B>) {
+        for id in &self.ids {
+            let n = params.info[id.0].numel();
+            backend.fill(&mut params.grads[id.0], n, 0.0);
+        }
+    }
+
+    /// Set the step count (restoring from a checkpoint).
+    pub fn set_steps_taken(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// The moment buffers `(m, v)` of the `k`-th tensor of [`AdamW::param_ids`].
+    pub(crate) fn moments(&self, k: usize) -> (&B::Buf, &B::Buf) {
+        (&self.m[k], &self.v[k])
+    }
+
+    /// Overwrite the moments of the `k`-th tensor (lengths already validated by the caller).
+    pub(crate) fn write_moments(&mut self, backend: &B, k: usize, m: &[f32], v: &[f32]) {
+        backend.write_f32(&mut self.m[k], m);
+        backend.write_f32(&mut self.v[k], v);
+    }
+
+    /// Names and shapes of the state tensors, in order: for each parameter
+    /// `<name>.exp_avg` then `<name>.exp_avg_sq`, both of the parameter's shape.
+    pub fn state_tensor_names(&self, params: &ParamStore<B>) -> Vec<(String, Vec<usize>)> {
+        let mut out = Vec::with_capacity(2 * self.ids.len());
+        for id in &self.ids {
+            let info = &params.info[id.0];
+            out.push((exp_avg_name(&info.name), info.shape.clone()));
+            out.push((exp_avg_sq_name(&info.name), info.shape.clone()));
+        }
+        out
+    }
+
+    /// Host copies of the moment buffers (see [`AdamW::state_tensor_names`] for names and order).
+    /// The step count is [`AdamW::steps_taken`].
+    pub fn state_tensors(&self, backend: &B, params: &ParamStore<B>) -> Vec<NamedTensor> {
+        self.check_store(params);
+        let mut out = Vec::with_capacity(2 * self.ids.len());
+        for (k, id) in self.ids.iter().enumerate() {
+            let info = &params.info[id.0];
+            let n = info.numel();
+            out.push(NamedTensor {
+                name: exp_avg_name(&info.name),
+                shape: info.shape.clone(),
+                data: backend.to_f32_prefix(&self.m[k], n),
+            });
+            out.push(NamedTensor {
+                name: exp_avg_sq_name(&info.name),
+                shape: info.shape.clone(),
+                data: backend.to_f32_prefix(&self.v[k], n),
+            });
+        }
+        out
+    }
+
+    /// Restore moments and step count. `tensors` must hold exactly the names of
+    /// [`AdamW::state_tensor_names`] (any order) with matching shapes; otherwise nothing is
+    /// changed and the error names the offending tensor.
+    pub fn load_state(&mut self, backend: &B, params: &ParamStore<B>, step: u64, tensors: &[NamedTensor]) -> Result<()> {
+        self.check_store(params);
+        let mut by_name: HashMap<&str, &NamedTensor> = HashMap::with_capacity(tensors.len());
+        for t in tensors {
+            if by_name.insert(t.name.as_str(), t).is_some() {
+                bail!("optimizer state tensor {} given twice", t.name);
+            }
+        }
+        let expected = self.state_tensor_names(params);
+        for (name, shape) in &expected {
+            let Some(t) = by_name.remove(name.as_str()) else {
+                bail!("optimizer state tensor {name} is missing ({:?} group)", self.group);
+            };
+            let numel: usize = shape.iter().product();
+            if &t.shape != shape || t.data.len() != numel {
+                bail!(
+                    "optimizer state tensor {name} has shape {:?} ({} values), expected {:?}",
+                    t.shape,
+                    t.data.len(),
+                    shape
+                );
+            }
+        }
+        if let Some(extra) = by_name.keys().min() {
+            bail!("unexpected optimizer state tensor {extra} for the {:?} group", self.group);
+        }
+        let lookup: HashMap<&str, &NamedTensor> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        for (k, id) in self.ids.iter().enumerate() {
+            let name = &params.info[id.0].name;
+            backend.write_f32(&mut self.m[k], &lookup[exp_avg_name(name).as_str()].data);
+            backend.write_f32(&mut self.v[k], &lookup[exp_avg_sq_name(name).as_str()].data);
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Alias used by the checkpoint helpers.
+pub type Optimizer<B> = AdamW<B>;
