@@ -57,6 +57,11 @@ pub trait Backend {
     fn to_f32(&self, buf: &Self::Buf) -> Vec<f32>;
     /// Read the first `n` values.
     fn to_f32_prefix(&self, buf: &Self::Buf, n: usize) -> Vec<f32>;
+    /// Read the first `n` values at the buffer's own precision (exact for f64 buffers), for
+    /// host-side loss sums and statistics.
+    fn to_f64_prefix(&self, buf: &Self::Buf, n: usize) -> Vec<f64> {
+        self.to_f32_prefix(buf, n).into_iter().map(f64::from).collect()
+    }
     fn len(&self, buf: &Self::Buf) -> usize;
     fn idx_from(&self, data: &[u32]) -> Self::Idx;
     fn idx_to_vec(&self, idx: &Self::Idx) -> Vec<u32>;

@@ -218,6 +218,13 @@ pub struct Model<B: Backend> {
     seed: u64,
     ws: Option<Workspace<B>>,
     trace: Option<Trace<B>>,
+    /// When set, `captured` receives the residual stream after the embedding and after every
+    /// step of the forward (prefix layers, recursions, suffix layers): a hook for tests and
+    /// analysis.
+    pub capture: bool,
+    pub captured: Vec<Vec<f32>>,
+    token_losses: Vec<f64>,
+    token_depths: Vec<u8>,
 }
 
 fn gate_fn(act: RouterActivation) -> GateFn {
@@ -267,6 +274,10 @@ impl<B: Backend> Model<B> {
             seed,
             ws: None,
             trace: None,
+            capture: false,
+            captured: Vec::new(),
+            token_losses: Vec::new(),
+            token_depths: Vec::new(),
         })
     }
 
@@ -343,6 +354,8 @@ impl<B: Backend> Model<B> {
             let ws = self.ws.as_mut().unwrap();
             b.embedding_fwd(&mut ws.h, self.params.value(self.weights.embed), &tr.ids, n, d);
         }
+        self.captured.clear();
+        self.capture_h(b);
 
         // Prefix (unique first layer of middle strategies, or every layer without recursion blocks).
         let blocks_contiguous = self.map.strategy.is_some_and(|s| {
@@ -372,6 +385,7 @@ impl<B: Backend> Model<B> {
             }
         }
 
+        self.token_depths = self.depths_of(&tr);
         self.head_forward(b, batch, grad, loss_scale, &mut stats);
         stats.loss += stats.ce;
         if grad {
@@ -416,6 +430,70 @@ impl<B: Backend> Model<B> {
         let Workspace { acts, h, .. } = ws;
         run_block(b, &self.dims, &self.params, &self.weights, tr, acts, apps.clone(), h);
         tr.steps.push(StepTrace::Plain { apps, set });
+        self.capture_h(b);
+    }
+
+    fn capture_h(&mut self, b: &B) {
+        if self.capture {
+            let ws = self.ws.as_ref().unwrap();
+            self.captured.push(b.to_f32(&ws.h));
+        }
+    }
+
+    /// Recursions each token took (1 for models without routers counts every recursion).
+    fn depths_of(&self, tr: &Trace<B>) -> Vec<u8> {
+        let n = tr.sets[0].len();
+        let mut depth = vec![0u8; n];
+        for step in &tr.steps {
+            let set = match step {
+                StepTrace::Plain { .. } => None,
+                StepTrace::Expert(et) => Some(et.sel),
+                StepTrace::Token(_) => None,
+            };
+            if let Some(set) = set {
+                for &i in &tr.sets[set].idx_host {
+                    depth[i as usize] += 1;
+                }
+            }
+            if let StepTrace::Token(tt) = step {
+                for (t, &k) in tt.depth.iter().enumerate() {
+                    depth[t] = k as u8 + 1;
+                }
+            }
+        }
+        if !matches!(self.router_cfg(), Some(_)) {
+            depth.iter_mut().for_each(|x| *x = self.map.num_recursions as u8);
+        }
+        depth
+    }
+
+    /// Per-position cross-entropy of the last forward (0 where the target is ignored).
+    pub fn token_losses(&self) -> &[f64] {
+        &self.token_losses
+    }
+
+    /// Number of recursions each position of the last forward went through.
+    pub fn token_depths(&self) -> &[u8] {
+        &self.token_depths
+    }
+
+    /// Global token indices selected at each recursion of the last forward (expert-choice);
+    /// active tokens per recursion (token-choice).
+    pub fn selections(&self) -> Vec<Vec<u32>> {
+        let Some(tr) = &self.trace else { return Vec::new() };
+        let mut out = Vec::new();
+        for step in &tr.steps {
+            match step {
+                StepTrace::Expert(et) => out.push(tr.sets[et.sel].idx_host.clone()),
+                StepTrace::Token(tt) => {
+                    for st in &tt.steps {
+                        out.push(tr.sets[st.set].idx_host.clone());
+                    }
+                }
+                StepTrace::Plain { .. } => {}
+            }
+        }
+        out
     }
 
     fn step_buf(&mut self, b: &B, i: usize) {
@@ -495,9 +573,9 @@ impl<B: Backend> Model<B> {
                 let logits = &routers[r].logits;
                 let mut rs = RecursionStats { selected_fraction: m as f64 / (bsz * len) as f64, ..Default::default() };
                 b.bce_logits_fwd(&mut sb.bce, logits, &sb.targets, n_c);
-                let bce = b.to_f32_prefix(&sb.bce, n_c).iter().map(|&x| x as f64).sum::<f64>() / n_c as f64;
-                let lg = b.to_f32_prefix(logits, n_c);
-                let tg = b.to_f32_prefix(&sb.targets, n_c);
+                let bce = b.to_f64_prefix(&sb.bce, n_c).iter().sum::<f64>() / n_c as f64;
+                let lg = b.to_f64_prefix(logits, n_c);
+                let tg = b.to_f64_prefix(&sb.targets, n_c);
                 let agree = lg.iter().zip(&tg).filter(|(l, t)| (**l >= 0.0) == (**t > 0.5)).count();
                 rs.sampling_accuracy = Some(agree as f64 / n_c as f64);
                 rs.bce = Some(bce);
@@ -513,7 +591,7 @@ impl<B: Backend> Model<B> {
                     let ar = &mut aux_routers[r];
                     router_forward(b, &self.params, aw, ar, &sb.x, n_c, d, rc.temperature as f32);
                     b.bce_logits_fwd(&mut sb.bce, &ar.logits, &sb.targets, n_c);
-                    stats.aux_router_bce += b.to_f32_prefix(&sb.bce, n_c).iter().map(|&x| x as f64).sum::<f64>() / n_c as f64;
+                    stats.aux_router_bce += b.to_f64_prefix(&sb.bce, n_c).iter().sum::<f64>() / n_c as f64;
                 }
                 stats.recursions.push(rs);
             } else {
@@ -537,6 +615,7 @@ impl<B: Backend> Model<B> {
             }
             tr.steps.push(StepTrace::Expert(ExpertTrace { r, apps, cand, sel, sel_local, buf: r, has_router }));
             cand = sel;
+            self.capture_h(b);
         }
         Ok(())
     }
@@ -558,7 +637,7 @@ impl<B: Backend> Model<B> {
             } else {
                 let ra = &mut ws.routers[0];
                 router_forward(b, &self.params, &self.weights.routers[0], ra, &ws.h1, n, d, rc.temperature as f32);
-                b.to_f32_prefix(&ra.logits, n * n_r).into_iter().map(f64::from).collect()
+                b.to_f64_prefix(&ra.logits, n * n_r)
             }
         };
         // Probabilities, depth assignment (bias only affects the argmax) and gate weights.
@@ -677,6 +756,7 @@ impl<B: Backend> Model<B> {
             active = cont_g;
         }
         tr.steps.push(StepTrace::Token(TokenTrace { steps, depth, probs, logits }));
+        self.capture_h(b);
         Ok(())
     }
 
@@ -694,6 +774,7 @@ impl<B: Backend> Model<B> {
         }
         let scale = if valid > 0 { loss_scale / valid as f32 } else { 0.0 };
         let mut total = 0.0f64;
+        self.token_losses.clear();
         let mut start = 0;
         while start < n {
             let rows = ws.head_rows.min(n - start);
@@ -703,7 +784,9 @@ impl<B: Backend> Model<B> {
             b.gather_rows(&mut ws.head_x, &ws.hn, &idx, rows, d);
             b.matmul_fwd(&mut ws.logits, &ws.head_x, self.params.value(head), rows, d, vocab);
             b.cross_entropy_fwd(&mut ws.ce, &ws.logits, &targets, rows, vocab);
-            total += b.to_f32_prefix(&ws.ce, rows).iter().map(|&x| x as f64).sum::<f64>();
+            let ce = b.to_f64_prefix(&ws.ce, rows);
+            total += ce.iter().sum::<f64>();
+            self.token_losses.extend_from_slice(&ce);
             if grad {
                 let dlogits = ws.dlogits.get_or_insert_with(|| b.zeros(ws.head_rows * vocab));
                 b.fill(dlogits, rows * vocab, 0.0);
@@ -823,10 +906,10 @@ impl<B: Backend> Model<B> {
                 b.gather_rows(&mut sb.ye, &sb.y, &st.exit_local, st.n_exit, d);
                 b.scatter_add_scaled_bwd(&mut sb.dyin, &mut sb.dgk, dh, &sb.ye, &sb.gk, &st.exit_global, st.n_exit, d);
                 b.scatter_add_rows(&mut sb.dy, &sb.dyin, &st.exit_local, st.n_exit, d);
-                let dw = b.to_f32_prefix(&sb.dgk, st.n_exit);
+                let dw = b.to_f64_prefix(&sb.dgk, st.n_exit);
                 let exits: Vec<u32> = b.idx_to_vec(&st.exit_global);
                 for (i, &t) in exits.iter().enumerate() {
-                    dweight[t as usize] += dw[i] as f64;
+                    dweight[t as usize] += dw[i];
                 }
                 // continuing tokens
                 b.fill(&mut sb.dyin, st.n_cont * d, 0.0);

@@ -7,6 +7,7 @@
 //! * [`metrics`]: append-only JSONL metrics log, reader, truncation on resume.
 //! * [`plot`]: loss-curve PNG (embedded DejaVu Sans font, no system fonts needed).
 //! * [`progress`]: terminal progress bar (silent when stderr is not a terminal).
+//! * [`trainer`]: the training loop itself, with exact resume.
 
 pub mod checkpoint;
 pub mod metrics;
@@ -14,6 +15,7 @@ pub mod optim;
 pub mod plot;
 pub mod progress;
 pub mod schedule;
+pub mod trainer;
 
 pub use checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint};
 pub use metrics::{MetricsWriter, Record};
@@ -21,3 +23,4 @@ pub use optim::{AdamW, AdamWConfig, NamedTensor, Optimizer, StepStats};
 pub use plot::{plot_loss_curve, plot_metrics_file, PlotOptions};
 pub use progress::Progress;
 pub use schedule::LrSchedule;
+pub use trainer::{load_model, train, BatchSource, TokenBatch, TrainOptions, TrainOutcome};
