@@ -4,8 +4,12 @@
 
 pub mod backend;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod params;
 
 pub use backend::{AttnShape, Backend, GateFn};
 pub use cpu::Cpu;
+#[cfg(feature = "cuda")]
+pub use cuda::Cuda;
 pub use params::{ParamGroup, ParamId, ParamInfo, ParamStore};

@@ -1,0 +1,742 @@
+//! Parity of the CUDA backend against the CPU reference, op by op, forward and backward, plus a
+//! few timings.
+//!
+//! ```text
+//! cargo run --release --features cuda -p mor-engine --example cuda_parity            # full run (GPU)
+//! cargo run --release --features cuda -p mor-engine --example cuda_parity -- --compile-only
+//! ```
+//! `--compile-only` compiles the kernels with NVRTC and exits (needs libnvrtc only, no GPU).
+//! `--no-timings` skips the benchmarks, `--only topk,attention` runs the matching groups only,
+//! `--kernel-info` lists registers / local memory (spills) / static shared memory per kernel.
+//! Exits non-zero if any check fails.
+//!
+//! Error metric per output tensor: `max_i |gpu_i - cpu_i| / (|cpu_i| + mean_j |cpu_j|)` (relative
+//! for large entries, scaled by the tensor's magnitude for entries near zero). Index outputs are
+//! compared exactly (number of mismatches). Gradient buffers start from random values (backward
+//! ops accumulate) and every output buffer is longer than the op's extent, so the untouched tail
+//! is checked too.
+
+use std::time::Instant;
+
+use mor_engine::{AttnShape, Backend, Cpu, Cuda, GateFn};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+type G = Cuda;
+type C = Cpu<f32>;
+
+const TOL: f64 = 1e-4;
+/// Tolerance for long reductions with different summation orders (attention, GEMMs).
+const TOL_RED: f64 = 2e-4;
+/// Padding (elements) after each output region, checked to stay untouched.
+const PAD: usize = 37;
+
+struct Report {
+    rows: Vec<(String, String, f64, f64, bool)>,
+}
+
+impl Report {
+    fn add(&mut self, op: &str, tensor: &str, err: f64, tol: f64) {
+        let ok = err.is_finite() && err <= tol;
+        println!("{:<34} {:<14} {:>11.3e} {:>9.1e}  {}", op, tensor, err, tol, if ok { "PASS" } else { "FAIL" });
+        self.rows.push((op.into(), tensor.into(), err, tol, ok));
+    }
+    fn add_exact(&mut self, op: &str, tensor: &str, mismatches: usize) {
+        let ok = mismatches == 0;
+        println!("{:<34} {:<14} {:>11} {:>9}  {}", op, tensor, format!("{mismatches} diff"), "exact", if ok { "PASS" } else { "FAIL" });
+        self.rows.push((op.into(), tensor.into(), mismatches as f64, 0.0, ok));
+    }
+    fn check(&mut self, op: &str, tensor: &str, gpu: &[f32], cpu: &[f32], tol: f64) {
+        self.add(op, tensor, rel_err(gpu, cpu), tol);
+    }
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let finite: Vec<f64> = b.iter().filter(|x| x.is_finite()).map(|x| x.abs() as f64).collect();
+    let mean = finite.iter().sum::<f64>() / finite.len().max(1) as f64;
+    let mut worst = 0.0f64;
+    for (&x, &y) in a.iter().zip(b) {
+        if !y.is_finite() || !x.is_finite() {
+            if x.to_bits() != y.to_bits() && !(x.is_nan() && y.is_nan()) && x != y {
+                return f64::INFINITY;
+            }
+            continue;
+        }
+        let e = (x as f64 - y as f64).abs() / (y.abs() as f64 + mean + 1e-30);
+        worst = worst.max(e);
+    }
+    worst
+}
+
+struct Env {
+    c: C,
+    g: G,
+    rng: ChaCha8Rng,
+}
+
+impl Env {
+    fn uniform(&mut self, n: usize, s: f32) -> Vec<f32> {
+        (0..n).map(|_| self.rng.gen_range(-s..=s)).collect()
+    }
+    fn up(&self, v: &[f32]) -> (Vec<f32>, <G as Backend>::Buf) {
+        (self.c.from_f32(v), self.g.from_f32(v))
+    }
+    fn upi(&self, v: &[u32]) -> (Vec<u32>, <G as Backend>::Idx) {
+        (self.c.idx_from(v), self.g.idx_from(v))
+    }
+    /// Random buffer of n + PAD values on both backends.
+    fn rnd(&mut self, n: usize, s: f32) -> (Vec<f32>, <G as Backend>::Buf) {
+        let v = self.uniform(n + PAD, s);
+        self.up(&v)
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--compile-only") {
+        let t = Instant::now();
+        match mor_engine::cuda::compile_kernels() {
+            Ok(ptx) => {
+                let src = ptx.to_src();
+                println!(
+                    "NVRTC: compiled {} bytes of CUDA C into {} bytes of PTX in {:.2}s",
+                    mor_engine::cuda::KERNEL_SOURCE.len(),
+                    src.len(),
+                    t.elapsed().as_secs_f64()
+                );
+                if let Ok(path) = std::env::var("MOR_PTX_OUT") {
+                    std::fs::write(&path, src).expect("write PTX");
+                    println!("PTX written to {path}");
+                }
+                return;
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let timings = !args.iter().any(|a| a == "--no-timings");
+
+    let t0 = Instant::now();
+    let g = Cuda::new(0).unwrap_or_else(|e| {
+        eprintln!("cannot start the CUDA backend: {e}");
+        std::process::exit(2);
+    });
+    println!("device: {} (backend ready in {:.2}s, NVRTC included)", g.device_name(), t0.elapsed().as_secs_f64());
+    let mut env = Env { c: Cpu::<f32>::new(), g, rng: ChaCha8Rng::seed_from_u64(0x5eed) };
+    let mut rep = Report { rows: Vec::new() };
+    println!("{:<34} {:<14} {:>11} {:>9}  result", "op", "tensor", "max err", "tol");
+    println!("{}", "-".repeat(80));
+
+    // `--only a,b` runs the groups whose names contain one of the given strings.
+    let only: Vec<String> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    type Group = fn(&mut Env, &mut Report);
+    let groups: [(&str, Group); 13] = [
+        ("memory", memory_ops),
+        ("elementwise", elementwise_ops),
+        ("embedding", embedding_ops),
+        ("matmul", matmul_ops),
+        ("rmsnorm", rmsnorm_ops),
+        ("rope", rope_ops),
+        ("softmax", softmax_ops),
+        ("subset", subset_ops),
+        ("topk", topk_ops),
+        ("loss", loss_ops),
+        ("adamw", adamw_ops),
+        ("attention", attention_ops),
+        ("determinism", determinism),
+    ];
+    for (name, f) in groups {
+        if only.is_empty() || only.iter().any(|o| name.contains(o.as_str())) {
+            f(&mut env, &mut rep);
+        }
+    }
+
+    let failed: Vec<_> = rep.rows.iter().filter(|r| !r.4).collect();
+    println!("{}", "-".repeat(80));
+    println!("{} checks, {} passed, {} failed", rep.rows.len(), rep.rows.len() - failed.len(), failed.len());
+    for f in &failed {
+        println!("FAILED: {} / {} (err {:.3e}, tol {:.1e})", f.0, f.1, f.2, f.3);
+    }
+
+    if args.iter().any(|a| a == "--kernel-info") {
+        println!();
+        println!("{:<28} {:>6} {:>10} {:>10}", "kernel", "regs", "local B", "static smem");
+        for (name, regs, local, smem) in env.g.kernel_info() {
+            println!("{name:<28} {regs:>6} {local:>10} {smem:>10}");
+        }
+    }
+    if timings {
+        bench(&env.g);
+    }
+    if !failed.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+// ---- memory / elementwise ------------------------------------------------------------------
+
+fn memory_ops(e: &mut Env, r: &mut Report) {
+    let n = 10_001;
+    let (mut c, mut g) = e.rnd(n, 1.0);
+    e.c.fill(&mut c, n, 0.5);
+    e.g.fill(&mut g, n, 0.5);
+    r.check("fill(0.5)", "x", &e.g.to_f32(&g), &c, 0.0);
+    e.c.fill(&mut c, n - 3, 0.0);
+    e.g.fill(&mut g, n - 3, 0.0);
+    r.check("fill(0)", "x", &e.g.to_f32(&g), &c, 0.0);
+    let (sc, sg) = e.rnd(n, 1.0);
+    e.c.copy(&mut c, &sc, n - 5);
+    e.g.copy(&mut g, &sg, n - 5);
+    r.check("copy", "dst", &e.g.to_f32(&g), &c, 0.0);
+    let data = e.uniform(100, 2.0);
+    e.c.write_f32(&mut c, &data);
+    e.g.write_f32(&mut g, &data);
+    r.check("write_f32", "buf", &e.g.to_f32(&g), &c, 0.0);
+    r.check("to_f32_prefix", "buf", &e.g.to_f32_prefix(&g, 50), &e.c.to_f32_prefix(&c, 50), 0.0);
+    let (mut ic, mut ig) = e.upi(&(0..500u32).collect::<Vec<_>>());
+    let w: Vec<u32> = (0..100).map(|i| i * 7 + 3).collect();
+    e.c.idx_write(&mut ic, &w);
+    e.g.idx_write(&mut ig, &w);
+    let mism = e.g.idx_to_vec(&ig).iter().zip(&e.c.idx_to_vec(&ic)).filter(|(a, b)| a != b).count();
+    r.add_exact("idx_write/idx_to_vec", "idx", mism);
+    r.add_exact("len", "buf", (e.g.len(&g) != e.c.len(&c)) as usize);
+}
+
+fn elementwise_ops(e: &mut Env, r: &mut Report) {
+    let n = 512 * 256 + 7;
+    let (mut yc, mut yg) = e.rnd(n, 1.0);
+    let (xc, xg) = e.rnd(n, 1.0);
+    e.c.axpy(&mut yc, &xc, -0.37, n);
+    e.g.axpy(&mut yg, &xg, -0.37, n);
+    r.check("axpy", "y", &e.g.to_f32(&yg), &yc, TOL);
+    e.c.scale(&mut yc, 1.7, n);
+    e.g.scale(&mut yg, 1.7, n);
+    r.check("scale", "x", &e.g.to_f32(&yg), &yc, TOL);
+    for nn in [1usize, 1000, 1_234_567] {
+        let (c, g) = e.rnd(nn, 3.0);
+        let (sc, sg) = (e.c.sum_squares(&c, nn), e.g.sum_squares(&g, nn));
+        r.add(&format!("sum_squares(n={nn})"), "scalar", ((sg - sc) / sc.abs().max(1e-30)).abs(), 1e-10);
+    }
+
+    // activations: inputs spread wide enough to reach the tails.
+    let (gc, gg) = e.rnd(n, 6.0);
+    let (uc, ug) = e.rnd(n, 2.0);
+    let (mut oc, mut og) = e.rnd(n, 1.0);
+    e.c.swiglu_fwd(&mut oc, &gc, &uc, n);
+    e.g.swiglu_fwd(&mut og, &gg, &ug, n);
+    r.check("swiglu_fwd", "out", &e.g.to_f32(&og), &oc, TOL);
+    let (doc, dog) = e.rnd(n, 1.0);
+    let (mut dgc, mut dgg) = e.rnd(n, 1.0);
+    let (mut duc, mut dug) = e.rnd(n, 1.0);
+    e.c.swiglu_bwd(&mut dgc, &mut duc, &doc, &gc, &uc, n);
+    e.g.swiglu_bwd(&mut dgg, &mut dug, &dog, &gg, &ug, n);
+    r.check("swiglu_bwd", "dgate", &e.g.to_f32(&dgg), &dgc, TOL);
+    r.check("swiglu_bwd", "dup", &e.g.to_f32(&dug), &duc, TOL);
+
+    e.c.gelu_fwd(&mut oc, &gc, n);
+    e.g.gelu_fwd(&mut og, &gg, n);
+    r.check("gelu_fwd", "out", &e.g.to_f32(&og), &oc, TOL);
+    let (mut dxc, mut dxg) = e.rnd(n, 1.0);
+    e.c.gelu_bwd(&mut dxc, &doc, &gc, n);
+    e.g.gelu_bwd(&mut dxg, &dog, &gg, n);
+    r.check("gelu_bwd", "dx", &e.g.to_f32(&dxg), &dxc, TOL);
+
+    for (f, name) in [(GateFn::Sigmoid, "sigmoid"), (GateFn::Tanh, "tanh"), (GateFn::Identity, "identity")] {
+        e.c.gate_fwd(&mut oc, &gc, f, 0.8, n);
+        e.g.gate_fwd(&mut og, &gg, f, 0.8, n);
+        r.check(&format!("gate_fwd({name})"), "out", &e.g.to_f32(&og), &oc, TOL);
+        e.c.gate_bwd(&mut dxc, &doc, &gc, f, 0.8, n);
+        e.g.gate_bwd(&mut dxg, &dog, &gg, f, 0.8, n);
+        r.check(&format!("gate_bwd({name})"), "dx", &e.g.to_f32(&dxg), &dxc, TOL);
+    }
+
+    let tv: Vec<f32> = (0..n + PAD).map(|_| e.rng.gen_range(0.0..=1.0)).collect();
+    let (tc, tg) = e.up(&tv);
+    e.c.bce_logits_fwd(&mut oc, &gc, &tc, n);
+    e.g.bce_logits_fwd(&mut og, &gg, &tg, n);
+    r.check("bce_logits_fwd", "loss", &e.g.to_f32(&og), &oc, TOL);
+    e.c.bce_logits_bwd(&mut dxc, &gc, &tc, 0.25, n);
+    e.g.bce_logits_bwd(&mut dxg, &gg, &tg, 0.25, n);
+    r.check("bce_logits_bwd", "dx", &e.g.to_f32(&dxg), &dxc, TOL);
+}
+
+// ---- embedding / matmul / norm / rope / softmax ------------------------------------------------
+
+fn embedding_ops(e: &mut Env, r: &mut Report) {
+    let (vocab, d, n) = (1000usize, 256usize, 512usize);
+    let (tc, tg) = e.rnd(vocab * d, 1.0);
+    // Many repeats (ids in 0..60) plus a few spread ones.
+    let ids: Vec<u32> = (0..n + 5).map(|i| if i % 3 == 0 { e.rng.gen_range(0..vocab as u32) } else { e.rng.gen_range(0..60) }).collect();
+    let (ic, ig) = e.upi(&ids);
+    let (mut oc, mut og) = e.rnd(n * d, 1.0);
+    e.c.embedding_fwd(&mut oc, &tc, &ic, n, d);
+    e.g.embedding_fwd(&mut og, &tg, &ig, n, d);
+    r.check("embedding_fwd", "out", &e.g.to_f32(&og), &oc, 0.0);
+    let (doc, dog) = e.rnd(n * d, 1.0);
+    let (mut dtc, mut dtg) = e.rnd(vocab * d, 1.0);
+    e.c.embedding_bwd(&mut dtc, &doc, &ic, n, d);
+    e.g.embedding_bwd(&mut dtg, &dog, &ig, n, d);
+    r.check("embedding_bwd (repeated ids)", "dtable", &e.g.to_f32(&dtg), &dtc, TOL);
+}
+
+fn matmul_ops(e: &mut Env, r: &mut Report) {
+    for (n, k, m) in [(512usize, 256usize, 384usize), (100, 70, 33), (1, 256, 1000)] {
+        let tag = format!("matmul n{n} k{k} m{m}");
+        let (xc, xg) = e.rnd(n * k, 1.0);
+        let (wc, wg) = e.rnd(m * k, 0.1);
+        let (mut oc, mut og) = e.rnd(n * m, 1.0);
+        e.c.matmul_fwd(&mut oc, &xc, &wc, n, k, m);
+        e.g.matmul_fwd(&mut og, &xg, &wg, n, k, m);
+        r.check(&format!("{tag} fwd"), "out", &e.g.to_f32(&og), &oc, TOL_RED);
+        let (doc, dog) = e.rnd(n * m, 1.0);
+        let (mut dxc, mut dxg) = e.rnd(n * k, 1.0);
+        let (mut dwc, mut dwg) = e.rnd(m * k, 1.0);
+        e.c.matmul_bwd(Some(&mut dxc), &mut dwc, &doc, &xc, &wc, n, k, m);
+        e.g.matmul_bwd(Some(&mut dxg), &mut dwg, &dog, &xg, &wg, n, k, m);
+        r.check(&format!("{tag} bwd"), "dx", &e.g.to_f32(&dxg), &dxc, TOL_RED);
+        r.check(&format!("{tag} bwd"), "dw", &e.g.to_f32(&dwg), &dwc, TOL_RED);
+        e.c.matmul_bwd(None, &mut dwc, &doc, &xc, &wc, n, k, m);
+        e.g.matmul_bwd(None, &mut dwg, &dog, &xg, &wg, n, k, m);
+        r.check(&format!("{tag} bwd(dx=None)"), "dw", &e.g.to_f32(&dwg), &dwc, TOL_RED);
+    }
+}
+
+fn rmsnorm_ops(e: &mut Env, r: &mut Report) {
+    for (n, d) in [(512usize, 256usize), (77, 1000), (3, 4096)] {
+        let tag = format!("rmsnorm n{n} d{d}");
+        let (xc, xg) = e.rnd(n * d, 2.0);
+        let wv: Vec<f32> = (0..d + PAD).map(|_| e.rng.gen_range(0.5..1.5)).collect();
+        let (wc, wg) = e.up(&wv);
+        let (mut oc, mut og) = e.rnd(n * d, 1.0);
+        let (mut rc, mut rg) = e.rnd(n, 1.0);
+        e.c.rmsnorm_fwd(&mut oc, &mut rc, &xc, &wc, n, d, 1e-5);
+        e.g.rmsnorm_fwd(&mut og, &mut rg, &xg, &wg, n, d, 1e-5);
+        r.check(&format!("{tag} fwd"), "out", &e.g.to_f32(&og), &oc, TOL);
+        r.check(&format!("{tag} fwd"), "rstd", &e.g.to_f32(&rg), &rc, TOL);
+        let (doc, dog) = e.rnd(n * d, 1.0);
+        let (mut dxc, mut dxg) = e.rnd(n * d, 1.0);
+        let (mut dwc, mut dwg) = e.rnd(d, 1.0);
+        e.c.rmsnorm_bwd(&mut dxc, &mut dwc, &doc, &xc, &wc, &rc, n, d);
+        e.g.rmsnorm_bwd(&mut dxg, &mut dwg, &dog, &xg, &wg, &rg, n, d);
+        r.check(&format!("{tag} bwd"), "dx", &e.g.to_f32(&dxg), &dxc, TOL);
+        r.check(&format!("{tag} bwd"), "dw", &e.g.to_f32(&dwg), &dwc, TOL_RED);
+    }
+}
+
+fn rope_ops(e: &mut Env, r: &mut Report) {
+    for (n, heads, hd) in [(512usize, 8usize, 64usize), (100, 5, 128), (33, 3, 96)] {
+        let tag = format!("rope n{n} h{heads} hd{hd}");
+        let pos: Vec<u32> = (0..n).map(|_| e.rng.gen_range(0..8192)).collect();
+        let (pc, pg) = e.upi(&pos);
+        let (mut xc, mut xg) = e.rnd(n * heads * hd, 1.0);
+        e.c.rope_fwd(&mut xc, &pc, n, heads, hd, 10000.0);
+        e.g.rope_fwd(&mut xg, &pg, n, heads, hd, 10000.0);
+        r.check(&format!("{tag} fwd"), "x", &e.g.to_f32(&xg), &xc, TOL);
+        e.c.rope_bwd(&mut xc, &pc, n, heads, hd, 10000.0);
+        e.g.rope_bwd(&mut xg, &pg, n, heads, hd, 10000.0);
+        r.check(&format!("{tag} bwd"), "dx", &e.g.to_f32(&xg), &xc, TOL);
+    }
+}
+
+fn softmax_ops(e: &mut Env, r: &mut Report) {
+    for (n, c) in [(512usize, 3usize), (64, 1000), (5, 5000)] {
+        let tag = format!("softmax n{n} c{c}");
+        let (xc, xg) = e.rnd(n * c, 4.0);
+        let (mut oc, mut og) = e.rnd(n * c, 1.0);
+        e.c.softmax_fwd(&mut oc, &xc, n, c);
+        e.g.softmax_fwd(&mut og, &xg, n, c);
+        r.check(&format!("{tag} fwd"), "out", &e.g.to_f32(&og), &oc, TOL);
+        let (doc, dog) = e.rnd(n * c, 1.0);
+        let (mut dxc, mut dxg) = e.rnd(n * c, 1.0);
+        e.c.softmax_bwd(&mut dxc, &doc, &oc, n, c);
+        e.g.softmax_bwd(&mut dxg, &dog, &og, n, c);
+        r.check(&format!("{tag} bwd"), "dx", &e.g.to_f32(&dxg), &dxc, TOL);
+    }
+}
+
+// ---- token subsets ---------------------------------------------------------------------------
+
+fn subset_ops(e: &mut Env, r: &mut Report) {
+    let (rows, d, m) = (512usize, 256usize, 300usize);
+    // Unique sorted subset and an index list with repeats.
+    let mut uniq: Vec<u32> = (0..rows as u32).filter(|_| e.rng.gen_bool(0.6)).collect();
+    uniq.truncate(m);
+    let m_u = uniq.len();
+    let rep: Vec<u32> = (0..m).map(|_| e.rng.gen_range(0..40)).collect();
+    for (name, idx) in [("unique", uniq.clone()), ("repeated", rep.clone())] {
+        let mm = idx.len();
+        let (ic, ig) = e.upi(&idx);
+        let (xc, xg) = e.rnd(rows * d, 1.0);
+        let (mut oc, mut og) = e.rnd(mm * d, 1.0);
+        e.c.gather_rows(&mut oc, &xc, &ic, mm, d);
+        e.g.gather_rows(&mut og, &xg, &ig, mm, d);
+        r.check(&format!("gather_rows ({name})"), "out", &e.g.to_f32(&og), &oc, 0.0);
+
+        let (yc, yg) = e.rnd(mm * d, 1.0);
+        let (mut hc, mut hg) = e.rnd(rows * d, 1.0);
+        e.c.scatter_add_rows(&mut hc, &yc, &ic, mm, d);
+        e.g.scatter_add_rows(&mut hg, &yg, &ig, mm, d);
+        r.check(&format!("scatter_add_rows ({name})"), "dx", &e.g.to_f32(&hg), &hc, TOL);
+
+        let (sc, sg) = e.rnd(mm, 1.0);
+        e.c.scatter_add_scaled(&mut hc, &yc, &sc, &ic, mm, d);
+        e.g.scatter_add_scaled(&mut hg, &yg, &sg, &ig, mm, d);
+        r.check(&format!("scatter_add_scaled ({name})"), "h", &e.g.to_f32(&hg), &hc, TOL);
+
+        let (mut dyc, mut dyg) = e.rnd(mm * d, 1.0);
+        let (mut dsc, mut dsg) = e.rnd(mm, 1.0);
+        e.c.scatter_add_scaled_bwd(&mut dyc, &mut dsc, &hc, &yc, &sc, &ic, mm, d);
+        e.g.scatter_add_scaled_bwd(&mut dyg, &mut dsg, &hg, &yg, &sg, &ig, mm, d);
+        r.check(&format!("scatter_add_scaled_bwd ({name})"), "dy", &e.g.to_f32(&dyg), &dyc, TOL);
+        r.check(&format!("scatter_add_scaled_bwd ({name})"), "dscale", &e.g.to_f32(&dsg), &dsc, TOL_RED);
+
+        e.c.scatter_rows(&mut hc, &yc, &ic, mm, d);
+        e.g.scatter_rows(&mut hg, &yg, &ig, mm, d);
+        r.check(&format!("scatter_rows ({name})"), "x", &e.g.to_f32(&hg), &hc, 0.0);
+
+        let (mut dyc, mut dyg) = e.rnd(mm * d, 1.0);
+        let (mut dxc, mut dxg) = e.rnd(rows * d, 1.0);
+        e.c.scatter_rows_bwd(&mut dyc, &mut dxc, &ic, mm, d);
+        e.g.scatter_rows_bwd(&mut dyg, &mut dxg, &ig, mm, d);
+        r.check(&format!("scatter_rows_bwd ({name})"), "dy", &e.g.to_f32(&dyg), &dyc, TOL);
+        r.check(&format!("scatter_rows_bwd ({name})"), "dx", &e.g.to_f32(&dxg), &dxc, 0.0);
+
+        let (mut fc, mut fg) = e.rnd(rows, 1.0);
+        e.c.index_fill(&mut fc, &ic, mm, -3.5);
+        e.g.index_fill(&mut fg, &ig, mm, -3.5);
+        r.check(&format!("index_fill ({name})"), "x", &e.g.to_f32(&fg), &fc, 0.0);
+    }
+    let _ = m_u;
+}
+
+fn topk_case(e: &mut Env, r: &mut Report, name: &str, scores: &[f32], seg_lens: &[usize], k: usize) {
+    let mut cu = vec![0u32];
+    for &l in seg_lens {
+        cu.push(cu.last().unwrap() + l as u32);
+    }
+    let ns = seg_lens.len();
+    let (sc, sg) = e.up(scores);
+    let (cc, cg) = e.upi(&cu);
+    let init = vec![u32::MAX - 1; ns * k + PAD];
+    let (mut oc, mut og) = e.upi(&init);
+    e.c.topk_segments(&mut oc, &sc, &cc, ns, k);
+    e.g.topk_segments(&mut og, &sg, &cg, ns, k);
+    let a = e.g.idx_to_vec(&og);
+    let b = e.c.idx_to_vec(&oc);
+    let mism = a.iter().zip(&b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len());
+    if mism > 0 {
+        // Compare the selected sets, not only the positions, and show a few differences.
+        let (sa, sb): (std::collections::BTreeSet<u32>, std::collections::BTreeSet<u32>) =
+            (a[..ns * k].iter().copied().collect(), b[..ns * k].iter().copied().collect());
+        let only_g: Vec<_> = sa.difference(&sb).take(5).map(|&i| (i, scores.get(i as usize).copied())).collect();
+        let only_c: Vec<_> = sb.difference(&sa).take(5).map(|&i| (i, scores.get(i as usize).copied())).collect();
+        println!("    topk {name}: only on GPU (idx, score) {only_g:?}; only on CPU {only_c:?}");
+    }
+    r.add_exact(&format!("topk_segments ({name})"), "indices", mism);
+}
+
+fn topk_ops(e: &mut Env, r: &mut Report) {
+    // 4 x 2048 with many ties (scores quantised to 1/8), k = half.
+    let s: Vec<f32> = (0..4 * 2048).map(|_| (e.rng.gen_range(-2.0f32..2.0) * 8.0).round() / 8.0).collect();
+    topk_case(e, r, "4x2048 ties k1024", &s, &[2048; 4], 1024);
+    // Ragged segments.
+    let lens = [300usize, 517, 1000, 150];
+    let s: Vec<f32> = (0..lens.iter().sum::<usize>()).map(|_| e.rng.gen_range(-1.0f32..1.0)).collect();
+    topk_case(e, r, "ragged k150", &s, &lens, 150);
+    // NaN, ±0, ±inf.
+    let mut s: Vec<f32> = (0..64).map(|i| [0.0f32, -0.0, 1.0, -1.0][i % 4]).collect();
+    s[5] = f32::NAN;
+    s[9] = f32::INFINITY;
+    s[11] = f32::NEG_INFINITY;
+    s[40] = f32::NAN;
+    topk_case(e, r, "nan/zero/inf k40", &s, &[64], 40);
+    topk_case(e, r, "k = len", &s, &[32, 32], 32);
+    // Long segment: sorted in global memory (padded length > shared-memory capacity).
+    let s: Vec<f32> = (0..20_000).map(|_| (e.rng.gen_range(-4.0f32..4.0) * 64.0).round() / 64.0).collect();
+    topk_case(e, r, "1x20000 k5000", &s, &[20_000], 5000);
+}
+
+// ---- losses / optimiser ------------------------------------------------------------------------
+
+fn loss_ops(e: &mut Env, r: &mut Report) {
+    for (n, vocab) in [(512usize, 1000usize), (16, 50_257)] {
+        let tag = format!("cross_entropy n{n} V{vocab}");
+        let (xc, xg) = e.rnd(n * vocab, 5.0);
+        let t: Vec<u32> = (0..n).map(|i| if i % 7 == 3 { u32::MAX } else { e.rng.gen_range(0..vocab as u32) }).collect();
+        let (tc, tg) = e.upi(&t);
+        let (mut lc, mut lg) = e.rnd(n, 1.0);
+        e.c.cross_entropy_fwd(&mut lc, &xc, &tc, n, vocab);
+        e.g.cross_entropy_fwd(&mut lg, &xg, &tg, n, vocab);
+        r.check(&format!("{tag} fwd"), "loss", &e.g.to_f32(&lg), &lc, TOL);
+        let (mut dc, mut dg) = e.rnd(n * vocab, 1e-3);
+        e.c.cross_entropy_bwd(&mut dc, &xc, &tc, 1.0 / n as f32, n, vocab);
+        e.g.cross_entropy_bwd(&mut dg, &xg, &tg, 1.0 / n as f32, n, vocab);
+        r.check(&format!("{tag} bwd"), "dlogits", &e.g.to_f32(&dg), &dc, TOL);
+    }
+}
+
+fn adamw_ops(e: &mut Env, r: &mut Report) {
+    let n = 100_003;
+    let (mut pc, mut pg) = e.rnd(n, 1.0);
+    let (mut mc, mut mg) = e.rnd(n, 0.01);
+    let vv: Vec<f32> = (0..n + PAD).map(|_| e.rng.gen_range(0.0..1e-4)).collect();
+    let (mut vc, mut vg) = e.up(&vv);
+    for step in [1u64, 2, 10] {
+        let (gc, gg) = e.rnd(n, 0.1);
+        e.c.adamw(&mut pc, &gc, &mut mc, &mut vc, n, 3e-4, 0.9, 0.95, 1e-8, 0.1, step);
+        e.g.adamw(&mut pg, &gg, &mut mg, &mut vg, n, 3e-4, 0.9, 0.95, 1e-8, 0.1, step);
+    }
+    r.check("adamw x3 steps", "param", &e.g.to_f32(&pg), &pc, TOL);
+    r.check("adamw x3 steps", "m", &e.g.to_f32(&mg), &mc, TOL);
+    r.check("adamw x3 steps", "v", &e.g.to_f32(&vg), &vc, TOL);
+}
+
+// ---- attention -------------------------------------------------------------------------------
+
+/// One attention problem: per segment, query and key positions.
+struct AttnCase {
+    name: String,
+    segs: Vec<(Vec<u32>, Vec<u32>)>,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+}
+
+fn sorted_subset(rng: &mut ChaCha8Rng, from: &[u32], p: f64) -> Vec<u32> {
+    let mut v: Vec<u32> = from.iter().copied().filter(|_| rng.gen_bool(p)).collect();
+    if v.is_empty() {
+        v.push(from[from.len() / 2]);
+    }
+    v
+}
+
+fn attention_cases(rng: &mut ChaCha8Rng) -> Vec<AttnCase> {
+    let mut cases = Vec::new();
+    // Vanilla causal, several documents (lengths not multiples of the tile).
+    let lens = [200u32, 250, 61, 1];
+    let segs = lens.iter().map(|&l| ((0..l).collect::<Vec<_>>(), (0..l).collect::<Vec<_>>())).collect();
+    cases.push(AttnCase { name: "vanilla 4 docs".into(), segs, heads: 8, kv_heads: 4, hd: 64 });
+    // Compacted recursion step: queries = keys = a subset with non-contiguous positions.
+    let segs = [256u32, 256]
+        .iter()
+        .map(|&l| {
+            let all: Vec<u32> = (0..l).collect();
+            let sub = sorted_subset(rng, &all, 0.5);
+            (sub.clone(), sub)
+        })
+        .collect();
+    cases.push(AttnCase { name: "subset q=k".into(), segs, heads: 8, kv_heads: 4, hd: 64 });
+    // KV sharing: queries = subset, keys = every token of the segment; plus a segment whose
+    // first query precedes every key (no visible key: lse = +inf, output 0), and an empty one.
+    let mut segs: Vec<(Vec<u32>, Vec<u32>)> = [300u32, 212]
+        .iter()
+        .map(|&l| {
+            let all: Vec<u32> = (0..l).collect();
+            (sorted_subset(rng, &all, 0.3), all)
+        })
+        .collect();
+    segs.push((vec![2, 7, 30, 31], (5..40).collect()));
+    segs.push((vec![], vec![]));
+    cases.push(AttnCase { name: "kv-share q!=k".into(), segs: segs.clone(), heads: 8, kv_heads: 4, hd: 64 });
+    cases.push(AttnCase { name: "kv-share hd128 mha".into(), segs: segs.clone(), heads: 4, kv_heads: 4, hd: 128 });
+    cases.push(AttnCase { name: "kv-share hd96 mqa".into(), segs: segs.clone(), heads: 6, kv_heads: 1, hd: 96 });
+    cases.push(AttnCase { name: "kv-share hd32".into(), segs, heads: 4, kv_heads: 2, hd: 32 });
+    // Unsorted positions inside a segment (decode-like: one query against a cache).
+    let keys: Vec<u32> = (0..100).rev().collect();
+    cases.push(AttnCase { name: "decode 1q, reversed keys".into(), segs: vec![(vec![99], keys.clone()), (vec![50], keys)], heads: 8, kv_heads: 4, hd: 64 });
+    cases
+}
+
+fn attention_ops(e: &mut Env, r: &mut Report) {
+    let cases = attention_cases(&mut e.rng);
+    for case in cases {
+        let (heads, kvh, hd) = (case.heads, case.kv_heads, case.hd);
+        let mut cu_q = vec![0u32];
+        let mut cu_k = vec![0u32];
+        let (mut pos_q, mut pos_k) = (Vec::new(), Vec::new());
+        for (q, k) in &case.segs {
+            cu_q.push(cu_q.last().unwrap() + q.len() as u32);
+            cu_k.push(cu_k.last().unwrap() + k.len() as u32);
+            pos_q.extend_from_slice(q);
+            pos_k.extend_from_slice(k);
+        }
+        let (nq, nk, ns) = (pos_q.len(), pos_k.len(), case.segs.len());
+        let (cqc, cqg) = e.upi(&cu_q);
+        let (ckc, ckg) = e.upi(&cu_k);
+        let (pqc, pqg) = e.upi(&pos_q);
+        let (pkc, pkg) = e.upi(&pos_k);
+        let sc = AttnShape { cu_q: &cqc, cu_k: &ckc, pos_q: &pqc, pos_k: &pkc, num_seqs: ns, nq, nk, heads, kv_heads: kvh, head_dim: hd };
+        let sg = AttnShape { cu_q: &cqg, cu_k: &ckg, pos_q: &pqg, pos_k: &pkg, num_seqs: ns, nq, nk, heads, kv_heads: kvh, head_dim: hd };
+        let (qc, qg) = e.rnd(nq * heads * hd, 1.0);
+        let (kc, kg) = e.rnd(nk * kvh * hd, 1.0);
+        let (vc, vg) = e.rnd(nk * kvh * hd, 1.0);
+        let (mut oc, mut og) = e.rnd(nq * heads * hd, 1.0);
+        let (mut lc, mut lg) = e.rnd(nq * heads, 1.0);
+        e.c.attention_fwd(&mut oc, &mut lc, &qc, &kc, &vc, &sc);
+        e.g.attention_fwd(&mut og, &mut lg, &qg, &kg, &vg, &sg);
+        let tag = format!("attention {} (nq{nq} nk{nk})", case.name);
+        r.check(&format!("{tag} fwd"), "out", &e.g.to_f32(&og), &oc, TOL_RED);
+        r.check(&format!("{tag} fwd"), "lse", &e.g.to_f32(&lg), &lc, TOL);
+        let (doc, dog) = e.rnd(nq * heads * hd, 1.0);
+        let (mut dqc, mut dqg) = e.rnd(nq * heads * hd, 1.0);
+        let (mut dkc, mut dkg) = e.rnd(nk * kvh * hd, 1.0);
+        let (mut dvc, mut dvg) = e.rnd(nk * kvh * hd, 1.0);
+        e.c.attention_bwd(&mut dqc, &mut dkc, &mut dvc, &doc, &oc, &lc, &qc, &kc, &vc, &sc);
+        e.g.attention_bwd(&mut dqg, &mut dkg, &mut dvg, &dog, &og, &lg, &qg, &kg, &vg, &sg);
+        r.check(&format!("{tag} bwd"), "dq", &e.g.to_f32(&dqg), &dqc, TOL_RED);
+        r.check(&format!("{tag} bwd"), "dk", &e.g.to_f32(&dkg), &dkc, TOL_RED);
+        r.check(&format!("{tag} bwd"), "dv", &e.g.to_f32(&dvg), &dvc, TOL_RED);
+    }
+}
+
+// ---- determinism -----------------------------------------------------------------------------
+
+fn determinism(e: &mut Env, r: &mut Report) {
+    let g = &e.g;
+    let (vocab, d, n) = (500usize, 128usize, 4096usize);
+    let ids: Vec<u32> = (0..n).map(|_| e.rng.gen_range(0..20)).collect();
+    let ig = g.idx_from(&ids);
+    let dout = g.from_f32(&(0..n * d).map(|_| e.rng.gen_range(-1.0f32..1.0)).collect::<Vec<_>>());
+    let run = || {
+        let mut t = g.zeros(vocab * d);
+        g.embedding_bwd(&mut t, &dout, &ig, n, d);
+        g.to_f32(&t)
+    };
+    let (a, b) = (run(), run());
+    let same = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+    r.add_exact("determinism embedding_bwd x2", "bits", same);
+    let x = g.from_f32(&(0..n * d).map(|_| e.rng.gen_range(-1.0f32..1.0)).collect::<Vec<_>>());
+    let w = g.from_f32(&vec![1.0f32; d]);
+    let mut rs = g.zeros(n);
+    let mut o = g.zeros(n * d);
+    g.rmsnorm_fwd(&mut o, &mut rs, &x, &w, n, d, 1e-5);
+    let run = || {
+        let mut dx = g.zeros(n * d);
+        let mut dw = g.zeros(d);
+        g.rmsnorm_bwd(&mut dx, &mut dw, &dout, &x, &w, &rs, n, d);
+        g.to_f32(&dw)
+    };
+    let (a, b) = (run(), run());
+    let same = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+    r.add_exact("determinism rmsnorm_bwd dw x2", "bits", same);
+    let (s1, s2) = (g.sum_squares(&x, n * d), g.sum_squares(&x, n * d));
+    r.add_exact("determinism sum_squares x2", "bits", (s1.to_bits() != s2.to_bits()) as usize);
+}
+
+// ---- timings ---------------------------------------------------------------------------------
+
+fn time_ms(g: &Cuda, iters: usize, mut f: impl FnMut()) -> f64 {
+    use cudarc::driver::sys::CUevent_flags;
+    f(); // warm-up
+    g.synchronize();
+    let mut ms = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let a = g.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+        f();
+        let b = g.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+        ms.push(a.elapsed_ms(&b).unwrap() as f64);
+    }
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    ms[ms.len() / 2]
+}
+
+fn bench(g: &Cuda) {
+    println!();
+    println!("timings (median of 10, CUDA events, after a warm-up)");
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut rnd = |n: usize, s: f32| g.from_f32(&(0..n).map(|_| rng.gen_range(-s..s)).collect::<Vec<_>>());
+
+    let nn = 4096usize;
+    let x = rnd(nn * nn, 1.0);
+    let w = rnd(nn * nn, 0.02);
+    let mut out = g.zeros(nn * nn);
+    let ms = time_ms(g, 10, || g.matmul_fwd(&mut out, &x, &w, nn, nn, nn));
+    let flops = 2.0 * (nn as f64).powi(3);
+    println!("  matmul_fwd fp32 4096^3 (cuBLAS SGEMM, no TF32): {:.3} ms, {:.1} TFLOP/s", ms, flops / ms / 1e9);
+    let mut dx = g.zeros(nn * nn);
+    let mut dw = g.zeros(nn * nn);
+    let ms = time_ms(g, 10, || g.matmul_bwd(Some(&mut dx), &mut dw, &out, &x, &w, nn, nn, nn));
+    println!("  matmul_bwd fp32 4096^3 (dx and dw):            {:.3} ms, {:.1} TFLOP/s", ms, 2.0 * flops / ms / 1e9);
+    drop((x, w, out, dx, dw));
+
+    // Attention: 8 documents x 2048 tokens, causal, 15 heads / 5 kv heads (SmolLM-360M), hd 64.
+    let (docs, len, heads, kvh, hd) = (8usize, 2048usize, 15usize, 5usize, 64usize);
+    let n = docs * len;
+    let cu: Vec<u32> = (0..=docs as u32).map(|s| s * len as u32).collect();
+    let pos: Vec<u32> = (0..n as u32).map(|i| i % len as u32).collect();
+    let cu = g.idx_from(&cu);
+    let pos = g.idx_from(&pos);
+    let shape = AttnShape { cu_q: &cu, cu_k: &cu, pos_q: &pos, pos_k: &pos, num_seqs: docs, nq: n, nk: n, heads, kv_heads: kvh, head_dim: hd };
+    let q = rnd(n * heads * hd, 1.0);
+    let k = rnd(n * kvh * hd, 1.0);
+    let v = rnd(n * kvh * hd, 1.0);
+    let mut o = g.zeros(n * heads * hd);
+    let mut lse = g.zeros(n * heads);
+    let fwd = time_ms(g, 10, || g.attention_fwd(&mut o, &mut lse, &q, &k, &v, &shape));
+    let dout = rnd(n * heads * hd, 1.0);
+    let mut dq = g.zeros(n * heads * hd);
+    let mut dk = g.zeros(n * kvh * hd);
+    let mut dv = g.zeros(n * kvh * hd);
+    let bwd = time_ms(g, 10, || g.attention_bwd(&mut dq, &mut dk, &mut dv, &dout, &o, &lse, &q, &k, &v, &shape));
+    // Causal FLOPs: 2 matmuls of (L x L/2 x hd) per head forward, 2.5x that backward.
+    let f_fwd = docs as f64 * 4.0 * (len as f64) * (len as f64) / 2.0 * hd as f64 * heads as f64;
+    println!(
+        "  attention fwd  8x2048 causal, 15/5 heads, hd 64: {:.3} ms, {:.1} TFLOP/s",
+        fwd,
+        f_fwd / fwd / 1e9
+    );
+    println!(
+        "  attention bwd  (same):                           {:.3} ms, {:.1} TFLOP/s (2.5x fwd FLOPs)",
+        bwd,
+        2.5 * f_fwd / bwd / 1e9
+    );
+    println!("  attention fwd+bwd:                               {:.3} ms", fwd + bwd);
+
+    // Memory-bound ops at training sizes: 16384 tokens x 960.
+    let (n, d) = (16384usize, 960usize);
+    let x = rnd(n * d, 1.0);
+    let wn = rnd(d, 1.0);
+    let mut y = g.zeros(n * d);
+    let mut rs = g.zeros(n);
+    let ms = time_ms(g, 10, || g.rmsnorm_fwd(&mut y, &mut rs, &x, &wn, n, d, 1e-5));
+    println!("  rmsnorm_fwd 16384x960:                          {:.3} ms, {:.0} GB/s", ms, (2 * n * d * 4) as f64 / ms / 1e6);
+    let (vn, vocab) = (4096usize, 49152usize);
+    let logits = rnd(vn * vocab, 3.0);
+    let t: Vec<u32> = (0..vn as u32).map(|i| (i * 31) % vocab as u32).collect();
+    let t = g.idx_from(&t);
+    let mut loss = g.zeros(vn);
+    let ms = time_ms(g, 10, || g.cross_entropy_fwd(&mut loss, &logits, &t, vn, vocab));
+    println!("  cross_entropy_fwd 4096x49152:                   {:.3} ms, {:.0} GB/s", ms, (vn * vocab * 4) as f64 / ms / 1e6);
+    let mut dl = g.zeros(vn * vocab);
+    let ms = time_ms(g, 10, || g.cross_entropy_bwd(&mut dl, &logits, &t, 1.0, vn, vocab));
+    println!("  cross_entropy_bwd 4096x49152:                   {:.3} ms, {:.0} GB/s", ms, (3 * vn * vocab * 4) as f64 / ms / 1e6);
+    let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % vocab as u32).collect();
+    let ids = g.idx_from(&ids);
+    let mut table = g.zeros(vocab * d);
+    let ms = time_ms(g, 10, || g.embedding_bwd(&mut table, &x, &ids, n, d));
+    println!("  embedding_bwd 16384 ids x 960, V 49152:         {:.3} ms", ms);
+    let np = 360_000_000usize / 4;
+    let p = rnd(np, 1.0);
+    let mut pm = p.clone();
+    let gr = rnd(np, 1.0);
+    let mut m1 = g.zeros(np);
+    let mut v1 = g.zeros(np);
+    let ms = time_ms(g, 10, || g.adamw(&mut pm, &gr, &mut m1, &mut v1, np, 1e-3, 0.9, 0.95, 1e-8, 0.1, 3));
+    println!("  adamw 90M params:                               {:.3} ms, {:.0} GB/s", ms, (7 * np * 4) as f64 / ms / 1e6);
+    let scores = rnd(n, 1.0);
+    let cu: Vec<u32> = (0..=8u32).map(|s| s * 2048).collect();
+    let cu = g.idx_from(&cu);
+    let mut sel = g.idx_from(&vec![0u32; 8 * 1024]);
+    let ms = time_ms(g, 10, || g.topk_segments(&mut sel, &scores, &cu, 8, 1024));
+    println!("  topk_segments 8x2048 k1024:                     {:.3} ms", ms);
+}

@@ -1,0 +1,170 @@
+// Elementwise kernels: memory helpers, activations, losses, AdamW, sum of squares.
+
+extern "C" __global__ void fill_f32(float* x, i64 n, float v) {
+    GRID_STRIDE(i, n) x[i] = v;
+}
+
+extern "C" __global__ void axpy_f32(float* y, const float* x, float a, i64 n) {
+    GRID_STRIDE(i, n) y[i] += a * x[i];
+}
+
+extern "C" __global__ void scale_f32(float* x, float a, i64 n) {
+    GRID_STRIDE(i, n) x[i] *= a;
+}
+
+// Σ x² in double, deterministic: a fixed grid (chosen by the host from n only) writes one partial
+// per block; a single block adds the partials in a fixed tree order.
+extern "C" __global__ void sumsq_partial_f32(const float* x, i64 n, double* partial) {
+    __shared__ double sh[32];
+    double acc = 0.0;
+    GRID_STRIDE(i, n) {
+        const double v = (double)x[i];
+        acc += v * v;
+    }
+    acc = warp_sum_d(acc);
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (lane == 0) sh[w] = acc;
+    __syncthreads();
+    if (w == 0) {
+        double t = lane < nw ? sh[lane] : 0.0;
+        t = warp_sum_d(t);
+        if (lane == 0) partial[blockIdx.x] = t;
+    }
+}
+
+extern "C" __global__ void sumsq_final(const double* partial, int parts, double* out) {
+    __shared__ double sh[32];
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < parts; i += blockDim.x) acc += partial[i];
+    acc = warp_sum_d(acc);
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (lane == 0) sh[w] = acc;
+    __syncthreads();
+    if (w == 0) {
+        double t = lane < nw ? sh[lane] : 0.0;
+        t = warp_sum_d(t);
+        if (lane == 0) out[0] = t;
+    }
+}
+
+// ---- activations ---------------------------------------------------------------------------
+
+template <typename T>
+__device__ void swiglu_fwd(T* out, const T* gate, const T* up, i64 n) {
+    GRID_STRIDE(i, n) {
+        const float g = to_f(gate[i]);
+        out[i] = from_f<T>(g * sigmoidf_(g) * to_f(up[i]));
+    }
+}
+
+template <typename T>
+__device__ void swiglu_bwd(T* dgate, T* dup, const T* dout, const T* gate, const T* up, i64 n) {
+    GRID_STRIDE(i, n) {
+        const float g = to_f(gate[i]), u = to_f(up[i]), o = to_f(dout[i]);
+        const float s = sigmoidf_(g);
+        dgate[i] = from_f<T>(to_f(dgate[i]) + o * u * s * (1.f + g * (1.f - s)));
+        dup[i] = from_f<T>(to_f(dup[i]) + o * (g * s));
+    }
+}
+
+template <typename T>
+__device__ void gelu_fwd(T* out, const T* x, i64 n) {
+    GRID_STRIDE(i, n) {
+        const float v = to_f(x[i]);
+        out[i] = from_f<T>(v * 0.5f * erfcf(-v * SQRT1_2));
+    }
+}
+
+template <typename T>
+__device__ void gelu_bwd(T* dx, const T* dout, const T* x, i64 n) {
+    GRID_STRIDE(i, n) {
+        const float v = to_f(x[i]);
+        const float cdf = 0.5f * erfcf(-v * SQRT1_2);
+        const float pdf = expf(-0.5f * v * v) * INV_SQRT_2PI;
+        dx[i] = from_f<T>(to_f(dx[i]) + to_f(dout[i]) * (cdf + v * pdf));
+    }
+}
+
+// f: 0 sigmoid, 1 tanh, 2 identity (alpha ignored).
+template <typename T>
+__device__ void gate_fwd(T* out, const T* x, int f, float alpha, i64 n) {
+    GRID_STRIDE(i, n) {
+        const float v = to_f(x[i]);
+        float r;
+        if (f == 0) r = alpha * sigmoidf_(v);
+        else if (f == 1) r = alpha * tanhf(v);
+        else r = v;
+        out[i] = from_f<T>(r);
+    }
+}
+
+template <typename T>
+__device__ void gate_bwd(T* dx, const T* dout, const T* x, int f, float alpha, i64 n) {
+    GRID_STRIDE(i, n) {
+        const float v = to_f(x[i]), g = to_f(dout[i]);
+        float d;
+        if (f == 0) {
+            const float s = sigmoidf_(v);
+            d = g * alpha * s * (1.f - s);
+        } else if (f == 1) {
+            const float t = tanhf(v);
+            d = g * alpha * (1.f - t * t);
+        } else {
+            d = g;
+        }
+        dx[i] = from_f<T>(to_f(dx[i]) + d);
+    }
+}
+
+// ---- elementwise losses --------------------------------------------------------------------
+
+extern "C" __global__ void bce_fwd_f32(float* loss, const float* x, const float* t, i64 n) {
+    GRID_STRIDE(i, n) {
+        const float v = x[i];
+        loss[i] = fmaxf(v, 0.f) - v * t[i] + log1pf(expf(-fabsf(v)));
+    }
+}
+
+extern "C" __global__ void bce_bwd_f32(float* dx, const float* x, const float* t, float scale, i64 n) {
+    GRID_STRIDE(i, n) dx[i] += scale * (sigmoidf_(x[i]) - t[i]);
+}
+
+// ---- optimiser -----------------------------------------------------------------------------
+
+// PyTorch AdamW; the scalar factors are computed on the host in double precision.
+extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, i64 n, float decay,
+                                     float step_size, float bc2_sqrt, float b1, float b2, float ob1,
+                                     float ob2, float eps) {
+    GRID_STRIDE(i, n) {
+        const float gi = g[i];
+        float pi = p[i] * decay;
+        const float mi = b1 * m[i] + ob1 * gi;
+        const float vi = b2 * v[i] + ob2 * gi * gi;
+        const float denom = sqrtf(vi) / bc2_sqrt + eps;
+        pi = pi - step_size * (mi / denom);
+        p[i] = pi;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+#define INST_EW(T, SUF)                                                                              \
+    extern "C" __global__ void swiglu_fwd_##SUF(T* o, const T* g, const T* u, i64 n) {              \
+        swiglu_fwd<T>(o, g, u, n);                                                                   \
+    }                                                                                                \
+    extern "C" __global__ void swiglu_bwd_##SUF(T* dg, T* du, const T* d, const T* g, const T* u,   \
+                                                i64 n) {                                             \
+        swiglu_bwd<T>(dg, du, d, g, u, n);                                                           \
+    }                                                                                                \
+    extern "C" __global__ void gelu_fwd_##SUF(T* o, const T* x, i64 n) { gelu_fwd<T>(o, x, n); }    \
+    extern "C" __global__ void gelu_bwd_##SUF(T* dx, const T* d, const T* x, i64 n) {               \
+        gelu_bwd<T>(dx, d, x, n);                                                                    \
+    }                                                                                                \
+    extern "C" __global__ void gate_fwd_##SUF(T* o, const T* x, int f, float a, i64 n) {            \
+        gate_fwd<T>(o, x, f, a, n);                                                                  \
+    }                                                                                                \
+    extern "C" __global__ void gate_bwd_##SUF(T* dx, const T* d, const T* x, int f, float a, i64 n) { \
+        gate_bwd<T>(dx, d, x, f, a, n);                                                              \
+    }
+
+INST_EW(float, f32)

@@ -1,0 +1,371 @@
+// Row kernels: RMSNorm, rotary embedding, softmax, cross-entropy, row gathers and scatters.
+// Row kernels run one block per row (grid-stride over rows, so any grid size is correct).
+
+// ---- RMSNorm -------------------------------------------------------------------------------
+
+template <typename T>
+__device__ void rmsnorm_fwd(T* out, float* rstd, const T* x, const float* w, int n, int d, float eps) {
+    __shared__ float sh[32];
+    for (int r = blockIdx.x; r < n; r += gridDim.x) {
+        const T* xr = x + (i64)r * d;
+        float ss = 0.f;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            const float v = to_f(xr[j]);
+            ss += v * v;
+        }
+        ss = block_sum(ss, sh);
+        const float rs = 1.f / sqrtf(ss / (float)d + eps);
+        if (threadIdx.x == 0) rstd[r] = rs;
+        T* o = out + (i64)r * d;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) o[j] = from_f<T>(w[j] * (to_f(xr[j]) * rs));
+    }
+}
+
+// dx += rs * (g*w - x̂ * mean(g*w*x̂)), one block per row.
+template <typename T>
+__device__ void rmsnorm_bwd_dx(T* dx, const T* dout, const T* x, const float* w, const float* rstd, int n,
+                               int d) {
+    __shared__ float sh[32];
+    for (int r = blockIdx.x; r < n; r += gridDim.x) {
+        const i64 o = (i64)r * d;
+        const float rs = rstd[r];
+        float c = 0.f;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) c += to_f(dout[o + j]) * w[j] * (to_f(x[o + j]) * rs);
+        c = block_sum(c, sh) / (float)d;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            const float xh = to_f(x[o + j]) * rs;
+            dx[o + j] = from_f<T>(to_f(dx[o + j]) + rs * (to_f(dout[o + j]) * w[j] - xh * c));
+        }
+    }
+}
+
+// dw, pass 1: partial[c, j] = Σ_{rows of chunk c} g * x̂ (grid: x over column tiles, y over chunks).
+template <typename T>
+__device__ void rmsnorm_dw_partial(float* partial, const T* dout, const T* x, const float* rstd, int n, int d,
+                                   int rows_per_chunk) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int c = blockIdx.y;
+    if (j >= d) return;
+    const int r0 = c * rows_per_chunk;
+    const int r1 = min(n, r0 + rows_per_chunk);
+    float acc = 0.f;
+    for (int r = r0; r < r1; ++r) {
+        const i64 o = (i64)r * d + j;
+        acc += to_f(dout[o]) * (to_f(x[o]) * rstd[r]);
+    }
+    partial[(i64)c * d + j] = acc;
+}
+
+// dw, pass 2: dw[j] += Σ_c partial[c, j] in chunk order.
+extern "C" __global__ void rmsnorm_dw_final(float* dw, const float* partial, int chunks, int d) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    float acc = 0.f;
+    for (int c = 0; c < chunks; ++c) acc += partial[(i64)c * d + j];
+    dw[j] += acc;
+}
+
+// ---- rotary embedding ----------------------------------------------------------------------
+
+// In place on x[n, heads, hd] (rotate_half layout); one thread per (row, j < hd/2), angles in
+// double precision (positions reach thousands of radians). sign = -1 applies the inverse.
+template <typename T>
+__device__ void rope(T* x, const u32* pos, int n, int heads, int hd, float theta, float sign) {
+    const int half = hd / 2;
+    GRID_STRIDE(e, (i64)n * half) {
+        const int r = (int)(e / half), j = (int)(e % half);
+        const double f = pow((double)theta, -(double)(2 * j) / (double)hd);
+        double s, c;
+        sincos((double)pos[r] * f, &s, &c);
+        const float sf = (float)s * sign, cf = (float)c;
+        T* xr = x + (i64)r * heads * hd;
+        for (int h = 0; h < heads; ++h) {
+            const float x1 = to_f(xr[h * hd + j]), x2 = to_f(xr[h * hd + half + j]);
+            xr[h * hd + j] = from_f<T>(x1 * cf - x2 * sf);
+            xr[h * hd + half + j] = from_f<T>(x2 * cf + x1 * sf);
+        }
+    }
+}
+
+// ---- softmax -------------------------------------------------------------------------------
+
+template <typename T>
+__device__ void softmax_fwd(T* out, const T* x, int n, int c) {
+    __shared__ float sh[32];
+    for (int r = blockIdx.x; r < n; r += gridDim.x) {
+        const T* xr = x + (i64)r * c;
+        float m = F_NINF;
+        for (int j = threadIdx.x; j < c; j += blockDim.x) m = fmaxf(m, to_f(xr[j]));
+        m = block_max(m, sh);
+        float s = 0.f;
+        for (int j = threadIdx.x; j < c; j += blockDim.x) s += expf(to_f(xr[j]) - m);
+        s = block_sum(s, sh);
+        const float inv = 1.f / s;
+        for (int j = threadIdx.x; j < c; j += blockDim.x) out[(i64)r * c + j] = from_f<T>(expf(to_f(xr[j]) - m) * inv);
+    }
+}
+
+template <typename T>
+__device__ void softmax_bwd(T* dx, const T* dout, const T* y, int n, int c) {
+    __shared__ float sh[32];
+    for (int r = blockIdx.x; r < n; r += gridDim.x) {
+        const i64 o = (i64)r * c;
+        float dot = 0.f;
+        for (int j = threadIdx.x; j < c; j += blockDim.x) dot += to_f(dout[o + j]) * to_f(y[o + j]);
+        dot = block_sum(dot, sh);
+        for (int j = threadIdx.x; j < c; j += blockDim.x)
+            dx[o + j] = from_f<T>(to_f(dx[o + j]) + to_f(y[o + j]) * (to_f(dout[o + j]) - dot));
+    }
+}
+
+// ---- cross-entropy (block per row, online log-sum-exp) -------------------------------------
+
+template <typename T>
+__device__ __forceinline__ void row_lse(const T* row, int vocab, float& m, float& s, float* shm, float* shs) {
+    m = F_NINF;
+    s = 0.f;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        const float v = to_f(row[j]);
+        if (v > m) {
+            s = s * expf(m - v) + 1.f;
+            m = v;
+        } else {
+            s += expf(v - m);
+        }
+    }
+    block_lse(m, s, shm, shs);
+}
+
+template <typename T>
+__device__ void cross_entropy_fwd(float* loss, const T* logits, const u32* targets, int n, int vocab) {
+    __shared__ float shm[32], shs[32];
+    for (int r = blockIdx.x; r < n; r += gridDim.x) {
+        const u32 t = targets[r];
+        if (t == U32_MAX) {
+            if (threadIdx.x == 0) loss[r] = 0.f;
+            continue;
+        }
+        if (t >= (u32)vocab) {  // out of range: poison the loss rather than read past the row
+            if (threadIdx.x == 0) loss[r] = __int_as_float(0x7fc00000);
+            continue;
+        }
+        const T* row = logits + (i64)r * vocab;
+        float m, s;
+        row_lse(row, vocab, m, s, shm, shs);
+        if (threadIdx.x == 0) loss[r] = m + logf(s) - to_f(row[t]);
+    }
+}
+
+template <typename T>
+__device__ void cross_entropy_bwd(T* dlogits, const T* logits, const u32* targets, float scale, int n, int vocab) {
+    __shared__ float shm[32], shs[32];
+    for (int r = blockIdx.x; r < n; r += gridDim.x) {
+        const u32 t = targets[r];
+        if (t == U32_MAX || t >= (u32)vocab) continue;
+        const T* row = logits + (i64)r * vocab;
+        T* d = dlogits + (i64)r * vocab;
+        float m, s;
+        row_lse(row, vocab, m, s, shm, shs);
+        const float inv = 1.f / s;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+            float g = to_f(d[j]) + scale * (expf(to_f(row[j]) - m) * inv);
+            if (j == (int)t) g -= scale;
+            d[j] = from_f<T>(g);
+        }
+    }
+}
+
+// ---- row gathers and scatters --------------------------------------------------------------
+
+// out[i] = x[idx[i]], rows of d.
+template <typename T>
+__device__ void gather_rows(T* out, const T* x, const u32* idx, int m, int d) {
+    for (int i = blockIdx.x; i < m; i += gridDim.x) {
+        const T* src = x + (i64)idx[i] * d;
+        T* dst = out + (i64)i * d;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) dst[j] = src[j];
+    }
+}
+
+// dy[i] += scale[i] * dh[idx[i]]; dscale[i] += <dh[idx[i]], y[i]>.
+template <typename T>
+__device__ void scatter_add_scaled_bwd(T* dy, float* dscale, const T* dh, const T* y, const float* scale,
+                                       const u32* idx, int m, int d) {
+    __shared__ float sh[32];
+    for (int i = blockIdx.x; i < m; i += gridDim.x) {
+        const T* h = dh + (i64)idx[i] * d;
+        const i64 o = (i64)i * d;
+        const float s = scale[i];
+        float dot = 0.f;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            const float hv = to_f(h[j]);
+            dy[o + j] = from_f<T>(to_f(dy[o + j]) + s * hv);
+            dot += hv * to_f(y[o + j]);
+        }
+        dot = block_sum(dot, sh);
+        if (threadIdx.x == 0) dscale[i] += dot;
+    }
+}
+
+// dy[i] += dx[idx[i]] (the first half of scatter_rows_bwd).
+template <typename T>
+__device__ void gather_add_rows(T* dy, const T* dx, const u32* idx, int m, int d) {
+    for (int i = blockIdx.x; i < m; i += gridDim.x) {
+        const T* src = dx + (i64)idx[i] * d;
+        T* dst = dy + (i64)i * d;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) dst[j] = from_f<T>(to_f(dst[j]) + to_f(src[j]));
+    }
+}
+
+// x[idx[i]] = 0 (rows).
+template <typename T>
+__device__ void zero_rows(T* x, const u32* idx, int m, int d) {
+    for (int i = blockIdx.x; i < m; i += gridDim.x) {
+        T* dst = x + (i64)idx[i] * d;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) dst[j] = from_f<T>(0.f);
+    }
+}
+
+extern "C" __global__ void index_fill_f32(float* x, const u32* idx, int m, float v) {
+    GRID_STRIDE(i, m) x[idx[i]] = v;
+}
+
+// ---- deterministic grouping of scatter indices -----------------------------------------------
+// For scatters with possibly repeated destination rows: a counting sort of the positions i < m by
+// destination row, stable (ascending i within a row), so every destination row is then written
+// by one block that applies its sources in ascending i, exactly as the serial CPU loop does.
+//   counts[0..=R] zeroed by the host; group_count; group_scan (counts -> exclusive starts, in
+//   place, start[R] = m); group_place (unstable, via atomics on fill[0..R], zeroed by the host);
+//   group_rank (stable order: rank by i inside the bucket).
+
+// Indices >= rows (out of range) are skipped by every pass.
+extern "C" __global__ void group_count(const u32* idx, int m, int rows, u32* counts) {
+    GRID_STRIDE(i, m) {
+        const u32 r = idx[i];
+        if (r < (u32)rows) atomicAdd(&counts[r], 1u);
+    }
+}
+
+// Exclusive scan of counts[0..len) in place, one block of 1024 threads.
+extern "C" __global__ void group_scan(u32* counts, int len) {
+    __shared__ u32 sh[1024];
+    const int t = threadIdx.x, nt = blockDim.x;
+    const int per = (len + nt - 1) / nt;
+    const int a = min(len, t * per), b = min(len, a + per);
+    u32 sum = 0;
+    for (int i = a; i < b; ++i) sum += counts[i];
+    sh[t] = sum;
+    __syncthreads();
+    // Hillis-Steele inclusive scan over the thread sums.
+    for (int o = 1; o < nt; o <<= 1) {
+        const u32 v = t >= o ? sh[t - o] : 0u;
+        __syncthreads();
+        sh[t] += v;
+        __syncthreads();
+    }
+    u32 run = sh[t] - sum;  // exclusive prefix of this thread's chunk
+    for (int i = a; i < b; ++i) {
+        const u32 c = counts[i];
+        counts[i] = run;
+        run += c;
+    }
+}
+
+extern "C" __global__ void group_place(const u32* idx, int m, int rows, const u32* start, u32* fill, u32* tmp) {
+    GRID_STRIDE(i, m) {
+        const u32 r = idx[i];
+        if (r >= (u32)rows) continue;
+        const u32 p = start[r] + atomicAdd(&fill[r], 1u);
+        tmp[p] = (u32)i;
+    }
+}
+
+extern "C" __global__ void group_rank(const u32* idx, int m, int rows, const u32* start, const u32* tmp,
+                                      u32* order) {
+    GRID_STRIDE(i, m) {
+        const u32 r = idx[i];
+        if (r >= (u32)rows) continue;
+        const u32 a = start[r], b = start[r + 1];
+        u32 rank = 0;
+        for (u32 p = a; p < b; ++p) rank += tmp[p] < (u32)i;
+        order[a + rank] = (u32)i;
+    }
+}
+
+// Apply a grouped scatter: block per sorted position p; the block at the start of a bucket owns
+// destination row r = idx[order[p]] and applies the bucket's sources in ascending i.
+// mode 0: dst[r] += src[i]; mode 1: dst[r] += scale[i] * src[i]; mode 2: dst[r] = src[last i].
+template <typename T>
+__device__ void group_apply(T* dst, const T* src, const float* scale, const u32* idx, const u32* start,
+                            const u32* order, int m, int rows, int d, int mode) {
+    const u32 total = start[rows];  // in-range sources
+    for (int p = blockIdx.x; p < m; p += gridDim.x) {
+        if ((u32)p >= total) break;
+        const u32 r = idx[order[p]];
+        const u32 a = start[r], b = start[r + 1];
+        if ((u32)p != a) continue;
+        T* row = dst + (i64)r * d;
+        if (mode == 2) {
+            const T* s = src + (i64)order[b - 1] * d;
+            for (int j = threadIdx.x; j < d; j += blockDim.x) row[j] = s[j];
+            continue;
+        }
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            float acc = to_f(row[j]);
+            for (u32 q = a; q < b; ++q) {
+                const u32 i = order[q];
+                const float v = to_f(src[(i64)i * d + j]);
+                acc = mode == 1 ? acc + scale[i] * v : acc + v;
+            }
+            row[j] = from_f<T>(acc);
+        }
+    }
+}
+
+#define INST_ROWS(T, SUF)                                                                              \
+    extern "C" __global__ void rmsnorm_fwd_##SUF(T* o, float* rs, const T* x, const float* w, int n, int d, \
+                                                 float eps) {                                          \
+        rmsnorm_fwd<T>(o, rs, x, w, n, d, eps);                                                        \
+    }                                                                                                  \
+    extern "C" __global__ void rmsnorm_bwd_dx_##SUF(T* dx, const T* g, const T* x, const float* w,       \
+                                                    const float* rs, int n, int d) {                   \
+        rmsnorm_bwd_dx<T>(dx, g, x, w, rs, n, d);                                                      \
+    }                                                                                                  \
+    extern "C" __global__ void rmsnorm_dw_partial_##SUF(float* p, const T* g, const T* x, const float* rs, \
+                                                        int n, int d, int rpc) {                       \
+        rmsnorm_dw_partial<T>(p, g, x, rs, n, d, rpc);                                                 \
+    }                                                                                                  \
+    extern "C" __global__ void rope_##SUF(T* x, const u32* pos, int n, int h, int hd, float th, float sg) { \
+        rope<T>(x, pos, n, h, hd, th, sg);                                                             \
+    }                                                                                                  \
+    extern "C" __global__ void softmax_fwd_##SUF(T* o, const T* x, int n, int c) { softmax_fwd<T>(o, x, n, c); } \
+    extern "C" __global__ void softmax_bwd_##SUF(T* dx, const T* g, const T* y, int n, int c) {         \
+        softmax_bwd<T>(dx, g, y, n, c);                                                                \
+    }                                                                                                  \
+    extern "C" __global__ void cross_entropy_fwd_##SUF(float* l, const T* x, const u32* t, int n, int v) { \
+        cross_entropy_fwd<T>(l, x, t, n, v);                                                           \
+    }                                                                                                  \
+    extern "C" __global__ void cross_entropy_bwd_##SUF(T* dx, const T* x, const u32* t, float s, int n,  \
+                                                       int v) {                                        \
+        cross_entropy_bwd<T>(dx, x, t, s, n, v);                                                       \
+    }                                                                                                  \
+    extern "C" __global__ void gather_rows_##SUF(T* o, const T* x, const u32* idx, int m, int d) {      \
+        gather_rows<T>(o, x, idx, m, d);                                                               \
+    }                                                                                                  \
+    extern "C" __global__ void scatter_add_scaled_bwd_##SUF(T* dy, float* ds, const T* dh, const T* y,  \
+                                                            const float* s, const u32* idx, int m, int d) { \
+        scatter_add_scaled_bwd<T>(dy, ds, dh, y, s, idx, m, d);                                        \
+    }                                                                                                  \
+    extern "C" __global__ void gather_add_rows_##SUF(T* dy, const T* dx, const u32* idx, int m, int d) { \
+        gather_add_rows<T>(dy, dx, idx, m, d);                                                         \
+    }                                                                                                  \
+    extern "C" __global__ void zero_rows_##SUF(T* x, const u32* idx, int m, int d) {                   \
+        zero_rows<T>(x, idx, m, d);                                                                    \
+    }                                                                                                  \
+    extern "C" __global__ void group_apply_##SUF(T* dst, const T* src, const float* s, const u32* idx,  \
+                                                 const u32* st, const u32* ord, int m, int rows, int d,   \
+                                                 int mode) {                                           \
+        group_apply<T>(dst, src, s, idx, st, ord, m, rows, d, mode);                                         \
+    }
+
+INST_ROWS(float, f32)

@@ -1,0 +1,1094 @@
+//! CUDA backend (feature `cuda`): one device, one stream, f32 buffers.
+//!
+//! * Libraries are loaded at run time (cudarc with `fallback-dynamic-loading`), so building needs
+//!   no CUDA installation; running needs the driver, cuBLAS and NVRTC 13.0 on `LD_LIBRARY_PATH`
+//!   (`scripts/gpu-env.sh` sets that up on the GPU machine).
+//! * Kernels are CUDA C in `kernels/*.cu`, compiled once per process by NVRTC for `sm_90`
+//!   ([`compile_kernels`]; `CUDA_INCLUDE_DIR` is passed as an include path when set) and loaded
+//!   once per [`Cuda`] instance. A compilation failure prints the NVRTC log.
+//! * GEMMs go through cuBLAS SGEMM (default math mode: no TF32 unless `NVIDIA_TF32_OVERRIDE`
+//!   says so), with the row-major `[out, in]` weight layout mapped onto column-major calls.
+//! * Every reduction has a fixed order that depends only on the shapes, so results are
+//!   reproducible run to run: scatters with repeated destination rows (embedding backward,
+//!   `scatter_add_rows`, `scatter_rows`) group their sources with a stable counting sort on the
+//!   device instead of using float atomics; RMSNorm's weight gradient and `sum_squares` use fixed
+//!   two-pass reductions; attention's backward gives every gradient row one owner.
+//! * Nothing here synchronises with the host except the reads (`to_f32`, `idx_to_vec`,
+//!   `sum_squares`), so a training step can later be captured in a CUDA graph.
+//!
+//! Layout conventions are those of the CPU reference ([`crate::cpu`]): `lse` of the attention is
+//! `[nq, heads]`, `+inf` for a query with no visible key.
+//!
+//! Phase-1 scope: fp32 everywhere; attention uses a simple exact kernel (no tensor cores). The
+//! activation kernels are templates over the element type (see `kernels/common.cuh`) so bf16
+//! variants can be instantiated next to the f32 ones.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{
+    result as drv_result, sys as drv_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr,
+    DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+
+use crate::backend::{AttnShape, Backend, GateFn};
+
+/// The CUDA C source of every kernel, as handed to NVRTC.
+pub const KERNEL_SOURCE: &str = concat!(
+    include_str!("kernels/common.cuh"),
+    "\n",
+    include_str!("kernels/elementwise.cu"),
+    "\n",
+    include_str!("kernels/rows.cu"),
+    "\n",
+    include_str!("kernels/topk.cu"),
+    "\n",
+    include_str!("kernels/attention.cu"),
+);
+
+/// Every `extern "C"` kernel of [`KERNEL_SOURCE`], loaded at start-up (a missing one is an error).
+const KERNELS: &[&str] = &[
+    "fill_f32",
+    "axpy_f32",
+    "scale_f32",
+    "sumsq_partial_f32",
+    "sumsq_final",
+    "bce_fwd_f32",
+    "bce_bwd_f32",
+    "adamw_f32",
+    "swiglu_fwd_f32",
+    "swiglu_bwd_f32",
+    "gelu_fwd_f32",
+    "gelu_bwd_f32",
+    "gate_fwd_f32",
+    "gate_bwd_f32",
+    "rmsnorm_fwd_f32",
+    "rmsnorm_bwd_dx_f32",
+    "rmsnorm_dw_partial_f32",
+    "rmsnorm_dw_final",
+    "rope_f32",
+    "softmax_fwd_f32",
+    "softmax_bwd_f32",
+    "cross_entropy_fwd_f32",
+    "cross_entropy_bwd_f32",
+    "gather_rows_f32",
+    "scatter_add_scaled_bwd_f32",
+    "gather_add_rows_f32",
+    "zero_rows_f32",
+    "index_fill_f32",
+    "group_count",
+    "group_scan",
+    "group_place",
+    "group_rank",
+    "group_apply_f32",
+    "topk_segments_f32",
+    "attn_tiles",
+    "attn_delta_f32",
+    "attn_fwd_f32_d64",
+    "attn_bwd_dq_f32_d64",
+    "attn_bwd_dkdv_f32_d64",
+    "attn_fwd_f32_d128",
+    "attn_bwd_dq_f32_d128",
+    "attn_bwd_dkdv_f32_d128",
+];
+
+/// Largest head dimension the attention kernels take.
+pub const MAX_HEAD_DIM: usize = 128;
+/// Rows (queries or keys) per attention block.
+const ATT_ROWS: usize = 32;
+/// Blocks of the first `sum_squares` pass (at most; fixed for a given n).
+const SUMSQ_MAX_BLOCKS: usize = 1024;
+/// Threads per block of elementwise kernels.
+const EW_THREADS: u32 = 256;
+/// Dynamic shared memory the top-k kernel may use (opt-in above 48 KiB).
+const TOPK_SMEM_BYTES: usize = 128 * 1024;
+
+/// Errors of setting up the backend (op calls panic instead: the interface has no error path).
+#[derive(Debug)]
+pub enum CudaError {
+    Driver(String),
+    Nvrtc(String),
+    Blas(String),
+}
+
+impl fmt::Display for CudaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CudaError::Driver(s) => write!(f, "CUDA driver: {s}"),
+            CudaError::Nvrtc(s) => write!(f, "NVRTC: {s}"),
+            CudaError::Blas(s) => write!(f, "cuBLAS: {s}"),
+        }
+    }
+}
+
+impl std::error::Error for CudaError {}
+
+fn drv<E: fmt::Debug>(e: E) -> CudaError {
+    CudaError::Driver(format!("{e:?}"))
+}
+
+/// NVRTC options: `sm_90`, C++17, `CUDA_INCLUDE_DIR` as an include path when set.
+fn compile_options() -> CompileOptions {
+    let mut opts = CompileOptions {
+        arch: Some("sm_90"),
+        options: vec!["--std=c++17".into()],
+        name: Some("mor_kernels.cu".into()),
+        ..Default::default()
+    };
+    if let Ok(dir) = std::env::var("CUDA_INCLUDE_DIR") {
+        if !dir.is_empty() {
+            opts.include_paths.push(dir);
+        }
+    }
+    opts
+}
+
+/// Compile [`KERNEL_SOURCE`] with NVRTC (needs only libnvrtc, no GPU). On failure the error holds
+/// the NVRTC log, which is also printed to stderr.
+pub fn compile_kernels() -> Result<Ptx, CudaError> {
+    cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, compile_options()).map_err(|e| {
+        let msg = match e {
+            CompileError::CompileError { nvrtc, options, log } => {
+                format!("{nvrtc:?} with options {options:?}; log:\n{}", log.to_string_lossy())
+            }
+            other => format!("{other:?}"),
+        };
+        eprintln!("mor-engine: NVRTC compilation of the CUDA kernels failed: {msg}");
+        CudaError::Nvrtc(msg)
+    })
+}
+
+/// The compiled kernels, once per process.
+fn kernels_ptx() -> Result<Ptx, CudaError> {
+    static PTX: OnceLock<Result<Ptx, String>> = OnceLock::new();
+    PTX.get_or_init(|| compile_kernels().map_err(|e| e.to_string())).clone().map_err(CudaError::Nvrtc)
+}
+
+/// Scratch buffers kept across calls (grown on demand; a replaced buffer is freed in stream order).
+#[derive(Clone, Copy)]
+enum Slot {
+    SumsqPartial,
+    SumsqOut,
+    GroupCounts,
+    GroupFill,
+    GroupTmp,
+    GroupOrder,
+    RmsPartial,
+    AttQOff,
+    AttKOff,
+    AttDelta,
+    Topk,
+}
+const NUM_SLOTS: usize = 11;
+
+/// The CUDA backend. See the module documentation.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    funcs: HashMap<&'static str, CudaFunction>,
+    scratch: Mutex<Vec<Option<CudaSlice<u8>>>>,
+    /// Keys the top-k kernel may sort in shared memory (a power of two).
+    topk_smem_keys: usize,
+    sm_count: u32,
+}
+
+impl fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Cuda(device {})", self.ctx.ordinal())
+    }
+}
+
+macro_rules! launch {
+    ($s:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        let name: &str = $name;
+        let f = $s.func(name);
+        let mut b = $s.stream.launch_builder(f);
+        $( let a = $arg; b.arg(&a); )*
+        // SAFETY: argument lists match the kernel signatures in kernels/*.cu; buffer extents are
+        // checked by the callers.
+        unsafe { b.launch($cfg) }.unwrap_or_else(|e| panic!("CUDA launch of {name} failed: {e:?}"));
+    }};
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem }
+}
+
+/// Threads per block for one-block-per-row kernels over rows of `d`.
+fn row_threads(d: usize, max: usize) -> u32 {
+    (d.div_ceil(4)).next_power_of_two().clamp(32, max) as u32
+}
+
+fn rows_grid(rows: usize) -> u32 {
+    rows.clamp(1, 1 << 30) as u32
+}
+
+fn check_len(what: &str, have: usize, need: usize) {
+    assert!(have >= need, "cuda: {what} has {have} elements, the op needs {need}");
+}
+
+impl Cuda {
+    /// Open device `ordinal`, compile (once per process) and load the kernels, create the cuBLAS
+    /// handle.
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        let ctx = CudaContext::new(ordinal).map_err(drv)?;
+        // One stream: no cross-stream event tracking needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let ptx = kernels_ptx()?;
+        let module = ctx.load_module(ptx).map_err(drv)?;
+        let mut funcs = HashMap::new();
+        for &name in KERNELS {
+            let f = module.load_function(name).map_err(|e| CudaError::Driver(format!("loading kernel {name}: {e:?}")))?;
+            funcs.insert(name, f);
+        }
+        // Top-k sorts in up to TOPK_SMEM_BYTES of dynamic shared memory when the device allows it.
+        let optin = ctx
+            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .unwrap_or(48 * 1024) as usize;
+        let topk_bytes = TOPK_SMEM_BYTES.min(optin.max(48 * 1024));
+        let topk_ok = funcs["topk_segments_f32"]
+            .set_attribute(
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                topk_bytes as i32,
+            )
+            .is_ok();
+        let topk_bytes = if topk_ok { topk_bytes } else { 48 * 1024 };
+        let topk_smem_keys = 1usize << (usize::BITS - 1 - (topk_bytes / 8).leading_zeros());
+        let sm_count = ctx
+            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .unwrap_or(132) as u32;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas(format!("{e:?}")))?;
+        unsafe { blas_sys::cublasSetMathMode(*blas.handle(), blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH) }
+            .result()
+            .map_err(|e| CudaError::Blas(format!("cublasSetMathMode: {e:?}")))?;
+        Ok(Cuda {
+            ctx,
+            stream,
+            blas,
+            funcs,
+            scratch: Mutex::new((0..NUM_SLOTS).map(|_| None).collect()),
+            topk_smem_keys,
+            sm_count,
+        })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Device name as the driver reports it.
+    pub fn device_name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "?".into())
+    }
+
+    /// Wait for all queued work.
+    pub fn synchronize(&self) {
+        self.stream.synchronize().expect("cuda: stream synchronize failed");
+    }
+
+    /// Per kernel: (name, registers per thread, local memory bytes per thread (spills and stack
+    /// arrays), static shared memory bytes), as the driver reports them after loading.
+    pub fn kernel_info(&self) -> Vec<(&'static str, i32, i32, i32)> {
+        KERNELS
+            .iter()
+            .map(|&n| {
+                let f = &self.funcs[n];
+                (n, f.num_regs().unwrap_or(-1), f.local_size_bytes().unwrap_or(-1), f.shared_size_bytes().unwrap_or(-1))
+            })
+            .collect()
+    }
+
+    fn func(&self, name: &str) -> &CudaFunction {
+        self.funcs.get(name).unwrap_or_else(|| panic!("cuda: kernel {name} not loaded"))
+    }
+
+    fn p<T>(&self, b: &CudaSlice<T>) -> u64 {
+        let (p, _) = b.device_ptr(&self.stream);
+        p
+    }
+
+    fn pm<T>(&self, b: &mut CudaSlice<T>) -> u64 {
+        let (p, _) = b.device_ptr_mut(&self.stream);
+        p
+    }
+
+    /// Device pointer to at least `bytes` of scratch in `slot` (contents unspecified).
+    fn scratch(&self, slot: Slot, bytes: usize) -> u64 {
+        let mut s = self.scratch.lock().unwrap();
+        let e = &mut s[slot as usize];
+        if e.as_ref().is_none_or(|b| b.len() < bytes) {
+            let size = (bytes + bytes / 4).max(256).next_multiple_of(256);
+            *e = Some(unsafe { self.stream.alloc::<u8>(size) }.expect("cuda: scratch allocation failed"));
+        }
+        let (p, _) = e.as_ref().unwrap().device_ptr(&self.stream);
+        p
+    }
+
+    fn memset0(&self, ptr: u64, bytes: usize) {
+        if bytes > 0 {
+            unsafe { drv_result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
+                .expect("cuda: memset failed");
+        }
+    }
+
+    /// Grid for grid-stride elementwise kernels over `n` elements.
+    fn ew(&self, n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(EW_THREADS as usize).clamp(1, self.sm_count as usize * 16);
+        cfg((blocks as u32, 1, 1), EW_THREADS, 0)
+    }
+
+    /// Scatter `src` rows into `dst` rows `idx[i]` with a stable grouping by destination row
+    /// (see `group_*` in kernels/rows.cu). mode 0: add; 1: add `scale[i]` times; 2: replace
+    /// (last source wins).
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_scatter(&self, dst: &mut CudaSlice<f32>, src: u64, scale: u64, idx: &CudaSlice<u32>, m: usize, d: usize, mode: i32) {
+        if m == 0 || d == 0 {
+            return;
+        }
+        check_len("idx", idx.len(), m);
+        let rows = dst.len() / d;
+        let counts = self.scratch(Slot::GroupCounts, (rows + 1) * 4);
+        let fill = self.scratch(Slot::GroupFill, rows.max(1) * 4);
+        let tmp = self.scratch(Slot::GroupTmp, m * 4);
+        let order = self.scratch(Slot::GroupOrder, m * 4);
+        self.memset0(counts, (rows + 1) * 4);
+        self.memset0(fill, rows * 4);
+        let (mi, ri, di) = (m as i32, rows as i32, d as i32);
+        let idxp = self.p(idx);
+        launch!(self, "group_count", self.ew(m), [idxp, mi, ri, counts]);
+        launch!(self, "group_scan", cfg((1, 1, 1), 1024, 0), [counts, ri + 1]);
+        launch!(self, "group_place", self.ew(m), [idxp, mi, ri, counts, fill, tmp]);
+        launch!(self, "group_rank", self.ew(m), [idxp, mi, ri, counts, tmp, order]);
+        let dstp = self.pm(dst);
+        launch!(
+            self,
+            "group_apply_f32",
+            cfg((rows_grid(m), 1, 1), row_threads(d, 256), 0),
+            [dstp, src, scale, idxp, counts, order, mi, ri, di, mode]
+        );
+    }
+
+    /// Tile table of an attention pass over the segments of `cu` (see kernels/attention.cu);
+    /// returns the device pointer and the grid size (an upper bound of the tile count).
+    fn attn_tiles(&self, slot: Slot, cu: &CudaSlice<u32>, num_seqs: usize, rows: usize) -> (u64, u32) {
+        check_len("cu", cu.len(), num_seqs + 1);
+        let off = self.scratch(slot, (num_seqs + 1) * 4);
+        let cup = self.p(cu);
+        launch!(self, "attn_tiles", cfg((1, 1, 1), 32, 0), [cup, num_seqs as i32, off]);
+        (off, (rows.div_ceil(ATT_ROWS) + num_seqs) as u32)
+    }
+
+    fn attn_variant(hd: usize) -> &'static str {
+        assert!(hd > 0 && hd <= MAX_HEAD_DIM, "cuda attention: head_dim {hd} not in 1..={MAX_HEAD_DIM}");
+        if hd <= 64 {
+            "d64"
+        } else {
+            "d128"
+        }
+    }
+
+    fn check_attn(shape: &AttnShape<'_, CudaSlice<u32>>) {
+        assert!(shape.kv_heads > 0 && shape.heads.is_multiple_of(shape.kv_heads), "cuda attention: heads not a multiple of kv_heads");
+        check_len("cu_q", shape.cu_q.len(), shape.num_seqs + 1);
+        check_len("cu_k", shape.cu_k.len(), shape.num_seqs + 1);
+        check_len("pos_q", shape.pos_q.len(), shape.nq);
+        check_len("pos_k", shape.pos_k.len(), shape.nk);
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = CudaSlice<f32>;
+    type Idx = CudaSlice<u32>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    // ---- memory ---------------------------------------------------------------------------
+    fn zeros(&self, n: usize) -> CudaSlice<f32> {
+        if n == 0 {
+            return self.stream.null().expect("cuda: alloc failed");
+        }
+        self.stream.alloc_zeros(n).unwrap_or_else(|e| panic!("cuda: alloc of {n} floats failed: {e:?}"))
+    }
+
+    fn from_f32(&self, data: &[f32]) -> CudaSlice<f32> {
+        if data.is_empty() {
+            return self.zeros(0);
+        }
+        self.stream.clone_htod(data).expect("cuda: host-to-device copy failed")
+    }
+
+    fn to_f32(&self, buf: &CudaSlice<f32>) -> Vec<f32> {
+        self.to_f32_prefix(buf, buf.len())
+    }
+
+    fn to_f32_prefix(&self, buf: &CudaSlice<f32>, n: usize) -> Vec<f32> {
+        check_len("buffer", buf.len(), n);
+        if n == 0 {
+            return Vec::new();
+        }
+        let v = self.stream.clone_dtoh(&buf.slice(..n)).expect("cuda: device-to-host copy failed");
+        self.synchronize();
+        v
+    }
+
+    fn len(&self, buf: &CudaSlice<f32>) -> usize {
+        buf.len()
+    }
+
+    fn idx_from(&self, data: &[u32]) -> CudaSlice<u32> {
+        if data.is_empty() {
+            return self.stream.null().expect("cuda: alloc failed");
+        }
+        self.stream.clone_htod(data).expect("cuda: host-to-device copy failed")
+    }
+
+    fn idx_to_vec(&self, idx: &CudaSlice<u32>) -> Vec<u32> {
+        if idx.is_empty() {
+            return Vec::new();
+        }
+        let v = self.stream.clone_dtoh(idx).expect("cuda: device-to-host copy failed");
+        self.synchronize();
+        v
+    }
+
+    fn idx_write(&self, idx: &mut CudaSlice<u32>, data: &[u32]) {
+        check_len("index buffer", idx.len(), data.len());
+        if data.is_empty() {
+            return;
+        }
+        self.stream.memcpy_htod(data, &mut idx.slice_mut(..data.len())).expect("cuda: host-to-device copy failed");
+    }
+
+    fn write_f32(&self, buf: &mut CudaSlice<f32>, data: &[f32]) {
+        check_len("buffer", buf.len(), data.len());
+        if data.is_empty() {
+            return;
+        }
+        self.stream.memcpy_htod(data, &mut buf.slice_mut(..data.len())).expect("cuda: host-to-device copy failed");
+    }
+
+    fn fill(&self, buf: &mut CudaSlice<f32>, n: usize, value: f32) {
+        check_len("buffer", buf.len(), n);
+        if n == 0 {
+            return;
+        }
+        if value.to_bits() == 0 {
+            let p = self.pm(buf);
+            self.memset0(p, n * 4);
+        } else {
+            let p = self.pm(buf);
+            launch!(self, "fill_f32", self.ew(n), [p, n as i64, value]);
+        }
+    }
+
+    fn copy(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, n: usize) {
+        check_len("dst", dst.len(), n);
+        check_len("src", src.len(), n);
+        if n == 0 {
+            return;
+        }
+        self.stream.memcpy_dtod(&src.slice(..n), &mut dst.slice_mut(..n)).expect("cuda: device copy failed");
+    }
+
+    // ---- elementwise ----------------------------------------------------------------------
+    fn axpy(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>, alpha: f32, n: usize) {
+        check_len("y", y.len(), n);
+        check_len("x", x.len(), n);
+        if n == 0 {
+            return;
+        }
+        let (yp, xp) = (self.pm(y), self.p(x));
+        launch!(self, "axpy_f32", self.ew(n), [yp, xp, alpha, n as i64]);
+    }
+
+    fn scale(&self, x: &mut CudaSlice<f32>, alpha: f32, n: usize) {
+        check_len("x", x.len(), n);
+        if n == 0 {
+            return;
+        }
+        let xp = self.pm(x);
+        launch!(self, "scale_f32", self.ew(n), [xp, alpha, n as i64]);
+    }
+
+    fn sum_squares(&self, x: &CudaSlice<f32>, n: usize) -> f64 {
+        check_len("x", x.len(), n);
+        if n == 0 {
+            return 0.0;
+        }
+        let blocks = n.div_ceil(EW_THREADS as usize).clamp(1, SUMSQ_MAX_BLOCKS);
+        let partial = self.scratch(Slot::SumsqPartial, blocks * 8);
+        let out = self.scratch(Slot::SumsqOut, 8);
+        let xp = self.p(x);
+        launch!(self, "sumsq_partial_f32", cfg((blocks as u32, 1, 1), EW_THREADS, 0), [xp, n as i64, partial]);
+        launch!(self, "sumsq_final", cfg((1, 1, 1), 1024, 0), [partial, blocks as i32, out]);
+        let mut r = [0.0f64];
+        unsafe { drv_result::memcpy_dtoh_async(&mut r[..], out, self.stream.cu_stream()) }
+            .expect("cuda: device-to-host copy failed");
+        self.synchronize();
+        r[0]
+    }
+
+    // ---- embedding ------------------------------------------------------------------------
+    fn embedding_fwd(&self, out: &mut CudaSlice<f32>, table: &CudaSlice<f32>, ids: &CudaSlice<u32>, n: usize, d: usize) {
+        self.gather_rows(out, table, ids, n, d);
+    }
+
+    fn embedding_bwd(&self, dtable: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, ids: &CudaSlice<u32>, n: usize, d: usize) {
+        self.scatter_add_rows(dtable, dout, ids, n, d);
+    }
+
+    // ---- linear ---------------------------------------------------------------------------
+    fn matmul_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, k: usize, m: usize) {
+        if n == 0 || m == 0 {
+            return;
+        }
+        check_len("out", out.len(), n * m);
+        check_len("x", x.len(), n * k);
+        check_len("w", w.len(), m * k);
+        if k == 0 {
+            self.fill(out, n * m, 0.0);
+            return;
+        }
+        // Column-major view: outᵀ[m, n] = w[m, k] · xᵀ[k, n]; the row-major w is a column-major
+        // [k, m] matrix (op T), the row-major x a column-major [k, n] one.
+        let c = GemmConfig {
+            transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
+            transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            m: m as i32,
+            n: n as i32,
+            k: k as i32,
+            alpha: 1.0f32,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: 0.0f32,
+            ldc: m as i32,
+        };
+        unsafe { self.blas.gemm(c, w, x, out) }.unwrap_or_else(|e| panic!("cuBLAS sgemm (matmul_fwd) failed: {e:?}"));
+    }
+
+    fn matmul_bwd(
+        &self,
+        dx: Option<&mut CudaSlice<f32>>,
+        dw: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) {
+        if k == 0 || n == 0 || m == 0 {
+            return;
+        }
+        check_len("dout", dout.len(), n * m);
+        check_len("x", x.len(), n * k);
+        check_len("w", w.len(), m * k);
+        check_len("dw", dw.len(), m * k);
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        if let Some(dx) = dx {
+            check_len("dx", dx.len(), n * k);
+            // dxᵀ[k, n] += w-as-[k, m] · doutᵀ[m, n]
+            let c = GemmConfig {
+                transa: CUBLAS_OP_N,
+                transb: CUBLAS_OP_N,
+                m: k as i32,
+                n: n as i32,
+                k: m as i32,
+                alpha: 1.0f32,
+                lda: k as i32,
+                ldb: m as i32,
+                beta: 1.0f32,
+                ldc: k as i32,
+            };
+            unsafe { self.blas.gemm(c, w, dout, dx) }.unwrap_or_else(|e| panic!("cuBLAS sgemm (matmul dx) failed: {e:?}"));
+        }
+        // dwᵀ[k, m] += xᵀ[k, n] · dout[n, m] (doutᵀ is column-major [m, n], op T)
+        let c = GemmConfig {
+            transa: CUBLAS_OP_N,
+            transb: CUBLAS_OP_T,
+            m: k as i32,
+            n: m as i32,
+            k: n as i32,
+            alpha: 1.0f32,
+            lda: k as i32,
+            ldb: m as i32,
+            beta: 1.0f32,
+            ldc: k as i32,
+        };
+        unsafe { self.blas.gemm(c, x, dout, dw) }.unwrap_or_else(|e| panic!("cuBLAS sgemm (matmul dw) failed: {e:?}"));
+    }
+
+    // ---- normalisation --------------------------------------------------------------------
+    fn rmsnorm_fwd(&self, out: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, d: usize, eps: f32) {
+        if n == 0 || d == 0 {
+            return;
+        }
+        check_len("out", out.len(), n * d);
+        check_len("rstd", rstd.len(), n);
+        check_len("x", x.len(), n * d);
+        check_len("w", w.len(), d);
+        let (op, rp, xp, wp) = (self.pm(out), self.pm(rstd), self.p(x), self.p(w));
+        launch!(
+            self,
+            "rmsnorm_fwd_f32",
+            cfg((rows_grid(n), 1, 1), row_threads(d, 1024), 0),
+            [op, rp, xp, wp, n as i32, d as i32, eps]
+        );
+    }
+
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        n: usize,
+        d: usize,
+    ) {
+        if n == 0 || d == 0 {
+            return;
+        }
+        check_len("dx", dx.len(), n * d);
+        check_len("dw", dw.len(), d);
+        check_len("dout", dout.len(), n * d);
+        check_len("x", x.len(), n * d);
+        check_len("w", w.len(), d);
+        check_len("rstd", rstd.len(), n);
+        let (dxp, dwp, gp, xp, wp, rp) = (self.pm(dx), self.pm(dw), self.p(dout), self.p(x), self.p(w), self.p(rstd));
+        let (ni, di) = (n as i32, d as i32);
+        launch!(self, "rmsnorm_bwd_dx_f32", cfg((rows_grid(n), 1, 1), row_threads(d, 1024), 0), [dxp, gp, xp, wp, rp, ni, di]);
+        // dw: fixed chunks of rows (a function of n only), then a pass over the chunks in order.
+        let rpc = n.div_ceil(256).max(32);
+        let chunks = n.div_ceil(rpc);
+        let partial = self.scratch(Slot::RmsPartial, chunks * d * 4);
+        let col_blocks = d.div_ceil(256) as u32;
+        launch!(self, "rmsnorm_dw_partial_f32", cfg((col_blocks, chunks as u32, 1), 256, 0), [partial, gp, xp, rp, ni, di, rpc as i32]);
+        launch!(self, "rmsnorm_dw_final", cfg((col_blocks, 1, 1), 256, 0), [dwp, partial, chunks as i32, di]);
+    }
+
+    // ---- rotary embedding -----------------------------------------------------------------
+    fn rope_fwd(&self, x: &mut CudaSlice<f32>, pos: &CudaSlice<u32>, n: usize, heads: usize, head_dim: usize, theta: f32) {
+        self.rope(x, pos, n, heads, head_dim, theta, 1.0);
+    }
+
+    fn rope_bwd(&self, dx: &mut CudaSlice<f32>, pos: &CudaSlice<u32>, n: usize, heads: usize, head_dim: usize, theta: f32) {
+        self.rope(dx, pos, n, heads, head_dim, theta, -1.0);
+    }
+
+    // ---- attention ------------------------------------------------------------------------
+    fn attention_fwd(
+        &self,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        shape: &AttnShape<'_, CudaSlice<u32>>,
+    ) {
+        let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
+        if nq == 0 || heads == 0 || hd == 0 || shape.num_seqs == 0 {
+            return;
+        }
+        Self::check_attn(shape);
+        let var = Self::attn_variant(hd);
+        check_len("out", out.len(), nq * heads * hd);
+        check_len("lse", lse.len(), nq * heads);
+        check_len("q", q.len(), nq * heads * hd);
+        check_len("k", k.len(), nk * kvh * hd);
+        check_len("v", v.len(), nk * kvh * hd);
+        let (qoff, grid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq);
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let (op, lp, qp, kp, vp) = (self.pm(out), self.pm(lse), self.p(q), self.p(k), self.p(v));
+        let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
+        launch!(
+            self,
+            &format!("attn_fwd_f32_{var}"),
+            cfg((grid, heads as u32, 1), 128, 0),
+            [op, lp, qp, kp, vp, cq, ck, pq, pk, qoff, shape.num_seqs as i32, heads as i32, kvh as i32, hd as i32, scale]
+        );
+    }
+
+    fn attention_bwd(
+        &self,
+        dq: &mut CudaSlice<f32>,
+        dk: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        out: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        shape: &AttnShape<'_, CudaSlice<u32>>,
+    ) {
+        let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
+        if nq == 0 || nk == 0 || heads == 0 || hd == 0 || shape.num_seqs == 0 {
+            return;
+        }
+        Self::check_attn(shape);
+        let var = Self::attn_variant(hd);
+        for (name, len, need) in [
+            ("dq", dq.len(), nq * heads * hd),
+            ("dout", dout.len(), nq * heads * hd),
+            ("out", out.len(), nq * heads * hd),
+            ("q", q.len(), nq * heads * hd),
+            ("lse", lse.len(), nq * heads),
+            ("dk", dk.len(), nk * kvh * hd),
+            ("dv", dv.len(), nk * kvh * hd),
+            ("k", k.len(), nk * kvh * hd),
+            ("v", v.len(), nk * kvh * hd),
+        ] {
+            check_len(name, len, need);
+        }
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let delta = self.scratch(Slot::AttDelta, nq * heads * 4);
+        let (gp, op) = (self.p(dout), self.p(out));
+        let warps = nq * heads;
+        launch!(
+            self,
+            "attn_delta_f32",
+            cfg((warps.div_ceil(8) as u32, 1, 1), 256, 0),
+            [delta, gp, op, nq as i32, heads as i32, hd as i32]
+        );
+        let (lp, qp, kp, vp) = (self.p(lse), self.p(q), self.p(k), self.p(v));
+        let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
+        let (ns, hi, kvi, hdi) = (shape.num_seqs as i32, heads as i32, kvh as i32, hd as i32);
+        let (qoff, qgrid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq);
+        let dqp = self.pm(dq);
+        launch!(
+            self,
+            &format!("attn_bwd_dq_f32_{var}"),
+            cfg((qgrid, heads as u32, 1), 128, 0),
+            [dqp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hdi, scale]
+        );
+        let (koff, kgrid) = self.attn_tiles(Slot::AttKOff, shape.cu_k, shape.num_seqs, nk);
+        let (dkp, dvp) = (self.pm(dk), self.pm(dv));
+        launch!(
+            self,
+            &format!("attn_bwd_dkdv_f32_{var}"),
+            cfg((kgrid, kvh as u32, 1), 128, 0),
+            [dkp, dvp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, koff, ns, hi, kvi, hdi, scale]
+        );
+    }
+
+    // ---- activations ----------------------------------------------------------------------
+    fn swiglu_fwd(&self, out: &mut CudaSlice<f32>, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, n: usize) {
+        if n == 0 {
+            return;
+        }
+        check_len("out", out.len(), n);
+        check_len("gate", gate.len(), n);
+        check_len("up", up.len(), n);
+        let (op, gp, up_) = (self.pm(out), self.p(gate), self.p(up));
+        launch!(self, "swiglu_fwd_f32", self.ew(n), [op, gp, up_, n as i64]);
+    }
+
+    fn swiglu_bwd(&self, dgate: &mut CudaSlice<f32>, dup: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, n: usize) {
+        if n == 0 {
+            return;
+        }
+        for (name, len) in [("dgate", dgate.len()), ("dup", dup.len()), ("dout", dout.len()), ("gate", gate.len()), ("up", up.len())] {
+            check_len(name, len, n);
+        }
+        let (dgp, dup_, op, gp, upp) = (self.pm(dgate), self.pm(dup), self.p(dout), self.p(gate), self.p(up));
+        launch!(self, "swiglu_bwd_f32", self.ew(n), [dgp, dup_, op, gp, upp, n as i64]);
+    }
+
+    fn gelu_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize) {
+        if n == 0 {
+            return;
+        }
+        check_len("out", out.len(), n);
+        check_len("x", x.len(), n);
+        let (op, xp) = (self.pm(out), self.p(x));
+        launch!(self, "gelu_fwd_f32", self.ew(n), [op, xp, n as i64]);
+    }
+
+    fn gelu_bwd(&self, dx: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, x: &CudaSlice<f32>, n: usize) {
+        if n == 0 {
+            return;
+        }
+        check_len("dx", dx.len(), n);
+        check_len("dout", dout.len(), n);
+        check_len("x", x.len(), n);
+        let (dp, gp, xp) = (self.pm(dx), self.p(dout), self.p(x));
+        launch!(self, "gelu_bwd_f32", self.ew(n), [dp, gp, xp, n as i64]);
+    }
+
+    fn gate_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, f: GateFn, alpha: f32, n: usize) {
+        if n == 0 {
+            return;
+        }
+        check_len("out", out.len(), n);
+        check_len("x", x.len(), n);
+        let (op, xp) = (self.pm(out), self.p(x));
+        launch!(self, "gate_fwd_f32", self.ew(n), [op, xp, gate_code(f), alpha, n as i64]);
+    }
+
+    fn gate_bwd(&self, dx: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, x: &CudaSlice<f32>, f: GateFn, alpha: f32, n: usize) {
+        if n == 0 {
+            return;
+        }
+        check_len("dx", dx.len(), n);
+        check_len("dout", dout.len(), n);
+        check_len("x", x.len(), n);
+        let (dp, gp, xp) = (self.pm(dx), self.p(dout), self.p(x));
+        launch!(self, "gate_bwd_f32", self.ew(n), [dp, gp, xp, gate_code(f), alpha, n as i64]);
+    }
+
+    fn softmax_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize, c: usize) {
+        if n == 0 || c == 0 {
+            return;
+        }
+        check_len("out", out.len(), n * c);
+        check_len("x", x.len(), n * c);
+        let (op, xp) = (self.pm(out), self.p(x));
+        launch!(self, "softmax_fwd_f32", cfg((rows_grid(n), 1, 1), row_threads(c, 1024), 0), [op, xp, n as i32, c as i32]);
+    }
+
+    fn softmax_bwd(&self, dx: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, out: &CudaSlice<f32>, n: usize, c: usize) {
+        if n == 0 || c == 0 {
+            return;
+        }
+        check_len("dx", dx.len(), n * c);
+        check_len("dout", dout.len(), n * c);
+        check_len("out", out.len(), n * c);
+        let (dp, gp, op) = (self.pm(dx), self.p(dout), self.p(out));
+        launch!(self, "softmax_bwd_f32", cfg((rows_grid(n), 1, 1), row_threads(c, 1024), 0), [dp, gp, op, n as i32, c as i32]);
+    }
+
+    // ---- token subsets --------------------------------------------------------------------
+    fn gather_rows(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        if m == 0 || d == 0 {
+            return;
+        }
+        check_len("out", out.len(), m * d);
+        check_len("idx", idx.len(), m);
+        let (op, xp, ip) = (self.pm(out), self.p(x), self.p(idx));
+        launch!(self, "gather_rows_f32", cfg((rows_grid(m), 1, 1), row_threads(d, 256), 0), [op, xp, ip, m as i32, d as i32]);
+    }
+
+    fn scatter_add_rows(&self, dx: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        check_len("dout", dout.len(), m * d);
+        let src = self.p(dout);
+        self.grouped_scatter(dx, src, 0, idx, m, d, 0);
+    }
+
+    fn scatter_add_scaled(&self, h: &mut CudaSlice<f32>, y: &CudaSlice<f32>, scale: &CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        check_len("y", y.len(), m * d);
+        check_len("scale", scale.len(), m);
+        let (src, sp) = (self.p(y), self.p(scale));
+        self.grouped_scatter(h, src, sp, idx, m, d, 1);
+    }
+
+    fn scatter_add_scaled_bwd(
+        &self,
+        dy: &mut CudaSlice<f32>,
+        dscale: &mut CudaSlice<f32>,
+        dh: &CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        scale: &CudaSlice<f32>,
+        idx: &CudaSlice<u32>,
+        m: usize,
+        d: usize,
+    ) {
+        if m == 0 || d == 0 {
+            return;
+        }
+        check_len("dy", dy.len(), m * d);
+        check_len("dscale", dscale.len(), m);
+        check_len("y", y.len(), m * d);
+        check_len("scale", scale.len(), m);
+        check_len("idx", idx.len(), m);
+        let (dyp, dsp, dhp, yp, sp, ip) = (self.pm(dy), self.pm(dscale), self.p(dh), self.p(y), self.p(scale), self.p(idx));
+        launch!(
+            self,
+            "scatter_add_scaled_bwd_f32",
+            cfg((rows_grid(m), 1, 1), row_threads(d, 256), 0),
+            [dyp, dsp, dhp, yp, sp, ip, m as i32, d as i32]
+        );
+    }
+
+    fn scatter_rows(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        check_len("y", y.len(), m * d);
+        let src = self.p(y);
+        self.grouped_scatter(x, src, 0, idx, m, d, 2);
+    }
+
+    fn scatter_rows_bwd(&self, dy: &mut CudaSlice<f32>, dx: &mut CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        if m == 0 || d == 0 {
+            return;
+        }
+        check_len("dy", dy.len(), m * d);
+        check_len("idx", idx.len(), m);
+        let (dyp, dxp, ip) = (self.pm(dy), self.pm(dx), self.p(idx));
+        let c = cfg((rows_grid(m), 1, 1), row_threads(d, 256), 0);
+        launch!(self, "gather_add_rows_f32", c, [dyp, dxp, ip, m as i32, d as i32]);
+        launch!(self, "zero_rows_f32", c, [dxp, ip, m as i32, d as i32]);
+    }
+
+    fn index_fill(&self, x: &mut CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, value: f32) {
+        if m == 0 {
+            return;
+        }
+        check_len("idx", idx.len(), m);
+        let (xp, ip) = (self.pm(x), self.p(idx));
+        launch!(self, "index_fill_f32", self.ew(m), [xp, ip, m as i32, value]);
+    }
+
+    fn topk_segments(&self, out: &mut CudaSlice<u32>, scores: &CudaSlice<f32>, cu: &CudaSlice<u32>, num_seqs: usize, k: usize) {
+        if k == 0 || num_seqs == 0 {
+            return;
+        }
+        check_len("out", out.len(), num_seqs * k);
+        check_len("cu", cu.len(), num_seqs + 1);
+        // A segment lies inside `scores`, so its padded length is at most next_pow2(len).
+        let max_p = scores.len().max(1).next_power_of_two();
+        let smem_keys = self.topk_smem_keys.min(max_p);
+        let gscratch = if max_p > smem_keys { self.scratch(Slot::Topk, 2 * scores.len() * 8) } else { 0 };
+        let (op, sp, cp) = (self.pm(out), self.p(scores), self.p(cu));
+        launch!(
+            self,
+            "topk_segments_f32",
+            cfg((num_seqs as u32, 1, 1), 1024, (smem_keys * 8) as u32),
+            [op, sp, cp, k as i32, gscratch, smem_keys as i32]
+        );
+    }
+
+    // ---- losses ---------------------------------------------------------------------------
+    fn cross_entropy_fwd(&self, loss: &mut CudaSlice<f32>, logits: &CudaSlice<f32>, targets: &CudaSlice<u32>, n: usize, vocab: usize) {
+        if n == 0 {
+            return;
+        }
+        assert!(vocab > 0);
+        check_len("loss", loss.len(), n);
+        check_len("logits", logits.len(), n * vocab);
+        check_len("targets", targets.len(), n);
+        let (lp, xp, tp) = (self.pm(loss), self.p(logits), self.p(targets));
+        launch!(
+            self,
+            "cross_entropy_fwd_f32",
+            cfg((rows_grid(n), 1, 1), row_threads(vocab, 1024), 0),
+            [lp, xp, tp, n as i32, vocab as i32]
+        );
+    }
+
+    fn cross_entropy_bwd(&self, dlogits: &mut CudaSlice<f32>, logits: &CudaSlice<f32>, targets: &CudaSlice<u32>, scale: f32, n: usize, vocab: usize) {
+        if n == 0 {
+            return;
+        }
+        assert!(vocab > 0);
+        check_len("dlogits", dlogits.len(), n * vocab);
+        check_len("logits", logits.len(), n * vocab);
+        check_len("targets", targets.len(), n);
+        let (dp, xp, tp) = (self.pm(dlogits), self.p(logits), self.p(targets));
+        launch!(
+            self,
+            "cross_entropy_bwd_f32",
+            cfg((rows_grid(n), 1, 1), row_threads(vocab, 1024), 0),
+            [dp, xp, tp, scale, n as i32, vocab as i32]
+        );
+    }
+
+    fn bce_logits_fwd(&self, loss: &mut CudaSlice<f32>, x: &CudaSlice<f32>, targets: &CudaSlice<f32>, n: usize) {
+        if n == 0 {
+            return;
+        }
+        check_len("loss", loss.len(), n);
+        check_len("x", x.len(), n);
+        check_len("targets", targets.len(), n);
+        let (lp, xp, tp) = (self.pm(loss), self.p(x), self.p(targets));
+        launch!(self, "bce_fwd_f32", self.ew(n), [lp, xp, tp, n as i64]);
+    }
+
+    fn bce_logits_bwd(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, targets: &CudaSlice<f32>, scale: f32, n: usize) {
+        if n == 0 {
+            return;
+        }
+        check_len("dx", dx.len(), n);
+        check_len("x", x.len(), n);
+        check_len("targets", targets.len(), n);
+        let (dp, xp, tp) = (self.pm(dx), self.p(x), self.p(targets));
+        launch!(self, "bce_bwd_f32", self.ew(n), [dp, xp, tp, scale, n as i64]);
+    }
+
+    // ---- optimiser ------------------------------------------------------------------------
+    fn adamw(
+        &self,
+        param: &mut CudaSlice<f32>,
+        grad: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        n: usize,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        step: u64,
+    ) {
+        assert!(step >= 1, "adamw: step is 1-based");
+        if n == 0 {
+            return;
+        }
+        for (name, len) in [("param", param.len()), ("grad", grad.len()), ("m", m.len()), ("v", v.len())] {
+            check_len(name, len, n);
+        }
+        // Scalar arithmetic in f64, exactly as the CPU reference.
+        let (lr64, b1, b2, wd) = (lr as f64, beta1 as f64, beta2 as f64, weight_decay as f64);
+        let t = step.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2 = 1.0 - b2.powi(t);
+        let decay = (1.0 - lr64 * wd) as f32;
+        let step_size = (lr64 / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let (ob1, ob2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
+        let (pp, gp, mp, vp) = (self.pm(param), self.p(grad), self.pm(m), self.pm(v));
+        launch!(
+            self,
+            "adamw_f32",
+            self.ew(n),
+            [pp, gp, mp, vp, n as i64, decay, step_size, bc2_sqrt, beta1, beta2, ob1, ob2, eps]
+        );
+    }
+}
+
+fn gate_code(f: GateFn) -> i32 {
+    match f {
+        GateFn::Sigmoid => 0,
+        GateFn::Tanh => 1,
+        GateFn::Identity => 2,
+    }
+}
+
+impl Cuda {
+    #[allow(clippy::too_many_arguments)]
+    fn rope(&self, x: &mut CudaSlice<f32>, pos: &CudaSlice<u32>, n: usize, heads: usize, head_dim: usize, theta: f32, sign: f32) {
+        if n == 0 || heads == 0 || head_dim == 0 {
+            return;
+        }
+        assert!(head_dim.is_multiple_of(2), "rope: head_dim must be even");
+        check_len("x", x.len(), n * heads * head_dim);
+        check_len("pos", pos.len(), n);
+        let (xp, pp) = (self.pm(x), self.p(pos));
+        launch!(
+            self,
+            "rope_f32",
+            self.ew(n * head_dim / 2),
+            [xp, pp, n as i32, heads as i32, head_dim as i32, theta, sign]
+        );
+    }
+}
