@@ -1,0 +1,382 @@
+//! Op semantics against hand-computed values and naive references: top-k selection, gather /
+//! scatter round trips, AdamW, cross-entropy ignore index, erf/GELU accuracy, RoPE, RMSNorm,
+//! matmul layout, and that ops touch only the leading elements they are told about.
+
+mod common;
+
+use common::*;
+use mor_engine::cpu::math;
+use mor_engine::{Backend, Cpu};
+use rand::Rng;
+
+#[test]
+fn erf_and_gelu_match_reference_values() {
+    // (x, erf(x), erfc(x)) from a correctly rounded libm.
+    let table: &[(f64, f64, f64)] = &[
+        (0.0, 0.0, 1.0),
+        (1e-08, 1.1283791670955126e-08, 0.9999999887162083),
+        (0.1, 0.1124629160182849, 0.8875370839817152),
+        (0.5, 0.5204998778130465, 0.4795001221869535),
+        (1.0, 0.8427007929497149, 0.15729920705028513),
+        (1.7, 0.9837904585907745, 0.016209541409225436),
+        (2.4999, 0.9995928300996666, 0.0004071699003334514),
+        (2.5, 0.999593047982555, 0.0004069520174449589),
+        (3.0, 0.9999779095030014, 2.2090496998585438e-05),
+        (4.5, 0.9999999998033839, 1.9661604415428873e-10),
+        (6.0, 1.0, 2.1519736712498916e-17),
+        (-0.3, -0.3286267594591274, 1.3286267594591274),
+        (-2.6, -0.9997639655834707, 1.9997639655834707),
+        (-5.0, -0.9999999999984626, 1.9999999999984626),
+    ];
+    for &(x, e, ec) in table {
+        assert!((math::erf(x) - e).abs() <= 1e-15, "erf({x}) = {} vs {e}", math::erf(x));
+        assert!((math::erfc(x) - ec).abs() <= 1e-15 + 1e-13 * ec, "erfc({x}) = {} vs {ec}", math::erfc(x));
+        assert_eq!(math::erf(-x), -math::erf(x));
+    }
+    let gel: &[(f64, f64)] = &[
+        (1.0, 0.8413447460685429),
+        (-1.0, -0.15865525393145707),
+        (0.5, 0.34573123063700656),
+        (-3.0, -0.004049694094890287),
+        (3.0, 2.99595030590511),
+        (-8.0, -4.9767684594174555e-15),
+        (10.0, 10.0),
+    ];
+    let b = Cpu::<f64>::new();
+    let x: Vec<f64> = gel.iter().map(|p| p.0).collect();
+    let mut out = vec![0.0; x.len()];
+    b.gelu_fwd(&mut out, &x, x.len());
+    for (&(x, e), &o) in gel.iter().zip(&out) {
+        assert!(
+            (o - e).abs() <= 1e-14 * (1.0 + e.abs()) && (o - e).abs() <= 1e-13 * e.abs().max(1e-2),
+            "gelu({x}) = {o} vs {e}"
+        );
+    }
+}
+
+fn topk_reference(scores: &[f32], a: usize, b: usize, k: usize) -> Vec<u32> {
+    let mut ids: Vec<usize> = (a..b).collect();
+    ids.sort_by(|&i, &j| scores[j].partial_cmp(&scores[i]).unwrap().then(i.cmp(&j)));
+    let mut top: Vec<u32> = ids[..k].iter().map(|&i| i as u32).collect();
+    top.sort();
+    top
+}
+
+#[test]
+fn topk_segments_properties() {
+    let b = Cpu::<f32>::new();
+    let mut r = rng(1);
+    for trial in 0..50 {
+        let num_seqs = r.gen_range(1..5);
+        let lens: Vec<usize> = (0..num_seqs).map(|_| r.gen_range(1..40)).collect();
+        let k = r.gen_range(1..=*lens.iter().min().unwrap());
+        let total: usize = lens.iter().sum();
+        // Few distinct values so that ties are common.
+        let scores: Vec<f32> = (0..total).map(|_| r.gen_range(0..6) as f32 * 0.5 - 1.0).collect();
+        let mut cu = vec![0u32];
+        for l in &lens {
+            cu.push(cu.last().unwrap() + *l as u32);
+        }
+        let mut out = b.idx_from(&vec![u32::MAX; num_seqs * k + 3]);
+        b.topk_segments(&mut out, &b.from_f32(&scores), &b.idx_from(&cu), num_seqs, k);
+        for s in 0..num_seqs {
+            let (a, e) = (cu[s] as usize, cu[s + 1] as usize);
+            let got = &out[s * k..(s + 1) * k];
+            assert!(got.windows(2).all(|w| w[0] < w[1]), "trial {trial}: not ascending {got:?}");
+            assert!(got.iter().all(|&i| (a..e).contains(&(i as usize))), "trial {trial}: outside segment");
+            assert_eq!(got, &topk_reference(&scores, a, e, k)[..], "trial {trial} seg {s}");
+            // Every chosen score >= every unchosen one; among equal scores, chosen indices are lower.
+            for i in a..e {
+                if got.contains(&(i as u32)) {
+                    continue;
+                }
+                for &c in got {
+                    let c = c as usize;
+                    assert!(scores[c] > scores[i] || (scores[c] == scores[i] && c < i));
+                }
+            }
+        }
+        assert!(out[num_seqs * k..].iter().all(|&x| x == u32::MAX), "wrote past num_seqs*k");
+    }
+    // All equal: the lowest indices win. k = segment length: everything.
+    let mut out = vec![0u32; 5];
+    b.topk_segments(&mut out, &vec![1.0; 7], &vec![0, 4, 7], 2, 2);
+    assert_eq!(out[..4], [0, 1, 4, 5]);
+    b.topk_segments(&mut out, &vec![3.0, 1.0, 2.0], &vec![0, 3], 1, 3);
+    assert_eq!(out[..3], [0, 1, 2]);
+    b.topk_segments(&mut out, &vec![0.1, 0.9, 0.5, 0.9], &vec![0, 4], 1, 2);
+    assert_eq!(out[..2], [1, 3]);
+}
+
+#[test]
+fn gather_scatter_round_trips() {
+    let b = Cpu::<f64>::new();
+    let (rows, d) = (9usize, 4usize);
+    let mut r = rng(2);
+    let x = uniform64(&mut r, rows * d, 1.0);
+    let idx = vec![7u32, 2, 0, 5];
+    let m = idx.len();
+    // gather then scatter_rows into a copy with those rows wiped gives back x.
+    let mut g = vec![0.0; m * d];
+    b.gather_rows(&mut g, &x, &idx, m, d);
+    for (i, &row) in idx.iter().enumerate() {
+        assert_eq!(g[i * d..(i + 1) * d], x[row as usize * d..(row as usize + 1) * d]);
+    }
+    let mut y = x.clone();
+    b.index_fill(&mut y, &(0..rows as u32 * d as u32).collect(), rows * d, -1.0);
+    assert!(y.iter().all(|&v| v == -1.0));
+    let mut y = x.clone();
+    for &row in &idx {
+        y[row as usize * d..(row as usize + 1) * d].iter_mut().for_each(|v| *v = 0.0);
+    }
+    let mut back = y.clone();
+    b.scatter_rows(&mut back, &g, &idx, m, d);
+    assert_eq!(back, x);
+    // scatter_add_rows of the gathered rows onto the wiped copy also restores x.
+    let mut back = y.clone();
+    b.scatter_add_rows(&mut back, &g, &idx, m, d);
+    assert_eq!(back, x);
+    // scatter_add_scaled with scale 1 is scatter_add_rows; with scale 0 a no-op.
+    let mut back = y.clone();
+    b.scatter_add_scaled(&mut back, &g, &vec![1.0; m], &idx, m, d);
+    assert_eq!(back, x);
+    let mut same = y.clone();
+    b.scatter_add_scaled(&mut same, &g, &vec![0.0; m], &idx, m, d);
+    assert_eq!(same, y);
+    // scatter_rows_bwd moves the gradient of replaced rows to dy and zeroes them in dx.
+    let mut dx = x.clone();
+    let mut dy = vec![1.0; m * d];
+    b.scatter_rows_bwd(&mut dy, &mut dx, &idx, m, d);
+    for (i, &row) in idx.iter().enumerate() {
+        let row = row as usize;
+        assert!(dx[row * d..(row + 1) * d].iter().all(|&v| v == 0.0));
+        for e in 0..d {
+            assert_eq!(dy[i * d + e], 1.0 + x[row * d + e]);
+        }
+    }
+    for row in (0..rows).filter(|r| !idx.contains(&(*r as u32))) {
+        assert_eq!(dx[row * d..(row + 1) * d], x[row * d..(row + 1) * d]);
+    }
+    // index_fill on scalars.
+    let mut s = vec![0.0; 6];
+    b.index_fill(&mut s, &vec![4, 1, 9], 2, 2.5);
+    assert_eq!(s, vec![0.0, 2.5, 0.0, 0.0, 2.5, 0.0]);
+}
+
+#[test]
+fn scatter_add_rows_sums_repeated_rows_in_order() {
+    let b = Cpu::<f32>::new();
+    let d = 3;
+    let idx = vec![1u32, 1, 0, 1];
+    let dout: Vec<f32> = (0..12).map(|i| i as f32).collect();
+    let mut dx = vec![10.0f32; 2 * d];
+    b.scatter_add_rows(&mut dx, &dout, &idx, 4, d);
+    assert_eq!(dx, vec![16.0, 17.0, 18.0, 10.0 + 0.0 + 3.0 + 9.0, 10.0 + 1.0 + 4.0 + 10.0, 10.0 + 2.0 + 5.0 + 11.0]);
+}
+
+/// AdamW in f64 with the textbook formula.
+#[allow(clippy::too_many_arguments)]
+fn adamw_ref(p: f64, g: f64, m: f64, v: f64, lr: f64, b1: f64, b2: f64, eps: f64, wd: f64, t: i32) -> (f64, f64, f64) {
+    let p = p * (1.0 - lr * wd);
+    let m = b1 * m + (1.0 - b1) * g;
+    let v = b2 * v + (1.0 - b2) * g * g;
+    let mh = m / (1.0 - b1.powi(t));
+    let vh = v / (1.0 - b2.powi(t));
+    (p - lr * mh / (vh.sqrt() + eps), m, v)
+}
+
+#[test]
+fn adamw_matches_hand_computed_steps() {
+    // Step 1 by hand: p=1, g=0.5, lr=0.1, wd=0.01, b1=0.9, b2=0.999, eps=1e-8:
+    // p ← 0.999; m = 0.05, v = 0.00025; m̂ = 0.5, v̂ = 0.25; p ← 0.999 - 0.1·0.5/(0.5+1e-8).
+    let b = Cpu::<f64>::new();
+    let (mut p, g, mut m, mut v) = (vec![1.0], vec![0.5], vec![0.0], vec![0.0]);
+    b.adamw(&mut p, &g, &mut m, &mut v, 1, 0.1, 0.9, 0.999, 1e-8, 0.01, 1);
+    let expect = 0.999 - 0.1 * 0.5 / (0.5 + 1e-8);
+    // Hyper-parameters cross the interface as f32 (0.1f32 != 0.1), hence the 1e-8 tolerance.
+    assert!((p[0] - expect).abs() < 1e-8, "{} vs {expect}", p[0]);
+    assert!((m[0] / 0.05 - 1.0).abs() < 1e-6 && (v[0] / 0.00025 - 1.0).abs() < 1e-4, "{m:?} {v:?}");
+
+    // Several steps on a vector, against the f64 formula with the f32-rounded hyper-parameters.
+    let (lr, b1, b2, eps, wd) = (3e-3f32, 0.9f32, 0.95f32, 1e-8f32, 0.1f32);
+    let mut r = rng(3);
+    let n = 40_000; // several parallel chunks
+    let mut p64 = uniform64(&mut r, n, 1.0);
+    let mut p32: Vec<f32> = p64.iter().map(|&x| x as f32).collect();
+    p64 = p32.iter().map(|&x| x as f64).collect();
+    let mut pr = p64.clone();
+    let (mut m64, mut v64, mut mr, mut vr) = (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    let (mut m32, mut v32) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let b32 = Cpu::<f32>::new();
+    for t in 1..=3u64 {
+        let g32 = uniform(&mut r, n, 2.0);
+        let g64: Vec<f64> = g32.iter().map(|&x| x as f64).collect();
+        b.adamw(&mut p64, &g64, &mut m64, &mut v64, n, lr, b1, b2, eps, wd, t);
+        b32.adamw(&mut p32, &g32, &mut m32, &mut v32, n, lr, b1, b2, eps, wd, t);
+        for i in 0..n {
+            let (p, m, v) = adamw_ref(
+                pr[i], g64[i], mr[i], vr[i], lr as f64, b1 as f64, b2 as f64, eps as f64, wd as f64, t as i32,
+            );
+            pr[i] = p;
+            mr[i] = m;
+            vr[i] = v;
+        }
+    }
+    for i in 0..n {
+        assert!((p64[i] - pr[i]).abs() <= 1e-13, "p64[{i}] {} vs {}", p64[i], pr[i]);
+        assert!((m64[i] - mr[i]).abs() <= 1e-14 && (v64[i] - vr[i]).abs() <= 1e-14);
+        assert!((p32[i] as f64 - pr[i]).abs() <= 1e-6, "p32[{i}] {} vs {}", p32[i], pr[i]);
+    }
+    // Only the first n entries are touched.
+    let mut p = vec![1.0f32; 4];
+    let (mut m, mut v) = (vec![0.0f32; 4], vec![0.0f32; 4]);
+    b32.adamw(&mut p, &vec![1.0; 4], &mut m, &mut v, 2, 0.1, 0.9, 0.999, 1e-8, 0.0, 1);
+    assert!(p[0] < 1.0 && p[1] < 1.0 && p[2] == 1.0 && p[3] == 1.0 && m[2] == 0.0);
+}
+
+#[test]
+fn cross_entropy_values_and_ignore_index() {
+    let b = Cpu::<f64>::new();
+    let (n, v) = (4usize, 6usize);
+    let mut r = rng(4);
+    let logits = uniform64(&mut r, n * v, 5.0);
+    let targets = vec![2u32, u32::MAX, 5, 0];
+    let mut loss = vec![f64::NAN; n];
+    b.cross_entropy_fwd(&mut loss, &logits, &targets, n, v);
+    for i in 0..n {
+        let row = &logits[i * v..(i + 1) * v];
+        if targets[i] == u32::MAX {
+            assert_eq!(loss[i], 0.0);
+        } else {
+            let lse = row.iter().map(|x| x.exp()).sum::<f64>().ln();
+            assert!((loss[i] - (lse - row[targets[i] as usize])).abs() < 1e-12);
+        }
+    }
+    // Uniform logits: loss = ln(vocab); huge logits stay finite (stable logsumexp).
+    let mut l = vec![0.0f32; 2];
+    let b32 = Cpu::<f32>::new();
+    b32.cross_entropy_fwd(&mut l, &[vec![0.0f32; 8], vec![1000.0f32; 8]].concat(), &vec![3, 7], 2, 8);
+    assert!((l[0] - 8f32.ln()).abs() < 1e-6 && (l[1] - 8f32.ln()).abs() < 1e-4, "{l:?}");
+    // Backward: ignored rows untouched, other rows sum to zero (softmax - onehot).
+    let mut d = vec![0.5; n * v];
+    b.cross_entropy_bwd(&mut d, &logits, &targets, 2.0, n, v);
+    assert!(d[v..2 * v].iter().all(|&x| x == 0.5));
+    for i in [0, 2, 3] {
+        let s: f64 = d[i * v..(i + 1) * v].iter().map(|x| x - 0.5).sum();
+        assert!(s.abs() < 1e-12);
+        assert!(d[i * v + targets[i] as usize] < 0.5);
+    }
+}
+
+#[test]
+fn rope_rmsnorm_softmax_bce_known_values() {
+    let b = Cpu::<f64>::new();
+    // RoPE with head_dim 2 rotates (x1, x2) by pos·1 radians; position 0 is the identity.
+    let mut x = vec![1.0, 2.0, 3.0, -1.0];
+    b.rope_fwd(&mut x, &vec![1, 0], 2, 1, 2, 10000.0);
+    let (s, c) = 1f64.sin_cos();
+    assert!((x[0] - (c - 2.0 * s)).abs() < 1e-15 && (x[1] - (2.0 * c + s)).abs() < 1e-15);
+    assert_eq!(x[2..], [3.0, -1.0]);
+    // head_dim 4: frequencies 1 and theta^(-1/2).
+    let mut x = vec![1.0, 0.0, 0.0, 0.0];
+    b.rope_fwd(&mut x, &vec![3], 1, 1, 4, 100.0);
+    assert!((x[0] - 3f64.cos()).abs() < 1e-15 && (x[2] - 3f64.sin()).abs() < 1e-15 && x[1] == 0.0);
+    let mut x = vec![0.0, 1.0, 0.0, 0.0];
+    b.rope_fwd(&mut x, &vec![3], 1, 1, 4, 100.0);
+    assert!((x[1] - 0.3f64.cos()).abs() < 1e-15 && (x[3] - 0.3f64.sin()).abs() < 1e-15);
+    // rope_bwd inverts rope_fwd and rotations preserve the norm.
+    let mut r = rng(5);
+    let x0 = uniform64(&mut r, 3 * 2 * 8, 1.0);
+    let pos = vec![5, 17, 1023];
+    let mut x = x0.clone();
+    b.rope_fwd(&mut x, &pos, 3, 2, 8, 10000.0);
+    let n0: f64 = x0.iter().map(|v| v * v).sum();
+    let n1: f64 = x.iter().map(|v| v * v).sum();
+    assert!((n0 - n1).abs() < 1e-12);
+    b.rope_bwd(&mut x, &pos, 3, 2, 8, 10000.0);
+    assert!(x.iter().zip(&x0).all(|(a, b)| (a - b).abs() < 1e-14));
+
+    // RMSNorm: x = [3, 4], w = [1, 2], eps = 0 → rms = sqrt(12.5).
+    let (mut out, mut rstd) = (vec![0.0; 2], vec![0.0; 1]);
+    b.rmsnorm_fwd(&mut out, &mut rstd, &vec![3.0, 4.0], &vec![1.0, 2.0], 1, 2, 0.0);
+    let rs = 1.0 / 12.5f64.sqrt();
+    assert!((rstd[0] - rs).abs() < 1e-15 && (out[0] - 3.0 * rs).abs() < 1e-15 && (out[1] - 8.0 * rs).abs() < 1e-15);
+
+    // Softmax rows sum to one, stable for large inputs.
+    let mut o = vec![0.0f32; 6];
+    Cpu::<f32>::new().softmax_fwd(&mut o, &vec![1000.0, 1000.0, 999.0, -5.0, 0.0, 5.0], 2, 3);
+    assert!(o.iter().all(|v| v.is_finite()));
+    assert!((o[0..3].iter().sum::<f32>() - 1.0).abs() < 1e-6 && (o[0] - o[1]).abs() < 1e-7);
+
+    // BCE with logits: log(2) at x = 0; stable at |x| = 100.
+    let mut l = vec![0.0; 3];
+    b.bce_logits_fwd(&mut l, &vec![0.0, 100.0, -100.0], &vec![1.0, 0.0, 0.0], 3);
+    assert!((l[0] - 2f64.ln()).abs() < 1e-15 && (l[1] - 100.0).abs() < 1e-12 && l[2] < 1e-40);
+}
+
+#[test]
+fn matmul_layout_and_prefix_semantics() {
+    let b = Cpu::<f32>::new();
+    let (n, k, m) = (5usize, 7usize, 3usize);
+    let mut r = rng(6);
+    let x = uniform(&mut r, n * k, 1.0);
+    let w = uniform(&mut r, m * k, 1.0);
+    // Buffers larger than needed: the tail must stay untouched.
+    let mut out = vec![42.0f32; n * m + 5];
+    b.matmul_fwd(&mut out, &x, &w, n, k, m);
+    for i in 0..n {
+        for j in 0..m {
+            let e: f32 = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
+            assert!((out[i * m + j] - e).abs() < 1e-5, "out[{i},{j}]");
+        }
+    }
+    assert!(out[n * m..].iter().all(|&v| v == 42.0));
+    // Backward accumulates: dx += dout·w, dw += doutᵀ·x.
+    let dout = uniform(&mut r, n * m, 1.0);
+    let mut dx = vec![1.0f32; n * k + 2];
+    let mut dw = vec![-1.0f32; m * k + 2];
+    b.matmul_bwd(Some(&mut dx), &mut dw, &dout, &x, &w, n, k, m);
+    for i in 0..n {
+        for t in 0..k {
+            let e: f32 = 1.0 + (0..m).map(|j| dout[i * m + j] * w[j * k + t]).sum::<f32>();
+            assert!((dx[i * k + t] - e).abs() < 1e-5);
+        }
+    }
+    for j in 0..m {
+        for t in 0..k {
+            let e: f32 = -1.0 + (0..n).map(|i| dout[i * m + j] * x[i * k + t]).sum::<f32>();
+            assert!((dw[j * k + t] - e).abs() < 1e-5);
+        }
+    }
+    assert_eq!(dx[n * k..], [1.0, 1.0]);
+    assert_eq!(dw[m * k..], [-1.0, -1.0]);
+    // Degenerate sizes are no-ops (k = 0 gives zeros).
+    let mut o = vec![5.0f32; 4];
+    b.matmul_fwd(&mut o, &vec![], &vec![], 2, 0, 2);
+    assert_eq!(o, vec![0.0; 4]);
+    b.matmul_fwd(&mut o, &vec![], &vec![], 0, 3, 2);
+
+    // Memory helpers.
+    let mut buf = b.zeros(6);
+    b.write_f32(&mut buf, &[1.0, 2.0]);
+    let mut f = vec![0.0f32; 4];
+    b.fill(&mut f, 3, 9.0);
+    assert_eq!(f, vec![9.0, 9.0, 9.0, 0.0]);
+    assert_eq!(b.to_f32_prefix(&buf, 3), vec![1.0, 2.0, 0.0]);
+    let mut dst = vec![7.0f32; 4];
+    b.copy(&mut dst, &buf, 2);
+    assert_eq!(dst, vec![1.0, 2.0, 7.0, 7.0]);
+    b.axpy(&mut dst, &vec![1.0; 4], 0.5, 3);
+    b.scale(&mut dst, 2.0, 1);
+    assert_eq!(dst, vec![3.0, 2.5, 7.5, 7.0]);
+    assert_eq!(b.sum_squares(&dst, 2), 9.0 + 6.25);
+    let mut idx = b.idx_from(&[1, 2, 3]);
+    b.idx_write(&mut idx, &[9]);
+    assert_eq!(b.idx_to_vec(&idx), vec![9, 2, 3]);
+    assert_eq!(b.len(&buf), 6);
+    // to_f64_prefix reads at the buffer's own precision (exact for f64).
+    let b64 = Cpu::<f64>::new();
+    let x = vec![0.1f64, 1.0 / 3.0, 7.0];
+    assert_eq!(b64.to_f64_prefix(&x, 2), vec![0.1, 1.0 / 3.0]);
+    assert_eq!(b.to_f64_prefix(&vec![0.1f32, 2.0], 1), vec![0.1f32 as f64]);
+}
