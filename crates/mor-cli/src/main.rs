@@ -29,6 +29,8 @@ enum Command {
     Params(cmd::params::Args),
     /// Forward FLOPs per token and the iso-FLOP step count of a config.
     Flops(cmd::flops::Args),
+    /// Train a model (default: a tiny MoR on the built-in corpus, on CPU).
+    Train(cmd::train::Args),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -36,6 +38,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Presets(args) => cmd::presets::run(args),
         Command::Params(args) => cmd::params::run(args),
         Command::Flops(args) => cmd::flops::run(args),
+        Command::Train(args) => cmd::train::run(args),
     }
 }
 

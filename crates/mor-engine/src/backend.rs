@@ -69,6 +69,14 @@ pub trait Backend {
     fn idx_write(&self, idx: &mut Self::Idx, data: &[u32]);
     /// Overwrite the first `data.len()` entries of a float buffer.
     fn write_f32(&self, buf: &mut Self::Buf, data: &[f32]);
+    /// Upload host values computed in double precision (exact for f64 buffers).
+    fn from_f64(&self, data: &[f64]) -> Self::Buf {
+        self.from_f32(&data.iter().map(|&x| x as f32).collect::<Vec<_>>())
+    }
+    /// Overwrite the first `data.len()` entries from double-precision host values.
+    fn write_f64(&self, buf: &mut Self::Buf, data: &[f64]) {
+        self.write_f32(buf, &data.iter().map(|&x| x as f32).collect::<Vec<_>>())
+    }
     fn fill(&self, buf: &mut Self::Buf, n: usize, value: f32);
     /// `dst[..n] = src[..n]`.
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, n: usize);

@@ -337,6 +337,16 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         buf[..n].iter().map(|&x| x.as_f32()).collect()
     }
 
+    fn from_f64(&self, data: &[f64]) -> Vec<T> {
+        data.iter().map(|&x| T::of_f64(x)).collect()
+    }
+
+    fn write_f64(&self, buf: &mut Vec<T>, data: &[f64]) {
+        for (b, &x) in buf.iter_mut().zip(data) {
+            *b = T::of_f64(x);
+        }
+    }
+
     fn to_f64_prefix(&self, buf: &Vec<T>, n: usize) -> Vec<f64> {
         buf[..n].iter().map(|&x| x.as_f64()).collect()
     }

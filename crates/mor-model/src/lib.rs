@@ -2,10 +2,12 @@
 //! four sharing strategies, and Mixture-of-Recursions with expert- or token-choice routing,
 //! recursion-wise KV caching or recursive KV sharing (MOR_SPEC sections 1–5).
 
+pub mod generate;
 pub mod layer;
 pub mod model;
 pub mod router;
 pub mod tokens;
 pub mod weights;
 
+pub use generate::{Generation, Sampler};
 pub use model::{Batch, Model, RecursionStats, RouterState, Routing, Stats};

@@ -467,6 +467,17 @@ impl<B: Backend> Model<B> {
         depth
     }
 
+    /// Logits (`[vocab]`) of the last position of the last forward.
+    pub fn last_hidden_logits(&mut self, b: &B) -> Vec<f32> {
+        let (d, vocab) = (self.dims.d, self.cfg.vocab_size);
+        let ws = self.ws.as_mut().expect("a forward ran");
+        let n = self.token_depths.len();
+        let idx = b.idx_from(&[(n - 1) as u32]);
+        b.gather_rows(&mut ws.head_x, &ws.hn, &idx, 1, d);
+        b.matmul_fwd(&mut ws.logits, &ws.head_x, self.params.value(self.weights.head()), 1, d, vocab);
+        b.to_f32_prefix(&ws.logits, vocab)
+    }
+
     /// Per-position cross-entropy of the last forward (0 where the target is ignored).
     pub fn token_losses(&self) -> &[f64] {
         &self.token_losses
@@ -643,7 +654,7 @@ impl<B: Backend> Model<B> {
         // Probabilities, depth assignment (bias only affects the argmax) and gate weights.
         let mut probs = vec![0.0f64; n * n_r];
         let mut depth = vec![0usize; n];
-        let mut weight = vec![0f32; n];
+        let mut weight = vec![0f64; n];
         let mut counts = vec![0usize; n_r];
         let mut mean_norm = vec![0.0f64; n_r];
         for t in 0..n {
@@ -667,7 +678,7 @@ impl<B: Backend> Model<B> {
                 }
             }
             depth[t] = best;
-            weight[t] = p[best] as f32;
+            weight[t] = p[best];
             counts[best] += 1;
             let s: f64 = p.iter().sum();
             for j in 0..n_r {
@@ -709,7 +720,7 @@ impl<B: Backend> Model<B> {
         // Recursions: tokens with depth >= r are active; exits are gated, continuing tokens are not.
         let mut steps = Vec::new();
         let mut active: Vec<u32> = (0..n as u32).collect();
-        let wbuf = b.from_f32(&weight);
+        let wbuf = b.from_f64(&weight);
         for r in 0..n_r {
             self.step_buf(b, r);
             let set = tr.sets[0].subset(b, &tr.segs, &active);
@@ -945,7 +956,7 @@ impl<B: Backend> Model<B> {
         }
         let softmax = rc.activation() == RouterActivation::Softmax;
         let zc = rc.z_coeff();
-        let mut dlogits = vec![0f32; n * n_r];
+        let mut dlogits = vec![0f64; n * n_r];
         for t in 0..n {
             let p = &tt.probs[t * n_r..(t + 1) * n_r];
             let g = &dp[t * n_r..(t + 1) * n_r];
@@ -965,13 +976,13 @@ impl<B: Backend> Model<B> {
                 if zc > 0.0 {
                     v += zc * scale as f64 * 2.0 * lse * (row[j] - mx).exp() / z / n as f64;
                 }
-                dlogits[t * n_r + j] = v as f32;
+                dlogits[t * n_r + j] = v;
             }
         }
         let ws = self.ws.as_mut().unwrap();
         let Workspace { routers, h1, dh, steps, .. } = ws;
         let ra = &mut routers[0];
-        b.write_f32(&mut ra.dlogits, &dlogits);
+        b.write_f64(&mut ra.dlogits, &dlogits);
         let dx = &mut steps[0].dx;
         b.fill(dx, n * d, 0.0);
         router_backward(b, &mut self.params, &self.weights.routers[0], ra, h1, n, d, rc.temperature as f32, Some(dx));

@@ -3,6 +3,7 @@
 pub mod flops;
 pub mod params;
 pub mod presets;
+pub mod train;
 
 use anyhow::Context;
 use std::io::Write;

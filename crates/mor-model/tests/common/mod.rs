@@ -307,7 +307,9 @@ impl<'a> Ref<'a> {
     pub fn router(&self, prefix: &str, x: &[f64], out: usize) -> Vec<f64> {
         let rc = self.model.cfg.router.as_ref().unwrap();
         let d = x.len();
-        let xs: Vec<f64> = x.iter().map(|v| v / rc.temperature).collect();
+        // The engine receives scalars as f32: use exactly the scale the model applies.
+        let inv_t = (1.0f32 / rc.temperature as f32) as f64;
+        let xs: Vec<f64> = x.iter().map(|v| v * inv_t).collect();
         match rc.arch.hidden(d) {
             None => self.linear(&xs, &self.w(&format!("{prefix}.weight")), out),
             Some(hdim) => {
@@ -319,25 +321,8 @@ impl<'a> Ref<'a> {
     }
 }
 
-/// erf to ~1e-15 (Taylor series for small |x|, continued fraction otherwise is overkill here:
-/// the tests use moderate arguments; series with enough terms suffices for |x| < 6).
 pub fn erf(x: f64) -> f64 {
-    if x.abs() > 5.9 {
-        return x.signum();
-    }
-    // erf(x) = 2/sqrt(pi) * sum_{n} (-1)^n x^(2n+1) / (n! (2n+1))
-    let mut sum = 0.0f64;
-    let mut term = x;
-    let mut n = 0.0;
-    while term.abs() > 1e-17 * sum.abs().max(1e-300) || n < 5.0 {
-        sum += term / (2.0 * n + 1.0);
-        n += 1.0;
-        term *= -x * x / n;
-        if n > 200.0 {
-            break;
-        }
-    }
-    sum * 2.0 / std::f64::consts::PI.sqrt()
+    libm::erf(x)
 }
 
 /// Reference losses of a batch of rows: (objective, mean CE, per-token CE, depth per token).
@@ -409,7 +394,7 @@ impl<'a> Ref<'a> {
                 }
                 Some(RouterKind::Expert) => {
                     let rc = cfg.router.as_ref().unwrap();
-                    let alpha = rc.alpha();
+                    let alpha = rc.alpha() as f32 as f64; // crosses the engine interface as f32
                     for (row, h) in hs.iter_mut().enumerate() {
                         let mut cand: Vec<usize> = (0..len).collect();
                         let mut cache = Vec::new();
