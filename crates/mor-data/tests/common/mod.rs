@@ -1,0 +1,31 @@
+//! Shared test helpers: locating downloaded assets.
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+/// Folder that `scripts/fetch-test-assets.sh` fills.
+pub fn assets_dir() -> PathBuf {
+    match std::env::var_os("MOR_ASSETS_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.assets"),
+    }
+}
+
+/// The asset at `rel`, or None (with a loud message) when it is absent and
+/// `MOR_REQUIRE_ASSETS` is unset. With `MOR_REQUIRE_ASSETS` set, an absent asset fails the test.
+pub fn asset(rel: &str) -> Option<PathBuf> {
+    let p = assets_dir().join(rel);
+    if p.exists() {
+        return Some(p);
+    }
+    let msg = format!(
+        "test asset {} is missing: run scripts/fetch-test-assets.sh",
+        p.display()
+    );
+    if std::env::var_os("MOR_REQUIRE_ASSETS").is_some_and(|v| !v.is_empty()) {
+        panic!("{msg} (MOR_REQUIRE_ASSETS is set)");
+    }
+    eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+    eprintln!("!!! SKIPPED: {msg}");
+    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
+    None
+}
