@@ -178,3 +178,39 @@ fn missing_file_and_bad_flags_are_clean_errors() {
     assert_clean_failure(&mor(&["flops", "tiny-vanilla", "--tokens-per-step", "0"]));
     assert_clean_failure(&mor(&["frobnicate"]));
 }
+
+/// A corrupt checkpoint: `mor train --resume` reports the file, exits non-zero, no panic.
+#[test]
+fn train_resume_with_corrupt_checkpoint_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_mor"))
+        .args(["train", "tiny-mor-ec3", "--data", "synthetic", "--steps", "1", "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let model = out.join("checkpoint").join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 3]).unwrap();
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_mor"))
+        .args(["train", "tiny-mor-ec3", "--data", "synthetic", "--steps", "2", "--quiet", "--resume", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(err.contains("model.safetensors") && !err.contains("panicked"), "{err}");
+}
+
+/// Missing data folder: a clear error naming it.
+#[test]
+fn train_with_missing_data_folder_is_a_clear_error() {
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_mor"))
+        .args(["train", "tiny-mor-ec3", "--data", "/nonexistent/shards", "--steps", "1", "--quiet"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(err.contains("/nonexistent/shards") && !err.contains("panicked"), "{err}");
+}

@@ -444,25 +444,23 @@ impl<B: Backend> Model<B> {
     fn depths_of(&self, tr: &Trace<B>) -> Vec<u8> {
         let n = tr.sets[0].len();
         let mut depth = vec![0u8; n];
-        for step in &tr.steps {
-            let set = match step {
-                StepTrace::Plain { .. } => None,
-                StepTrace::Expert(et) => Some(et.sel),
-                StepTrace::Token(_) => None,
-            };
-            if let Some(set) = set {
-                for &i in &tr.sets[set].idx_host {
-                    depth[i as usize] += 1;
-                }
-            }
-            if let StepTrace::Token(tt) = step {
-                for (t, &k) in tt.depth.iter().enumerate() {
-                    depth[t] = k as u8 + 1;
-                }
-            }
+        if self.router_cfg().is_none() {
+            return vec![self.map.num_recursions as u8; n];
         }
-        if !matches!(self.router_cfg(), Some(_)) {
-            depth.iter_mut().for_each(|x| *x = self.map.num_recursions as u8);
+        for step in &tr.steps {
+            match step {
+                StepTrace::Plain { .. } => {}
+                StepTrace::Expert(et) => {
+                    for &i in &tr.sets[et.sel].idx_host {
+                        depth[i as usize] += 1;
+                    }
+                }
+                StepTrace::Token(tt) => {
+                    for (t, &k) in tt.depth.iter().enumerate() {
+                        depth[t] = k as u8 + 1;
+                    }
+                }
+            }
         }
         depth
     }
@@ -476,6 +474,22 @@ impl<B: Backend> Model<B> {
         b.gather_rows(&mut ws.head_x, &ws.hn, &idx, 1, d);
         b.matmul_fwd(&mut ws.logits, &ws.head_x, self.params.value(self.weights.head()), 1, d, vocab);
         b.to_f32_prefix(&ws.logits, vocab)
+    }
+
+    /// Logits (`rows.len() × vocab`, row-major) of the given positions (flat `batch * seq_len`
+    /// indices) of the last forward, e.g. for greedy-match checks in evaluation.
+    pub fn logits_at(&mut self, b: &B, rows: &[usize]) -> Vec<f32> {
+        let (d, vocab) = (self.dims.d, self.cfg.vocab_size);
+        let ws = self.ws.as_mut().expect("a forward ran");
+        let mut out = Vec::with_capacity(rows.len() * vocab);
+        for chunk in rows.chunks(ws.head_rows) {
+            let idx: Vec<u32> = chunk.iter().map(|&r| r as u32).collect();
+            let idx = b.idx_from(&idx);
+            b.gather_rows(&mut ws.head_x, &ws.hn, &idx, chunk.len(), d);
+            b.matmul_fwd(&mut ws.logits, &ws.head_x, self.params.value(self.weights.head()), chunk.len(), d, vocab);
+            out.extend(b.to_f32_prefix(&ws.logits, chunk.len() * vocab));
+        }
+        out
     }
 
     /// Per-position cross-entropy of the last forward (0 where the target is ignored).

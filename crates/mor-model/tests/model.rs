@@ -360,3 +360,38 @@ fn f32_and_f64_models_agree() {
         }
     }
 }
+
+/// Capacity warm-up (MOR_SPEC 3.4): training forward call t uses
+/// c_r(t) = c_r + (1 - c_r)·½(1 + cos(π·min(1, t/T))): all tokens at t = 0, c_r from t = T on.
+#[test]
+fn capacity_warmup_starts_full_and_decays() {
+    let be = Cpu::<f64>::new();
+    let mut cfg = tiny_model(5);
+    cfg.recursion = recursion(Sharing::MiddleCycle, 3, KvMode::RecursionWise);
+    let mut r = router(RouterKind::Expert);
+    r.capacity_warmup = 4;
+    cfg.router = Some(r);
+    let mut model = Model::new(&be, cfg, 2).unwrap();
+    let (inputs, targets) = batch_data(37, 20);
+    let mut counts = Vec::new();
+    for _ in 0..6 {
+        run(&mut model, &be, &inputs, &targets, true);
+        counts.push(model.selections().iter().map(|s| s.len() / B).collect::<Vec<_>>());
+        model.backward(&be).unwrap();
+    }
+    let expect = |t: usize| -> Vec<usize> {
+        (0..3)
+            .map(|r| {
+                let c = warmed_capacity((3 - r) as f64 / 3.0, t, 4);
+                capacity_tokens(c, L)
+            })
+            .collect()
+    };
+    assert_eq!(counts[0], vec![9, 9, 9]);
+    for (t, c) in counts.iter().enumerate() {
+        assert_eq!(c, &expect(t), "call {t}");
+    }
+    assert_eq!(counts[5], vec![9, 6, 3]);
+    // Evaluation ignores the warm-up.
+    run(&mut model, &be, &inputs, &targets, false);
+}
