@@ -31,6 +31,16 @@ enum Command {
     Flops(cmd::flops::Args),
     /// Train a model (default: a tiny MoR on the built-in corpus, on CPU).
     Train(cmd::train::Args),
+    /// Continue a prompt (prints only the continuation).
+    Generate(cmd::generate::Args),
+    /// Evaluate: validation NLL, log-likelihood tasks (LAMBADA, HellaSwag, ...).
+    Eval(cmd::eval::Args),
+    /// Write a model as a Hugging Face folder (LlamaForCausalLM for vanilla models).
+    Export(cmd::export::Args),
+    /// Import Llama weights (GGUF / Hugging Face) as a mor checkpoint, optionally as a
+    /// recursive / MoR model initialised from them.
+    #[command(alias = "init-from")]
+    Import(cmd::import::Args),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -39,6 +49,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Params(args) => cmd::params::run(args),
         Command::Flops(args) => cmd::flops::run(args),
         Command::Train(args) => cmd::train::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
+        Command::Export(args) => cmd::export::run(args),
+        Command::Import(args) => cmd::import::run(args),
     }
 }
 

@@ -1,6 +1,10 @@
 //! One module per subcommand (`Args` + `run`), plus helpers they share.
 
+pub mod eval;
+pub mod export;
 pub mod flops;
+pub mod generate;
+pub mod import;
 pub mod params;
 pub mod presets;
 pub mod train;
