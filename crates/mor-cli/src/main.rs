@@ -31,6 +31,10 @@ enum Command {
     Flops(cmd::flops::Args),
     /// Train a model (default: a tiny MoR on the built-in corpus, on CPU).
     Train(cmd::train::Args),
+    /// Tokenizers: from a GGUF file, trained on local text, encode/decode.
+    Tokenizer(cmd::tokenizer::Args),
+    /// Training data: prepare token shards from text/JSONL/Parquet, inspect, built-in corpus.
+    Data(cmd::data::Args),
     /// Continue a prompt (prints only the continuation).
     Generate(cmd::generate::Args),
     /// Evaluate: validation NLL, log-likelihood tasks (LAMBADA, HellaSwag, ...).
@@ -49,6 +53,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Params(args) => cmd::params::run(args),
         Command::Flops(args) => cmd::flops::run(args),
         Command::Train(args) => cmd::train::run(args),
+        Command::Tokenizer(args) => cmd::tokenizer::run(args),
+        Command::Data(args) => cmd::data::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Export(args) => cmd::export::run(args),

@@ -557,3 +557,55 @@ impl PieceReader for ParquetReader {
         }
     }
 }
+
+/// All pieces of `files` in order, as one iterator that stops at the first error and leaves it
+/// in `error` (for consumers such as the BPE trainer that take plain iterators).
+pub struct PieceIter<'a> {
+    files: &'a [InputFile],
+    opts: ReadOptions,
+    next_file: usize,
+    cur: Option<Box<dyn PieceReader>>,
+    /// Stop after this many bytes of text.
+    pub max_bytes: Option<u64>,
+    pub bytes: u64,
+    pub error: Option<anyhow::Error>,
+}
+
+impl<'a> PieceIter<'a> {
+    pub fn new(files: &'a [InputFile], opts: ReadOptions) -> Self {
+        PieceIter { files, opts, next_file: 0, cur: None, max_bytes: None, bytes: 0, error: None }
+    }
+}
+
+impl Iterator for PieceIter<'_> {
+    type Item = Piece;
+    fn next(&mut self) -> Option<Piece> {
+        if self.error.is_some() || self.max_bytes.is_some_and(|m| self.bytes >= m) {
+            return None;
+        }
+        loop {
+            if self.cur.is_none() {
+                let f = self.files.get(self.next_file)?;
+                self.next_file += 1;
+                match open(f, &self.opts) {
+                    Ok(r) => self.cur = Some(r),
+                    Err(e) => {
+                        self.error = Some(e);
+                        return None;
+                    }
+                }
+            }
+            match self.cur.as_mut().unwrap().next_piece() {
+                Ok(Some(p)) => {
+                    self.bytes += p.text.len() as u64;
+                    return Some(p);
+                }
+                Ok(None) => self.cur = None,
+                Err(e) => {
+                    self.error = Some(e);
+                    return None;
+                }
+            }
+        }
+    }
+}

@@ -7,6 +7,7 @@
 //!   [`SyntheticSource`]; packed rows, seeded order, exact resumable [`LoaderState`].
 //! * [`builtin`]: the small default corpus, tokenizer and shards, cached for the first run.
 pub mod builtin;
+mod fast;
 pub mod input;
 pub mod loader;
 pub mod prepare;

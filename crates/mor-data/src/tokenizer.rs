@@ -25,6 +25,8 @@ pub struct Tokenizer {
     hash: String,
     vocab_size: usize,
     eot: Option<u32>,
+    /// The fast path for byte-level BPE (see `fast.rs`); None: encode through HF.
+    fast: Option<std::sync::Arc<crate::fast::FastBpe>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -50,6 +52,21 @@ impl Tokenizer {
         Self::from_json_str(&s).with_context(|| format!("loading tokenizer {}", path.display()))
     }
 
+    /// A `tokenizer.json`, or the tokenizer inside a GGUF file (recognised by its magic).
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let mut magic = [0u8; 4];
+        let is_gguf = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
+            && &magic == b"GGUF";
+        if is_gguf {
+            Self::from_gguf(&mor_gguf::GgufFile::open(path)?)
+        } else {
+            Self::from_file(path)
+        }
+    }
+
     /// Parse the contents of a `tokenizer.json`.
     pub fn from_json_str(s: &str) -> Result<Self> {
         let tk: tokenizers::Tokenizer = s.parse().map_err(tk_err)?;
@@ -68,6 +85,10 @@ impl Tokenizer {
             .max()
             .map_or(0, |m| m as usize + 1);
         let eot = EOT_CANDIDATES.iter().find_map(|t| tk.token_to_id(t));
+        let fast = serde_json::from_str::<Value>(&json)
+            .ok()
+            .and_then(|v| crate::fast::FastBpe::from_json(&v))
+            .map(std::sync::Arc::new);
         let mut data = tk.clone();
         data.set_encode_special_tokens(true);
         let mut special = tk;
@@ -79,6 +100,7 @@ impl Tokenizer {
             hash,
             vocab_size,
             eot,
+            fast,
         })
     }
 
@@ -143,6 +165,22 @@ impl Tokenizer {
 
     /// Token ids of `text`, special-token strings treated as plain text, no BOS/EOS added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if let Some(f) = &self.fast {
+            let mut out = Vec::with_capacity(text.len() / 3 + 1);
+            f.encode(text, &mut out);
+            return Ok(out);
+        }
+        self.encode_reference(text)
+    }
+
+    /// Whether [`encode`](Self::encode) uses the fast byte-level BPE path.
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// [`encode`](Self::encode) through the HF pipeline (the reference the fast path is
+    /// tested against).
+    pub fn encode_reference(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self
             .data
             .encode_fast(text, false)

@@ -127,3 +127,54 @@ fn llama_cpp_vectors_other_bpe_vocabs() {
         check_vectors(name);
     }
 }
+
+/// Random strings over a mix of scripts, digits, spaces of every kind and punctuation: the
+/// cases where the fast pre-tokenizer's hand-made look-ahead could differ from the regex.
+fn random_texts(n: usize, seed: u64) -> Vec<String> {
+    let alphabet: Vec<char> = "\u{4}\u{1d}\u{40000}\u{e0001}aZ é日ß\t\n\r  \u{a0}\u{3000}\u{2009}7٣½Ⅷ'\"!?.,;:-_()[]{}<>/\\|@#$%^&*~`+=🙂🦙\u{301}\u{200b}sStTdDmMrevlL\u{85}\u{b}\u{1c}"
+        .chars()
+        .collect();
+    let mut s = seed;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    (0..n)
+        .map(|_| {
+            let len = (next() % 40) as usize;
+            (0..len).map(|_| alphabet[(next() % alphabet.len() as u64) as usize]).collect()
+        })
+        .collect()
+}
+
+fn assert_fast_matches_reference(tok: &Tokenizer, extra: &[String]) {
+    assert!(tok.has_fast_path());
+    let mut texts: Vec<String> = MIXED.iter().map(|s| s.to_string()).collect();
+    texts.extend(random_texts(3000, 12345));
+    texts.extend(extra.iter().cloned());
+    texts.push("x".repeat(5000) + &" ".repeat(300) + "y"); // long words: the uncached path
+    for t in &texts {
+        assert_eq!(tok.encode(t).unwrap(), tok.encode_reference(t).unwrap(), "text {t:?}");
+    }
+}
+
+#[test]
+fn fast_path_matches_hf_trained() {
+    let docs = mor_data::builtin::generated_corpus(100_000, 5);
+    let tok = Tokenizer::train_bpe(docs.iter(), &TrainOptions { vocab_size: 700, ..Default::default() }).unwrap();
+    assert_fast_matches_reference(&tok, &docs[..5]);
+}
+
+#[test]
+fn fast_path_matches_hf_smollm_and_gpt2() {
+    if let Some(p) = asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") {
+        let tok = Tokenizer::from_gguf(&mor_gguf::GgufFile::open(&p).unwrap()).unwrap();
+        assert_fast_matches_reference(&tok, &[]);
+    }
+    if let Some(d) = asset("llama-vocab") {
+        let tok = Tokenizer::from_gguf(&mor_gguf::GgufFile::open(d.join("ggml-vocab-gpt-2.gguf")).unwrap()).unwrap();
+        assert_fast_matches_reference(&tok, &[]);
+    }
+}

@@ -2,11 +2,13 @@
 
 pub mod eval;
 pub mod export;
+pub mod data;
 pub mod flops;
 pub mod generate;
 pub mod import;
 pub mod params;
 pub mod presets;
+pub mod tokenizer;
 pub mod train;
 
 use anyhow::Context;
