@@ -35,6 +35,8 @@ enum Command {
     Tokenizer(cmd::tokenizer::Args),
     /// Training data: prepare token shards from text/JSONL/Parquet, inspect, built-in corpus.
     Data(cmd::data::Args),
+    /// Measure training throughput (tokens/s, MFU, peak memory) on CPU or CUDA.
+    Bench(cmd::bench::Args),
     /// Continue a prompt (prints only the continuation).
     Generate(cmd::generate::Args),
     /// Evaluate: validation NLL, log-likelihood tasks (LAMBADA, HellaSwag, ...).
@@ -55,6 +57,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => cmd::train::run(args),
         Command::Tokenizer(args) => cmd::tokenizer::run(args),
         Command::Data(args) => cmd::data::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Export(args) => cmd::export::run(args),

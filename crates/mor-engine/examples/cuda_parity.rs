@@ -5,7 +5,8 @@
 //! cargo run --release --features cuda -p mor-engine --example cuda_parity            # full run (GPU)
 //! cargo run --release --features cuda -p mor-engine --example cuda_parity -- --compile-only
 //! ```
-//! `--compile-only` compiles the kernels with NVRTC and exits (needs libnvrtc only, no GPU).
+//! `--compile-only` compiles the kernels with NVRTC and exits (needs libnvrtc only, no GPU); with
+//! `MOR_PTX_CACHE=file` it also writes the PTX cache that later processes load instead of compiling.
 //! `--no-timings` skips the benchmarks, `--only topk,attention` runs the matching groups only,
 //! `--kernel-info` lists registers / local memory (spills) / static shared memory per kernel.
 //! Exits non-zero if any check fails.
@@ -110,6 +111,15 @@ fn main() {
                 if let Ok(path) = std::env::var("MOR_PTX_OUT") {
                     std::fs::write(&path, src).expect("write PTX");
                     println!("PTX written to {path}");
+                }
+                if let Ok(path) = std::env::var("MOR_PTX_CACHE") {
+                    match mor_engine::cuda::ensure_ptx_cache() {
+                        Ok(_) => println!("PTX cache {path} up to date"),
+                        Err(e) => {
+                            eprintln!("{e}");
+                            std::process::exit(1);
+                        }
+                    }
                 }
                 return;
             }

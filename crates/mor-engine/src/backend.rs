@@ -43,6 +43,16 @@ pub enum GateFn {
     Identity,
 }
 
+/// Input precision of the GEMMs ([`Backend::set_matmul_precision`]). Outputs, accumulation,
+/// parameters, gradients and optimizer state stay f32 (or the backend's float type) either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// Full-precision operands (fp32 SGEMM on CUDA): the parity reference.
+    F32,
+    /// Operands rounded to bf16 (round to nearest even), fp32 accumulation (tensor cores).
+    Bf16,
+}
+
 pub trait Backend {
     /// A float buffer on the device.
     type Buf;
@@ -50,6 +60,31 @@ pub trait Backend {
     type Idx;
 
     fn name(&self) -> &'static str;
+
+    // ---- device control (defaults suit synchronous host backends) -------------------------
+    /// Wait until all queued work has finished (a no-op on synchronous backends). Timing code
+    /// calls this before reading the clock.
+    fn synchronize(&self) {}
+    /// `(used, total)` bytes of device memory where the backend can tell (`None` on the CPU).
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        None
+    }
+    /// Per-op timings accumulated since the last call, `(op, seconds, calls)`, when the backend
+    /// profiles ([`Backend::set_profiling`]; CUDA with `MOR_PROFILE=1`); empty otherwise. Resets
+    /// the counters.
+    fn take_profile(&self) -> Vec<(String, f64, u64)> {
+        Vec::new()
+    }
+    /// Turn per-op timing on or off; returns false when the backend cannot profile.
+    fn set_profiling(&self, _on: bool) -> bool {
+        false
+    }
+    /// Input precision of `matmul_fwd` / `matmul_bwd` from now on; returns false (and changes
+    /// nothing) when the backend does not support `p`. Every backend supports
+    /// [`MatmulPrecision::F32`], the default.
+    fn set_matmul_precision(&self, p: MatmulPrecision) -> bool {
+        p == MatmulPrecision::F32
+    }
 
     // ---- memory ---------------------------------------------------------------------------
     fn zeros(&self, n: usize) -> Self::Buf;
@@ -88,6 +123,11 @@ pub trait Backend {
     fn scale(&self, x: &mut Self::Buf, alpha: f32, n: usize);
     /// `Σ x[..n]²` in double precision.
     fn sum_squares(&self, x: &Self::Buf, n: usize) -> f64;
+    /// [`Backend::sum_squares`] of several buffers at once (one host read on devices); each
+    /// result equals the single call's.
+    fn sum_squares_many(&self, xs: &[(&Self::Buf, usize)]) -> Vec<f64> {
+        xs.iter().map(|&(x, n)| self.sum_squares(x, n)).collect()
+    }
 
     // ---- embedding ------------------------------------------------------------------------
     /// `out[i] = table[ids[i]]`, rows of `d`.

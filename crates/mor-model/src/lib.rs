@@ -4,10 +4,12 @@
 
 pub mod generate;
 pub mod layer;
+pub mod memory;
 pub mod model;
 pub mod router;
 pub mod tokens;
 pub mod weights;
 
 pub use generate::{Generation, Sampler};
-pub use model::{Batch, Model, RecursionStats, RouterState, Routing, Stats};
+pub use memory::MemoryEstimate;
+pub use model::{Batch, Model, RecursionStats, RouterState, Routing, Stats, DEFAULT_HEAD_CHUNK_ELEMS};

@@ -193,7 +193,10 @@ pub struct Workspace<B: Backend> {
     logits: B::Buf,
     /// Allocated on the first training forward (evaluation never needs it).
     dlogits: Option<B::Buf>,
+    /// Per-row cross-entropy of one head chunk.
     ce: B::Buf,
+    /// Per-token cross-entropy of the whole batch (read back once per forward).
+    ce_all: B::Buf,
 }
 
 /// What one forward pass did, for the backward.
@@ -225,7 +228,15 @@ pub struct Model<B: Backend> {
     pub captured: Vec<Vec<f32>>,
     token_losses: Vec<f64>,
     token_depths: Vec<u8>,
+    /// Size (elements) of the logits buffer of one LM-head chunk: the head runs over
+    /// `head_chunk_elems / vocab` token rows at a time, so the full logits never exist at once.
+    /// Default 16M (64 MiB); GPU runs use more (fewer, larger GEMMs). Takes effect at the next
+    /// workspace allocation (a new batch shape).
+    pub head_chunk_elems: usize,
 }
+
+/// Default [`Model::head_chunk_elems`].
+pub const DEFAULT_HEAD_CHUNK_ELEMS: usize = 16 * 1024 * 1024;
 
 fn gate_fn(act: RouterActivation) -> GateFn {
     match act {
@@ -278,6 +289,7 @@ impl<B: Backend> Model<B> {
             captured: Vec::new(),
             token_losses: Vec::new(),
             token_depths: Vec::new(),
+            head_chunk_elems: DEFAULT_HEAD_CHUNK_ELEMS,
         })
     }
 
@@ -286,12 +298,14 @@ impl<B: Backend> Model<B> {
     }
 
     fn ensure_workspace(&mut self, b: &B, n: usize) {
-        if self.ws.as_ref().is_some_and(|w| w.n == n) {
+        let vocab = self.cfg.vocab_size;
+        let head_rows = (self.head_chunk_elems / vocab).clamp(1, n);
+        if self.ws.as_ref().is_some_and(|w| w.n == n && w.head_rows == head_rows) {
             return;
         }
+        // Free the old buffers before allocating the new ones.
+        self.ws = None;
         let d = self.dims.d;
-        let vocab = self.cfg.vocab_size;
-        let head_rows = (16 * 1024 * 1024 / vocab).clamp(1, n);
         let routers = self.weights.routers.iter().map(|w| RouterAct::new(b, w, n)).collect();
         let aux_routers = self.weights.aux_routers.iter().map(|w| RouterAct::new(b, w, n)).collect();
         self.ws = Some(Workspace {
@@ -316,7 +330,8 @@ impl<B: Backend> Model<B> {
             head_dx: b.zeros(head_rows * d),
             logits: b.zeros(head_rows * vocab),
             dlogits: None,
-            ce: b.zeros(n),
+            ce: b.zeros(head_rows),
+            ce_all: b.zeros(n),
         });
     }
 
@@ -490,6 +505,36 @@ impl<B: Backend> Model<B> {
             out.extend(b.to_f32_prefix(&ws.logits, chunk.len() * vocab));
         }
         out
+    }
+
+    /// Elements held by the workspace buffers (activations, scratch, head chunk) right now; 0
+    /// before the first forward. Checked against [`crate::memory::estimate`].
+    pub fn workspace_elems(&self, b: &B) -> usize {
+        let Some(ws) = &self.ws else { return 0 };
+        let mut t = 0;
+        for a in &ws.acts {
+            for x in [&a.x, &a.rstd1, &a.xn1, &a.q, &a.k, &a.v, &a.att, &a.lse, &a.a, &a.rstd2, &a.xn2, &a.gate, &a.up, &a.act, &a.dk, &a.dv] {
+                t += b.len(x);
+            }
+        }
+        let s = &ws.scratch;
+        for x in [&s.da, &s.dact, &s.dgate, &s.dup, &s.dxn, &s.datt, &s.dq] {
+            t += b.len(x);
+        }
+        for sb in &ws.steps {
+            for x in [&sb.x, &sb.g, &sb.gk, &sb.y, &sb.ye, &sb.targets, &sb.bce, &sb.dy, &sb.dyin, &sb.dgk, &sb.dg, &sb.dx] {
+                t += b.len(x);
+            }
+        }
+        for r in ws.routers.iter().chain(&ws.aux_routers) {
+            for x in [&r.pre, &r.hid, &r.logits, &r.dlogits, &r.dpre, &r.dhid] {
+                t += b.len(x);
+            }
+        }
+        for x in [&ws.h, &ws.h1, &ws.tx, &ws.hn, &ws.rstd, &ws.dh, &ws.dhn, &ws.dtx, &ws.g1, &ws.g2, &ws.head_x, &ws.head_dx, &ws.logits, &ws.ce, &ws.ce_all] {
+            t += b.len(x);
+        }
+        t + ws.dlogits.as_ref().map_or(0, |x| b.len(x))
     }
 
     /// Per-position cross-entropy of the last forward (0 where the target is ignored).
@@ -798,8 +843,6 @@ impl<B: Backend> Model<B> {
             b.fill(&mut ws.dhn, n * d, 0.0);
         }
         let scale = if valid > 0 { loss_scale / valid as f32 } else { 0.0 };
-        let mut total = 0.0f64;
-        self.token_losses.clear();
         let mut start = 0;
         while start < n {
             let rows = ws.head_rows.min(n - start);
@@ -808,10 +851,13 @@ impl<B: Backend> Model<B> {
             let targets = b.idx_from(&batch.targets[start..start + rows]);
             b.gather_rows(&mut ws.head_x, &ws.hn, &idx, rows, d);
             b.matmul_fwd(&mut ws.logits, &ws.head_x, self.params.value(head), rows, d, vocab);
-            b.cross_entropy_fwd(&mut ws.ce, &ws.logits, &targets, rows, vocab);
-            let ce = b.to_f64_prefix(&ws.ce, rows);
-            total += ce.iter().sum::<f64>();
-            self.token_losses.extend_from_slice(&ce);
+            if rows == n {
+                b.cross_entropy_fwd(&mut ws.ce_all, &ws.logits, &targets, rows, vocab);
+            } else {
+                // Collect the chunk's losses on the device: one host read per forward, not per chunk.
+                b.cross_entropy_fwd(&mut ws.ce, &ws.logits, &targets, rows, vocab);
+                b.scatter_rows(&mut ws.ce_all, &ws.ce, &idx, rows, 1);
+            }
             if grad {
                 let dlogits = ws.dlogits.get_or_insert_with(|| b.zeros(ws.head_rows * vocab));
                 b.fill(dlogits, rows * vocab, 0.0);
@@ -823,6 +869,8 @@ impl<B: Backend> Model<B> {
             }
             start += rows;
         }
+        self.token_losses = b.to_f64_prefix(&ws.ce_all, n);
+        let total: f64 = self.token_losses.iter().sum();
         stats.tokens = valid;
         stats.ce = if valid > 0 { total / valid as f64 } else { 0.0 };
     }

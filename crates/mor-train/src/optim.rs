@@ -168,11 +168,8 @@ impl<B: Backend> AdamW<B> {
     /// Global L2 norm of this group's gradients, `sqrt(Σ sum_squares(grad))` (f64).
     pub fn grad_norm(&self, backend: &B, params: &ParamStore<B>) -> f64 {
         self.check_store(params);
-        self.ids
-            .iter()
-            .map(|id| backend.sum_squares(&params.grads[id.0], params.info[id.0].numel()))
-            .sum::<f64>()
-            .sqrt()
+        let xs: Vec<(&B::Buf, usize)> = self.ids.iter().map(|id| (&params.grads[id.0], params.info[id.0].numel())).collect();
+        backend.sum_squares_many(&xs).into_iter().sum::<f64>().sqrt()
     }
 
     /// PyTorch `clip_grad_norm_`: if `grad_clip > 0` and `max/(norm + 1e-6) < 1`, scale the

@@ -1,5 +1,7 @@
 //! One module per subcommand (`Args` + `run`), plus helpers they share.
 
+pub mod bench;
+pub mod device;
 pub mod eval;
 pub mod export;
 pub mod data;

@@ -1,10 +1,12 @@
-//! `mor train [CONFIG]`: train a model on CPU (the default: a tiny MoR on the built-in corpus),
-//! with a progress bar, JSONL metrics, a loss-curve PNG and an atomic checkpoint under `--out`;
-//! then print a generated sample with each token's recursion depth.
+//! `mor train [CONFIG]`: train a model on CPU or (`--device cuda`) on the GPU (the default: a tiny
+//! MoR on the built-in corpus), with a progress bar, JSONL metrics, a loss-curve PNG and an atomic
+//! checkpoint under `--out`; then print a generated sample with each token's recursion depth.
+//! `--dry-run` prints the memory estimate of the run and exits.
 
+use super::device::{self, Device, DeviceOptions, Gemm, OnBackend};
 use anyhow::{bail, Context, Result};
 use mor_data::{LoaderState, ShardSource, SyntheticSource, TokenSource, Tokenizer};
-use mor_engine::Cpu;
+use mor_engine::Backend;
 use mor_model::Sampler;
 use mor_train::{BatchSource, TokenBatch, TrainOptions};
 use std::path::{Path, PathBuf};
@@ -37,6 +39,15 @@ pub struct Args {
     /// Tokens to generate for the sample.
     #[arg(long, default_value_t = 40)]
     pub sample_tokens: usize,
+    /// Backend: `cpu` or `cuda` (binaries built with `--features cuda`).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
+    /// GEMM precision on CUDA: `f32` or `bf16` (bf16 operands, fp32 accumulation and weights).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub gemm: Gemm,
+    /// Print parameter, optimizer, activation and peak memory estimates, then exit.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Adapts a data-crate token source to the trainer's interface.
@@ -88,6 +99,10 @@ pub fn run(args: Args) -> Result<()> {
         cfg.train.warmup_steps = cfg.train.warmup_steps.min(steps);
     }
     cfg.validate().with_context(|| format!("invalid config `{}`", args.config))?;
+    if args.dry_run {
+        return super::print(&dry_run_report(&cfg, args.device)?);
+    }
+    device::check(args.device)?;
     let spec = args.data.clone().or_else(|| cfg.data.train.clone()).unwrap_or_else(|| "synthetic".into());
     let (source, tokenizer) = open_data(&spec, cfg.model.vocab_size, cfg.train.seed, args.quiet)?;
     if source.vocab_size() > cfg.model.vocab_size {
@@ -104,11 +119,39 @@ pub fn run(args: Args) -> Result<()> {
         cfg.train.micro_batch * cfg.train.seq_len * cfg.train.grad_accum,
         out.display()
     );
-    let backend = Cpu::<f32>::new();
-    let opts = TrainOptions { run_dir: out.clone(), resume: args.resume, quiet: args.quiet, stop_after: None, init_seed: None };
+    let opts = DeviceOptions { gemm: args.gemm, profile: false };
+    device::dispatch(args.device, opts, Job { cfg, args, source, tokenizer, out })
+}
+
+/// The training run proper, on whichever backend was picked.
+struct Job {
+    cfg: mor_config::RunConfig,
+    args: Args,
+    source: Box<dyn TokenSource>,
+    tokenizer: Option<PathBuf>,
+    out: PathBuf,
+}
+
+impl OnBackend for Job {
+    type Output = ();
+    fn run<B: Backend>(self, backend: &B) -> Result<()> {
+        let Job { cfg, args, source, tokenizer, out } = self;
+        train_on(backend, &cfg, &args, source, tokenizer, &out)
+    }
+}
+
+fn train_on<B: Backend>(
+    backend: &B,
+    cfg: &mor_config::RunConfig,
+    args: &Args,
+    source: Box<dyn TokenSource>,
+    tokenizer: Option<PathBuf>,
+    out: &Path,
+) -> Result<()> {
+    let opts = TrainOptions { run_dir: out.to_path_buf(), resume: args.resume, quiet: args.quiet, stop_after: None, init_seed: None };
     let mut data = Source(source);
     let t0 = std::time::Instant::now();
-    let mut outcome = mor_train::train(&backend, &cfg, &mut data, &opts)?;
+    let mut outcome = mor_train::train(backend, cfg, &mut data, &opts)?;
     let last = outcome.log.last();
     eprintln!(
         "done in {:.0}s: step {}, loss {}; checkpoint {}, metrics {}{}",
@@ -122,14 +165,14 @@ pub fn run(args: Args) -> Result<()> {
     if let (Some(tok), false) = (tokenizer, args.prompt.is_empty() || args.sample_tokens == 0) {
         std::fs::copy(&tok, out.join("tokenizer.json")).ok();
         let tok = Tokenizer::from_file(&tok)?;
-        print_sample(&backend, &mut outcome.model, &tok, &args.prompt, args.sample_tokens)?;
+        print_sample(backend, &mut outcome.model, &tok, &args.prompt, args.sample_tokens)?;
     }
     Ok(())
 }
 
 /// Generate from `prompt` and print each token with its recursion depth as a subscript
 /// (coloured by depth on a terminal).
-pub fn print_sample(backend: &Cpu<f32>, model: &mut mor_model::Model<Cpu<f32>>, tok: &Tokenizer, prompt: &str, n: usize) -> Result<()> {
+pub fn print_sample<B: Backend>(backend: &B, model: &mut mor_model::Model<B>, tok: &Tokenizer, prompt: &str, n: usize) -> Result<()> {
     let ids = tok.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt encodes to no tokens");
@@ -155,4 +198,49 @@ pub fn print_sample(backend: &Cpu<f32>, model: &mut mor_model::Model<Cpu<f32>>, 
         "sample (subscript = recursions each token took, of {}):\n{text}\n",
         model.map.num_recursions
     ))
+}
+
+/// `GiB` with two decimals.
+pub fn gib(bytes: f64) -> String {
+    format!("{:.2} GiB", bytes / (1u64 << 30) as f64)
+}
+
+/// The `--dry-run` report: memory of parameters, gradients, AdamW state and the activations of
+/// one micro-batch (see `mor_model::memory`), all f32.
+pub fn dry_run_report(cfg: &mor_config::RunConfig, device: Device) -> Result<String> {
+    let t = &cfg.train;
+    let est = mor_model::memory::estimate(&cfg.model, t.micro_batch, t.seq_len, mor_model::DEFAULT_HEAD_CHUNK_ELEMS)?;
+    let counts = cfg.model.param_counts()?;
+    let map = cfg.model.sharing_map()?;
+    let b = mor_model::MemoryEstimate::BYTES as f64;
+    let row = |what: &str, elems: usize, note: String| format!("  {what:<22} {:>12}  {:>10}  {note}\n", super::si(elems as f64), gib(elems as f64 * b));
+    let mut text = format!(
+        "{} (dry run, {:?}): micro-batch {} x {} = {} tokens, grad_accum {}, all buffers f32\n",
+        if cfg.name.is_empty() { "run" } else { cfg.name.as_str() },
+        device,
+        t.micro_batch,
+        t.seq_len,
+        super::thousands(est.tokens as u64),
+        t.grad_accum
+    );
+    text.push_str(&format!("  {:<22} {:>12}  {:>10}\n", "", "elements", "memory"));
+    text.push_str(&row("parameters", est.params, format!("{} non-embedding", super::si(counts.non_embedding as f64))));
+    text.push_str(&row("gradients", est.grads, String::new()));
+    text.push_str(&row("optimizer (AdamW m, v)", est.optimizer, String::new()));
+    text.push_str(&row(
+        "activations",
+        est.activations(),
+        format!(
+            "{} layer applications x {} tokens: {}; scratch, residual, router and LM-head chunk: {}",
+            map.num_layers,
+            est.tokens,
+            gib(est.layer_activations as f64 * b),
+            gib(est.workspace_other as f64 * b)
+        ),
+    ));
+    text.push_str(&row("peak (estimate)", est.total(), "everything above is resident during a step".into()));
+    if device == Device::Cuda {
+        text.push_str("  not included: the CUDA context (~0.5 GiB), index buffers and backend scratch (attention statistics, sort buffers, bf16 GEMM operand copies)\n");
+    }
+    Ok(text)
 }

@@ -25,7 +25,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
@@ -34,7 +36,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
-use crate::backend::{AttnShape, Backend, GateFn};
+use crate::backend::{AttnShape, Backend, GateFn, MatmulPrecision};
 
 /// The CUDA C source of every kernel, as handed to NVRTC.
 pub const KERNEL_SOURCE: &str = concat!(
@@ -56,6 +58,7 @@ const KERNELS: &[&str] = &[
     "scale_f32",
     "sumsq_partial_f32",
     "sumsq_final",
+    "f32_to_bf16",
     "bce_fwd_f32",
     "bce_bwd_f32",
     "adamw_f32",
@@ -161,10 +164,52 @@ pub fn compile_kernels() -> Result<Ptx, CudaError> {
     })
 }
 
-/// The compiled kernels, once per process.
-fn kernels_ptx() -> Result<Ptx, CudaError> {
-    static PTX: OnceLock<Result<Ptx, String>> = OnceLock::new();
-    PTX.get_or_init(|| compile_kernels().map_err(|e| e.to_string())).clone().map_err(CudaError::Nvrtc)
+/// First line of a cached PTX file: identifies the kernel source and compile options it came from.
+fn ptx_tag() -> String {
+    // FNV-1a 64 over the source and the options that change the PTX (not the include path).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let opts = compile_options();
+    let key = format!("{KERNEL_SOURCE}\n{:?} {:?}", opts.arch, opts.options);
+    for b in key.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("// mor-kernels {h:016x}\n")
+}
+
+/// Compile the kernels into the `MOR_PTX_CACHE` file unless it already holds them (needs only
+/// libnvrtc, no GPU); true when the file was already up to date.
+pub fn ensure_ptx_cache() -> Result<bool, CudaError> {
+    kernels_ptx().map(|(_, cached)| cached)
+}
+
+/// The kernels' PTX, once per process, and whether it came from the cache file. With
+/// `MOR_PTX_CACHE=path` a PTX file compiled from the same source is loaded instead of compiling
+/// (NVRTC takes tens of seconds for these kernels); a missing or stale file is (re)written after
+/// compiling. Without the variable every process compiles.
+fn kernels_ptx() -> Result<(Ptx, bool), CudaError> {
+    static PTX: OnceLock<Result<(Ptx, bool), String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        let cache = std::env::var("MOR_PTX_CACHE").ok().filter(|p| !p.is_empty());
+        let tag = ptx_tag();
+        if let Some(path) = &cache {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                if text.starts_with(&tag) {
+                    return Ok((Ptx::from_src(text), true));
+                }
+            }
+        }
+        let ptx = compile_kernels().map_err(|e| e.to_string())?;
+        if let Some(path) = &cache {
+            let tmp = format!("{path}.tmp{}", std::process::id());
+            if std::fs::write(&tmp, format!("{tag}{}", ptx.to_src())).is_ok() {
+                let _ = std::fs::rename(&tmp, path);
+            }
+        }
+        Ok((ptx, false))
+    })
+    .clone()
+    .map_err(CudaError::Nvrtc)
 }
 
 /// Scratch buffers kept across calls (grown on demand; a replaced buffer is freed in stream order).
@@ -181,8 +226,71 @@ enum Slot {
     AttKOff,
     AttDelta,
     Topk,
+    /// bf16 copies of GEMM operands (bf16 GEMM path).
+    BfA,
+    BfB,
+    BfC,
 }
-const NUM_SLOTS: usize = 11;
+const NUM_SLOTS: usize = 14;
+
+/// Input precision of the GEMMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmPrecision {
+    /// cuBLAS SGEMM, fp32 in and out (no TF32): the parity reference.
+    F32,
+    /// Operands rounded to bf16 on the fly (round to nearest even), tensor-core GEMM with fp32
+    /// accumulation and fp32 output (`cublasGemmEx`, `CUBLAS_COMPUTE_32F`). Parameters,
+    /// gradients and optimizer state stay fp32 (fp32 master weights).
+    Bf16,
+}
+
+/// Run-time options of the backend.
+#[derive(Debug, Clone, Copy)]
+pub struct CudaOptions {
+    pub gemm: GemmPrecision,
+    /// Synchronise around every op and accumulate wall time per op
+    /// ([`Backend::take_profile`]). Slows everything down; for breakdowns only.
+    pub profile: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions { gemm: GemmPrecision::F32, profile: false }
+    }
+}
+
+impl CudaOptions {
+    /// Defaults overridden by the environment: `MOR_GEMM=bf16|f32`, `MOR_PROFILE=1`.
+    pub fn from_env() -> Self {
+        let mut o = CudaOptions::default();
+        if let Ok(v) = std::env::var("MOR_GEMM") {
+            if v.eq_ignore_ascii_case("bf16") {
+                o.gemm = GemmPrecision::Bf16;
+            }
+        }
+        o.profile = std::env::var("MOR_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0");
+        o
+    }
+}
+
+/// Times one op when profiling (synchronises before and after); nested ops are not counted twice.
+struct ProfGuard<'a> {
+    cuda: &'a Cuda,
+    name: &'static str,
+    t0: Instant,
+}
+
+impl Drop for ProfGuard<'_> {
+    fn drop(&mut self) {
+        self.cuda.stream.synchronize().expect("cuda: stream synchronize failed");
+        let dt = self.t0.elapsed().as_secs_f64();
+        self.cuda.prof_depth.fetch_sub(1, Ordering::SeqCst);
+        let mut p = self.cuda.prof.lock().unwrap();
+        let e = p.entry(self.name).or_insert((0.0, 0));
+        e.0 += dt;
+        e.1 += 1;
+    }
+}
 
 /// The CUDA backend. See the module documentation.
 pub struct Cuda {
@@ -194,6 +302,11 @@ pub struct Cuda {
     /// Keys the top-k kernel may sort in shared memory (a power of two).
     topk_smem_keys: usize,
     sm_count: u32,
+    /// bf16 GEMM operands (switchable at run time, see [`Backend::set_matmul_precision`]).
+    gemm_bf16: AtomicBool,
+    profiling: AtomicBool,
+    prof_depth: AtomicUsize,
+    prof: Mutex<HashMap<&'static str, (f64, u64)>>,
 }
 
 impl fmt::Debug for Cuda {
@@ -232,15 +345,26 @@ fn check_len(what: &str, have: usize, need: usize) {
 }
 
 impl Cuda {
+    /// Open device `ordinal` with [`CudaOptions::from_env`] (fp32 GEMMs, no profiling unless
+    /// `MOR_GEMM` / `MOR_PROFILE` say otherwise).
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        Self::with_options(ordinal, CudaOptions::from_env())
+    }
+
     /// Open device `ordinal`, compile (once per process) and load the kernels, create the cuBLAS
     /// handle.
-    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+    pub fn with_options(ordinal: usize, opts: CudaOptions) -> Result<Self, CudaError> {
         let ctx = CudaContext::new(ordinal).map_err(drv)?;
         // One stream: no cross-stream event tracking needed.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
-        let ptx = kernels_ptx()?;
-        let module = ctx.load_module(ptx).map_err(drv)?;
+        let (ptx, cached) = kernels_ptx()?;
+        let module = match ctx.load_module(ptx) {
+            Ok(m) => m,
+            // A cached PTX the driver rejects (another NVRTC wrote it): compile afresh.
+            Err(_) if cached => ctx.load_module(compile_kernels()?).map_err(drv)?,
+            Err(e) => return Err(drv(e)),
+        };
         let mut funcs = HashMap::new();
         for &name in KERNELS {
             let f = module.load_function(name).map_err(|e| CudaError::Driver(format!("loading kernel {name}: {e:?}")))?;
@@ -274,7 +398,94 @@ impl Cuda {
             scratch: Mutex::new((0..NUM_SLOTS).map(|_| None).collect()),
             topk_smem_keys,
             sm_count,
+            gemm_bf16: AtomicBool::new(opts.gemm == GemmPrecision::Bf16),
+            profiling: AtomicBool::new(opts.profile),
+            prof_depth: AtomicUsize::new(0),
+            prof: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The options in force now.
+    pub fn options(&self) -> CudaOptions {
+        CudaOptions {
+            gemm: if self.bf16() { GemmPrecision::Bf16 } else { GemmPrecision::F32 },
+            profile: self.profiling.load(Ordering::Relaxed),
+        }
+    }
+
+    fn bf16(&self) -> bool {
+        self.gemm_bf16.load(Ordering::Relaxed)
+    }
+
+    /// `(free, total)` device memory in bytes (`cuMemGetInfo`).
+    pub fn mem_get_info(&self) -> (usize, usize) {
+        self.ctx.mem_get_info().unwrap_or((0, 0))
+    }
+
+    /// Start timing op `name` (profiling only; the outermost op of a nest is the one counted).
+    fn prof(&self, name: &'static str) -> Option<ProfGuard<'_>> {
+        if !self.profiling.load(Ordering::Relaxed) {
+            return None;
+        }
+        if self.prof_depth.fetch_add(1, Ordering::SeqCst) > 0 {
+            self.prof_depth.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        self.stream.synchronize().expect("cuda: stream synchronize failed");
+        Some(ProfGuard { cuda: self, name, t0: Instant::now() })
+    }
+
+    /// bf16 copy of the first `n` values of `src` in scratch `slot`; returns its device pointer.
+    fn to_bf16(&self, slot: Slot, src: u64, n: usize) -> u64 {
+        let dst = self.scratch(slot, n * 2);
+        launch!(self, "f32_to_bf16", self.ew(n), [src, dst, n as i64]);
+        dst
+    }
+
+    /// Column-major `C[m, n] = alpha·op(A)·op(B) + beta·C` with bf16 A and B (device pointers of
+    /// bf16 data), fp32 C, fp32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_bf16(
+        &self,
+        transa: blas_sys::cublasOperation_t,
+        transb: blas_sys::cublasOperation_t,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+    ) {
+        let alpha = 1.0f32;
+        use blas_sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                transa,
+                transb,
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha as *const f32 as *const std::ffi::c_void,
+                a as *const std::ffi::c_void,
+                CUDA_R_16BF,
+                lda as i32,
+                b as *const std::ffi::c_void,
+                CUDA_R_16BF,
+                ldb as i32,
+                &beta as *const f32 as *const std::ffi::c_void,
+                c as *mut std::ffi::c_void,
+                CUDA_R_32F,
+                ldc as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            )
+        }
+        .unwrap_or_else(|e| panic!("cublasGemmEx (bf16) failed: {e:?}"));
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -413,8 +624,36 @@ impl Backend for Cuda {
         "cuda"
     }
 
+    fn synchronize(&self) {
+        Cuda::synchronize(self);
+    }
+
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        let (free, total) = self.mem_get_info();
+        Some((total.saturating_sub(free), total))
+    }
+
+    fn set_profiling(&self, on: bool) -> bool {
+        self.synchronize();
+        self.profiling.store(on, Ordering::SeqCst);
+        true
+    }
+
+    fn set_matmul_precision(&self, p: MatmulPrecision) -> bool {
+        self.gemm_bf16.store(p == MatmulPrecision::Bf16, Ordering::SeqCst);
+        true
+    }
+
+    fn take_profile(&self) -> Vec<(String, f64, u64)> {
+        let mut p = self.prof.lock().unwrap();
+        let mut v: Vec<(String, f64, u64)> = p.drain().map(|(k, (t, c))| (k.to_string(), t, c)).collect();
+        v.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+        v
+    }
+
     // ---- memory ---------------------------------------------------------------------------
     fn zeros(&self, n: usize) -> CudaSlice<f32> {
+        let _p = self.prof("zeros");
         if n == 0 {
             return self.stream.null().expect("cuda: alloc failed");
         }
@@ -422,6 +661,7 @@ impl Backend for Cuda {
     }
 
     fn from_f32(&self, data: &[f32]) -> CudaSlice<f32> {
+        let _p = self.prof("from_f32");
         if data.is_empty() {
             return self.zeros(0);
         }
@@ -429,10 +669,12 @@ impl Backend for Cuda {
     }
 
     fn to_f32(&self, buf: &CudaSlice<f32>) -> Vec<f32> {
+        let _p = self.prof("to_f32");
         self.to_f32_prefix(buf, buf.len())
     }
 
     fn to_f32_prefix(&self, buf: &CudaSlice<f32>, n: usize) -> Vec<f32> {
+        let _p = self.prof("to_f32_prefix");
         check_len("buffer", buf.len(), n);
         if n == 0 {
             return Vec::new();
@@ -447,6 +689,7 @@ impl Backend for Cuda {
     }
 
     fn idx_from(&self, data: &[u32]) -> CudaSlice<u32> {
+        let _p = self.prof("idx_from");
         if data.is_empty() {
             return self.stream.null().expect("cuda: alloc failed");
         }
@@ -454,6 +697,7 @@ impl Backend for Cuda {
     }
 
     fn idx_to_vec(&self, idx: &CudaSlice<u32>) -> Vec<u32> {
+        let _p = self.prof("idx_to_vec");
         if idx.is_empty() {
             return Vec::new();
         }
@@ -463,6 +707,7 @@ impl Backend for Cuda {
     }
 
     fn idx_write(&self, idx: &mut CudaSlice<u32>, data: &[u32]) {
+        let _p = self.prof("idx_write");
         check_len("index buffer", idx.len(), data.len());
         if data.is_empty() {
             return;
@@ -471,6 +716,7 @@ impl Backend for Cuda {
     }
 
     fn write_f32(&self, buf: &mut CudaSlice<f32>, data: &[f32]) {
+        let _p = self.prof("write_f32");
         check_len("buffer", buf.len(), data.len());
         if data.is_empty() {
             return;
@@ -479,6 +725,7 @@ impl Backend for Cuda {
     }
 
     fn fill(&self, buf: &mut CudaSlice<f32>, n: usize, value: f32) {
+        let _p = self.prof("fill");
         check_len("buffer", buf.len(), n);
         if n == 0 {
             return;
@@ -493,6 +740,7 @@ impl Backend for Cuda {
     }
 
     fn copy(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, n: usize) {
+        let _p = self.prof("copy");
         check_len("dst", dst.len(), n);
         check_len("src", src.len(), n);
         if n == 0 {
@@ -503,6 +751,7 @@ impl Backend for Cuda {
 
     // ---- elementwise ----------------------------------------------------------------------
     fn axpy(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>, alpha: f32, n: usize) {
+        let _p = self.prof("axpy");
         check_len("y", y.len(), n);
         check_len("x", x.len(), n);
         if n == 0 {
@@ -513,6 +762,7 @@ impl Backend for Cuda {
     }
 
     fn scale(&self, x: &mut CudaSlice<f32>, alpha: f32, n: usize) {
+        let _p = self.prof("scale");
         check_len("x", x.len(), n);
         if n == 0 {
             return;
@@ -522,6 +772,7 @@ impl Backend for Cuda {
     }
 
     fn sum_squares(&self, x: &CudaSlice<f32>, n: usize) -> f64 {
+        let _p = self.prof("sum_squares");
         check_len("x", x.len(), n);
         if n == 0 {
             return 0.0;
@@ -539,17 +790,47 @@ impl Backend for Cuda {
         r[0]
     }
 
+    fn sum_squares_many(&self, xs: &[(&CudaSlice<f32>, usize)]) -> Vec<f64> {
+        let _p = self.prof("sum_squares");
+        if xs.is_empty() {
+            return Vec::new();
+        }
+        // The partial sums are reused in stream order; one result slot per buffer; one read.
+        let partial = self.scratch(Slot::SumsqPartial, SUMSQ_MAX_BLOCKS * 8);
+        let out = self.scratch(Slot::SumsqOut, xs.len() * 8);
+        self.memset0(out, xs.len() * 8);
+        for (i, &(x, n)) in xs.iter().enumerate() {
+            check_len("x", x.len(), n);
+            if n == 0 {
+                continue;
+            }
+            let blocks = n.div_ceil(EW_THREADS as usize).clamp(1, SUMSQ_MAX_BLOCKS);
+            let xp = self.p(x);
+            let o = out + 8 * i as u64;
+            launch!(self, "sumsq_partial_f32", cfg((blocks as u32, 1, 1), EW_THREADS, 0), [xp, n as i64, partial]);
+            launch!(self, "sumsq_final", cfg((1, 1, 1), 1024, 0), [partial, blocks as i32, o]);
+        }
+        let mut r = vec![0.0f64; xs.len()];
+        unsafe { drv_result::memcpy_dtoh_async(&mut r[..], out, self.stream.cu_stream()) }
+            .expect("cuda: device-to-host copy failed");
+        self.synchronize();
+        r
+    }
+
     // ---- embedding ------------------------------------------------------------------------
     fn embedding_fwd(&self, out: &mut CudaSlice<f32>, table: &CudaSlice<f32>, ids: &CudaSlice<u32>, n: usize, d: usize) {
+        let _p = self.prof("embedding_fwd");
         self.gather_rows(out, table, ids, n, d);
     }
 
     fn embedding_bwd(&self, dtable: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, ids: &CudaSlice<u32>, n: usize, d: usize) {
+        let _p = self.prof("embedding_bwd");
         self.scatter_add_rows(dtable, dout, ids, n, d);
     }
 
     // ---- linear ---------------------------------------------------------------------------
     fn matmul_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, k: usize, m: usize) {
+        let _p = self.prof("matmul_fwd");
         if n == 0 || m == 0 {
             return;
         }
@@ -558,6 +839,14 @@ impl Backend for Cuda {
         check_len("w", w.len(), m * k);
         if k == 0 {
             self.fill(out, n * m, 0.0);
+            return;
+        }
+        if self.bf16() {
+            use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+            let wb = self.to_bf16(Slot::BfA, self.p(w), m * k);
+            let xb = self.to_bf16(Slot::BfB, self.p(x), n * k);
+            let op = self.pm(out);
+            self.gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, wb, k, xb, k, 0.0, op, m);
             return;
         }
         // Column-major view: outᵀ[m, n] = w[m, k] · xᵀ[k, n]; the row-major w is a column-major
@@ -588,6 +877,7 @@ impl Backend for Cuda {
         k: usize,
         m: usize,
     ) {
+        let _p = self.prof("matmul_bwd");
         if k == 0 || n == 0 || m == 0 {
             return;
         }
@@ -596,6 +886,19 @@ impl Backend for Cuda {
         check_len("w", w.len(), m * k);
         check_len("dw", dw.len(), m * k);
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        if self.bf16() {
+            let gb = self.to_bf16(Slot::BfC, self.p(dout), n * m);
+            if let Some(dx) = dx {
+                check_len("dx", dx.len(), n * k);
+                let wb = self.to_bf16(Slot::BfA, self.p(w), m * k);
+                let dxp = self.pm(dx);
+                self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, k, n, m, wb, k, gb, m, 1.0, dxp, k);
+            }
+            let xb = self.to_bf16(Slot::BfB, self.p(x), n * k);
+            let dwp = self.pm(dw);
+            self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, k, m, n, xb, k, gb, m, 1.0, dwp, k);
+            return;
+        }
         if let Some(dx) = dx {
             check_len("dx", dx.len(), n * k);
             // dxᵀ[k, n] += w-as-[k, m] · doutᵀ[m, n]
@@ -631,6 +934,7 @@ impl Backend for Cuda {
 
     // ---- normalisation --------------------------------------------------------------------
     fn rmsnorm_fwd(&self, out: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, d: usize, eps: f32) {
+        let _p = self.prof("rmsnorm_fwd");
         if n == 0 || d == 0 {
             return;
         }
@@ -658,6 +962,7 @@ impl Backend for Cuda {
         n: usize,
         d: usize,
     ) {
+        let _p = self.prof("rmsnorm_bwd");
         if n == 0 || d == 0 {
             return;
         }
@@ -681,10 +986,12 @@ impl Backend for Cuda {
 
     // ---- rotary embedding -----------------------------------------------------------------
     fn rope_fwd(&self, x: &mut CudaSlice<f32>, pos: &CudaSlice<u32>, n: usize, heads: usize, head_dim: usize, theta: f32) {
+        let _p = self.prof("rope_fwd");
         self.rope(x, pos, n, heads, head_dim, theta, 1.0);
     }
 
     fn rope_bwd(&self, dx: &mut CudaSlice<f32>, pos: &CudaSlice<u32>, n: usize, heads: usize, head_dim: usize, theta: f32) {
+        let _p = self.prof("rope_bwd");
         self.rope(dx, pos, n, heads, head_dim, theta, -1.0);
     }
 
@@ -698,6 +1005,7 @@ impl Backend for Cuda {
         v: &CudaSlice<f32>,
         shape: &AttnShape<'_, CudaSlice<u32>>,
     ) {
+        let _p = self.prof("attention_fwd");
         let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
         if nq == 0 || heads == 0 || hd == 0 || shape.num_seqs == 0 {
             return;
@@ -734,6 +1042,7 @@ impl Backend for Cuda {
         v: &CudaSlice<f32>,
         shape: &AttnShape<'_, CudaSlice<u32>>,
     ) {
+        let _p = self.prof("attention_bwd");
         let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
         if nq == 0 || nk == 0 || heads == 0 || hd == 0 || shape.num_seqs == 0 {
             return;
@@ -786,6 +1095,7 @@ impl Backend for Cuda {
 
     // ---- activations ----------------------------------------------------------------------
     fn swiglu_fwd(&self, out: &mut CudaSlice<f32>, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, n: usize) {
+        let _p = self.prof("swiglu_fwd");
         if n == 0 {
             return;
         }
@@ -797,6 +1107,7 @@ impl Backend for Cuda {
     }
 
     fn swiglu_bwd(&self, dgate: &mut CudaSlice<f32>, dup: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, n: usize) {
+        let _p = self.prof("swiglu_bwd");
         if n == 0 {
             return;
         }
@@ -808,6 +1119,7 @@ impl Backend for Cuda {
     }
 
     fn gelu_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize) {
+        let _p = self.prof("gelu_fwd");
         if n == 0 {
             return;
         }
@@ -818,6 +1130,7 @@ impl Backend for Cuda {
     }
 
     fn gelu_bwd(&self, dx: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, x: &CudaSlice<f32>, n: usize) {
+        let _p = self.prof("gelu_bwd");
         if n == 0 {
             return;
         }
@@ -829,6 +1142,7 @@ impl Backend for Cuda {
     }
 
     fn gate_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, f: GateFn, alpha: f32, n: usize) {
+        let _p = self.prof("gate_fwd");
         if n == 0 {
             return;
         }
@@ -839,6 +1153,7 @@ impl Backend for Cuda {
     }
 
     fn gate_bwd(&self, dx: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, x: &CudaSlice<f32>, f: GateFn, alpha: f32, n: usize) {
+        let _p = self.prof("gate_bwd");
         if n == 0 {
             return;
         }
@@ -850,6 +1165,7 @@ impl Backend for Cuda {
     }
 
     fn softmax_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize, c: usize) {
+        let _p = self.prof("softmax_fwd");
         if n == 0 || c == 0 {
             return;
         }
@@ -860,6 +1176,7 @@ impl Backend for Cuda {
     }
 
     fn softmax_bwd(&self, dx: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, out: &CudaSlice<f32>, n: usize, c: usize) {
+        let _p = self.prof("softmax_bwd");
         if n == 0 || c == 0 {
             return;
         }
@@ -872,6 +1189,7 @@ impl Backend for Cuda {
 
     // ---- token subsets --------------------------------------------------------------------
     fn gather_rows(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        let _p = self.prof("gather_rows");
         if m == 0 || d == 0 {
             return;
         }
@@ -882,12 +1200,14 @@ impl Backend for Cuda {
     }
 
     fn scatter_add_rows(&self, dx: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        let _p = self.prof("scatter_add_rows");
         check_len("dout", dout.len(), m * d);
         let src = self.p(dout);
         self.grouped_scatter(dx, src, 0, idx, m, d, 0);
     }
 
     fn scatter_add_scaled(&self, h: &mut CudaSlice<f32>, y: &CudaSlice<f32>, scale: &CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        let _p = self.prof("scatter_add_scaled");
         check_len("y", y.len(), m * d);
         check_len("scale", scale.len(), m);
         let (src, sp) = (self.p(y), self.p(scale));
@@ -905,6 +1225,7 @@ impl Backend for Cuda {
         m: usize,
         d: usize,
     ) {
+        let _p = self.prof("scatter_add_scaled_bwd");
         if m == 0 || d == 0 {
             return;
         }
@@ -923,12 +1244,14 @@ impl Backend for Cuda {
     }
 
     fn scatter_rows(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        let _p = self.prof("scatter_rows");
         check_len("y", y.len(), m * d);
         let src = self.p(y);
         self.grouped_scatter(x, src, 0, idx, m, d, 2);
     }
 
     fn scatter_rows_bwd(&self, dy: &mut CudaSlice<f32>, dx: &mut CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        let _p = self.prof("scatter_rows_bwd");
         if m == 0 || d == 0 {
             return;
         }
@@ -941,6 +1264,7 @@ impl Backend for Cuda {
     }
 
     fn index_fill(&self, x: &mut CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, value: f32) {
+        let _p = self.prof("index_fill");
         if m == 0 {
             return;
         }
@@ -950,6 +1274,7 @@ impl Backend for Cuda {
     }
 
     fn topk_segments(&self, out: &mut CudaSlice<u32>, scores: &CudaSlice<f32>, cu: &CudaSlice<u32>, num_seqs: usize, k: usize) {
+        let _p = self.prof("topk_segments");
         if k == 0 || num_seqs == 0 {
             return;
         }
@@ -970,6 +1295,7 @@ impl Backend for Cuda {
 
     // ---- losses ---------------------------------------------------------------------------
     fn cross_entropy_fwd(&self, loss: &mut CudaSlice<f32>, logits: &CudaSlice<f32>, targets: &CudaSlice<u32>, n: usize, vocab: usize) {
+        let _p = self.prof("cross_entropy_fwd");
         if n == 0 {
             return;
         }
@@ -987,6 +1313,7 @@ impl Backend for Cuda {
     }
 
     fn cross_entropy_bwd(&self, dlogits: &mut CudaSlice<f32>, logits: &CudaSlice<f32>, targets: &CudaSlice<u32>, scale: f32, n: usize, vocab: usize) {
+        let _p = self.prof("cross_entropy_bwd");
         if n == 0 {
             return;
         }
@@ -1004,6 +1331,7 @@ impl Backend for Cuda {
     }
 
     fn bce_logits_fwd(&self, loss: &mut CudaSlice<f32>, x: &CudaSlice<f32>, targets: &CudaSlice<f32>, n: usize) {
+        let _p = self.prof("bce_logits_fwd");
         if n == 0 {
             return;
         }
@@ -1015,6 +1343,7 @@ impl Backend for Cuda {
     }
 
     fn bce_logits_bwd(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, targets: &CudaSlice<f32>, scale: f32, n: usize) {
+        let _p = self.prof("bce_logits_bwd");
         if n == 0 {
             return;
         }
@@ -1040,6 +1369,7 @@ impl Backend for Cuda {
         weight_decay: f32,
         step: u64,
     ) {
+        let _p = self.prof("adamw");
         assert!(step >= 1, "adamw: step is 1-based");
         if n == 0 {
             return;

@@ -168,3 +168,17 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
     }
 
 INST_EW(float, f32)
+
+// ---- bf16 GEMM path ------------------------------------------------------------------------
+
+// f32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN), for the bf16 GEMM inputs.
+extern "C" __global__ void f32_to_bf16(const float* x, unsigned short* y, i64 n) {
+    GRID_STRIDE(i, n) {
+        const u32 b = __float_as_uint(x[i]);
+        if ((b & 0x7fffffffu) > 0x7f800000u) {
+            y[i] = (unsigned short)((b >> 16) | 0x40u);
+        } else {
+            y[i] = (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+        }
+    }
+}

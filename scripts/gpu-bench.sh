@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Whole-model GPU parity, then training throughput of mor and of PyTorch side by side, in one run
+# on the GPU machine; writes $OUT/bench.log, $OUT/results.jsonl and $OUT/table.md.
+#
+# Here (no GPU needed):
+#   cargo build --release --features cuda -p mor-cli
+#   cargo build --release --features cuda -p mor-train --example model_parity
+#   mkdir -p .gpu && cp target/release/mor target/release/examples/model_parity .gpu/ && strip .gpu/*
+# Optional, saves one NVRTC compilation there (needs libnvrtc 13.0 here, e.g. the nvidia-cuda-nvrtc
+# wheel; a cache the driver rejects is recompiled):
+#   cargo build --release --features cuda -p mor-engine --example cuda_parity
+#   MOR_PTX_CACHE=.gpu/kernels.ptx target/release/examples/cuda_parity --compile-only
+# There (the `run` tool, carrying .gpu):
+#   bash scripts/gpu-bench.sh
+#
+# Environment: MICRO_BATCH (8), SEQ_LEN (2048), STEPS (4 timed steps for mor, 10 for PyTorch),
+# BUDGET_S (200: the optional torch.compile runs are skipped once the script has run this long),
+# SKIP_PARITY=1, SKIP_TRAIN=1, SKIP_COMPILE=1, MODELS ("vanilla mor-ec3"), GEMMS ("f32,bf16"), SIZE (360m),
+# DEVICE (cuda), TORCH_EXTRA (more torch_reference.py arguments). A CPU smoke test of the script:
+#   DEVICE=cpu SIZE=tiny GEMMS=f32 SKIP_PARITY=1 SKIP_COMPILE=1 MICRO_BATCH=2 SEQ_LEN=64 \
+#   TORCH_EXTRA="--tiny --device cpu" MOR_BIN=target/release/mor bash scripts/gpu-bench.sh
+set -o pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu-out}"
+mkdir -p "$OUT"
+LOG="$OUT/bench.log"
+RES="$OUT/results.jsonl"
+: >"$RES"
+exec > >(tee -a "$LOG") 2>&1
+source scripts/gpu-env.sh
+B="${MICRO_BATCH:-8}"
+L="${SEQ_LEN:-2048}"
+STEPS="${STEPS:-4}"
+BUDGET="${BUDGET_S:-200}"
+GEMMS="${GEMMS:-f32,bf16}"
+SIZE="${SIZE:-360m}"
+DEVICE="${DEVICE:-cuda}"
+read -r -a TX <<<"${TORCH_EXTRA:-}"
+MODELS="${MODELS:-vanilla mor-ec3}"
+BIN="${MOR_BIN:-.gpu/mor}"
+PARITY="${MOR_PARITY_BIN:-.gpu/model_parity}"
+START=$SECONDS
+export PYTHONUNBUFFERED=1
+# Kernels compiled once (here or by the first process), loaded by every later process.
+export MOR_PTX_CACHE="${MOR_PTX_CACHE:-.gpu/kernels.ptx}"
+
+# step NAME TIMEOUT_S [optional] -- CMD...: runs CMD under a timeout, logs rc and elapsed time;
+# optional steps are skipped once BUDGET seconds have passed.
+step() {
+  local name="$1" t="$2" opt="$3"
+  shift 3
+  [ "$1" = "--" ] && shift
+  if [ "$opt" = optional ] && ((SECONDS - START > BUDGET)); then
+    echo "== SKIP $name (past the ${BUDGET}s budget)"
+    return
+  fi
+  echo "== $name (+$((SECONDS - START))s)"
+  timeout "$t" "$@"
+  echo "== $name: rc=$? (+$((SECONDS - START))s)"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+
+if [ -z "${SKIP_PARITY:-}" ]; then
+  step "whole-model parity fp32" 90 required -- "$PARITY"
+  step "whole-model parity bf16 GEMMs" 60 required -- "$PARITY" --bf16
+fi
+
+if [ -z "${SKIP_TRAIN:-}" ]; then
+  # The trainer end to end (checkpoint, metrics) on the GPU and on the CPU: same loss curve.
+  T="${TMPDIR:-/tmp}/mor-train-check"
+  rm -rf "$T"
+  step "mor train tiny-mor-ec3 on $DEVICE" 45 required -- "$BIN" train tiny-mor-ec3 --device "$DEVICE" --steps 20 --data synthetic --out "$T/gpu" --quiet
+  step "mor train tiny-mor-ec3 on cpu" 45 required -- "$BIN" train tiny-mor-ec3 --device cpu --steps 20 --data synthetic --out "$T/cpu" --quiet
+  python3 - "$T" <<'PYEOF'
+import json, sys
+t = sys.argv[1]
+try:
+    g = [json.loads(l) for l in open(f"{t}/gpu/metrics.jsonl")]
+    c = [json.loads(l) for l in open(f"{t}/cpu/metrics.jsonl")]
+    errs = [abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(g, c)]
+    print(f"trainer GPU vs CPU, tiny-mor-ec3, {len(errs)} steps: loss step 1 {g[0]['loss']:.6f} / {c[0]['loss']:.6f}, "
+          f"step {len(errs)} {g[-1]['loss']:.6f} / {c[-1]['loss']:.6f}; max relative loss difference {max(errs):.2e}")
+except Exception as e:
+    print("trainer comparison failed:", e)
+PYEOF
+fi
+
+for m in $MODELS; do
+  step "mor bench $SIZE-$m" 150 required -- "$BIN" bench train "$SIZE-$m" --device "$DEVICE" --micro-batch "$B" --seq-len "$L" \
+    --warmup 1 --steps "$STEPS" --gemm "$GEMMS" --profile-steps 1 --json "$RES"
+  step "torch $m eager" 75 required -- python3 scripts/bench/torch_reference.py --model "$m" --batch "$B" --seq "$L" \
+    --warmup 3 --steps 10 --json "$RES" "${TX[@]}"
+done
+if [ -z "${SKIP_COMPILE:-}" ]; then
+  for m in $MODELS; do
+    step "torch $m torch.compile" 150 optional -- python3 scripts/bench/torch_reference.py --model "$m" --batch "$B" --seq "$L" \
+      --warmup 3 --steps 10 --compile --json "$RES" "${TX[@]}"
+  done
+fi
+
+python3 scripts/bench/make_table.py "$RES" | tee "$OUT/table.md"
+echo "== done in $((SECONDS - START))s"
