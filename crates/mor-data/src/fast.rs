@@ -93,6 +93,22 @@ fn contraction(rest: &[u8]) -> Option<usize> {
 }
 const CACHE_SHARDS: usize = 16;
 const NO_ID: u32 = u32::MAX;
+const CLASS_TABLE_END: u32 = 0x3000;
+
+/// A hasher for keys that are hashes already.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Identity(u64);
+impl Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("Identity hashes u64 keys only")
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = i;
+    }
+}
 const CACHE_MAX_WORD: usize = 64;
 const CACHE_SHARD_CAP: usize = 1 << 15;
 
@@ -102,7 +118,10 @@ pub(crate) struct FastBpe {
     split_digits: bool,
     byte_ids: [u32; 256],
     merges: FxMap<(u32, u32), (u32, u32)>, // pair -> (rank, merged id)
-    cache: Vec<Mutex<FxMap<Box<str>, Box<[u32]>>>>,
+    /// Word -> ids, keyed by the word's Fx hash (computed once; the word is compared on hit).
+    cache: Vec<Mutex<HashMap<u64, (Box<str>, Box<[u32]>), BuildHasherDefault<Identity>>>>,
+    /// Classes of the chars U+0080..U+3000 (the regexes are slow per char).
+    class_table: Vec<Class>,
 }
 
 /// GPT-2's byte -> printable char table.
@@ -184,14 +203,22 @@ impl FastBpe {
             let (ia, ib, inew) = (id(&a)?, id(&b)?, id(&format!("{a}{b}"))?);
             merges.entry((ia, ib)).or_insert((rank as u32, inew));
         }
-        Some(FastBpe {
+        let mut f = FastBpe {
             re_l: regex::Regex::new(r"^\p{L}$").ok()?,
             re_n: regex::Regex::new(r"^\p{N}$").ok()?,
             split_digits,
             byte_ids,
             merges,
-            cache: (0..CACHE_SHARDS).map(|_| Mutex::new(FxMap::default())).collect(),
-        })
+            cache: (0..CACHE_SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
+            class_table: Vec::new(),
+        };
+        f.class_table = (0x80u32..CLASS_TABLE_END)
+            .map(|u| match char::from_u32(u) {
+                Some(ch) => f.slow_class(ch),
+                None => Class::O,
+            })
+            .collect();
+        Some(f)
     }
 
     pub(crate) fn encode(&self, text: &str, out: &mut Vec<u32>) {
@@ -284,9 +311,19 @@ impl FastBpe {
             return (ASCII_CLASS[b0 as usize], 1);
         }
         let ch = seg[pos..].chars().next().unwrap();
-        let l = ch.len_utf8();
-        let s = &seg[pos..pos + l];
-        let c = if ch.is_whitespace() {
+        let u = ch as u32;
+        let c = if u < CLASS_TABLE_END {
+            self.class_table[(u - 0x80) as usize]
+        } else {
+            self.slow_class(ch)
+        };
+        (c, ch.len_utf8())
+    }
+
+    fn slow_class(&self, ch: char) -> Class {
+        let mut buf = [0u8; 4];
+        let s = ch.encode_utf8(&mut buf);
+        if ch.is_whitespace() {
             Class::W
         } else if self.re_l.is_match(s) {
             Class::L
@@ -294,16 +331,20 @@ impl FastBpe {
             Class::N
         } else {
             Class::O
-        };
-        (c, l)
+        }
     }
 
     fn encode_word(&self, w: &str, out: &mut Vec<u32>) {
         if w.len() <= CACHE_MAX_WORD {
-            let shard = &self.cache[shard_of(w)];
-            if let Some(ids) = shard.lock().unwrap().get(w) {
-                out.extend_from_slice(ids);
-                return;
+            let mut h = Fx::default();
+            h.write(w.as_bytes());
+            let key = h.finish();
+            let shard = &self.cache[(key >> 60) as usize % CACHE_SHARDS];
+            if let Some((word, ids)) = shard.lock().unwrap().get(&key) {
+                if &**word == w {
+                    out.extend_from_slice(ids);
+                    return;
+                }
             }
             let n0 = out.len();
             self.bpe(w.as_bytes(), out);
@@ -311,7 +352,7 @@ impl FastBpe {
             if c.len() >= CACHE_SHARD_CAP {
                 c.clear();
             }
-            c.insert(w.into(), out[n0..].into());
+            c.insert(key, (w.into(), out[n0..].into()));
         } else {
             self.bpe(w.as_bytes(), out);
         }
@@ -370,10 +411,4 @@ impl FastBpe {
             i = next[i];
         }
     }
-}
-
-fn shard_of(w: &str) -> usize {
-    let mut h = Fx::default();
-    h.write(w.as_bytes());
-    (h.finish() >> 59) as usize % CACHE_SHARDS
 }

@@ -406,7 +406,6 @@ fn commit(
             split.shards.push(rec);
         }
     }
-    let _ = out;
     m.cursor = cursor.clone();
     m.save(out)
 }
