@@ -44,7 +44,7 @@ pub fn llama_config_json(cfg: &ModelConfig, bos: Option<u32>, eos: Option<u32>) 
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": null,
+        "rope_parameters": { "rope_type": "default", "rope_theta": cfg.rope_theta },
         "attention_bias": false,
         "attention_dropout": 0.0,
         "mlp_bias": false,

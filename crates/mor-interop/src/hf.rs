@@ -6,7 +6,8 @@
 //! `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads` (default: heads),
 //! `head_dim` (default: hidden / heads), `rms_norm_eps`, `rope_theta` (default 10000),
 //! `max_position_embeddings` (default 2048), `tie_word_embeddings` (default false, as
-//! `LlamaConfig`), `vocab_size`. Refused with the field named: `rope_scaling`, biases
+//! `LlamaConfig`), `vocab_size`, `rope_parameters` (transformers 5: `rope_type` must be
+//! `default`; its `rope_theta` wins). Refused with the field named: `rope_scaling`, biases
 //! (`attention_bias`, `mlp_bias`), activations other than SiLU, `partial_rotary_factor` ≠ 1.
 
 use crate::{clean_f32, Imported, Tensor, Tensors};
@@ -55,6 +56,15 @@ pub fn hf_config(cfg: &Value) -> Result<ModelConfig> {
     if let Some(rs) = field(cfg, "rope_scaling") {
         bail!("config.json: field rope_scaling is set ({rs}): RoPE scaling is not supported");
     }
+    // transformers >= 5 writes `rope_parameters` ({rope_type, rope_theta}) instead.
+    let mut theta = opt_f64(cfg, "rope_theta")?;
+    if let Some(rp) = field(cfg, "rope_parameters") {
+        let ty = rp.get("rope_type").and_then(Value::as_str).unwrap_or("default");
+        ensure!(ty == "default", "config.json: field rope_parameters.rope_type is {ty:?}: RoPE scaling is not supported");
+        if let Some(t) = rp.get("rope_theta").filter(|v| !v.is_null()) {
+            theta = Some(t.as_f64().with_context(|| format!("config.json: field rope_parameters.rope_theta is not a number ({t})"))?);
+        }
+    }
     for key in ["attention_bias", "mlp_bias"] {
         ensure!(!opt_bool(cfg, key)?.unwrap_or(false), "config.json: field {key} is true: biases are not supported");
     }
@@ -77,7 +87,7 @@ pub fn hf_config(cfg: &Value) -> Result<ModelConfig> {
         head_dim,
         intermediate_size: req_usize(cfg, "intermediate_size")?,
         rms_norm_eps: opt_f64(cfg, "rms_norm_eps")?.context("config.json: field rms_norm_eps is missing")?,
-        rope_theta: clean_f32(opt_f64(cfg, "rope_theta")?.unwrap_or(10000.0)),
+        rope_theta: clean_f32(theta.unwrap_or(10000.0)),
         max_seq_len: opt_usize(cfg, "max_position_embeddings")?.unwrap_or(2048),
         tie_embeddings: opt_bool(cfg, "tie_word_embeddings")?.unwrap_or(false),
         init_std: opt_f64(cfg, "initializer_range")?.unwrap_or(0.02),

@@ -409,6 +409,18 @@ fn hf_folder_errors_name_the_field_or_tensor() {
     assert!(e.contains("rope_scaling"), "{e}");
 
     let mut c = config.clone();
+    c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0});
+    let e = load(&folder(&c, &weights));
+    assert!(e.contains("rope_parameters.rope_type") && e.contains("yarn"), "{e}");
+
+    // transformers 5 style: theta only in rope_parameters.
+    let mut c = config.clone();
+    c.as_object_mut().unwrap().remove("rope_theta");
+    c["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 123456.0});
+    let m = mor_interop::load::load_any(&be, folder(&c, &weights).path()).unwrap();
+    assert_eq!(m.model.cfg.rope_theta, 123456.0);
+
+    let mut c = config.clone();
     c["model_type"] = serde_json::json!("gpt_neox");
     let e = load(&folder(&c, &weights));
     assert!(e.contains("model_type") && e.contains("gpt_neox"), "{e}");
