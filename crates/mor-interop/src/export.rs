@@ -8,6 +8,10 @@
 //!   `rms_norm_eps`, `rope_theta`, `tie_word_embeddings`, `max_position_embeddings`, …;
 //! * `tokenizer.json` when the model came with a tokenizer.
 //!
+//! **Plain recursive models** (no router, recursion-wise KV) can instead be *unrolled*
+//! ([`unroll`], `mor export --unroll`): every layer position gets its own copy of its parameter
+//! set, giving a `LlamaForCausalLM` with identical logits (the sharing is lost).
+//!
 //! **Recursive and MoR models** have no transformers class; they are written in the *mor
 //! layout*, which `mor` itself loads back (`--model DIR`):
 //! * `model.safetensors` — every parameter under its mor name (see `mor_model::weights`):
@@ -88,6 +92,35 @@ pub fn export<B: Backend>(
         t.save(dir.join("tokenizer.json"))?;
     }
     Ok(arch)
+}
+
+/// The vanilla model computing the same function as a plain recursive model (no router,
+/// recursion-wise KV caching): parameter set `s` of position `l` is copied to layer `l`.
+pub fn unroll<B: Backend>(backend: &B, model: &Model<B>) -> Result<Model<B>> {
+    let cfg = &model.cfg;
+    anyhow::ensure!(cfg.router.is_none(), "only models without a router can be unrolled (MoR routing has no Llama equivalent)");
+    anyhow::ensure!(
+        cfg.kv_mode() == mor_config::KvMode::RecursionWise,
+        "only recursion-wise KV caching can be unrolled (KV sharing has no Llama equivalent)"
+    );
+    let src = crate::model_tensors(backend, model);
+    let mut out = crate::Tensors::new();
+    for (name, t) in &src {
+        if !name.starts_with("model.layers.") {
+            out.insert(name.clone(), t.clone());
+        }
+    }
+    for (l, &set) in model.map.param_set.iter().enumerate() {
+        let prefix = format!("model.layers.{set}.");
+        for (name, t) in &src {
+            if let Some(rest) = name.strip_prefix(&prefix) {
+                out.insert(format!("model.layers.{l}.{rest}"), t.clone());
+            }
+        }
+    }
+    let mut vcfg = cfg.clone();
+    vcfg.recursion = None;
+    crate::build_model(backend, vcfg, &out, &[], 0)
 }
 
 /// Export host tensors of a vanilla config without building a model (tests, tools).

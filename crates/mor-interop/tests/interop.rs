@@ -343,6 +343,35 @@ fn hf_export_roundtrip_and_config() {
     }
 }
 
+#[test]
+fn sharded_hf_checkpoints_load() {
+    let be = Be::new();
+    let cfg = tiny_cfg(2, false);
+    let mut orig = Model::new(&be, cfg.clone(), 8).unwrap();
+    let good = tempfile::tempdir().unwrap();
+    mor_interop::export::export(&be, &orig, None, None, good.path()).unwrap();
+    // Split the tensors over two F32 shards plus an index, as transformers saves them.
+    let t = model_tensors(&be, &orig);
+    let d = tempfile::tempdir().unwrap();
+    std::fs::copy(good.path().join("config.json"), d.path().join("config.json")).unwrap();
+    let mut map = serde_json::Map::new();
+    for (k, part) in [(0usize, "model-00001-of-00002.safetensors"), (1, "model-00002-of-00002.safetensors")] {
+        let entries: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = t
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 2 == k)
+            .map(|(_, (n, v))| (n.as_str(), "F32", v.shape.clone(), v.data.iter().flat_map(|x| x.to_le_bytes()).collect()))
+            .collect();
+        for e in &entries {
+            map.insert(e.0.to_string(), serde_json::json!(part));
+        }
+        std::fs::write(d.path().join(part), safetensors_bytes(&entries)).unwrap();
+    }
+    std::fs::write(d.path().join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    let mut m = mor_interop::load::load_any(&be, d.path()).unwrap().model;
+    assert_eq!(all_logits(&be, &mut m, &ids()), all_logits(&be, &mut orig, &ids()));
+}
+
 /// Write a safetensors file by hand (header JSON + raw bytes).
 fn safetensors_bytes(entries: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
     let mut header = serde_json::Map::new();
@@ -549,6 +578,24 @@ fn single_recursion_lower_init_reproduces_the_vanilla_model() {
     let mut m = build_model(&be, c, &out, &[], 0).unwrap();
     let d = max_abs_diff(&all_logits(&be, &mut m, &ids()), &all_logits(&be, &mut orig, &ids()));
     assert!(d < 1e-5, "{d}");
+}
+
+#[test]
+fn plain_recursive_models_unroll_to_llama() {
+    let be = Be::new();
+    let mut cfg = tiny_cfg(8, true);
+    cfg.recursion = Some(serde_json::from_value(serde_json::json!({"sharing": "middle_cycle", "num_recursions": 3})).unwrap());
+    let mut rec = Model::new(&be, cfg.clone(), 6).unwrap();
+    let mut flat = mor_interop::export::unroll(&be, &rec).unwrap();
+    assert!(flat.cfg.recursion.is_none());
+    let d = max_abs_diff(&all_logits(&be, &mut flat, &ids()), &all_logits(&be, &mut rec, &ids()));
+    assert!(d < 1e-5, "{d}");
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(mor_interop::export::export(&be, &flat, None, None, dir.path()).unwrap(), "LlamaForCausalLM");
+    // MoR routing and KV sharing have no Llama equivalent.
+    cfg.router = Some(serde_json::from_value(serde_json::json!({"kind": "token"})).unwrap());
+    let e = err_of(mor_interop::export::unroll(&be, &Model::new(&be, cfg, 1).unwrap()).map(|_| ()));
+    assert!(e.contains("router"), "{e}");
 }
 
 #[test]
