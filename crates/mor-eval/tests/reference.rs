@@ -67,6 +67,7 @@ fn smollm2_greedy_tokens_and_logits_match_the_numpy_reference() {
         let got: Vec<f64> = (0..vocab).step_by(stride).map(|i| lg[i] as f64).collect();
         let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
         let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+        eprintln!("logits at position {pos}: max |mor - ref| / max |ref| = {:.2e}", err / scale);
         assert!(err / scale < 1e-4, "position {pos}: max |dlogit| {err} (scale {scale})");
         let top = ids(&row["top20_ids"]);
         assert_eq!(mor_eval::scorer::argmax(&lg), top[0] as usize, "position {pos} argmax");
@@ -112,6 +113,9 @@ fn smollm2_lambada_and_hellaswag_match_the_numpy_reference() {
         assert_eq!(g.is_greedy, want["is_greedy"].as_bool().unwrap(), "lambada {i} is_greedy");
     }
     assert!(got.iter().any(|g| g.is_greedy) && got.iter().any(|g| !g.is_greedy));
+    let worst = got.iter().zip(refs).map(|(g, w)| (g.ll - w["ll"].as_f64().unwrap()).abs()).fold(0f64, f64::max);
+    eprintln!("lambada: {} items, max |ll - ref| = {worst:.2e}", got.len());
+    let mut worst_hs = 0f64;
 
     // HellaSwag: preprocessing, requests, lls, acc and acc_norm.
     let hs = mor_eval::tasks::hellaswag(&data).unwrap();
@@ -131,9 +135,11 @@ fn smollm2_lambada_and_hellaswag_match_the_numpy_reference() {
         for (j, (g, w)) in res.iter().zip(wr).enumerate() {
             let wl = w["ll"].as_f64().unwrap();
             assert!(ll_close(g.ll, wl), "hellaswag {i} choice {j}: ll {} vs {wl}", g.ll);
+            worst_hs = worst_hs.max((g.ll - wl).abs());
         }
         let s = score_doc(&hs.docs[i], &res);
         assert_eq!(s.acc, want["acc"].as_f64().unwrap(), "hellaswag {i} acc");
         assert_eq!(s.acc_norm.unwrap(), want["acc_norm"].as_f64().unwrap(), "hellaswag {i} acc_norm");
     }
+    eprintln!("hellaswag: max |ll - ref| = {worst_hs:.2e}");
 }
