@@ -1,10 +1,10 @@
 //! One module per subcommand (`Args` + `run`), plus helpers they share.
 
 pub mod bench;
+pub mod data;
 pub mod device;
 pub mod eval;
 pub mod export;
-pub mod data;
 pub mod flops;
 pub mod generate;
 pub mod import;
