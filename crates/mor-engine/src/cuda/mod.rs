@@ -49,6 +49,8 @@ pub const KERNEL_SOURCE: &str = concat!(
     include_str!("kernels/topk.cu"),
     "\n",
     include_str!("kernels/attention.cu"),
+    "\n",
+    include_str!("kernels/flash_attention.cu"),
 );
 
 /// Every `extern "C"` kernel of [`KERNEL_SOURCE`], loaded at start-up (a missing one is an error).
@@ -96,12 +98,20 @@ const KERNELS: &[&str] = &[
     "attn_fwd_f32_d128",
     "attn_bwd_dq_f32_d128",
     "attn_bwd_dkdv_f32_d128",
+    "attn_fwd_bf16_d32",
+    "attn_bwd_dq_bf16_d32",
+    "attn_bwd_dkdv_bf16_d32",
+    "attn_fwd_bf16_d64",
+    "attn_bwd_dq_bf16_d64",
+    "attn_bwd_dkdv_bf16_d64",
 ];
 
 /// Largest head dimension the attention kernels take.
 pub const MAX_HEAD_DIM: usize = 128;
-/// Rows (queries or keys) per attention block.
+/// Rows (queries or keys) per block of the exact f32 attention kernels.
 const ATT_ROWS: usize = 32;
+/// Rows per block of the tensor-core (bf16) attention kernels.
+const FLASH_ROWS: usize = 64;
 /// Blocks of the first `sum_squares` pass (at most; fixed for a given n).
 const SUMSQ_MAX_BLOCKS: usize = 1024;
 /// Threads per block of elementwise kernels.
@@ -590,20 +600,25 @@ impl Cuda {
 
     /// Tile table of an attention pass over the segments of `cu` (see kernels/attention.cu);
     /// returns the device pointer and the grid size (an upper bound of the tile count).
-    fn attn_tiles(&self, slot: Slot, cu: &CudaSlice<u32>, num_seqs: usize, rows: usize) -> (u64, u32) {
+    fn attn_tiles(&self, slot: Slot, cu: &CudaSlice<u32>, num_seqs: usize, rows: usize, tile: usize) -> (u64, u32) {
         check_len("cu", cu.len(), num_seqs + 1);
         let off = self.scratch(slot, (num_seqs + 1) * 4);
         let cup = self.p(cu);
-        launch!(self, "attn_tiles", cfg((1, 1, 1), 32, 0), [cup, num_seqs as i32, off]);
-        (off, (rows.div_ceil(ATT_ROWS) + num_seqs) as u32)
+        launch!(self, "attn_tiles", cfg((1, 1, 1), 32, 0), [cup, num_seqs as i32, tile as i32, off]);
+        (off, (rows.div_ceil(tile) + num_seqs) as u32)
     }
 
-    fn attn_variant(hd: usize) -> &'static str {
+    /// The attention kernel family for a call: `(name suffix, rows per block)`. In bf16 mode,
+    /// head dims 32 and 64 with 16-byte aligned buffers take the tensor-core kernels
+    /// (kernels/flash_attention.cu); everything else the exact f32 kernels.
+    fn attn_variant(&self, hd: usize, bufs: &[u64]) -> (&'static str, usize) {
         assert!(hd > 0 && hd <= MAX_HEAD_DIM, "cuda attention: head_dim {hd} not in 1..={MAX_HEAD_DIM}");
-        if hd <= 64 {
-            "d64"
-        } else {
-            "d128"
+        let aligned = bufs.iter().all(|p| p % 16 == 0);
+        match hd {
+            32 if self.gemm_bf16.load(Ordering::Relaxed) && aligned => ("bf16_d32", FLASH_ROWS),
+            64 if self.gemm_bf16.load(Ordering::Relaxed) && aligned => ("bf16_d64", FLASH_ROWS),
+            _ if hd <= 64 => ("f32_d64", ATT_ROWS),
+            _ => ("f32_d128", ATT_ROWS),
         }
     }
 
@@ -1011,22 +1026,24 @@ impl Backend for Cuda {
             return;
         }
         Self::check_attn(shape);
-        let var = Self::attn_variant(hd);
         check_len("out", out.len(), nq * heads * hd);
         check_len("lse", lse.len(), nq * heads);
         check_len("q", q.len(), nq * heads * hd);
         check_len("k", k.len(), nk * kvh * hd);
         check_len("v", v.len(), nk * kvh * hd);
-        let (qoff, grid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq);
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let (op, lp, qp, kp, vp) = (self.pm(out), self.pm(lse), self.p(q), self.p(k), self.p(v));
+        let (var, tile) = self.attn_variant(hd, &[op, qp, kp, vp]);
+        let (qoff, grid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, tile);
         let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
-        launch!(
-            self,
-            &format!("attn_fwd_f32_{var}"),
-            cfg((grid, heads as u32, 1), 128, 0),
-            [op, lp, qp, kp, vp, cq, ck, pq, pk, qoff, shape.num_seqs as i32, heads as i32, kvh as i32, hd as i32, scale]
-        );
+        let (ns, hi, kvi) = (shape.num_seqs as i32, heads as i32, kvh as i32);
+        let c = cfg((grid, heads as u32, 1), 128, 0);
+        let name = format!("attn_fwd_{var}");
+        if tile == FLASH_ROWS {
+            launch!(self, &name, c, [op, lp, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, scale]);
+        } else {
+            launch!(self, &name, c, [op, lp, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hd as i32, scale]);
+        }
     }
 
     fn attention_bwd(
@@ -1048,7 +1065,6 @@ impl Backend for Cuda {
             return;
         }
         Self::check_attn(shape);
-        let var = Self::attn_variant(hd);
         for (name, len, need) in [
             ("dq", dq.len(), nq * heads * hd),
             ("dout", dout.len(), nq * heads * hd),
@@ -1073,24 +1089,26 @@ impl Backend for Cuda {
             [delta, gp, op, nq as i32, heads as i32, hd as i32]
         );
         let (lp, qp, kp, vp) = (self.p(lse), self.p(q), self.p(k), self.p(v));
+        let (dqp, dkp, dvp) = (self.pm(dq), self.pm(dk), self.pm(dv));
+        let (var, tile) = self.attn_variant(hd, &[gp, qp, kp, vp, dqp, dkp, dvp]);
         let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
         let (ns, hi, kvi, hdi) = (shape.num_seqs as i32, heads as i32, kvh as i32, hd as i32);
-        let (qoff, qgrid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq);
-        let dqp = self.pm(dq);
-        launch!(
-            self,
-            &format!("attn_bwd_dq_f32_{var}"),
-            cfg((qgrid, heads as u32, 1), 128, 0),
-            [dqp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hdi, scale]
-        );
-        let (koff, kgrid) = self.attn_tiles(Slot::AttKOff, shape.cu_k, shape.num_seqs, nk);
-        let (dkp, dvp) = (self.pm(dk), self.pm(dv));
-        launch!(
-            self,
-            &format!("attn_bwd_dkdv_f32_{var}"),
-            cfg((kgrid, kvh as u32, 1), 128, 0),
-            [dkp, dvp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, koff, ns, hi, kvi, hdi, scale]
-        );
+        let (qoff, qgrid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, tile);
+        let c = cfg((qgrid, heads as u32, 1), 128, 0);
+        let name = format!("attn_bwd_dq_{var}");
+        if tile == FLASH_ROWS {
+            launch!(self, &name, c, [dqp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, scale]);
+        } else {
+            launch!(self, &name, c, [dqp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hdi, scale]);
+        }
+        let (koff, kgrid) = self.attn_tiles(Slot::AttKOff, shape.cu_k, shape.num_seqs, nk, tile);
+        let c = cfg((kgrid, kvh as u32, 1), 128, 0);
+        let name = format!("attn_bwd_dkdv_{var}");
+        if tile == FLASH_ROWS {
+            launch!(self, &name, c, [dkp, dvp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, koff, ns, hi, kvi, scale]);
+        } else {
+            launch!(self, &name, c, [dkp, dvp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, koff, ns, hi, kvi, hdi, scale]);
+        }
     }
 
     // ---- activations ----------------------------------------------------------------------

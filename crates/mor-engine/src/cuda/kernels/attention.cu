@@ -6,7 +6,7 @@
 // lanes with two shuffles). The other side streams through shared memory in tiles of 32 rows.
 // A tile whose positions are all masked for the whole block is skipped.
 //
-// Blocks map to (segment, row tile) through a tile table off[s] = Σ_{s'<s} ceil(len_s' / 32)
+// Blocks map to (segment, row tile) through a tile table off[s] = Σ_{s'<s} ceil(len_s' / rows) (rows = 32 here, 64 in flash_attention.cu)
 // built on the device (attn_tiles), so no host synchronisation is needed; the grid is the upper
 // bound ceil(rows / 32) + num_seqs and surplus blocks exit.
 //
@@ -21,12 +21,12 @@
 #define ATT_MAXD 128
 #define FULL_MASK 0xffffffffu
 
-extern "C" __global__ void attn_tiles(const u32* cu, int num_seqs, int* off) {
+extern "C" __global__ void attn_tiles(const u32* cu, int num_seqs, int rows, int* off) {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     int acc = 0;
     for (int s = 0; s < num_seqs; ++s) {
         off[s] = acc;
-        acc += (int)((cu[s + 1] - cu[s] + ATT_ROWS - 1) / ATT_ROWS);
+        acc += (int)((cu[s + 1] - cu[s] + rows - 1) / rows);
     }
     off[num_seqs] = acc;
 }
