@@ -98,6 +98,7 @@ const KERNELS: &[&str] = &[
     "attn_fwd_f32_d128",
     "attn_bwd_dq_f32_d128",
     "attn_bwd_dkdv_f32_d128",
+    "attn_tile_range",
     "attn_fwd_bf16_d32",
     "attn_bwd_dq_bf16_d32",
     "attn_bwd_dkdv_bf16_d32",
@@ -110,8 +111,14 @@ const KERNELS: &[&str] = &[
 pub const MAX_HEAD_DIM: usize = 128;
 /// Rows (queries or keys) per block of the exact f32 attention kernels.
 const ATT_ROWS: usize = 32;
-/// Rows per block of the tensor-core (bf16) attention kernels.
-const FLASH_ROWS: usize = 64;
+/// Rows per block of the tensor-core (bf16) attention kernels (16 per warp, FA_WARPS warps).
+const FLASH_ROWS: usize = 128;
+/// Threads per block of the tensor-core attention kernels (one warp per 16 rows).
+const FLASH_THREADS: u32 = (FLASH_ROWS / 16 * 32) as u32;
+/// Rows per streamed tile of the tensor-core attention kernels (FA_BN).
+const FLASH_TILE: usize = 64;
+/// Kernels and head dims of the tensor-core attention (kernels/flash_attention.cu).
+const FLASH_HEAD_DIMS: [usize; 2] = [32, 64];
 /// Blocks of the first `sum_squares` pass (at most; fixed for a given n).
 const SUMSQ_MAX_BLOCKS: usize = 1024;
 /// Threads per block of elementwise kernels.
@@ -235,13 +242,20 @@ enum Slot {
     AttQOff,
     AttKOff,
     AttDelta,
+    /// Per-tile position ranges of the streamed side (flash attention).
+    AttRange,
+    /// bf16 copies of q, k, v, dout (flash attention).
+    AttQ16,
+    AttK16,
+    AttV16,
+    AttG16,
     Topk,
     /// bf16 copies of GEMM operands (bf16 GEMM path).
     BfA,
     BfB,
     BfC,
 }
-const NUM_SLOTS: usize = 14;
+const NUM_SLOTS: usize = 19;
 
 /// Input precision of the GEMMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -392,6 +406,21 @@ impl Cuda {
             )
             .is_ok();
         let topk_bytes = if topk_ok { topk_bytes } else { 48 * 1024 };
+        // The flash attention kernels use more than the default 48 KiB of dynamic shared memory.
+        for hd in FLASH_HEAD_DIMS {
+            for kind in ["fwd", "dq", "dkdv"] {
+                let name = match kind {
+                    "fwd" => format!("attn_fwd_bf16_d{hd}"),
+                    _ => format!("attn_bwd_{kind}_bf16_d{hd}"),
+                };
+                funcs[name.as_str()]
+                    .set_attribute(
+                        drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        Self::flash_smem(kind, hd) as i32,
+                    )
+                    .map_err(|e| CudaError::Driver(format!("shared memory opt-in of {name}: {e:?}")))?;
+            }
+        }
         let topk_smem_keys = 1usize << (usize::BITS - 1 - (topk_bytes / 8).leading_zeros());
         let sm_count = ctx
             .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -608,18 +637,42 @@ impl Cuda {
         (off, (rows.div_ceil(tile) + num_seqs) as u32)
     }
 
-    /// The attention kernel family for a call: `(name suffix, rows per block)`. In bf16 mode,
-    /// head dims 32 and 64 with 16-byte aligned buffers take the tensor-core kernels
-    /// (kernels/flash_attention.cu); everything else the exact f32 kernels.
-    fn attn_variant(&self, hd: usize, bufs: &[u64]) -> (&'static str, usize) {
+    /// Whether a call takes the tensor-core kernels (kernels/flash_attention.cu): bf16 mode, head
+    /// dim 32 or 64, and outputs aligned for their paired (8-byte) stores.
+    fn use_flash(&self, hd: usize, outs: &[u64]) -> bool {
+        self.gemm_bf16.load(Ordering::Relaxed) && FLASH_HEAD_DIMS.contains(&hd) && outs.iter().all(|p| p % 8 == 0)
+    }
+
+    /// Suffix of the exact f32 kernels for a head dim.
+    fn exact_variant(hd: usize) -> &'static str {
         assert!(hd > 0 && hd <= MAX_HEAD_DIM, "cuda attention: head_dim {hd} not in 1..={MAX_HEAD_DIM}");
-        let aligned = bufs.iter().all(|p| p % 16 == 0);
-        match hd {
-            32 if self.gemm_bf16.load(Ordering::Relaxed) && aligned => ("bf16_d32", FLASH_ROWS),
-            64 if self.gemm_bf16.load(Ordering::Relaxed) && aligned => ("bf16_d64", FLASH_ROWS),
-            _ if hd <= 64 => ("f32_d64", ATT_ROWS),
-            _ => ("f32_d128", ATT_ROWS),
+        if hd <= 64 {
+            "d64"
+        } else {
+            "d128"
         }
+    }
+
+    /// Dynamic shared memory of the flash kernels (FA_SMEM_* in kernels/flash_attention.cu).
+    fn flash_smem(kernel: &str, hd: usize) -> u32 {
+        let tile = FLASH_TILE * (hd + 8) * 2;
+        (match kernel {
+            "fwd" => (FLASH_ROWS + 4 * FLASH_TILE) * (hd + 8) * 2 + 2 * FLASH_TILE * 4,
+            "dq" => 4 * tile + 2 * FLASH_TILE * 4,
+            _ => 4 * tile + 6 * FLASH_TILE * 4,
+        }) as u32
+    }
+
+    /// Tile tables for a flash pass: the blocks' own side in FLASH_ROWS tiles (grid) and the
+    /// streamed side in FLASH_TILE tiles with per-tile position ranges. Returns
+    /// `(own_off, grid, stream_off, stream_range)`.
+    fn flash_tables(&self, own_cu: &CudaSlice<u32>, own_rows: usize, st_cu: &CudaSlice<u32>, st_pos: &CudaSlice<u32>, st_rows: usize, ns: usize) -> (u64, u32, u64, u64) {
+        let (own, grid) = self.attn_tiles(Slot::AttQOff, own_cu, ns, own_rows, FLASH_ROWS);
+        let (st, st_grid) = self.attn_tiles(Slot::AttKOff, st_cu, ns, st_rows, FLASH_TILE);
+        let range = self.scratch(Slot::AttRange, st_grid as usize * 8);
+        let (cup, posp) = (self.p(st_cu), self.p(st_pos));
+        launch!(self, "attn_tile_range", cfg((st_grid, 1, 1), 32, 0), [cup, posp, st, ns as i32, FLASH_TILE as i32, range]);
+        (own, grid, st, range)
     }
 
     fn check_attn(shape: &AttnShape<'_, CudaSlice<u32>>) {
@@ -1033,17 +1086,29 @@ impl Backend for Cuda {
         check_len("v", v.len(), nk * kvh * hd);
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let (op, lp, qp, kp, vp) = (self.pm(out), self.pm(lse), self.p(q), self.p(k), self.p(v));
-        let (var, tile) = self.attn_variant(hd, &[op, qp, kp, vp]);
-        let (qoff, grid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, tile);
         let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
         let (ns, hi, kvi) = (shape.num_seqs as i32, heads as i32, kvh as i32);
-        let c = cfg((grid, heads as u32, 1), 128, 0);
-        let name = format!("attn_fwd_{var}");
-        if tile == FLASH_ROWS {
-            launch!(self, &name, c, [op, lp, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, scale]);
-        } else {
-            launch!(self, &name, c, [op, lp, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hd as i32, scale]);
+        if self.use_flash(hd, &[op]) {
+            let q16 = self.to_bf16(Slot::AttQ16, qp, nq * heads * hd);
+            let k16 = self.to_bf16(Slot::AttK16, kp, nk * kvh * hd);
+            let v16 = self.to_bf16(Slot::AttV16, vp, nk * kvh * hd);
+            let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
+            let c = cfg((grid, heads as u32, 1), FLASH_THREADS, Self::flash_smem("fwd", hd));
+            launch!(
+                self,
+                &format!("attn_fwd_bf16_d{hd}"),
+                c,
+                [op, lp, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]
+            );
+            return;
         }
+        let (qoff, grid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, ATT_ROWS);
+        launch!(
+            self,
+            &format!("attn_fwd_f32_{}", Self::exact_variant(hd)),
+            cfg((grid, heads as u32, 1), 128, 0),
+            [op, lp, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hd as i32, scale]
+        );
     }
 
     fn attention_bwd(
@@ -1090,25 +1155,45 @@ impl Backend for Cuda {
         );
         let (lp, qp, kp, vp) = (self.p(lse), self.p(q), self.p(k), self.p(v));
         let (dqp, dkp, dvp) = (self.pm(dq), self.pm(dk), self.pm(dv));
-        let (var, tile) = self.attn_variant(hd, &[gp, qp, kp, vp, dqp, dkp, dvp]);
         let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
         let (ns, hi, kvi, hdi) = (shape.num_seqs as i32, heads as i32, kvh as i32, hd as i32);
-        let (qoff, qgrid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, tile);
-        let c = cfg((qgrid, heads as u32, 1), 128, 0);
-        let name = format!("attn_bwd_dq_{var}");
-        if tile == FLASH_ROWS {
-            launch!(self, &name, c, [dqp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, scale]);
-        } else {
-            launch!(self, &name, c, [dqp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hdi, scale]);
+        if self.use_flash(hd, &[dqp, dkp, dvp]) {
+            let q16 = self.to_bf16(Slot::AttQ16, qp, nq * heads * hd);
+            let g16 = self.to_bf16(Slot::AttG16, gp, nq * heads * hd);
+            let k16 = self.to_bf16(Slot::AttK16, kp, nk * kvh * hd);
+            let v16 = self.to_bf16(Slot::AttV16, vp, nk * kvh * hd);
+            let threads = FLASH_THREADS;
+            let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
+            launch!(
+                self,
+                &format!("attn_bwd_dq_bf16_d{hd}"),
+                cfg((grid, heads as u32, 1), threads, Self::flash_smem("dq", hd)),
+                [dqp, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]
+            );
+            let (koff, grid, qoff, qrange) = self.flash_tables(shape.cu_k, nk, shape.cu_q, shape.pos_q, nq, shape.num_seqs);
+            launch!(
+                self,
+                &format!("attn_bwd_dkdv_bf16_d{hd}"),
+                cfg((grid, kvh as u32, 1), threads, Self::flash_smem("dkdv", hd)),
+                [dkp, dvp, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]
+            );
+            return;
         }
-        let (koff, kgrid) = self.attn_tiles(Slot::AttKOff, shape.cu_k, shape.num_seqs, nk, tile);
-        let c = cfg((kgrid, kvh as u32, 1), 128, 0);
-        let name = format!("attn_bwd_dkdv_{var}");
-        if tile == FLASH_ROWS {
-            launch!(self, &name, c, [dkp, dvp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, koff, ns, hi, kvi, scale]);
-        } else {
-            launch!(self, &name, c, [dkp, dvp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, koff, ns, hi, kvi, hdi, scale]);
-        }
+        let var = Self::exact_variant(hd);
+        let (qoff, qgrid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, ATT_ROWS);
+        launch!(
+            self,
+            &format!("attn_bwd_dq_f32_{var}"),
+            cfg((qgrid, heads as u32, 1), 128, 0),
+            [dqp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hdi, scale]
+        );
+        let (koff, kgrid) = self.attn_tiles(Slot::AttKOff, shape.cu_k, shape.num_seqs, nk, ATT_ROWS);
+        launch!(
+            self,
+            &format!("attn_bwd_dkdv_f32_{var}"),
+            cfg((kgrid, kvh as u32, 1), 128, 0),
+            [dkp, dvp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, koff, ns, hi, kvi, hdi, scale]
+        );
     }
 
     // ---- activations ----------------------------------------------------------------------

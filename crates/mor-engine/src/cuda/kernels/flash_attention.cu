@@ -1,16 +1,18 @@
 // Tensor-core attention for the bf16 mode (MatmulPrecision::Bf16): the same packed, position-masked
 // attention as attention.cu, with Q·Kᵀ, P·V and the backward products on mma.sync m16n8k16
 // (bf16 operands, f32 accumulation). Softmax statistics, lse, delta and every gradient stay f32.
-// Inputs and outputs are the f32 activation buffers; tiles are rounded to bf16 (nearest even) as
-// they are staged in shared memory.
+// The host rounds q, k, v (and dout) to bf16 copies first (f32_to_bf16); the kernels read those.
 //
-// Layout: a block of 4 warps owns 64 rows (queries in the forward and the dq pass, keys in the
-// dk/dv pass) of one segment and one head (kv head for dk/dv); each warp owns 16 of them and keeps
+// Layout: a block of WARPS warps owns 16·WARPS rows (queries in the forward and the dq pass, keys in
+// the dk/dv pass) of one segment and one head (kv head for dk/dv); each warp owns 16 rows and keeps
 // their operand fragments in registers. The other side streams through shared memory in tiles of
-// 64 rows. Tiles are skipped when no position of the tile is visible to the block, and the mask is
-// evaluated only on tiles that are partly visible. Like attention.cu the backward is two passes
-// (dq over key tiles, dk/dv over query tiles summing the heads of a kv group), so every gradient
-// row has one owner: deterministic, no atomics.
+// FA_BN rows, double-buffered with cp.async (the next tile loads while this one computes);
+// fragments come from shared memory through ldmatrix (.trans where the product needs the tile
+// transposed). A streamed tile is skipped when none of its positions is visible to the block
+// (per-tile position ranges from attn_tile_range), and the mask is evaluated only on tiles that
+// are partly visible. Like attention.cu the backward is two passes (dq over key tiles, dk/dv over
+// query tiles and the heads of a kv group), so every gradient row has one owner: deterministic,
+// no atomics.
 //
 // mma.m16n8k16 fragments (g = lane / 4, t = lane % 4; a register holds two bf16, low half first):
 //   A 16x16 (row-major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
@@ -18,15 +20,43 @@
 //   C 16x8  (f32):       c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
 // Two C tiles side by side (16 x 16) are exactly one A fragment, so scores turn into the A operand
 // of the next product without leaving registers. Shared tiles are padded by 8 bf16 per row, which
-// makes every fragment load below conflict-free.
+// makes every ldmatrix conflict-free.
 
-#define FA_ROWS 64
-#define FA_THREADS 128
+#define FA_BN 64
 #define FA_PAD 8
 #define LOG2E_F 1.4426950408889634f
 #define LN2_F 0.6931471805599453f
 
-// Two f32 -> one bf16x2 word (round to nearest even, one instruction): `lo` in the low half.
+typedef unsigned short bf16_t;
+
+__device__ __forceinline__ u32 fa_smem(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// 16 (or 4) bytes global -> shared without passing through registers; zero-filled when !full.
+__device__ __forceinline__ void fa_cp16(void* dst, const void* src, bool full) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(fa_smem(dst)), "l"(src), "r"(full ? 16 : 0));
+}
+__device__ __forceinline__ void fa_cp4(void* dst, const void* src, bool full) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(fa_smem(dst)), "l"(src), "r"(full ? 4 : 0));
+}
+__device__ __forceinline__ void fa_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void fa_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void fa_ldsm(u32* r, const bf16_t* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(fa_smem(p)));
+}
+__device__ __forceinline__ void fa_ldsm_t(u32* r, const bf16_t* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(fa_smem(p)));
+}
+
+// Two f32 -> one bf16x2 word (round to nearest even): `lo` in the low half.
 __device__ __forceinline__ u32 fa_pack(float lo, float hi) {
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
@@ -41,147 +71,193 @@ __device__ __forceinline__ void fa_mma(float* c, const u32* a, u32 b0, u32 b1) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// One 32-bit word (two bf16 at columns col, col+1) of a shared tile.
-#define FA_W(tile, row, col) (*(const u32*)&(tile)[row][col])
-
-// Stage rows t0..t0+nt of an f32 matrix (row stride `stride`, columns col..col+HD) as bf16:
-// row-major into dst[r][d], zero rows past nt.
-template <int HD>
-__device__ __forceinline__ void fa_stage(unsigned short (*dst)[HD + FA_PAD], const float* src, u32 t0, int nt,
-                                         int stride, int col) {
-    for (int e = threadIdx.x; e < FA_ROWS * HD / 4; e += FA_THREADS) {
-        const int r = e / (HD / 4), c = (e % (HD / 4)) * 4;
-        const float4 x = r < nt ? *(const float4*)(src + (i64)(t0 + r) * stride + col + c) : make_float4(0.f, 0.f, 0.f, 0.f);
-        *(uint2*)&dst[r][c] = make_uint2(fa_pack(x.x, x.y), fa_pack(x.z, x.w));
+// Asynchronously copy rows t0..t0+nt of a bf16 matrix (row stride `stride`, columns col..col+HD)
+// into rows 0..ROWS of a shared tile with row stride HD + FA_PAD; rows past nt become zero.
+template <int HD, int ROWS>
+__device__ __forceinline__ void fa_load(bf16_t* dst, const bf16_t* src, u32 t0, int nt, int stride, int col) {
+    constexpr int CH = HD / 8;  // 16-byte chunks per row
+    for (int e = threadIdx.x; e < ROWS * CH; e += blockDim.x) {
+        const int r = e / CH, c = (e % CH) * 8;
+        const bool in = r < nt;
+        fa_cp16(dst + r * (HD + FA_PAD) + c, src + (i64)(t0 + (in ? r : 0)) * stride + col + c, in);
     }
 }
 
-// The same rows transposed: dst[d][r].
-template <int HD>
-__device__ __forceinline__ void fa_stage_t(unsigned short (*dst)[FA_ROWS + FA_PAD], const float* src, u32 t0, int nt,
-                                           int stride, int col) {
-    for (int e = threadIdx.x; e < FA_ROWS * HD / 4; e += FA_THREADS) {
-        const int r = e % FA_ROWS, c = (e / FA_ROWS) * 4;
-        const float4 x = r < nt ? *(const float4*)(src + (i64)(t0 + r) * stride + col + c) : make_float4(0.f, 0.f, 0.f, 0.f);
-        const u32 a = fa_pack(x.x, x.y), b = fa_pack(x.z, x.w);
-        dst[c][r] = (unsigned short)(a & 0xffffu);
-        dst[c + 1][r] = (unsigned short)(a >> 16);
-        dst[c + 2][r] = (unsigned short)(b & 0xffffu);
-        dst[c + 3][r] = (unsigned short)(b >> 16);
+// `n` u32/f32 values src[(t0 + i) * stride] (i < nt, else 0) into dst[i], asynchronously.
+__device__ __forceinline__ void fa_load_col(void* dst, const void* src, u32 t0, int nt, int stride) {
+    for (int i = threadIdx.x; i < FA_BN; i += blockDim.x) {
+        const bool in = i < nt;
+        fa_cp4((u32*)dst + i, (const u32*)src + (i64)(t0 + (in ? i : 0)) * stride, in);
     }
 }
 
-// The A fragments of a warp's 16 rows (tile rows w16..w16+15) over all HD columns.
+// A fragments of one warp's 16 rows (row0..row0+15 of a shared tile) over all HD columns.
 template <int HD>
-__device__ __forceinline__ void fa_frag_a(u32 (*a)[4], const unsigned short (*t)[HD + FA_PAD], int w16, int g, int tq) {
+__device__ __forceinline__ void fa_frag_a(u32 (*a)[4], const bf16_t* t, int row0, int lane) {
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-        a[kk][0] = FA_W(t, w16 + g, kk * 16 + 2 * tq);
-        a[kk][1] = FA_W(t, w16 + g + 8, kk * 16 + 2 * tq);
-        a[kk][2] = FA_W(t, w16 + g, kk * 16 + 8 + 2 * tq);
-        a[kk][3] = FA_W(t, w16 + g + 8, kk * 16 + 8 + 2 * tq);
+    for (int kk = 0; kk < HD / 16; ++kk)
+        fa_ldsm(a[kk], t + (row0 + (lane & 15)) * (HD + FA_PAD) + kk * 16 + (lane >> 4) * 8);
+}
+
+// acc[16 x FA_BN] = A[16 x HD] · Tᵀ, T a shared [FA_BN][HD] tile (its rows are the output columns).
+template <int HD>
+__device__ __forceinline__ void fa_mm_abt(float (*acc)[4], const u32 (*a)[4], const bf16_t* t, int lane) {
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+    for (int np = 0; np < FA_BN / 16; ++np) {
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; ++kk) {
+            u32 b[4];
+            fa_ldsm(b, t + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * (HD + FA_PAD) + kk * 16 + ((lane >> 3) & 1) * 8);
+            fa_mma(acc[2 * np], a[kk], b[0], b[1]);
+            fa_mma(acc[2 * np + 1], a[kk], b[2], b[3]);
+        }
     }
 }
 
-// acc[16 x 64] = A[16 x HD] · Bᵀ where B is a row-major [64][HD] tile (B row = output column).
+// acc[16 x HD] += P[16 x FA_BN] · T, P held as C fragments (rounded to bf16 here), T a shared
+// [FA_BN][HD] tile read transposed by ldmatrix.trans.
 template <int HD>
-__device__ __forceinline__ void fa_mm_nt(float (*acc)[4], const u32 (*a)[4], const unsigned short (*b)[HD + FA_PAD],
-                                         int g, int tq) {
+__device__ __forceinline__ void fa_mm_pt(float (*acc)[4], const float (*p)[4], const bf16_t* t, int lane) {
 #pragma unroll
-    for (int n = 0; n < FA_ROWS / 8; ++n) {
-        acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; ++kk)
-            fa_mma(acc[n], a[kk], FA_W(b, n * 8 + g, kk * 16 + 2 * tq), FA_W(b, n * 8 + g, kk * 16 + 8 + 2 * tq));
-    }
-}
-
-// acc[16 x HD] += P[16 x 64] · B where P is held as C fragments p[8][4] (rounded to bf16 here) and
-// B is given transposed, bt[HD][64].
-template <int HD>
-__device__ __forceinline__ void fa_mm_pv(float (*acc)[4], const float (*p)[4], const unsigned short (*bt)[FA_ROWS + FA_PAD],
-                                         int g, int tq) {
-#pragma unroll
-    for (int j = 0; j < FA_ROWS / 16; ++j) {
+    for (int j = 0; j < FA_BN / 16; ++j) {
         const u32 a[4] = {fa_pack(p[2 * j][0], p[2 * j][1]), fa_pack(p[2 * j][2], p[2 * j][3]),
                           fa_pack(p[2 * j + 1][0], p[2 * j + 1][1]), fa_pack(p[2 * j + 1][2], p[2 * j + 1][3])};
 #pragma unroll
-        for (int n = 0; n < HD / 8; ++n)
-            fa_mma(acc[n], a, FA_W(bt, n * 8 + g, j * 16 + 2 * tq), FA_W(bt, n * 8 + g, j * 16 + 8 + 2 * tq));
-    }
-}
-
-// Positions of tile rows t0..t0+nt into P (rows past nt get `pad`); returns through `range` the
-// min and max over the valid rows (block-wide; two warps, FA_ROWS = 64). Ends with a barrier.
-__device__ __forceinline__ void fa_positions(u32* P, u32* range, const u32* pos, u32 t0, int nt, u32 pad) {
-    const int tid = threadIdx.x;
-    if (tid < FA_ROWS) {
-        const bool in = tid < nt;
-        const u32 p = in ? pos[t0 + tid] : pad;
-        P[tid] = p;
-        const u32 mn = warp_min_u32(in ? p : U32_MAX), mx = warp_max_u32(in ? p : 0u);
-        if ((tid & 31) == 0) {
-            range[2 * (tid >> 5)] = mn;
-            range[2 * (tid >> 5) + 1] = mx;
+        for (int dp = 0; dp < HD / 16; ++dp) {
+            u32 b[4];
+            fa_ldsm_t(b, t + (j * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * (HD + FA_PAD) + dp * 16 + (lane >> 4) * 8);
+            fa_mma(acc[2 * dp], a, b[0], b[1]);
+            fa_mma(acc[2 * dp + 1], a, b[2], b[3]);
         }
     }
-    __syncthreads();
-    if (tid == 0) {
-        range[0] = min(range[0], range[2]);
-        range[1] = max(range[1], range[3]);
-    }
-    __syncthreads();
 }
 
-template <int HD>
-__device__ void fa_fwd_impl(float* out, float* lse, const float* q, const float* k, const float* v, const u32* cu_q,
-                            const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff, int num_seqs,
-                            int heads, int kv_heads, float scale) {
-    __shared__ __align__(16) unsigned short Qs[FA_ROWS][HD + FA_PAD];
-    __shared__ __align__(16) unsigned short Ks[FA_ROWS][HD + FA_PAD];
-    __shared__ __align__(16) unsigned short Vt[HD][FA_ROWS + FA_PAD];
-    __shared__ u32 Pq[FA_ROWS], Pk[FA_ROWS];
-    __shared__ u32 rq[4], rk[4];
+// Min and max position of each tile of `tile` rows (tile table `off` as built by attn_tiles);
+// one warp per tile. The attention kernels skip streamed tiles with these before loading them.
+extern "C" __global__ void attn_tile_range(const u32* cu, const u32* pos, const int* off, int num_seqs, int tile,
+                                           u32* range) {
+    const int b = blockIdx.x;
+    if (b >= off[num_seqs]) return;
+    const int s = att_find_seg(off, num_seqs, b);
+    const u32 r0 = cu[s] + (u32)(b - off[s]) * tile, r1 = min(r0 + (u32)tile, cu[s + 1]);
+    u32 mn = U32_MAX, mx = 0u;
+    for (u32 i = r0 + threadIdx.x; i < r1; i += 32) {
+        mn = min(mn, pos[i]);
+        mx = max(mx, pos[i]);
+    }
+    mn = warp_min_u32(mn);
+    mx = warp_max_u32(mx);
+    if (threadIdx.x == 0) {
+        range[2 * b] = mn;
+        range[2 * b + 1] = mx;
+    }
+}
+
+// Min and max over the block of the positions its threads own (p0, p1 valid when v0, v1).
+template <int WARPS>
+__device__ __forceinline__ void fa_block_range(u32 p0, bool v0, u32 p1, bool v1, u32* red, u32& mn, u32& mx) {
+    const u32 a = warp_min_u32(min(v0 ? p0 : U32_MAX, v1 ? p1 : U32_MAX));
+    const u32 b = warp_max_u32(max(v0 ? p0 : 0u, v1 ? p1 : 0u));
+    if ((threadIdx.x & 31) == 0) {
+        red[threadIdx.x >> 5] = a;
+        red[WARPS + (threadIdx.x >> 5)] = b;
+    }
+    __syncthreads();
+    mn = U32_MAX;
+    mx = 0u;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        mn = min(mn, red[w]);
+        mx = max(mx, red[WARPS + w]);
+    }
+}
+
+// Next streamed tile at or after t (of n) whose smallest position is at most `maxp`.
+__device__ __forceinline__ int fa_next_tile(const u32* range, int base, int t, int n, u32 maxp) {
+    while (t < n && range[2 * (base + t)] > maxp) ++t;
+    return t;
+}
+
+// Shared memory bytes of each kernel (the host computes the same in attn_flash_smem).
+#define FA_SMEM_FWD(HD, WARPS) ((16 * (WARPS) + 4 * FA_BN) * ((HD) + FA_PAD) * 2 + 2 * FA_BN * 4)
+#define FA_SMEM_DQ(HD) (4 * FA_BN * ((HD) + FA_PAD) * 2 + 2 * FA_BN * 4)
+#define FA_SMEM_DKDV(HD) (4 * FA_BN * ((HD) + FA_PAD) * 2 + 6 * FA_BN * 4)
+
+template <int HD, int WARPS>
+__device__ void fa_fwd_impl(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                            const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,
+                            const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {
+    constexpr int BM = 16 * WARPS, LD = HD + FA_PAD;
+    extern __shared__ __align__(16) unsigned char fa_sh[];
+    bf16_t* Qs = (bf16_t*)fa_sh;          // [BM][LD]
+    bf16_t* Ks = Qs + BM * LD;            // [2][FA_BN][LD]
+    bf16_t* Vs = Ks + 2 * FA_BN * LD;     // [2][FA_BN][LD]
+    u32* Pk = (u32*)(Vs + 2 * FA_BN * LD);  // [2][FA_BN]
+    __shared__ u32 red[2 * WARPS];
     const int b = blockIdx.x;
     if (b >= qoff[num_seqs]) return;
     const int s = att_find_seg(qoff, num_seqs, b);
     const int h = blockIdx.y, kh = h / (heads / kv_heads);
-    const int tid = threadIdx.x, w16 = (tid >> 5) * 16, g = (tid & 31) >> 2, tq = tid & 3;
-    const u32 q0 = cu_q[s] + (u32)(b - qoff[s]) * FA_ROWS;
-    const int nq = (int)min((u32)FA_ROWS, cu_q[s + 1] - q0);
+    const int lane = threadIdx.x & 31, w16 = (threadIdx.x >> 5) * 16, g = lane >> 2, tq = lane & 3;
+    const u32 q0 = cu_q[s] + (u32)(b - qoff[s]) * BM;
+    const int nq = (int)min((u32)BM, cu_q[s + 1] - q0);
     const int qs = heads * HD, ks = kv_heads * HD;
+    const int r0 = w16 + g, r1 = r0 + 8;
+    const u32 ka = cu_k[s], kb = cu_k[s + 1];
+    const int kt0 = koff[s], nkt = koff[s + 1] - koff[s];
 
-    fa_stage<HD>(Qs, q, q0, nq, qs, h * HD);
-    fa_positions(Pq, rq, pos_q, q0, nq, 0u);
-    const u32 minpq = rq[0], maxpq = rq[1];
+    fa_load<HD, BM>(Qs, q, q0, nq, qs, h * HD);
+    fa_commit();
+    const u32 pq0 = r0 < nq ? pos_q[q0 + r0] : 0u, pq1 = r1 < nq ? pos_q[q0 + r1] : 0u;
+    u32 minpq, maxpq;
+    fa_block_range<WARPS>(pq0, r0 < nq, pq1, r1 < nq, red, minpq, maxpq);
+
+    int t = fa_next_tile(krange, kt0, 0, nkt, maxpq);
+    if (t < nkt) {
+        const u32 t0 = ka + (u32)t * FA_BN;
+        const int nt = (int)min((u32)FA_BN, kb - t0);
+        fa_load<HD, FA_BN>(Ks, k, t0, nt, ks, kh * HD);
+        fa_load<HD, FA_BN>(Vs, v, t0, nt, ks, kh * HD);
+        fa_load_col(Pk, pos_k, t0, nt, 1);
+    }
+    fa_commit();
+    fa_wait<1>();
+    __syncthreads();
     u32 qa[HD / 16][4];
-    fa_frag_a<HD>(qa, Qs, w16, g, tq);
-    const u32 pq0 = Pq[w16 + g], pq1 = Pq[w16 + g + 8];
+    fa_frag_a<HD>(qa, Qs, w16, lane);
 
     float o[HD / 8][4];
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m0 = F_NINF, m1 = F_NINF, l0 = 0.f, l1 = 0.f;  // running max (log2 domain) and sum per row
     const float sl2 = scale * LOG2E_F;
-    const u32 ka = cu_k[s], kb = cu_k[s + 1];
-    for (u32 t0 = ka; t0 < kb; t0 += FA_ROWS) {
-        const int nt = (int)min((u32)FA_ROWS, kb - t0);
-        __syncthreads();  // the previous tile is consumed
-        fa_positions(Pk, rk, pos_k, t0, nt, U32_MAX);
-        if (rk[0] > maxpq) continue;  // block-uniform: every key of the tile is in the future
-        const bool masked = !(rk[1] <= minpq && nt == FA_ROWS);
-        fa_stage<HD>(Ks, k, t0, nt, ks, kh * HD);
-        fa_stage_t<HD>(Vt, v, t0, nt, ks, kh * HD);
+    for (int buf = 0; t < nkt; buf ^= 1) {
+        const int tn = fa_next_tile(krange, kt0, t + 1, nkt, maxpq);
+        if (tn < nkt) {
+            const u32 t0 = ka + (u32)tn * FA_BN;
+            const int nt = (int)min((u32)FA_BN, kb - t0);
+            fa_load<HD, FA_BN>(Ks + (buf ^ 1) * FA_BN * LD, k, t0, nt, ks, kh * HD);
+            fa_load<HD, FA_BN>(Vs + (buf ^ 1) * FA_BN * LD, v, t0, nt, ks, kh * HD);
+            fa_load_col(Pk + (buf ^ 1) * FA_BN, pos_k, t0, nt, 1);
+        }
+        fa_commit();
+        fa_wait<1>();
         __syncthreads();
-        float sc[FA_ROWS / 8][4];
-        fa_mm_nt<HD>(sc, qa, Ks, g, tq);
+        const int nt = (int)min((u32)FA_BN, kb - (ka + (u32)t * FA_BN));
+        const bool masked = !(krange[2 * (kt0 + t) + 1] <= minpq && nt == FA_BN);
+        const u32* P = Pk + buf * FA_BN;
+        float sc[FA_BN / 8][4];
+        fa_mm_abt<HD>(sc, qa, Ks + buf * FA_BN * LD, lane);
         float mx0 = F_NINF, mx1 = F_NINF;
 #pragma unroll
-        for (int n = 0; n < FA_ROWS / 8; ++n) {
+        for (int n = 0; n < FA_BN / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
+                const int c = n * 8 + 2 * tq + (e & 1);
                 float x = sc[n][e] * sl2;
-                if (masked && Pk[n * 8 + 2 * tq + (e & 1)] > (e < 2 ? pq0 : pq1)) x = F_NINF;
+                if (masked && (c >= nt || P[c] > (e < 2 ? pq0 : pq1))) x = F_NINF;
                 sc[n][e] = x;
             }
             mx0 = fmaxf(mx0, fmaxf(sc[n][0], sc[n][1]));
@@ -205,7 +281,7 @@ __device__ void fa_fwd_impl(float* out, float* lse, const float* q, const float*
             o[n][3] *= c1;
         }
 #pragma unroll
-        for (int n = 0; n < FA_ROWS / 8; ++n) {
+        for (int n = 0; n < FA_BN / 8; ++n) {
             sc[n][0] = exp2f(sc[n][0] - s0);
             sc[n][1] = exp2f(sc[n][1] - s0);
             sc[n][2] = exp2f(sc[n][2] - s1);
@@ -215,13 +291,14 @@ __device__ void fa_fwd_impl(float* out, float* lse, const float* q, const float*
         }
         m0 = n0;
         m1 = n1;
-        fa_mm_pv<HD>(o, sc, Vt, g, tq);
+        fa_mm_pt<HD>(o, sc, Vs + buf * FA_BN * LD, lane);
+        __syncthreads();  // this buffer is refilled two tiles from now
+        t = tn;
     }
     l0 += __shfl_xor_sync(FULL_MASK, l0, 1);
     l0 += __shfl_xor_sync(FULL_MASK, l0, 2);
     l1 += __shfl_xor_sync(FULL_MASK, l1, 1);
     l1 += __shfl_xor_sync(FULL_MASK, l1, 2);
-    const int r0 = w16 + g, r1 = r0 + 8;
     const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n) {
@@ -235,69 +312,95 @@ __device__ void fa_fwd_impl(float* out, float* lse, const float* q, const float*
     }
 }
 
-// dq += scale * Σ_keys dS K with dS = P ⊙ (dout·vᵀ - delta); blocks over query tiles.
-template <int HD>
-__device__ void fa_bwd_dq_impl(float* dq, const float* dout, const float* lse, const float* delta, const float* q,
-                               const float* k, const float* v, const u32* cu_q, const u32* cu_k, const u32* pos_q,
-                               const u32* pos_k, const int* qoff, int num_seqs, int heads, int kv_heads, float scale) {
-    __shared__ __align__(16) unsigned short Ks[FA_ROWS][HD + FA_PAD];
-    __shared__ __align__(16) unsigned short Vs[FA_ROWS][HD + FA_PAD];
-    __shared__ __align__(16) unsigned short Kt[HD][FA_ROWS + FA_PAD];
-    __shared__ u32 Pq[FA_ROWS], Pk[FA_ROWS];
-    __shared__ u32 rq[4], rk[4];
+// dq += scale * Σ_keys dS·k with dS = P ⊙ (dout·vᵀ - delta); blocks over query tiles.
+template <int HD, int WARPS>
+__device__ void fa_bwd_dq_impl(float* dq, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,
+                               const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q,
+                               const u32* pos_k, const int* qoff, const int* koff, const u32* krange, int num_seqs,
+                               int heads, int kv_heads, float scale) {
+    constexpr int BM = 16 * WARPS, LD = HD + FA_PAD;
+    static_assert(BM <= 2 * FA_BN, "q and dout are staged in the two K (V) buffers");
+    extern __shared__ __align__(16) unsigned char fa_sh[];
+    bf16_t* Ks = (bf16_t*)fa_sh;          // [2][FA_BN][LD]
+    bf16_t* Vs = Ks + 2 * FA_BN * LD;     // [2][FA_BN][LD]
+    u32* Pk = (u32*)(Vs + 2 * FA_BN * LD);  // [2][FA_BN]
+    __shared__ u32 red[2 * WARPS];
     const int b = blockIdx.x;
     if (b >= qoff[num_seqs]) return;
     const int s = att_find_seg(qoff, num_seqs, b);
     const int h = blockIdx.y, kh = h / (heads / kv_heads);
-    const int tid = threadIdx.x, w16 = (tid >> 5) * 16, g = (tid & 31) >> 2, tq = tid & 3;
-    const u32 q0 = cu_q[s] + (u32)(b - qoff[s]) * FA_ROWS;
-    const int nq = (int)min((u32)FA_ROWS, cu_q[s + 1] - q0);
+    const int lane = threadIdx.x & 31, w16 = (threadIdx.x >> 5) * 16, g = lane >> 2, tq = lane & 3;
+    const u32 q0 = cu_q[s] + (u32)(b - qoff[s]) * BM;
+    const int nq = (int)min((u32)BM, cu_q[s + 1] - q0);
     const int qs = heads * HD, ks = kv_heads * HD;
     const int r0 = w16 + g, r1 = r0 + 8;
+    const u32 ka = cu_k[s], kb = cu_k[s + 1];
+    const int kt0 = koff[s], nkt = koff[s + 1] - koff[s];
 
-    // Q and dout fragments, staged through the K and V tiles.
-    fa_stage<HD>(Ks, q, q0, nq, qs, h * HD);
-    fa_stage<HD>(Vs, dout, q0, nq, qs, h * HD);
-    fa_positions(Pq, rq, pos_q, q0, nq, 0u);
-    const u32 minpq = rq[0], maxpq = rq[1];
-    u32 qa[HD / 16][4], ga[HD / 16][4];
-    fa_frag_a<HD>(qa, Ks, w16, g, tq);
-    fa_frag_a<HD>(ga, Vs, w16, g, tq);
-    const u32 pq0 = Pq[r0], pq1 = Pq[r1];
+    // q and dout fragments, staged through the K and V buffers.
+    fa_load<HD, BM>(Ks, q, q0, nq, qs, h * HD);
+    fa_load<HD, BM>(Vs, dout, q0, nq, qs, h * HD);
+    fa_commit();
+    const u32 pq0 = r0 < nq ? pos_q[q0 + r0] : 0u, pq1 = r1 < nq ? pos_q[q0 + r1] : 0u;
     const float L0 = r0 < nq ? lse[(i64)(q0 + r0) * heads + h] * LOG2E_F : F_INF;
     const float L1 = r1 < nq ? lse[(i64)(q0 + r1) * heads + h] * LOG2E_F : F_INF;
     const float D0 = r0 < nq ? delta[(i64)(q0 + r0) * heads + h] : 0.f;
     const float D1 = r1 < nq ? delta[(i64)(q0 + r1) * heads + h] : 0.f;
+    u32 minpq, maxpq;
+    fa_block_range<WARPS>(pq0, r0 < nq, pq1, r1 < nq, red, minpq, maxpq);
+    fa_wait<0>();
+    __syncthreads();
+    u32 qa[HD / 16][4], ga[HD / 16][4];
+    fa_frag_a<HD>(qa, Ks, w16, lane);
+    fa_frag_a<HD>(ga, Vs, w16, lane);
+    __syncthreads();  // the staging buffers are refilled below
+
+    int t = fa_next_tile(krange, kt0, 0, nkt, maxpq);
+    if (t < nkt) {
+        const u32 t0 = ka + (u32)t * FA_BN;
+        const int nt = (int)min((u32)FA_BN, kb - t0);
+        fa_load<HD, FA_BN>(Ks, k, t0, nt, ks, kh * HD);
+        fa_load<HD, FA_BN>(Vs, v, t0, nt, ks, kh * HD);
+        fa_load_col(Pk, pos_k, t0, nt, 1);
+    }
+    fa_commit();
 
     float acc[HD / 8][4];
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     const float sl2 = scale * LOG2E_F;
-    const u32 ka = cu_k[s], kb = cu_k[s + 1];
-    for (u32 t0 = ka; t0 < kb; t0 += FA_ROWS) {
-        const int nt = (int)min((u32)FA_ROWS, kb - t0);
+    for (int buf = 0; t < nkt; buf ^= 1) {
+        const int tn = fa_next_tile(krange, kt0, t + 1, nkt, maxpq);
+        if (tn < nkt) {
+            const u32 t0 = ka + (u32)tn * FA_BN;
+            const int nt = (int)min((u32)FA_BN, kb - t0);
+            fa_load<HD, FA_BN>(Ks + (buf ^ 1) * FA_BN * LD, k, t0, nt, ks, kh * HD);
+            fa_load<HD, FA_BN>(Vs + (buf ^ 1) * FA_BN * LD, v, t0, nt, ks, kh * HD);
+            fa_load_col(Pk + (buf ^ 1) * FA_BN, pos_k, t0, nt, 1);
+        }
+        fa_commit();
+        fa_wait<1>();
         __syncthreads();
-        fa_positions(Pk, rk, pos_k, t0, nt, U32_MAX);
-        if (rk[0] > maxpq) continue;
-        const bool masked = !(rk[1] <= minpq && nt == FA_ROWS);
-        fa_stage<HD>(Ks, k, t0, nt, ks, kh * HD);
-        fa_stage<HD>(Vs, v, t0, nt, ks, kh * HD);
-        fa_stage_t<HD>(Kt, k, t0, nt, ks, kh * HD);
-        __syncthreads();
-        float p[FA_ROWS / 8][4], dp[FA_ROWS / 8][4];
-        fa_mm_nt<HD>(p, qa, Ks, g, tq);
-        fa_mm_nt<HD>(dp, ga, Vs, g, tq);
+        const int nt = (int)min((u32)FA_BN, kb - (ka + (u32)t * FA_BN));
+        const bool masked = !(krange[2 * (kt0 + t) + 1] <= minpq && nt == FA_BN);
+        const u32* P = Pk + buf * FA_BN;
+        float p[FA_BN / 8][4], dp[FA_BN / 8][4];
+        fa_mm_abt<HD>(p, qa, Ks + buf * FA_BN * LD, lane);
+        fa_mm_abt<HD>(dp, ga, Vs + buf * FA_BN * LD, lane);
 #pragma unroll
-        for (int n = 0; n < FA_ROWS / 8; ++n) {
+        for (int n = 0; n < FA_BN / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const bool hi = e >= 2;
+                const int c = n * 8 + 2 * tq + (e & 1);
                 float x = exp2f(p[n][e] * sl2 - (hi ? L1 : L0));
-                if (masked && Pk[n * 8 + 2 * tq + (e & 1)] > (hi ? pq1 : pq0)) x = 0.f;
+                if (masked && (c >= nt || P[c] > (hi ? pq1 : pq0))) x = 0.f;
                 p[n][e] = x * (dp[n][e] - (hi ? D1 : D0));  // dS
             }
         }
-        fa_mm_pv<HD>(acc, p, Kt, g, tq);
+        fa_mm_pt<HD>(acc, p, Ks + buf * FA_BN * LD, lane);
+        __syncthreads();
+        t = tn;
     }
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n) {
@@ -315,38 +418,70 @@ __device__ void fa_bwd_dq_impl(float* dq, const float* dout, const float* lse, c
     }
 }
 
-// dv += Σ_queries Pᵀ dout, dk += scale * Σ_queries dSᵀ q over the heads of kv head blockIdx.y;
-// blocks over key tiles. Transposed products: warp rows are keys, tile columns are queries.
-template <int HD>
-__device__ void fa_bwd_dkdv_impl(float* dk, float* dv, const float* dout, const float* lse, const float* delta,
-                                 const float* q, const float* k, const float* v, const u32* cu_q, const u32* cu_k,
-                                 const u32* pos_q, const u32* pos_k, const int* koff, int num_seqs, int heads,
-                                 int kv_heads, float scale) {
-    __shared__ __align__(16) unsigned short Qs[FA_ROWS][HD + FA_PAD];
-    __shared__ __align__(16) unsigned short Gs[FA_ROWS][HD + FA_PAD];
-    __shared__ __align__(16) unsigned short Qt[HD][FA_ROWS + FA_PAD];
-    __shared__ __align__(16) unsigned short Gt[HD][FA_ROWS + FA_PAD];
-    __shared__ u32 Pq[FA_ROWS], Pk[FA_ROWS];
-    __shared__ float Lq[FA_ROWS], Dq[FA_ROWS];
-    __shared__ u32 rq[4], rk[4];
+// dv += Σ_queries Pᵀ·dout, dk += scale * Σ_queries dSᵀ·q over the heads of kv head blockIdx.y;
+// blocks over key tiles. Transposed products: warp rows are keys, tile columns are queries. The
+// stream is the (query tile, head) pairs of the segment, query tiles outermost.
+template <int HD, int WARPS>
+__device__ void fa_bwd_dkdv_impl(float* dk, float* dv, const bf16_t* dout, const float* lse, const float* delta,
+                                 const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k,
+                                 const u32* pos_q, const u32* pos_k, const int* koff, const int* qoff,
+                                 const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {
+    constexpr int BM = 16 * WARPS, LD = HD + FA_PAD;
+    static_assert(BM <= 2 * FA_BN, "k and v are staged in the two q (dout) buffers");
+    extern __shared__ __align__(16) unsigned char fa_sh[];
+    bf16_t* Qs = (bf16_t*)fa_sh;            // [2][FA_BN][LD]
+    bf16_t* Gs = Qs + 2 * FA_BN * LD;       // [2][FA_BN][LD] (dout)
+    u32* Pq = (u32*)(Gs + 2 * FA_BN * LD);  // [2][FA_BN]
+    float* Lq = (float*)(Pq + 2 * FA_BN);   // [2][FA_BN] lse (natural log, scaled below)
+    float* Dq = Lq + 2 * FA_BN;             // [2][FA_BN]
+    __shared__ u32 red[2 * WARPS];
     const int b = blockIdx.x;
     if (b >= koff[num_seqs]) return;
     const int s = att_find_seg(koff, num_seqs, b);
     const int kh = blockIdx.y, group = heads / kv_heads;
-    const int tid = threadIdx.x, w16 = (tid >> 5) * 16, g = (tid & 31) >> 2, tq = tid & 3;
-    const u32 k0 = cu_k[s] + (u32)(b - koff[s]) * FA_ROWS;
-    const int nk = (int)min((u32)FA_ROWS, cu_k[s + 1] - k0);
+    const int lane = threadIdx.x & 31, w16 = (threadIdx.x >> 5) * 16, g = lane >> 2, tq = lane & 3;
+    const u32 k0 = cu_k[s] + (u32)(b - koff[s]) * BM;
+    const int nk = (int)min((u32)BM, cu_k[s + 1] - k0);
     const int qs = heads * HD, ks = kv_heads * HD;
     const int r0 = w16 + g, r1 = r0 + 8;
+    const u32 qa_ = cu_q[s], qb = cu_q[s + 1];
+    const int qt0 = qoff[s], nqt = qoff[s + 1] - qoff[s];
 
-    fa_stage<HD>(Qs, k, k0, nk, ks, kh * HD);
-    fa_stage<HD>(Gs, v, k0, nk, ks, kh * HD);
-    fa_positions(Pk, rk, pos_k, k0, nk, U32_MAX);
-    const u32 minpk = rk[0], maxpk = rk[1];
+    fa_load<HD, BM>(Qs, k, k0, nk, ks, kh * HD);
+    fa_load<HD, BM>(Gs, v, k0, nk, ks, kh * HD);
+    fa_commit();
+    const u32 pk0 = r0 < nk ? pos_k[k0 + r0] : U32_MAX, pk1 = r1 < nk ? pos_k[k0 + r1] : U32_MAX;
+    u32 minpk, maxpk;
+    fa_block_range<WARPS>(pk0, r0 < nk, pk1, r1 < nk, red, minpk, maxpk);
+    fa_wait<0>();
+    __syncthreads();
     u32 ka[HD / 16][4], va[HD / 16][4];
-    fa_frag_a<HD>(ka, Qs, w16, g, tq);
-    fa_frag_a<HD>(va, Gs, w16, g, tq);
-    const u32 pk0 = Pk[r0], pk1 = Pk[r1];
+    fa_frag_a<HD>(ka, Qs, w16, lane);
+    fa_frag_a<HD>(va, Gs, w16, lane);
+    __syncthreads();
+
+    // Stream position `it` = query tile it / group, head kh * group + it % group. A query tile is
+    // skipped when its largest position precedes every key of the block.
+    const int nit = nqt * group;
+    auto next = [&](int it) {
+        if (it >= nit || it % group != 0) return it;
+        int t = it / group;
+        while (t < nqt && qrange[2 * (qt0 + t) + 1] < minpk) ++t;
+        return t * group;
+    };
+    auto issue = [&](int it, int buf) {
+        const int t = it / group, h = kh * group + it % group;
+        const u32 t0 = qa_ + (u32)t * FA_BN;
+        const int nt = (int)min((u32)FA_BN, qb - t0);
+        fa_load<HD, FA_BN>(Qs + buf * FA_BN * LD, q, t0, nt, qs, h * HD);
+        fa_load<HD, FA_BN>(Gs + buf * FA_BN * LD, dout, t0, nt, qs, h * HD);
+        fa_load_col(Pq + buf * FA_BN, pos_q, t0, nt, 1);
+        fa_load_col(Lq + buf * FA_BN, lse + h, t0, nt, heads);
+        fa_load_col(Dq + buf * FA_BN, delta + h, t0, nt, heads);
+    };
+    int it = next(0);
+    if (it < nit) issue(it, 0);
+    fa_commit();
 
     float dka[HD / 8][4], dva[HD / 8][4];
 #pragma unroll
@@ -355,42 +490,36 @@ __device__ void fa_bwd_dkdv_impl(float* dk, float* dv, const float* dout, const 
         dva[n][0] = dva[n][1] = dva[n][2] = dva[n][3] = 0.f;
     }
     const float sl2 = scale * LOG2E_F;
-    const u32 qa_ = cu_q[s], qb = cu_q[s + 1];
-    for (u32 t0 = qa_; t0 < qb; t0 += FA_ROWS) {
-        const int nt = (int)min((u32)FA_ROWS, qb - t0);
+    for (int buf = 0; it < nit; buf ^= 1) {
+        const int itn = next(it + 1);
+        if (itn < nit) issue(itn, buf ^ 1);
+        fa_commit();
+        fa_wait<1>();
         __syncthreads();
-        fa_positions(Pq, rq, pos_q, t0, nt, 0u);
-        if (rq[1] < minpk) continue;  // no query of the tile sees these keys
-        const bool masked = !(maxpk <= rq[0] && nt == FA_ROWS);
-        for (int h = kh * group; h < (kh + 1) * group; ++h) {
-            __syncthreads();
-            fa_stage<HD>(Qs, q, t0, nt, qs, h * HD);
-            fa_stage<HD>(Gs, dout, t0, nt, qs, h * HD);
-            fa_stage_t<HD>(Qt, q, t0, nt, qs, h * HD);
-            fa_stage_t<HD>(Gt, dout, t0, nt, qs, h * HD);
-            if (tid < FA_ROWS) {
-                const bool in = tid < nt;
-                Lq[tid] = in ? lse[(i64)(t0 + tid) * heads + h] * LOG2E_F : F_INF;
-                Dq[tid] = in ? delta[(i64)(t0 + tid) * heads + h] : 0.f;
-            }
-            __syncthreads();
-            float p[FA_ROWS / 8][4], dp[FA_ROWS / 8][4];
-            fa_mm_nt<HD>(p, ka, Qs, g, tq);   // Sᵀ: keys x queries
-            fa_mm_nt<HD>(dp, va, Gs, g, tq);  // dPᵀ = v · doutᵀ
+        const int t = it / group;
+        const int nt = (int)min((u32)FA_BN, qb - (qa_ + (u32)t * FA_BN));
+        const bool masked = !(maxpk <= qrange[2 * (qt0 + t)] && nt == FA_BN);
+        const u32* P = Pq + buf * FA_BN;
+        const float* L = Lq + buf * FA_BN;
+        const float* D = Dq + buf * FA_BN;
+        float p[FA_BN / 8][4], dp[FA_BN / 8][4];
+        fa_mm_abt<HD>(p, ka, Qs + buf * FA_BN * LD, lane);   // Sᵀ: keys x queries
+        fa_mm_abt<HD>(dp, va, Gs + buf * FA_BN * LD, lane);  // dPᵀ = v · doutᵀ
 #pragma unroll
-            for (int n = 0; n < FA_ROWS / 8; ++n) {
+        for (int n = 0; n < FA_BN / 8; ++n) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int c = n * 8 + 2 * tq + (e & 1);
-                    float x = exp2f(p[n][e] * sl2 - Lq[c]);
-                    if (masked && (e < 2 ? pk0 : pk1) > Pq[c]) x = 0.f;
-                    p[n][e] = x;
-                    dp[n][e] = x * (dp[n][e] - Dq[c]);  // dSᵀ
-                }
+            for (int e = 0; e < 4; ++e) {
+                const int c = n * 8 + 2 * tq + (e & 1);
+                float x = exp2f(p[n][e] * sl2 - L[c] * LOG2E_F);
+                if (masked && (c >= nt || (e < 2 ? pk0 : pk1) > P[c])) x = 0.f;
+                p[n][e] = x;
+                dp[n][e] = x * (dp[n][e] - D[c]);  // dSᵀ
             }
-            fa_mm_pv<HD>(dva, p, Gt, g, tq);
-            fa_mm_pv<HD>(dka, dp, Qt, g, tq);
         }
+        fa_mm_pt<HD>(dva, p, Gs + buf * FA_BN * LD, lane);
+        fa_mm_pt<HD>(dka, dp, Qs + buf * FA_BN * LD, lane);
+        __syncthreads();
+        it = itn;
     }
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n) {
@@ -414,25 +543,30 @@ __device__ void fa_bwd_dkdv_impl(float* dk, float* dv, const float* dout, const 
     }
 }
 
+// Rows per block: 16 * FA_WARPS (the host's FLASH_ROWS).
+#define FA_WARPS 8
+
 #define INST_FA(HD)                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) attn_fwd_bf16_d##HD(                                    \
-        float* out, float* lse, const float* q, const float* k, const float* v, const u32* cu_q, const u32* cu_k,    \
-        const u32* pos_q, const u32* pos_k, const int* qoff, int num_seqs, int heads, int kv_heads, float scale) {   \
-        fa_fwd_impl<HD>(out, lse, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, num_seqs, heads, kv_heads, scale);        \
+    extern "C" __global__ void __launch_bounds__(32 * FA_WARPS) attn_fwd_bf16_d##HD(                                 \
+        float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, \
+        const u32* pos_q, const u32* pos_k, const int* qoff, const int* koff, const u32* krange, int num_seqs,       \
+        int heads, int kv_heads, float scale) {                                                                      \
+        fa_fwd_impl<HD, FA_WARPS>(out, lse, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange, num_seqs, heads,  \
+                                  kv_heads, scale);                                                                  \
     }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) attn_bwd_dq_bf16_d##HD(                                 \
-        float* dq, const float* dout, const float* lse, const float* delta, const float* q, const float* k,          \
-        const float* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,       \
-        int num_seqs, int heads, int kv_heads, float scale) {                                                        \
-        fa_bwd_dq_impl<HD>(dq, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, num_seqs, heads, kv_heads, \
-                           scale);                                                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * FA_WARPS) attn_bwd_dq_bf16_d##HD(                              \
+        float* dq, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q, const bf16_t* k,       \
+        const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,      \
+        const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {                    \
+        fa_bwd_dq_impl<HD, FA_WARPS>(dq, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange,    \
+                                     num_seqs, heads, kv_heads, scale);                                              \
     }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) attn_bwd_dkdv_bf16_d##HD(                               \
-        float* dk, float* dv, const float* dout, const float* lse, const float* delta, const float* q,               \
-        const float* k, const float* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,        \
-        const int* koff, int num_seqs, int heads, int kv_heads, float scale) {                                       \
-        fa_bwd_dkdv_impl<HD>(dk, dv, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, koff, num_seqs, heads,     \
-                             kv_heads, scale);                                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * FA_WARPS) attn_bwd_dkdv_bf16_d##HD(                            \
+        float* dk, float* dv, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,             \
+        const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,      \
+        const int* koff, const int* qoff, const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {   \
+        fa_bwd_dkdv_impl<HD, FA_WARPS>(dk, dv, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, koff, qoff,      \
+                                       qrange, num_seqs, heads, kv_heads, scale);                                    \
     }
 
 INST_FA(32)
