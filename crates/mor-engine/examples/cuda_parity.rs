@@ -728,6 +728,26 @@ fn bench(g: &Cuda) {
     println!("  matmul_bwd fp32 4096^3 (dx and dw):            {:.3} ms, {:.1} TFLOP/s", ms, 2.0 * flops / ms / 1e9);
     drop((x, w, out, dx, dw));
 
+    // GEMMs at the shapes of a 360M step (16384 tokens): q/o, k/v, gate/up, down, an LM-head chunk.
+    // (cuBLAS's CUBLAS_COMPUTE_32F_FAST_16BF on the fp32 operands, tried instead of our conversion
+    // pass, was 10-40% slower at every shape: docs/benchmarks/gpu-phase3.md.)
+    for (label, p) in [("f32", MatmulPrecision::F32), ("bf16 (conversion pass + bf16 GEMM)", MatmulPrecision::Bf16)] {
+        g.set_matmul_precision(p);
+        println!("  matmul {label}, fwd / bwd (dx + dw):");
+        for (n, k, m) in [(16384usize, 960usize, 960usize), (16384, 960, 320), (16384, 960, 2560), (16384, 2560, 960), (2048, 960, 49152)] {
+            let x = rnd(n * k, 1.0);
+            let w = rnd(m * k, 0.05);
+            let mut out = g.zeros(n * m);
+            let mut dx = g.zeros(n * k);
+            let mut dw = g.zeros(m * k);
+            let f = time_ms(g, 10, || g.matmul_fwd(&mut out, &x, &w, n, k, m));
+            let b = time_ms(g, 10, || g.matmul_bwd(Some(&mut dx), &mut dw, &out, &x, &w, n, k, m));
+            let fl = 2.0 * (n * k * m) as f64;
+            println!("    {n:>5} x {k:>4} -> {m:>5}: fwd {f:.3} ms {:.0} TFLOP/s; bwd {b:.3} ms {:.0} TFLOP/s", fl / f / 1e9, 2.0 * fl / b / 1e9);
+        }
+    }
+    g.set_matmul_precision(MatmulPrecision::F32);
+
     // Attention: 8 documents x 2048 tokens, causal, 15 heads / 5 kv heads (SmolLM-360M), hd 64.
     let (docs, len, heads, kvh, hd) = (8usize, 2048usize, 15usize, 5usize, 64usize);
     let n = docs * len;
