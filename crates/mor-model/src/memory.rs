@@ -3,14 +3,18 @@
 //! The counts mirror the model's own allocations element for element: parameters and their
 //! gradients ([`crate::weights::Weights::build`]), the AdamW moments (two per parameter), and the
 //! [`crate::model::Workspace`] of one micro-batch: every unrolled layer application keeps its
-//! saved activations for the whole batch (`LayerAct`, sized for all `n = batch · seq_len` tokens
-//! even when a recursion step runs on a subset), one set of layer-backward scratch, per-recursion
-//! router/combine buffers, the residual-stream buffers, and one LM-head chunk of logits and their
-//! gradient. A test checks the workspace figure against the buffers a training step really
-//! allocates. Not counted: index buffers (a few `u32` per token), backend scratch (attention
-//! row statistics, sort buffers, bf16 GEMM operand copies on CUDA) and the CUDA context itself.
+//! saved activations (`LayerAct`) for the tokens it can see — `batch · k_r` at an expert-choice
+//! recursion step, all `n = batch · seq_len` everywhere else —, one set of layer-backward
+//! scratch, per-recursion router/combine buffers (sized the same way), the residual-stream
+//! buffers, and one LM-head chunk of logits and their gradient. Sizes are those of the first
+//! training step of a fresh run: with capacity warm-up that step runs at capacity 1, the most the
+//! run ever allocates. A test checks the workspace figure against the buffers a training step
+//! really allocates. Not counted: index buffers (a few `u32` per token), backend scratch
+//! (attention row statistics, sort buffers, bf16 GEMM operand copies on CUDA) and the CUDA
+//! context itself.
 
 use crate::layer::Dims;
+use crate::model::expert_k;
 use mor_config::{ModelConfig, RouterKind, Sampling};
 use serde::Serialize;
 
@@ -25,6 +29,9 @@ pub struct MemoryEstimate {
     pub optimizer: usize,
     /// Saved activations of every layer application (`LayerAct`).
     pub layer_activations: usize,
+    /// Token rows those activations are sized for, summed over the layer applications
+    /// (`num_layers · tokens` without expert-choice routing).
+    pub layer_rows: usize,
     /// Everything else in the workspace: backward scratch, residual buffers, recursion-step and
     /// router buffers, LM-head chunk (logits and their gradient).
     pub workspace_other: usize,
@@ -58,10 +65,29 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
     let dims = Dims::new(cfg);
     let n = batch * seq_len;
     let (d, f, qd, kvd, heads) = (dims.d, dims.f, dims.qd(), dims.kvd(), dims.heads);
+    // Rows of each layer application (index = layer position) and, per recursion step, of the
+    // router input (candidates) and of the tokens that run the block (selected); see `Workspace`.
+    let mut app_rows = vec![n; map.num_layers];
+    let mut cand_rows = Vec::new();
+    let mut sel_rows = Vec::new();
+    if let Some(rc) = cfg.router.as_ref() {
+        let n_r = map.num_recursions;
+        for r in 0..n_r {
+            let sel = match rc.kind {
+                // Forward call 0: the largest capacity of the run.
+                RouterKind::Expert => batch * expert_k(rc, r, n_r, seq_len, 0),
+                RouterKind::Token => n,
+            };
+            cand_rows.push(sel_rows.last().copied().unwrap_or(n));
+            sel_rows.push(sel);
+            app_rows[map.step_positions(r)].iter_mut().for_each(|a| *a = sel);
+        }
+    }
     // LayerAct: x, xn1, a, xn2 (d); q, att (qd); k, v, dk, dv (kvd); gate, up, act (f); lse
     // (heads); rstd1, rstd2.
     let per_app = 4 * d + 2 * qd + 4 * kvd + 3 * f + heads + 2;
-    let layer_activations = map.num_layers * n * per_app;
+    let layer_rows: usize = app_rows.iter().sum();
+    let layer_activations = layer_rows * per_app;
     // LayerScratch: da, dxn (d); dact, dgate, dup (f); datt, dq (qd).
     let scratch = n * (2 * d + 3 * f + 2 * qd);
     // Residual buffers h, h1, tx, hn, dh, dhn, dtx, g1, g2; rstd; ce_all.
@@ -74,19 +100,21 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
     let mut steps = 0;
     let mut routers = 0;
     if let Some(rc) = cfg.router.as_ref() {
-        let n_r = map.num_recursions;
-        // StepBuf: x, y, ye, dy, dyin, dx (d); g, gk, targets, bce, dgk, dg.
-        steps = n_r * n * (6 * d + 6);
+        // StepBuf: x, dx (d) and g, targets, bce, dg per candidate; y, ye, dy, dyin (d) and gk,
+        // dgk per selected token.
+        let (cand, sel): (usize, usize) = (cand_rows.iter().sum(), sel_rows.iter().sum());
+        steps = cand * (2 * d + 4) + sel * (4 * d + 2);
         if !rc.random {
-            let (count, out) = match rc.kind {
-                RouterKind::Expert => (n_r, 1),
-                RouterKind::Token => (1, n_r),
+            // Expert-choice: one router per step on its candidates; token-choice: one on all
+            // tokens with one output per recursion.
+            let (rows, out) = match rc.kind {
+                RouterKind::Expert => (cand, 1),
+                RouterKind::Token => (n, map.num_recursions),
             };
             let h = rc.arch.hidden(d).unwrap_or(0).max(1);
             // RouterAct: pre, hid, dpre, dhid (h); logits, dlogits (out).
-            let one = n * (4 * h + 2 * out);
             let sets = if rc.kind == RouterKind::Expert && rc.sampling == Sampling::AuxRouter { 2 } else { 1 };
-            routers = sets * count * one;
+            routers = sets * rows * (4 * h + 2 * out);
         }
     }
     Ok(MemoryEstimate {
@@ -94,6 +122,7 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
         grads: params,
         optimizer: 2 * params,
         layer_activations,
+        layer_rows,
         workspace_other: scratch + residual + head_chunk + steps + routers,
         head_chunk,
         tokens: n,

@@ -134,8 +134,11 @@ struct TokenStep<B: Backend> {
     buf: usize,
 }
 
-/// Per recursion-step buffers.
+/// Per recursion-step buffers: `x`, `g`, `targets`, `bce`, `dg`, `dx` hold one row per
+/// candidate token (the router's input), the others one row per selected token.
 struct StepBuf<B: Backend> {
+    cand: usize,
+    sel: usize,
     x: B::Buf,
     g: B::Buf,
     gk: B::Buf,
@@ -151,25 +154,43 @@ struct StepBuf<B: Backend> {
 }
 
 impl<B: Backend> StepBuf<B> {
-    fn new(b: &B, n: usize, d: usize) -> Self {
+    fn new(b: &B, cand: usize, sel: usize, d: usize) -> Self {
         StepBuf {
-            x: b.zeros(n * d),
-            g: b.zeros(n),
-            gk: b.zeros(n),
-            y: b.zeros(n * d),
-            ye: b.zeros(n * d),
-            targets: b.zeros(n),
-            bce: b.zeros(n),
-            dy: b.zeros(n * d),
-            dyin: b.zeros(n * d),
-            dgk: b.zeros(n),
-            dg: b.zeros(n),
-            dx: b.zeros(n * d),
+            cand,
+            sel,
+            x: b.zeros(cand * d),
+            g: b.zeros(cand),
+            gk: b.zeros(sel),
+            y: b.zeros(sel * d),
+            ye: b.zeros(sel * d),
+            targets: b.zeros(cand),
+            bce: b.zeros(cand),
+            dy: b.zeros(sel * d),
+            dyin: b.zeros(sel * d),
+            dgk: b.zeros(sel),
+            dg: b.zeros(cand),
+            dx: b.zeros(cand * d),
         }
     }
 }
 
 /// Buffers for one batch shape, reused across steps.
+///
+/// Buffers of the whole stream (residual, scratch, head chunk) hold all `n` tokens. Per layer
+/// application (`acts`, index = application) and per recursion step (`steps`, `routers`,
+/// `aux_routers`, index = step) the buffers hold only the rows that application or step needs,
+/// allocated when a forward first reaches it and re-allocated only when a later forward needs
+/// more rows (`ensure_slot`):
+/// - expert-choice top-k: `batch · k_r` selected rows, `k_r` from the step's capacity at the
+///   current forward call. Capacity warm-up starts at capacity 1 and only decays, so the first
+///   training step allocates the most the run will use and later steps reuse it (a run resumed
+///   after the warm-up allocates only the final capacities).
+/// - expert-choice threshold routing and token-choice: how many tokens reach a step depends on
+///   the router at run time; any batch may send all `n` there, so these are sized `n` (the
+///   bound a run must budget for anyway, and no re-allocation from batch to batch).
+/// - layers outside the recursion blocks, and steps where every token runs: `n`.
+///
+/// [`crate::memory::estimate`] counts the same sizes for the first training step.
 pub struct Workspace<B: Backend> {
     n: usize,
     acts: Vec<LayerAct<B>>,
@@ -306,15 +327,13 @@ impl<B: Backend> Model<B> {
         // Free the old buffers before allocating the new ones.
         self.ws = None;
         let d = self.dims.d;
-        let routers = self.weights.routers.iter().map(|w| RouterAct::new(b, w, n)).collect();
-        let aux_routers = self.weights.aux_routers.iter().map(|w| RouterAct::new(b, w, n)).collect();
         self.ws = Some(Workspace {
             n,
             acts: Vec::new(),
             scratch: LayerScratch::new(b, &self.dims, n),
             steps: Vec::new(),
-            routers,
-            aux_routers,
+            routers: Vec::new(),
+            aux_routers: Vec::new(),
             h: b.zeros(n * d),
             h1: b.zeros(n * d),
             tx: b.zeros(n * d),
@@ -423,22 +442,35 @@ impl<B: Backend> Model<B> {
         )
     }
 
-    fn push_apps(&mut self, b: &B, tr: &mut Trace<B>, positions: Range<usize>, set: usize, kv_src: Option<Vec<usize>>) -> Range<usize> {
+    /// Records the applications of `positions` on token set `set`, whose saved activations
+    /// must hold `rows` tokens (at least the set's size; see [`Workspace`]).
+    #[allow(clippy::too_many_arguments)]
+    fn push_apps(
+        &mut self,
+        b: &B,
+        tr: &mut Trace<B>,
+        positions: Range<usize>,
+        set: usize,
+        kv_src: Option<Vec<usize>>,
+        rows: usize,
+    ) -> Range<usize> {
+        debug_assert!(rows >= tr.sets[set].len());
         let start = tr.apps.len();
         for (j, pos) in positions.enumerate() {
             tr.apps.push(App { pos, set, kv_src: kv_src.as_ref().map(|s| s[j]) });
         }
         let end = tr.apps.len();
         let ws = self.ws.as_mut().unwrap();
-        while ws.acts.len() < end {
-            ws.acts.push(LayerAct::new(b, &self.dims, ws.n));
+        for i in start..end {
+            ensure_slot(&mut ws.acts, i, |a| a.cap >= rows, || LayerAct::new(b, &self.dims, rows));
         }
         start..end
     }
 
     /// Run `positions` on every token of `set` (the full set), replacing `h`.
     fn plain_block(&mut self, b: &B, tr: &mut Trace<B>, positions: Range<usize>, set: usize, kv_src: Option<Vec<usize>>) {
-        let apps = self.push_apps(b, tr, positions, set, kv_src);
+        let rows = tr.sets[set].len();
+        let apps = self.push_apps(b, tr, positions, set, kv_src, rows);
         let n = tr.sets[set].len() * self.dims.d;
         let ws = self.ws.as_mut().unwrap();
         b.copy(&mut ws.acts[apps.start].x, &ws.h, n);
@@ -566,10 +598,21 @@ impl<B: Backend> Model<B> {
         out
     }
 
-    fn step_buf(&mut self, b: &B, i: usize) {
+    /// Buffers of recursion step `r` for `cand` candidate and `sel` selected rows.
+    fn step_buf(&mut self, b: &B, r: usize, cand: usize, sel: usize) {
+        let d = self.dims.d;
         let ws = self.ws.as_mut().unwrap();
-        while ws.steps.len() <= i {
-            ws.steps.push(StepBuf::new(b, ws.n, self.dims.d));
+        ensure_slot(&mut ws.steps, r, |s| s.cand >= cand && s.sel >= sel, || StepBuf::new(b, cand, sel, d));
+    }
+
+    /// Activations of router `i` (and of its aux router, if any) for `rows` rows; nothing for
+    /// random routers, which have no weights.
+    fn router_bufs(&mut self, b: &B, i: usize, rows: usize) {
+        let ws = self.ws.as_mut().unwrap();
+        for (acts, weights) in [(&mut ws.routers, &self.weights.routers), (&mut ws.aux_routers, &self.weights.aux_routers)] {
+            if let Some(w) = weights.get(i) {
+                ensure_slot(acts, i, |a| a.cap >= rows, || RouterAct::new(b, w, rows));
+            }
         }
     }
 
@@ -579,10 +622,20 @@ impl<B: Backend> Model<B> {
         let (bsz, len, d) = (tr.segs.batch, tr.segs.seq_len, self.dims.d);
         let gate = gate_fn(rc.activation());
         let alpha = rc.alpha() as f32;
+        let n = bsz * len;
         let mut cand = 0usize;
         for r in 0..n_r {
-            self.step_buf(b, r);
             let n_c = tr.sets[cand].len();
+            // Top-k keeps exactly k tokens per sequence; threshold decisions depend on the router,
+            // so those buffers hold every token (see `Workspace`).
+            let warm = if grad { self.router_state.forward_calls as usize } else { usize::MAX };
+            let k = expert_k(&rc, r, n_r, len, warm);
+            let (cand_rows, sel_rows) = match routing {
+                Routing::TopK => (n_c, bsz * k),
+                Routing::Threshold => (n, n),
+            };
+            self.step_buf(b, r, cand_rows, sel_rows);
+            self.router_bufs(b, r, cand_rows);
             let has_router = !rc.random;
             // Router scores of the candidates.
             {
@@ -605,9 +658,6 @@ impl<B: Backend> Model<B> {
             // Selection.
             let sel_local_host: Vec<u32> = match routing {
                 Routing::TopK => {
-                    let warm = if grad { self.router_state.forward_calls as usize } else { usize::MAX };
-                    let c = warmed_capacity(rc.capacity(r, n_r), warm, rc.capacity_warmup);
-                    let k = capacity_tokens(c, len);
                     let row_cu = b.idx_from(&tr.sets[cand].row_cu_host);
                     let mut out = b.idx_from(&vec![0u32; bsz * k]);
                     let ws = self.ws.as_ref().unwrap();
@@ -631,7 +681,7 @@ impl<B: Backend> Model<B> {
             tr.sets.push(sel_set);
             let sel = tr.sets.len() - 1;
             let kv_src = self.kv_sources(tr, r);
-            let apps = self.push_apps(b, tr, self.map.step_positions(r), sel, kv_src);
+            let apps = self.push_apps(b, tr, self.map.step_positions(r), sel, kv_src, sel_rows);
 
             let ws = self.ws.as_mut().unwrap();
             let Workspace { acts, steps, routers, aux_routers, h, .. } = ws;
@@ -696,6 +746,9 @@ impl<B: Backend> Model<B> {
         let (n, d) = (tr.sets[0].len(), self.dims.d);
         let alpha = rc.alpha();
         let softmax = rc.activation() == RouterActivation::Softmax;
+        // Which tokens reach each recursion depends on the router's assignment, and every token
+        // may go all the way: the router and every step's buffers hold all n tokens.
+        self.router_bufs(b, 0, n);
         // Router on h^1 (the stream entering recursion 1).
         let logits: Vec<f64> = {
             let ws = self.ws.as_mut().unwrap();
@@ -781,12 +834,12 @@ impl<B: Backend> Model<B> {
         let mut active: Vec<u32> = (0..n as u32).collect();
         let wbuf = b.from_f64(&weight);
         for r in 0..n_r {
-            self.step_buf(b, r);
+            self.step_buf(b, r, n, n);
             let set = tr.sets[0].subset(b, &tr.segs, &active);
             tr.sets.push(set);
             let set_i = tr.sets.len() - 1;
             let kv_src = self.kv_sources(tr, r);
-            let apps = self.push_apps(b, tr, self.map.step_positions(r), set_i, kv_src);
+            let apps = self.push_apps(b, tr, self.map.step_positions(r), set_i, kv_src, n);
             let m = active.len();
             stats.recursions.push(RecursionStats { selected_fraction: m as f64 / n as f64, ..Default::default() });
             let (mut exit_l, mut exit_g, mut cont_l, mut cont_g) = (vec![], vec![], vec![], vec![]);
@@ -884,7 +937,7 @@ impl<B: Backend> Model<B> {
         {
             let ws = self.ws.as_mut().unwrap();
             for a in ws.acts.iter_mut().take(tr.apps.len()) {
-                let kvd = self.dims.kvd() * ws.n;
+                let kvd = self.dims.kvd() * a.cap;
                 b.fill(&mut a.dk, kvd, 0.0);
                 b.fill(&mut a.dv, kvd, 0.0);
             }
@@ -1068,6 +1121,23 @@ impl<B: Backend> Model<B> {
         }
         st.load_sum.iter_mut().for_each(|l| *l = 0.0);
         st.load_batches = 0;
+    }
+}
+
+/// Tokens per sequence an expert-choice top-k step `r` keeps at training forward call `call`
+/// (`usize::MAX` at evaluation: no capacity warm-up). [`crate::memory::estimate`] sizes with it.
+pub(crate) fn expert_k(rc: &RouterConfig, r: usize, n_r: usize, seq_len: usize, call: usize) -> usize {
+    capacity_tokens(warmed_capacity(rc.capacity(r, n_r), call, rc.capacity_warmup), seq_len)
+}
+
+/// Makes `slots[i]` satisfy `fits`: creates the next slot, or replaces one that is too small
+/// (freeing its buffers before allocating the new ones). Slots are created in index order.
+fn ensure_slot<T>(slots: &mut Vec<T>, i: usize, fits: impl Fn(&T) -> bool, new: impl FnOnce() -> T) {
+    if i == slots.len() {
+        slots.push(new());
+    } else if !fits(&slots[i]) {
+        drop(slots.remove(i));
+        slots.insert(i, new());
     }
 }
 

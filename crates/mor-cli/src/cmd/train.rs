@@ -231,9 +231,9 @@ pub fn dry_run_report(cfg: &mor_config::RunConfig, device: Device) -> Result<Str
         "activations",
         est.activations(),
         format!(
-            "{} layer applications x {} tokens: {}; scratch, residual, router and LM-head chunk: {}",
+            "{} layer applications on {} token rows in all: {}; scratch, residual, router and LM-head chunk: {}",
             map.num_layers,
-            est.tokens,
+            super::thousands(est.layer_rows as u64),
             gib(est.layer_activations as f64 * b),
             gib(est.workspace_other as f64 * b)
         ),
