@@ -99,22 +99,47 @@ const KERNELS: &[&str] = &[
     "attn_bwd_dq_f32_d128",
     "attn_bwd_dkdv_f32_d128",
     "attn_tile_range",
-    "attn_fwd_bf16_d32",
-    "attn_bwd_dq_bf16_d32",
-    "attn_bwd_dkdv_bf16_d32",
-    "attn_fwd_bf16_d64",
-    "attn_bwd_dq_bf16_d64",
-    "attn_bwd_dkdv_bf16_d64",
+    "attn_fwd_bf16_d32_w4",
+    "attn_bwd_dq_bf16_d32_w4",
+    "attn_bwd_dkdv_bf16_d32_w4",
+    "attn_fwd_bf16_d32_w8",
+    "attn_bwd_dq_bf16_d32_w8",
+    "attn_bwd_dkdv_bf16_d32_w8",
+    "attn_fwd_bf16_d64_w4",
+    "attn_bwd_dq_bf16_d64_w4",
+    "attn_bwd_dkdv_bf16_d64_w4",
+    "attn_fwd_bf16_d64_w8",
+    "attn_bwd_dq_bf16_d64_w8",
+    "attn_bwd_dkdv_bf16_d64_w8",
 ];
 
 /// Largest head dimension the attention kernels take.
 pub const MAX_HEAD_DIM: usize = 128;
 /// Rows (queries or keys) per block of the exact f32 attention kernels.
 const ATT_ROWS: usize = 32;
-/// Rows per block of the tensor-core (bf16) attention kernels (16 per warp, FA_WARPS warps).
-const FLASH_ROWS: usize = 128;
-/// Threads per block of the tensor-core attention kernels (one warp per 16 rows).
-const FLASH_THREADS: u32 = (FLASH_ROWS / 16 * 32) as u32;
+/// Warps per block of the tensor-core attention kernels (each warp owns 16 rows), per kernel:
+/// the defaults come from tuning on an H200 (docs/benchmarks/gpu-phase3.md); `MOR_FLASH_WARPS=
+/// fwd,dq,dkdv` (each 4 or 8) overrides them for experiments.
+#[derive(Debug, Clone, Copy)]
+struct FlashWarps {
+    fwd: usize,
+    dq: usize,
+    dkdv: usize,
+}
+
+impl FlashWarps {
+    const DEFAULT: FlashWarps = FlashWarps { fwd: 8, dq: 4, dkdv: 4 };
+
+    fn from_env() -> Self {
+        let Ok(v) = std::env::var("MOR_FLASH_WARPS") else { return Self::DEFAULT };
+        let w: Vec<usize> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+        match w[..] {
+            [fwd, dq, dkdv] if w.iter().all(|&x| x == 4 || x == 8) => FlashWarps { fwd, dq, dkdv },
+            _ => panic!("MOR_FLASH_WARPS={v}: expected three of 4|8 (fwd,dq,dkdv)"),
+        }
+    }
+}
+
 /// Rows per streamed tile of the tensor-core attention kernels (FA_BN).
 const FLASH_TILE: usize = 64;
 /// Kernels and head dims of the tensor-core attention (kernels/flash_attention.cu).
@@ -328,6 +353,7 @@ pub struct Cuda {
     sm_count: u32,
     /// bf16 GEMM operands (switchable at run time, see [`Backend::set_matmul_precision`]).
     gemm_bf16: AtomicBool,
+    flash_warps: FlashWarps,
     profiling: AtomicBool,
     prof_depth: AtomicUsize,
     prof: Mutex<HashMap<&'static str, (f64, u64)>>,
@@ -408,17 +434,16 @@ impl Cuda {
         let topk_bytes = if topk_ok { topk_bytes } else { 48 * 1024 };
         // The flash attention kernels use more than the default 48 KiB of dynamic shared memory.
         for hd in FLASH_HEAD_DIMS {
-            for kind in ["fwd", "dq", "dkdv"] {
-                let name = match kind {
-                    "fwd" => format!("attn_fwd_bf16_d{hd}"),
-                    _ => format!("attn_bwd_{kind}_bf16_d{hd}"),
-                };
-                funcs[name.as_str()]
-                    .set_attribute(
-                        drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        Self::flash_smem(kind, hd) as i32,
-                    )
-                    .map_err(|e| CudaError::Driver(format!("shared memory opt-in of {name}: {e:?}")))?;
+            for warps in [4, 8] {
+                for kind in ["fwd", "dq", "dkdv"] {
+                    let name = if kind == "fwd" { format!("attn_fwd_bf16_d{hd}_w{warps}") } else { format!("attn_bwd_{kind}_bf16_d{hd}_w{warps}") };
+                    funcs[name.as_str()]
+                        .set_attribute(
+                            drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            Self::flash_smem(kind, hd, warps) as i32,
+                        )
+                        .map_err(|e| CudaError::Driver(format!("shared memory opt-in of {name}: {e:?}")))?;
+                }
             }
         }
         let topk_smem_keys = 1usize << (usize::BITS - 1 - (topk_bytes / 8).leading_zeros());
@@ -438,6 +463,7 @@ impl Cuda {
             topk_smem_keys,
             sm_count,
             gemm_bf16: AtomicBool::new(opts.gemm == GemmPrecision::Bf16),
+            flash_warps: FlashWarps::from_env(),
             profiling: AtomicBool::new(opts.profile),
             prof_depth: AtomicUsize::new(0),
             prof: Mutex::new(HashMap::new()),
@@ -653,21 +679,33 @@ impl Cuda {
         }
     }
 
-    /// Dynamic shared memory of the flash kernels (FA_SMEM_* in kernels/flash_attention.cu).
-    fn flash_smem(kernel: &str, hd: usize) -> u32 {
-        let tile = FLASH_TILE * (hd + 8) * 2;
-        (match kernel {
-            "fwd" => (FLASH_ROWS + 4 * FLASH_TILE) * (hd + 8) * 2 + 2 * FLASH_TILE * 4,
-            "dq" => 4 * tile + 2 * FLASH_TILE * 4,
-            _ => 4 * tile + 6 * FLASH_TILE * 4,
+    /// Dynamic shared memory of a flash kernel (`kind` fwd | dq | dkdv) with `warps` warps; the
+    /// layouts are at the top of each kernel in kernels/flash_attention.cu.
+    fn flash_smem(kind: &str, hd: usize, warps: usize) -> u32 {
+        let row = (hd + 8) * 2;
+        (match kind {
+            "fwd" => (16 * warps + 4 * FLASH_TILE) * row + 2 * FLASH_TILE * 4,
+            "dq" => 4 * FLASH_TILE * row + 2 * FLASH_TILE * 4,
+            _ => 4 * FLASH_TILE * row + 6 * FLASH_TILE * 4,
         }) as u32
     }
 
-    /// Tile tables for a flash pass: the blocks' own side in FLASH_ROWS tiles (grid) and the
+    /// Name, launch configuration (grid x from the caller) of a flash kernel.
+    fn flash_kernel(&self, kind: &str, hd: usize) -> (String, usize, u32, u32) {
+        let warps = match kind {
+            "fwd" => self.flash_warps.fwd,
+            "dq" => self.flash_warps.dq,
+            _ => self.flash_warps.dkdv,
+        };
+        let name = if kind == "fwd" { format!("attn_fwd_bf16_d{hd}_w{warps}") } else { format!("attn_bwd_{kind}_bf16_d{hd}_w{warps}") };
+        (name, 16 * warps, 32 * warps as u32, Self::flash_smem(kind, hd, warps))
+    }
+
+    /// Tile tables for a flash pass: the blocks' own side in `own_tile`-row tiles (grid) and the
     /// streamed side in FLASH_TILE tiles with per-tile position ranges. Returns
     /// `(own_off, grid, stream_off, stream_range)`.
-    fn flash_tables(&self, own_cu: &CudaSlice<u32>, own_rows: usize, st_cu: &CudaSlice<u32>, st_pos: &CudaSlice<u32>, st_rows: usize, ns: usize) -> (u64, u32, u64, u64) {
-        let (own, grid) = self.attn_tiles(Slot::AttQOff, own_cu, ns, own_rows, FLASH_ROWS);
+    fn flash_tables(&self, own_cu: &CudaSlice<u32>, own_rows: usize, own_tile: usize, st_cu: &CudaSlice<u32>, st_pos: &CudaSlice<u32>, st_rows: usize, ns: usize) -> (u64, u32, u64, u64) {
+        let (own, grid) = self.attn_tiles(Slot::AttQOff, own_cu, ns, own_rows, own_tile);
         let (st, st_grid) = self.attn_tiles(Slot::AttKOff, st_cu, ns, st_rows, FLASH_TILE);
         let range = self.scratch(Slot::AttRange, st_grid as usize * 8);
         let (cup, posp) = (self.p(st_cu), self.p(st_pos));
@@ -1092,14 +1130,10 @@ impl Backend for Cuda {
             let q16 = self.to_bf16(Slot::AttQ16, qp, nq * heads * hd);
             let k16 = self.to_bf16(Slot::AttK16, kp, nk * kvh * hd);
             let v16 = self.to_bf16(Slot::AttV16, vp, nk * kvh * hd);
-            let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
-            let c = cfg((grid, heads as u32, 1), FLASH_THREADS, Self::flash_smem("fwd", hd));
-            launch!(
-                self,
-                &format!("attn_fwd_bf16_d{hd}"),
-                c,
-                [op, lp, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]
-            );
+            let (name, rows, threads, smem) = self.flash_kernel("fwd", hd);
+            let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
+            let c = cfg((grid, heads as u32, 1), threads, smem);
+            launch!(self, &name, c, [op, lp, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
             return;
         }
         let (qoff, grid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, ATT_ROWS);
@@ -1162,19 +1196,20 @@ impl Backend for Cuda {
             let g16 = self.to_bf16(Slot::AttG16, gp, nq * heads * hd);
             let k16 = self.to_bf16(Slot::AttK16, kp, nk * kvh * hd);
             let v16 = self.to_bf16(Slot::AttV16, vp, nk * kvh * hd);
-            let threads = FLASH_THREADS;
-            let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
+            let (name, rows, threads, smem) = self.flash_kernel("dq", hd);
+            let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
             launch!(
                 self,
-                &format!("attn_bwd_dq_bf16_d{hd}"),
-                cfg((grid, heads as u32, 1), threads, Self::flash_smem("dq", hd)),
+                &name,
+                cfg((grid, heads as u32, 1), threads, smem),
                 [dqp, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]
             );
-            let (koff, grid, qoff, qrange) = self.flash_tables(shape.cu_k, nk, shape.cu_q, shape.pos_q, nq, shape.num_seqs);
+            let (name, rows, threads, smem) = self.flash_kernel("dkdv", hd);
+            let (koff, grid, qoff, qrange) = self.flash_tables(shape.cu_k, nk, rows, shape.cu_q, shape.pos_q, nq, shape.num_seqs);
             launch!(
                 self,
-                &format!("attn_bwd_dkdv_bf16_d{hd}"),
-                cfg((grid, kvh as u32, 1), threads, Self::flash_smem("dkdv", hd)),
+                &name,
+                cfg((grid, kvh as u32, 1), threads, smem),
                 [dkp, dvp, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]
             );
             return;

@@ -187,10 +187,6 @@ __device__ __forceinline__ int fa_next_tile(const u32* range, int base, int t, i
     return t;
 }
 
-// Shared memory bytes of each kernel (the host computes the same in attn_flash_smem).
-#define FA_SMEM_FWD(HD, WARPS) ((16 * (WARPS) + 4 * FA_BN) * ((HD) + FA_PAD) * 2 + 2 * FA_BN * 4)
-#define FA_SMEM_DQ(HD) (4 * FA_BN * ((HD) + FA_PAD) * 2 + 2 * FA_BN * 4)
-#define FA_SMEM_DKDV(HD) (4 * FA_BN * ((HD) + FA_PAD) * 2 + 6 * FA_BN * 4)
 
 template <int HD, int WARPS>
 __device__ void fa_fwd_impl(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
@@ -554,31 +550,32 @@ __device__ void fa_bwd_dkdv_impl(float* dk, float* dv, const bf16_t* dout, const
     }
 }
 
-// Rows per block: 16 * FA_WARPS (the host's FLASH_ROWS).
-#define FA_WARPS 8
-
-#define INST_FA(HD)                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * FA_WARPS) attn_fwd_bf16_d##HD(                                 \
+// Instantiations: head dim HD, W warps per block (16·W rows); the host picks W per kernel
+// (FlashWarps in mod.rs).
+#define INST_FA(HD, W)                                                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * W) attn_fwd_bf16_d##HD##_w##W(                                 \
         float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, \
         const u32* pos_q, const u32* pos_k, const int* qoff, const int* koff, const u32* krange, int num_seqs,       \
         int heads, int kv_heads, float scale) {                                                                      \
-        fa_fwd_impl<HD, FA_WARPS>(out, lse, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange, num_seqs, heads,  \
-                                  kv_heads, scale);                                                                  \
+        fa_fwd_impl<HD, W>(out, lse, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange, num_seqs, heads,         \
+                           kv_heads, scale);                                                                         \
     }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(32 * FA_WARPS) attn_bwd_dq_bf16_d##HD(                              \
+    extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_dq_bf16_d##HD##_w##W(                              \
         float* dq, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q, const bf16_t* k,       \
         const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,      \
         const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {                    \
-        fa_bwd_dq_impl<HD, FA_WARPS>(dq, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange,    \
-                                     num_seqs, heads, kv_heads, scale);                                              \
+        fa_bwd_dq_impl<HD, W>(dq, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange, num_seqs, \
+                              heads, kv_heads, scale);                                                               \
     }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(32 * FA_WARPS) attn_bwd_dkdv_bf16_d##HD(                            \
+    extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_dkdv_bf16_d##HD##_w##W(                            \
         float* dk, float* dv, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,             \
         const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,      \
         const int* koff, const int* qoff, const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {   \
-        fa_bwd_dkdv_impl<HD, FA_WARPS>(dk, dv, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, koff, qoff,      \
-                                       qrange, num_seqs, heads, kv_heads, scale);                                    \
+        fa_bwd_dkdv_impl<HD, W>(dk, dv, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, koff, qoff, qrange,     \
+                                num_seqs, heads, kv_heads, scale);                                                   \
     }
 
-INST_FA(32)
-INST_FA(64)
+INST_FA(32, 4)
+INST_FA(32, 8)
+INST_FA(64, 4)
+INST_FA(64, 8)
