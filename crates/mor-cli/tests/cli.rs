@@ -214,3 +214,67 @@ fn train_with_missing_data_folder_is_a_clear_error() {
     assert_eq!(bad.status.code(), Some(2), "{err}");
     assert!(err.contains("/nonexistent/shards") && !err.contains("panicked"), "{err}");
 }
+
+/// `--time-limit` far below what `--steps` needs: the run stops early and still writes the
+/// checkpoint, metrics (last step included) and loss curve; `--val-rows` then reports the
+/// validation NLL of the `val` split into `val.json`.
+#[test]
+fn train_time_limit_stops_cleanly_and_val_rows_reports_nll() {
+    let dir = tempfile::tempdir().unwrap();
+    let text: String = (0..400).map(|i| format!("line {i}: the cat sat on the mat and the dog sat on the log\n")).collect();
+    let corpus = dir.path().join("c.txt");
+    std::fs::write(&corpus, &text).unwrap();
+    let tok_opts = mor_data::TrainOptions { vocab_size: 300, min_frequency: 1, show_progress: false, ..Default::default() };
+    let tok = mor_data::Tokenizer::train_bpe(text.lines(), &tok_opts).unwrap();
+    let files = mor_data::input::discover(&[corpus.to_str().unwrap()]).unwrap();
+    let opts = mor_data::PrepareOptions { val_docs: 60, progress: false, text_docs: mor_data::input::TextDocs::Line, ..Default::default() };
+    let shards = dir.path().join("shards");
+    mor_data::prepare::prepare(&files, &tok, &shards, &opts).unwrap();
+
+    let run = dir.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_mor"))
+        .args(["train", "tiny-mor-ec3", "--steps", "1000000", "--time-limit", "0.02", "--fit-schedule", "--val-rows", "50", "--val-every", "1"])
+        .args(["--prompt", "", "--data", shards.to_str().unwrap(), "--out", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("at most 0.02 min of wall time"), "{err}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let steps = last["step"].as_u64().unwrap();
+    assert!((1..1_000_000).contains(&steps), "{steps} steps");
+    assert!(run.join("checkpoint").join("model.safetensors").is_file() && run.join("loss.png").is_file());
+    assert!(last["val_loss"].as_f64().is_some_and(f64::is_finite), "{last}");
+    let val: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("val.json")).unwrap()).unwrap();
+    assert!(val["val_nll"].as_f64().unwrap().is_finite(), "{val}");
+    assert_eq!(val["step"].as_u64(), Some(steps));
+    let rows = val["rows"].as_u64().unwrap();
+    assert!((1..50).contains(&rows), "the val split holds fewer than 50 rows of 128: {rows}");
+    assert!(err.contains("val NLL"), "{err}");
+}
+
+#[test]
+fn train_time_limit_and_val_rows_bad_input_are_clean_errors() {
+    for (args, needle) in [
+        (&["--time-limit", "0"][..], "positive number of minutes"),
+        (&["--time-limit=-3"][..], "positive number of minutes"),
+        (&["--time-limit", "soon"][..], "soon"),
+        (&["--fit-schedule"][..], "--time-limit"),
+        (&["--val-rows", "4"][..], "no validation split"),
+        (&["--val-every", "4"][..], "--val-rows"),
+    ] {
+        let out = mor(&[&["train", "tiny-mor-ec3", "--data", "synthetic", "--steps", "1", "--quiet"][..], args].concat());
+        let err = assert_clean_failure(&out);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+/// scripts/gpu-train-135m.toml trains exactly the 135m-mor-ec3 model (only `[train]` differs).
+#[test]
+fn gpu_train_135m_config_is_the_preset_model() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/gpu-train-135m.toml");
+    let cfg = mor_config::load(path).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.model, mor_config::load("135m-mor-ec3").unwrap().model);
+}

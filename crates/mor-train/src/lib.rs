@@ -23,4 +23,4 @@ pub use optim::{AdamW, AdamWConfig, NamedTensor, Optimizer, StepStats};
 pub use plot::{plot_loss_curve, plot_metrics_file, PlotOptions};
 pub use progress::Progress;
 pub use schedule::LrSchedule;
-pub use trainer::{load_model, train, BatchSource, TokenBatch, TrainOptions, TrainOutcome};
+pub use trainer::{load_model, train, train_with_eval, BatchSource, Evaluator, TokenBatch, TrainOptions, TrainOutcome};

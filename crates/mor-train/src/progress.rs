@@ -69,6 +69,11 @@ impl Progress {
         self.bar.is_hidden()
     }
 
+    /// Change the total step count (a time-limited run fitting its schedule).
+    pub fn set_total(&self, total_steps: u64) {
+        self.bar.set_length(total_steps);
+    }
+
     /// Set the completed step count and the status line.
     pub fn update(&self, step: u64, loss: f64, tokens_per_s: f64, lr: f64) {
         self.bar.set_position(step);

@@ -118,6 +118,18 @@ impl LrSchedule {
         }
     }
 
+    /// The first step index whose factor depends on `total_steps` (WSD: the cool-down start;
+    /// cosine: the end of warm-up; constant: never, so `total_steps`). Changing the total before
+    /// this index (keeping it at least the warm-up) changes no LR already used: that is what lets
+    /// a time-limited run fit its schedule to the steps that fit in the time.
+    pub fn total_independent_until(&self) -> usize {
+        match self.kind {
+            Schedule::Wsd => self.warmup_steps + self.stable_steps(),
+            Schedule::Cosine => self.warmup_steps,
+            Schedule::Constant => self.total_steps,
+        }
+    }
+
     /// LR factor of the update with 0-based optimizer step index `s`.
     pub fn factor(&self, s: usize) -> f64 {
         let w = self.warmup_steps;

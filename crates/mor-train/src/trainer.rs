@@ -16,7 +16,7 @@ use mor_model::{Batch, Model, Routing, Stats};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One micro-batch of token rows.
 pub struct TokenBatch {
@@ -44,6 +44,33 @@ pub struct TrainOptions {
     pub stop_after: Option<usize>,
     /// Seed of the model initialisation (defaults to `train.seed`).
     pub init_seed: Option<u64>,
+    /// Wall-time budget of this call, counted from its start: after each step, training stops
+    /// when one more step as long as the last would overrun it, and then writes the checkpoint,
+    /// metrics and loss curve as at a normal end. At least one step runs.
+    pub time_limit: Option<Duration>,
+    /// With `time_limit`: shorten `train.steps` to the steps that fit in the time (mean step
+    /// time of this call, its first step left out as warm-up), re-estimated after every step
+    /// until the LR starts to depend on the total (WSD: the cool-down), so the warm-up and
+    /// cool-down complete inside the budget. Never lengthens the run.
+    pub fit_schedule: bool,
+}
+
+impl TrainOptions {
+    /// Options for a fresh run in `run_dir` with nothing else set.
+    pub fn new(run_dir: impl Into<PathBuf>) -> Self {
+        TrainOptions { run_dir: run_dir.into(), resume: false, quiet: false, stop_after: None, init_seed: None, time_limit: None, fit_schedule: false }
+    }
+}
+
+/// The total step count that fits the time left: the current `step` plus as many steps of
+/// `mean_step_s` seconds as fit in `remaining_s` (with 1 % slack for jitter), at most `cap`.
+pub fn steps_fitting(step: usize, remaining_s: f64, mean_step_s: f64, cap: usize) -> usize {
+    if mean_step_s.is_nan() || mean_step_s <= 0.0 || !remaining_s.is_finite() {
+        return cap.max(step);
+    }
+    let more = (remaining_s.max(0.0) * 0.99 / mean_step_s).floor();
+    let total = if more >= (cap as f64) { cap } else { step + more as usize };
+    total.min(cap).max(step)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,9 +82,23 @@ pub struct StepLog {
     pub grad_norm: f64,
 }
 
+/// The loss of a model as it stands (see [`Evaluator`]).
+pub type EvalFn<'a, B> = Box<dyn FnMut(&B, &mut Model<B>) -> Result<f64> + 'a>;
+
+/// An evaluation run during training (e.g. the validation loss), logged as `val_loss` in the
+/// metrics (the loss curve draws it) after every `every` optimizer steps and after the last step.
+pub struct Evaluator<'a, B: Backend> {
+    /// Evaluate after every this many optimizer steps; 0 = only after the last one.
+    pub every: usize,
+    /// The loss of `model` as it stands (must not touch its parameters or router state).
+    pub eval: EvalFn<'a, B>,
+}
+
 pub struct TrainOutcome<B: Backend> {
     pub model: Model<B>,
     pub log: Vec<StepLog>,
+    /// `(step, val_loss)` of each evaluation of this call.
+    pub val_log: Vec<(usize, f64)>,
     pub steps_done: usize,
     pub checkpoint: PathBuf,
     pub metrics: PathBuf,
@@ -104,6 +145,18 @@ fn stats_fields(s: &Stats) -> Map<String, Value> {
 
 /// Train `cfg` on `data`, writing the checkpoint, metrics and loss curve under `opts.run_dir`.
 pub fn train<B: Backend>(backend: &B, cfg: &RunConfig, data: &mut dyn BatchSource, opts: &TrainOptions) -> Result<TrainOutcome<B>> {
+    train_with_eval(backend, cfg, data, opts, None)
+}
+
+/// [`train`] with an [`Evaluator`] run during training.
+pub fn train_with_eval<B: Backend>(
+    backend: &B,
+    cfg: &RunConfig,
+    data: &mut dyn BatchSource,
+    opts: &TrainOptions,
+    mut evaluator: Option<Evaluator<'_, B>>,
+) -> Result<TrainOutcome<B>> {
+    let t_call = Instant::now();
     cfg.validate()?;
     let tc = &cfg.train;
     std::fs::create_dir_all(&opts.run_dir).with_context(|| format!("cannot create run directory {}", opts.run_dir.display()))?;
@@ -111,7 +164,7 @@ pub fn train<B: Backend>(backend: &B, cfg: &RunConfig, data: &mut dyn BatchSourc
     let mut main = AdamW::new(backend, &model.params, ParamGroup::Main, AdamWConfig::from_train(tc));
     let aux_mult = cfg.model.router.as_ref().filter(|r| r.kind == RouterKind::Expert && r.sampling == Sampling::AuxRouter).map(|r| r.aux_router_lr_mult);
     let mut aux = aux_mult.map(|m| AdamW::new(backend, &model.params, ParamGroup::AuxRouter, AdamWConfig::from_train(tc).with_lr_mult(m)));
-    let schedule = LrSchedule::from_config(tc);
+    let mut schedule = LrSchedule::from_config(tc);
     let ckpt = checkpoint_dir(&opts.run_dir);
     let metrics_path = opts.run_dir.join("metrics.jsonl");
 
@@ -148,8 +201,11 @@ pub fn train<B: Backend>(backend: &B, cfg: &RunConfig, data: &mut dyn BatchSourc
     let progress = Progress::new(tc.steps as u64, start as u64, opts.quiet);
     let tokens_per_step = (tc.micro_batch * tc.seq_len * tc.grad_accum) as f64;
     let mut log = Vec::new();
+    let mut val_log = Vec::new();
     let mut step = start;
-    let end = opts.stop_after.map_or(tc.steps, |k| (start + k).min(tc.steps));
+    let mut end = opts.stop_after.map_or(tc.steps, |k| (start + k).min(tc.steps));
+    let mut fitting = opts.fit_schedule && opts.time_limit.is_some();
+    let (mut timed_steps, mut timed_s) = (0usize, 0.0f64);
     while step < end {
         let t0 = Instant::now();
         let lr = schedule.lr(step);
@@ -176,15 +232,69 @@ pub fn train<B: Backend>(backend: &B, cfg: &RunConfig, data: &mut dyn BatchSourc
         }
         model.after_optimizer_step();
         step += 1;
-
         let tps = tokens_per_step / t0.elapsed().as_secs_f64();
-        if step % tc.log_every == 0 || step == end {
+
+        // Periodic evaluations count in the step time, so a time limit budgets for them.
+        let mut val = None;
+        if let Some(ev) = evaluator.as_mut().filter(|e| e.every > 0 && step.is_multiple_of(e.every)) {
+            val = Some((ev.eval)(backend, &mut model).with_context(|| format!("evaluation after step {step}"))?);
+        }
+        let step_s = t0.elapsed().as_secs_f64();
+        let mut out_of_time = false;
+        if let Some(limit) = opts.time_limit {
+            if step > start + 1 {
+                timed_steps += 1;
+                timed_s += step_s;
+            }
+            let remaining = limit.as_secs_f64() - t_call.elapsed().as_secs_f64();
+            if fitting && timed_steps > 0 {
+                if step >= schedule.total_independent_until() {
+                    // The next LR depends on the total: keep the fitted schedule from here on.
+                    fitting = false;
+                    progress.println(format!(
+                        "time limit: LR schedule fitted to {} steps ({:.2} s a step)",
+                        schedule.total_steps,
+                        timed_s / timed_steps as f64
+                    ));
+                } else {
+                    let total = steps_fitting(step, remaining, timed_s / timed_steps as f64, tc.steps);
+                    if total != schedule.total_steps {
+                        schedule = LrSchedule::from_config(&mor_config::TrainConfig { steps: total, ..tc.clone() });
+                        progress.set_total(total as u64);
+                    }
+                    end = opts.stop_after.map_or(total, |k| (start + k).min(total));
+                }
+            }
+            out_of_time = step < end && remaining < step_s;
+            if out_of_time {
+                progress.println(format!(
+                    "time limit: stopping after step {step} ({:.0} s of {:.0} s used; a step takes {step_s:.1} s)",
+                    t_call.elapsed().as_secs_f64(),
+                    limit.as_secs_f64()
+                ));
+            }
+        }
+        let last_step = step == end || out_of_time;
+        if let (Some(ev), true, None) = (evaluator.as_mut(), last_step, val) {
+            val = Some((ev.eval)(backend, &mut model).with_context(|| format!("evaluation after step {step}"))?);
+        }
+        if let Some(v) = val {
+            val_log.push((step, v));
+            progress.println(format!("step {step}: loss {loss:.4}, val loss {v:.4} ({:.0} s)", t_call.elapsed().as_secs_f64()));
+        }
+        if step % tc.log_every == 0 || last_step || val.is_some() {
             let mut fields = stats_fields(&last);
             fields.insert("ce".into(), json!(ce));
+            if let Some(v) = val {
+                fields.insert("val_loss".into(), json!(v));
+            }
             metrics.log_step(step as u64, loss, lr, tps, st.grad_norm, fields)?;
         }
         progress.update(step as u64, loss, tps, lr);
         log.push(StepLog { step, loss, ce, lr, grad_norm: st.grad_norm });
+        if out_of_time {
+            break;
+        }
         if tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0 && step < end {
             save(&model, &main, &aux, &*data, step)?;
             metrics.sync()?;
@@ -201,7 +311,7 @@ pub fn train<B: Backend>(backend: &B, cfg: &RunConfig, data: &mut dyn BatchSourc
             None
         }
     };
-    Ok(TrainOutcome { model, log, steps_done: step, checkpoint: ckpt, metrics: metrics_path, plot })
+    Ok(TrainOutcome { model, log, val_log, steps_done: step, checkpoint: ckpt, metrics: metrics_path, plot })
 }
 
 /// Load a trained model from a run directory or a checkpoint directory.

@@ -60,7 +60,7 @@ fn config(steps: usize) -> RunConfig {
 }
 
 fn opts(dir: &std::path::Path, resume: bool, stop_after: Option<usize>) -> TrainOptions {
-    TrainOptions { run_dir: dir.to_path_buf(), resume, quiet: true, stop_after, init_seed: None }
+    TrainOptions { resume, quiet: true, stop_after, ..TrainOptions::new(dir) }
 }
 
 #[test]
@@ -105,4 +105,80 @@ fn resume_refuses_a_different_model() {
     other.model.intermediate_size = 96;
     let err = train(&be, &other, &mut Motifs { vocab: 64, next_row: 0 }, &opts(dir.path(), true, None)).err().unwrap();
     assert!(format!("{err:#}").contains("different model config"), "{err:#}");
+}
+
+#[test]
+fn steps_fitting_counts_the_steps_left_in_the_time() {
+    use mor_train::trainer::steps_fitting;
+    assert_eq!(steps_fitting(10, 100.0, 1.0, 1000), 10 + 99); // 1 % slack
+    assert_eq!(steps_fitting(10, 100.0, 1.0, 50), 50); // never past the config's steps
+    assert_eq!(steps_fitting(10, -5.0, 1.0, 1000), 10); // out of time: stop now
+    assert_eq!(steps_fitting(10, 100.0, 0.0, 1000), 1000); // no measurement yet
+    assert_eq!(steps_fitting(10, 1e300, 1e-300, usize::MAX), usize::MAX);
+}
+
+/// A time limit far below what `steps` needs: the run stops early but ends like a full one.
+#[test]
+fn time_limit_stops_cleanly_with_checkpoint_metrics_and_plot() {
+    let be = Cpu::<f32>::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(1_000_000);
+    let o = TrainOptions { time_limit: Some(std::time::Duration::from_millis(1500)), ..opts(dir.path(), false, None) };
+    let t0 = std::time::Instant::now();
+    let out = train(&be, &cfg, &mut Motifs { vocab: 64, next_row: 0 }, &o).unwrap();
+    let took = t0.elapsed().as_secs_f64();
+    assert!(out.steps_done >= 1 && out.steps_done < 1_000_000, "steps {}", out.steps_done);
+    assert!(took < 10.0, "took {took:.1} s for a 1.5 s limit");
+    assert!(out.checkpoint.join("model.safetensors").is_file());
+    assert!(out.plot.as_ref().is_some_and(|p| p.is_file()));
+    let records = mor_train::metrics::read_metrics(&out.metrics).unwrap();
+    assert_eq!(records.last().unwrap().step, out.steps_done as u64, "the last step is logged");
+    // The checkpoint is resumable: a second time-limited call continues after it.
+    let o2 = TrainOptions { resume: true, time_limit: Some(std::time::Duration::from_millis(300)), ..opts(dir.path(), false, None) };
+    let more = train(&be, &cfg, &mut Motifs { vocab: 64, next_row: 0 }, &o2).unwrap();
+    assert!(more.steps_done > out.steps_done);
+}
+
+/// `fit_schedule`: the WSD cool-down happens inside the time limit.
+#[test]
+fn fit_schedule_completes_the_cooldown_within_the_time_limit() {
+    let be = Cpu::<f32>::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(1_000_000);
+    let o = TrainOptions { time_limit: Some(std::time::Duration::from_millis(2000)), fit_schedule: true, ..opts(dir.path(), false, None) };
+    let out = train(&be, &cfg, &mut Motifs { vocab: 64, next_row: 0 }, &o).unwrap();
+    assert!(out.steps_done > 10 && out.steps_done < 1_000_000, "steps {}", out.steps_done);
+    let peak = cfg.train.lr;
+    let last = out.log.last().unwrap();
+    eprintln!("fitted run: {} steps, last LR {:.3e} of peak {peak:.1e}", out.steps_done, last.lr);
+    assert!(last.lr < 0.5 * peak, "no cool-down: last LR {} of peak {peak} after {} steps", last.lr, out.steps_done);
+    assert!(out.log.iter().any(|l| l.lr == peak), "the stable phase runs at the peak LR");
+}
+
+/// An evaluator runs every `every` steps and after the last, is logged as `val_loss`, and leaves
+/// the training itself bit for bit unchanged.
+#[test]
+fn evaluator_logs_val_loss_without_changing_training() {
+    let be = Cpu::<f32>::new();
+    let cfg = config(7);
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = train(&be, &cfg, &mut Motifs { vocab: 64, next_row: 0 }, &opts(plain_dir.path(), false, None)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut held_out = Motifs { vocab: 64, next_row: 1 << 20 };
+    let b = held_out.next_batch(2, 24).unwrap();
+    let ev = mor_train::Evaluator::<Cpu<f32>> {
+        every: 3,
+        eval: Box::new(move |be: &Cpu<f32>, m: &mut mor_model::Model<Cpu<f32>>| {
+            let batch = mor_model::Batch { inputs: &b.inputs, targets: &b.targets, batch: b.batch, seq_len: b.seq_len, doc_starts: None };
+            Ok(m.forward(be, &batch, mor_model::Routing::TopK, false, 1.0)?.ce)
+        }),
+    };
+    let out = mor_train::train_with_eval(&be, &cfg, &mut Motifs { vocab: 64, next_row: 0 }, &opts(dir.path(), false, None), Some(ev)).unwrap();
+    assert_eq!(out.val_log.iter().map(|v| v.0).collect::<Vec<_>>(), vec![3, 6, 7]);
+    assert!(out.val_log.iter().all(|v| v.1.is_finite()));
+    let losses = |o: &mor_train::TrainOutcome<Cpu<f32>>| o.log.iter().map(|l| l.loss).collect::<Vec<_>>();
+    assert_eq!(losses(&out), losses(&plain), "evaluation changed the training");
+    let records = mor_train::metrics::read_metrics(&out.metrics).unwrap();
+    let logged: Vec<u64> = records.iter().filter(|r| r.get_f64("val_loss").is_some()).map(|r| r.step).collect();
+    assert_eq!(logged, vec![3, 6, 7]);
 }

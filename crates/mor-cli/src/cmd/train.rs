@@ -1,15 +1,20 @@
 //! `mor train [CONFIG]`: train a model on CPU or (`--device cuda`) on the GPU (the default: a tiny
 //! MoR on the built-in corpus), with a progress bar, JSONL metrics, a loss-curve PNG and an atomic
 //! checkpoint under `--out`; then print a generated sample with each token's recursion depth.
-//! `--dry-run` prints the memory estimate of the run and exits.
+//! `--dry-run` prints the memory estimate of the run and exits. `--time-limit` bounds the wall
+//! time (optionally fitting the LR schedule into it); `--val-rows` reports the validation NLL of
+//! the trained model on the data folder's `val` split, on the training device (`--val-every`:
+//! also during training, drawn in the loss curve).
 
 use super::device::{self, Device, DeviceOptions, Gemm, OnBackend};
 use anyhow::{bail, Context, Result};
 use mor_data::{LoaderState, ShardSource, SyntheticSource, TokenSource, Tokenizer};
 use mor_engine::Backend;
 use mor_model::Sampler;
-use mor_train::{BatchSource, TokenBatch, TrainOptions};
+use mor_eval::nll::{routing_name, validation_nll, NllOptions};
+use mor_train::{BatchSource, Evaluator, TokenBatch, TrainOptions};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -48,6 +53,24 @@ pub struct Args {
     /// Print parameter, optimizer, activation and peak memory estimates, then exit.
     #[arg(long)]
     pub dry_run: bool,
+    /// Wall-time budget in minutes, counted from the command's start: training stops after the
+    /// step past which one more would overrun it, then writes the checkpoint, metrics and loss
+    /// curve as at a normal end (the final validation and the sample come after it).
+    #[arg(long, value_name = "MINUTES")]
+    pub time_limit: Option<f64>,
+    /// With --time-limit: shorten train.steps to what fits in the time, measured while training
+    /// (until the LR schedule's cool-down starts), so warm-up and cool-down complete in it.
+    #[arg(long, requires = "time_limit")]
+    pub fit_schedule: bool,
+    /// Validation loss after training: the NLL over this many rows of train.seq_len tokens of
+    /// the data folder's `val` split (fewer if the split is shorter), on the training device,
+    /// with top-k routing like the training loss and MOR_SPEC 8.1; logged as `val_loss` (drawn
+    /// in loss.png), printed, and written to `val.json` in the run directory.
+    #[arg(long, default_value_t = 0)]
+    pub val_rows: usize,
+    /// With --val-rows: also evaluate every N optimizer steps (the time counts in --time-limit).
+    #[arg(long, default_value_t = 0, requires = "val_rows")]
+    pub val_every: usize,
 }
 
 /// Adapts a data-crate token source to the trainer's interface.
@@ -67,15 +90,17 @@ impl BatchSource for Source {
     }
 }
 
-/// The token source and (when known) its tokenizer.
-fn open_data(spec: &str, vocab: usize, seed: u64, quiet: bool) -> Result<(Box<dyn TokenSource>, Option<PathBuf>)> {
+/// The token source, (when known) its tokenizer, and the shard folder (none for synthetic data).
+type OpenedData = (Box<dyn TokenSource>, Option<PathBuf>, Option<PathBuf>);
+
+fn open_data(spec: &str, vocab: usize, seed: u64, quiet: bool) -> Result<OpenedData> {
     match spec {
-        "synthetic" => Ok((Box::new(SyntheticSource::new(vocab, seed)), None)),
+        "synthetic" => Ok((Box::new(SyntheticSource::new(vocab, seed)), None, None)),
         "builtin" => {
             let opts = mor_data::builtin::BuiltinOptions { vocab_size: vocab.min(4096), progress: !quiet, ..Default::default() };
             let b = mor_data::builtin::ensure(&opts).context("preparing the built-in corpus")?;
             let src = ShardSource::open(&b.shards, "train", &Default::default())?;
-            Ok((Box::new(src), Some(b.tokenizer)))
+            Ok((Box::new(src), Some(b.tokenizer), Some(b.shards)))
         }
         path => {
             let dir = Path::new(path);
@@ -84,12 +109,34 @@ fn open_data(spec: &str, vocab: usize, seed: u64, quiet: bool) -> Result<(Box<dy
             }
             let src = ShardSource::open(dir, "train", &Default::default())?;
             let tok = dir.join("tokenizer.json");
-            Ok((Box::new(src), tok.is_file().then_some(tok)))
+            Ok((Box::new(src), tok.is_file().then_some(tok), Some(dir.to_path_buf())))
         }
     }
 }
 
+/// The `val` split for `--val-rows`, opened before training so a missing split fails at once
+/// rather than after the run; with the row count it holds (at most `rows`).
+fn open_val(spec: &str, shards: Option<&Path>, rows: usize, seq_len: usize) -> Result<(ShardSource, usize)> {
+    let Some(dir) = shards else { bail!("--val-rows: data `{spec}` has no validation split (use a folder from `mor data prepare --val-fraction`)") };
+    let src = ShardSource::open(dir, "val", &Default::default()).with_context(|| format!("--val-rows: opening the val split of {}", dir.display()))?;
+    let avail = (src.total_tokens().saturating_sub(1) / seq_len as u64) as usize;
+    if avail == 0 {
+        bail!(
+            "--val-rows: the val split of {} has {} tokens, not one row of {seq_len} (+1); prepare it with a larger --val-fraction",
+            dir.display(),
+            src.total_tokens()
+        );
+    }
+    Ok((src, rows.min(avail)))
+}
+
 pub fn run(args: Args) -> Result<()> {
+    let started = Instant::now();
+    if let Some(m) = args.time_limit {
+        if !(m.is_finite() && m > 0.0) {
+            bail!("--time-limit {m}: expected a positive number of minutes");
+        }
+    }
     let mut cfg = super::load_config(&args.config)?;
     if cfg.name.is_empty() {
         cfg.name = Path::new(&args.config).file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
@@ -104,14 +151,21 @@ pub fn run(args: Args) -> Result<()> {
     }
     device::check(args.device)?;
     let spec = args.data.clone().or_else(|| cfg.data.train.clone()).unwrap_or_else(|| "synthetic".into());
-    let (source, tokenizer) = open_data(&spec, cfg.model.vocab_size, cfg.train.seed, args.quiet)?;
+    let (source, tokenizer, shards) = open_data(&spec, cfg.model.vocab_size, cfg.train.seed, args.quiet)?;
     if source.vocab_size() > cfg.model.vocab_size {
         bail!("data `{spec}` has {} token ids but model.vocab_size is {}", source.vocab_size(), cfg.model.vocab_size);
     }
+    let val = match args.val_rows {
+        0 => None,
+        rows => Some(open_val(&spec, shards.as_deref(), rows, cfg.train.seq_len)?),
+    };
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
     let counts = cfg.model.param_counts()?;
+    let budget = args.time_limit.map_or(String::new(), |m| {
+        format!(" (at most {m} min of wall time{})", if args.fit_schedule { ", schedule fitted to it" } else { "" })
+    });
     eprintln!(
-        "training {} ({} parameters, {} non-embedding) on {spec} for {} steps of {} tokens; run directory {}",
+        "training {} ({} parameters, {} non-embedding) on {spec} for {} steps of {} tokens{budget}; run directory {}",
         cfg.name,
         super::si(counts.total as f64),
         super::si(counts.non_embedding as f64),
@@ -120,7 +174,7 @@ pub fn run(args: Args) -> Result<()> {
         out.display()
     );
     let opts = DeviceOptions { gemm: args.gemm, profile: false };
-    device::dispatch(args.device, opts, Job { cfg, args, source, tokenizer, out })
+    device::dispatch(args.device, opts, Job { cfg, args, source, tokenizer, val, out, started })
 }
 
 /// The training run proper, on whichever backend was picked.
@@ -129,29 +183,54 @@ struct Job {
     args: Args,
     source: Box<dyn TokenSource>,
     tokenizer: Option<PathBuf>,
+    /// `--val-rows`: the val split and the rows to evaluate.
+    val: Option<(ShardSource, usize)>,
     out: PathBuf,
+    /// When the command started (`--time-limit` counts from here, backend start-up included).
+    started: Instant,
 }
 
 impl OnBackend for Job {
     type Output = ();
     fn run<B: Backend>(self, backend: &B) -> Result<()> {
-        let Job { cfg, args, source, tokenizer, out } = self;
-        train_on(backend, &cfg, &args, source, tokenizer, &out)
+        let Job { cfg, args, source, tokenizer, val, out, started } = self;
+        train_on(backend, &cfg, &args, source, tokenizer, val, &out, started)
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn train_on<B: Backend>(
     backend: &B,
     cfg: &mor_config::RunConfig,
     args: &Args,
     source: Box<dyn TokenSource>,
     tokenizer: Option<PathBuf>,
+    val: Option<(ShardSource, usize)>,
     out: &Path,
+    started: Instant,
 ) -> Result<()> {
-    let opts = TrainOptions { run_dir: out.to_path_buf(), resume: args.resume, quiet: args.quiet, stop_after: None, init_seed: None };
+    let time_limit = args.time_limit.map(|m| Duration::from_secs_f64(m * 60.0).saturating_sub(started.elapsed()));
+    let opts = TrainOptions {
+        resume: args.resume,
+        quiet: args.quiet,
+        time_limit,
+        fit_schedule: args.fit_schedule,
+        ..TrainOptions::new(out)
+    };
     let mut data = Source(source);
+    let val_opts = val.as_ref().map(|&(_, rows)| NllOptions {
+        rows,
+        seq_len: cfg.train.seq_len,
+        // Top-k like the training loss (and the paper's validation NLL), so the curves compare.
+        routing: mor_model::Routing::TopK,
+        batch: cfg.train.micro_batch,
+    });
+    let evaluator = val.as_ref().zip(val_opts.clone()).map(|((src, _), o)| Evaluator::<B> {
+        every: args.val_every,
+        eval: Box::new(move |b: &B, m: &mut mor_model::Model<B>| Ok(validation_nll(b, m, src, &o)?.nll)),
+    });
     let t0 = std::time::Instant::now();
-    let mut outcome = mor_train::train(backend, cfg, &mut data, &opts)?;
+    let mut outcome = mor_train::train_with_eval(backend, cfg, &mut data, &opts, evaluator)?;
     let last = outcome.log.last();
     eprintln!(
         "done in {:.0}s: step {}, loss {}; checkpoint {}, metrics {}{}",
@@ -162,11 +241,33 @@ fn train_on<B: Backend>(
         outcome.metrics.display(),
         outcome.plot.as_ref().map_or(String::new(), |p| format!(", loss curve {}", p.display()))
     );
+    if let (Some(o), Some(&(step, nll))) = (val_opts, outcome.val_log.last()) {
+        write_val(&o, step, nll, out)?;
+    }
     if let (Some(tok), false) = (tokenizer, args.prompt.is_empty() || args.sample_tokens == 0) {
         std::fs::copy(&tok, out.join("tokenizer.json")).ok();
         let tok = Tokenizer::from_file(&tok)?;
         print_sample(backend, &mut outcome.model, &tok, &args.prompt, args.sample_tokens)?;
     }
+    Ok(())
+}
+
+/// `--val-rows`: print the final validation NLL and write it to `<run>/val.json`.
+fn write_val(o: &NllOptions, step: usize, nll: f64, out: &Path) -> Result<()> {
+    let v = serde_json::json!({
+        "step": step, "val_nll": nll, "val_ppl": nll.exp(), "rows": o.rows, "seq_len": o.seq_len,
+        "tokens": o.rows * o.seq_len, "routing": routing_name(o.routing),
+    });
+    let path = out.join("val.json");
+    std::fs::write(&path, format!("{}\n", serde_json::to_string_pretty(&v)?)).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "val NLL {nll:.4} nats (ppl {:.1}) after step {step}: {} rows x {} tokens, routing {}; {}",
+        nll.exp(),
+        o.rows,
+        o.seq_len,
+        routing_name(o.routing),
+        path.display()
+    );
     Ok(())
 }
 
