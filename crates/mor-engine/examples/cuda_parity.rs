@@ -252,6 +252,15 @@ fn elementwise_ops(e: &mut Env, r: &mut Report) {
     e.g.swiglu_bwd(&mut dgg, &mut dug, &dog, &gg, &ug, n);
     r.check("swiglu_bwd", "dgate", &e.g.to_f32(&dgg), &dgc, TOL);
     r.check("swiglu_bwd", "dup", &e.g.to_f32(&dug), &duc, TOL);
+    // The overwriting variant: start from other values, expect the same gradients as from zero.
+    let (_, mut dgg2) = e.rnd(n, 1.0);
+    let (_, mut dug2) = e.rnd(n, 1.0);
+    let (mut dgc0, mut duc0) = (vec![0.0f32; n + PAD], vec![0.0f32; n + PAD]);
+    e.c.swiglu_bwd(&mut dgc0, &mut duc0, &doc, &gc, &uc, n);
+    e.g.swiglu_bwd_set(&mut dgg2, &mut dug2, &dog, &gg, &ug, n);
+    let (dgs, dus) = (e.g.to_f32(&dgg2), e.g.to_f32(&dug2));
+    r.check("swiglu_bwd_set", "dgate", &dgs[..n], &dgc0[..n], TOL);
+    r.check("swiglu_bwd_set", "dup", &dus[..n], &duc0[..n], TOL);
 
     e.c.gelu_fwd(&mut oc, &gc, n);
     e.g.gelu_fwd(&mut og, &gg, n);
@@ -319,6 +328,59 @@ fn matmul_ops(e: &mut Env, r: &mut Report) {
         e.g.matmul_bwd(None, &mut dwg, &dog, &xg, &wg, n, k, m);
         r.check(&format!("{tag} bwd(dx=None)"), "dw", &e.g.to_f32(&dwg), &dwc, TOL_RED);
     }
+    matmul_many_ops(e, r);
+}
+
+/// `matmul_fwd_many` / `matmul_bwd_many` (one input, three weights; dx overwritten) against
+/// separate CPU products, in fp32 and in bf16 mode (whole-tensor error, bf16 bar).
+fn matmul_many_ops(e: &mut Env, r: &mut Report) {
+    use mor_engine::MatmulGrad;
+    let (n, k, ms) = (300usize, 192usize, [256usize, 64, 64]);
+    let (xc, xg) = e.rnd(n * k, 1.0);
+    let ws: Vec<_> = ms.iter().map(|&m| e.rnd(m * k, 0.1)).collect();
+    let douts: Vec<_> = ms.iter().map(|&m| e.rnd(n * m, 1.0)).collect();
+    for bf16 in [false, true] {
+        e.g.set_matmul_precision(if bf16 { MatmulPrecision::Bf16 } else { MatmulPrecision::F32 });
+        let tag = format!("matmul_many{} n{n} k{k} m{ms:?}", if bf16 { " bf16" } else { "" });
+        let check = |r: &mut Report, op: &str, t: &str, g: &[f32], c: &[f32], base: Option<&[f32]>| {
+            if bf16 {
+                r.add(op, t, rel_l2(g, c, base, c.len() - PAD), TOL_BF16);
+            } else {
+                r.check(op, t, g, c, TOL_RED);
+            }
+        };
+        let mut outs: Vec<_> = ms.iter().map(|&m| e.rnd(n * m, 1.0)).collect();
+        {
+            let mut items: Vec<_> = outs.iter_mut().zip(&ws).zip(ms).map(|((o, w), m)| (&mut o.1, &w.1, m)).collect();
+            e.g.matmul_fwd_many(&xg, n, k, &mut items);
+        }
+        for (i, &m) in ms.iter().enumerate() {
+            let mut oc = outs[i].0.clone();
+            e.c.matmul_fwd(&mut oc, &xc, &ws[i].0, n, k, m);
+            check(r, &format!("{tag} fwd"), &format!("out{i}"), &e.g.to_f32(&outs[i].1), &oc, None);
+        }
+        // dx starts from garbage (overwritten); dw from random values (accumulated).
+        let (mut dxc, mut dxg) = e.rnd(n * k, 1.0);
+        dxc[..n * k].fill(0.0); // the CPU side accumulates onto zeros; the padding must survive
+        let mut dws: Vec<_> = ms.iter().map(|&m| e.rnd(m * k, 1.0)).collect();
+        let dw0: Vec<Vec<f32>> = dws.iter().map(|d| d.0.clone()).collect();
+        {
+            let mut items: Vec<MatmulGrad<'_, G>> = dws
+                .iter_mut()
+                .zip(&douts)
+                .zip(&ws)
+                .zip(ms)
+                .map(|(((dw, dout), w), m)| MatmulGrad { dw: &mut dw.1, dout: &dout.1, w: &w.1, m })
+                .collect();
+            e.g.matmul_bwd_many(Some(&mut dxg), true, &xg, n, k, &mut items);
+        }
+        for (i, &m) in ms.iter().enumerate() {
+            e.c.matmul_bwd(Some(&mut dxc), &mut dws[i].0, &douts[i].0, &xc, &ws[i].0, n, k, m);
+            check(r, &format!("{tag} bwd"), &format!("dw{i}"), &e.g.to_f32(&dws[i].1), &dws[i].0, Some(&dw0[i]));
+        }
+        check(r, &format!("{tag} bwd"), "dx (set)", &e.g.to_f32(&dxg), &dxc, None);
+    }
+    e.g.set_matmul_precision(MatmulPrecision::F32);
 }
 
 fn rmsnorm_ops(e: &mut Env, r: &mut Report) {

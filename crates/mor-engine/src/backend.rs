@@ -34,6 +34,15 @@ pub struct AttnShape<'a, I> {
     pub head_dim: usize,
 }
 
+/// One weight of [`Backend::matmul_bwd_many`]: `dw += doutᵀ · x` and `w`'s share of `dx`.
+pub struct MatmulGrad<'a, B: Backend + ?Sized> {
+    pub dw: &'a mut B::Buf,
+    pub dout: &'a B::Buf,
+    pub w: &'a B::Buf,
+    /// Output width of this weight (`w` is `[m, k]`).
+    pub m: usize,
+}
+
 /// Elementwise router activation `g = alpha * f(x)` (MOR_SPEC 3.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GateFn {
@@ -150,6 +159,27 @@ pub trait Backend {
         k: usize,
         m: usize,
     );
+    /// [`Backend::matmul_fwd`] of several weights on one input (q/k/v, gate/up): `out_i[n, m_i] =
+    /// x · w_iᵀ` for each `(out_i, w_i, m_i)`. Backends that convert operands (bf16 GEMMs)
+    /// convert `x` once.
+    fn matmul_fwd_many(&self, x: &Self::Buf, n: usize, k: usize, outs: &mut [(&mut Self::Buf, &Self::Buf, usize)]) {
+        for (out, w, m) in outs.iter_mut() {
+            self.matmul_fwd(out, x, w, n, k, *m);
+        }
+    }
+    /// [`Backend::matmul_bwd`] of several weights on one input `x[n, k]`: `dw_i += dout_iᵀ · x`
+    /// and, when `dx` is given, `dx = Σ_i dout_i · w_i` — overwritten when `dx_set` (a first
+    /// contribution then needs no zero fill), else added to. The `dx` sum runs in item order.
+    fn matmul_bwd_many(&self, mut dx: Option<&mut Self::Buf>, dx_set: bool, x: &Self::Buf, n: usize, k: usize, items: &mut [MatmulGrad<'_, Self>]) {
+        if dx_set {
+            if let Some(dx) = dx.as_deref_mut() {
+                self.fill(dx, n * k, 0.0);
+            }
+        }
+        for it in items.iter_mut() {
+            self.matmul_bwd(dx.as_deref_mut(), it.dw, it.dout, x, it.w, n, k, it.m);
+        }
+    }
 
     // ---- normalisation --------------------------------------------------------------------
     /// `out = w ⊙ x / sqrt(mean(x²) + eps)` per row; saves `rstd[n]`.
@@ -207,6 +237,12 @@ pub trait Backend {
     /// `out = silu(gate) * up`, `n` elements.
     fn swiglu_fwd(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf, n: usize);
     fn swiglu_bwd(&self, dgate: &mut Self::Buf, dup: &mut Self::Buf, dout: &Self::Buf, gate: &Self::Buf, up: &Self::Buf, n: usize);
+    /// [`Backend::swiglu_bwd`] that overwrites `dgate` and `dup` instead of adding to them.
+    fn swiglu_bwd_set(&self, dgate: &mut Self::Buf, dup: &mut Self::Buf, dout: &Self::Buf, gate: &Self::Buf, up: &Self::Buf, n: usize) {
+        self.fill(dgate, n, 0.0);
+        self.fill(dup, n, 0.0);
+        self.swiglu_bwd(dgate, dup, dout, gate, up, n);
+    }
     /// Exact (erf) GELU, as `torch.nn.GELU()`.
     fn gelu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf, n: usize);
     fn gelu_bwd(&self, dx: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf, n: usize);

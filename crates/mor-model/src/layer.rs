@@ -10,7 +10,7 @@
 use crate::tokens::TokenSet;
 use crate::weights::LayerWeights;
 use mor_config::ModelConfig;
-use mor_engine::{Backend, ParamStore};
+use mor_engine::{Backend, MatmulGrad, ParamId, ParamStore};
 
 /// Dimensions every layer shares.
 #[derive(Debug, Clone, Copy)]
@@ -137,12 +137,14 @@ pub fn layer_forward<B: Backend>(
     let n = set.len();
     let (d, f, qd, kvd) = (dims.d, dims.f, dims.qd(), dims.kvd());
     b.rmsnorm_fwd(&mut act.xn1, &mut act.rstd1, &act.x, p.value(w.attn_norm), n, d, dims.eps);
-    b.matmul_fwd(&mut act.q, &act.xn1, p.value(w.wq), n, d, qd);
+    let (wq, wk, wv) = (p.value(w.wq), p.value(w.wk), p.value(w.wv));
+    match &shared {
+        None => b.matmul_fwd_many(&act.xn1, n, d, &mut [(&mut act.q, wq, qd), (&mut act.k, wk, kvd), (&mut act.v, wv, kvd)]),
+        Some(_) => b.matmul_fwd(&mut act.q, &act.xn1, wq, n, d, qd),
+    }
     b.rope_fwd(&mut act.q, &set.pos, n, dims.heads, dims.head_dim, dims.theta);
     match &shared {
         None => {
-            b.matmul_fwd(&mut act.k, &act.xn1, p.value(w.wk), n, d, kvd);
-            b.matmul_fwd(&mut act.v, &act.xn1, p.value(w.wv), n, d, kvd);
             b.rope_fwd(&mut act.k, &set.pos, n, dims.kv_heads, dims.head_dim, dims.theta);
             let shape = set.attn_shape(set, dims.heads, dims.kv_heads, dims.head_dim);
             b.attention_fwd(&mut act.att, &mut act.lse, &act.q, &act.k, &act.v, &shape);
@@ -156,8 +158,8 @@ pub fn layer_forward<B: Backend>(
     b.matmul_fwd(&mut act.a, &act.att, p.value(w.wo), n, qd, d);
     b.axpy(&mut act.a, &act.x, 1.0, n * d);
     b.rmsnorm_fwd(&mut act.xn2, &mut act.rstd2, &act.a, p.value(w.mlp_norm), n, d, dims.eps);
-    b.matmul_fwd(&mut act.gate, &act.xn2, p.value(w.w_gate), n, d, f);
-    b.matmul_fwd(&mut act.up, &act.xn2, p.value(w.w_up), n, d, f);
+    let (w_gate, w_up) = (p.value(w.w_gate), p.value(w.w_up));
+    b.matmul_fwd_many(&act.xn2, n, d, &mut [(&mut act.gate, w_gate, f), (&mut act.up, w_up, f)]);
     b.swiglu_fwd(&mut act.act, &act.gate, &act.up, n * f);
     // y = a + Down(act)
     b.matmul_fwd(out, &act.act, p.value(w.w_down), n, f, d);
@@ -184,39 +186,47 @@ pub fn layer_backward<B: Backend>(
     let (d, f, qd, kvd) = (dims.d, dims.f, dims.qd(), dims.kvd());
     let ParamStore { values, grads, .. } = p;
 
-    // MLP branch; da = dy + ∂(mlp)/∂a
+    // One weight's share of a backward GEMM: its gradient, the output gradient, the weight.
+    fn grad<'a, B: Backend>(dw: &'a mut B::Buf, dout: &'a B::Buf, w: &'a B::Buf, m: usize) -> MatmulGrad<'a, B> {
+        MatmulGrad { dw, dout, w, m }
+    }
+    let v = |id: ParamId| &values[id.0];
+    let disjoint = "a layer's weights are distinct parameters";
+
+    // MLP branch; da = dy + ∂(mlp)/∂a. First contributions overwrite their gradient buffers.
     b.copy(&mut s.da, dy, n * d);
-    b.fill(&mut s.dact, n * f, 0.0);
-    b.matmul_bwd(Some(&mut s.dact), &mut grads[w.w_down.0], dy, &act.act, &values[w.w_down.0], n, f, d);
-    b.fill(&mut s.dgate, n * f, 0.0);
-    b.fill(&mut s.dup, n * f, 0.0);
-    b.swiglu_bwd(&mut s.dgate, &mut s.dup, &s.dact, &act.gate, &act.up, n * f);
-    b.fill(&mut s.dxn, n * d, 0.0);
-    b.matmul_bwd(Some(&mut s.dxn), &mut grads[w.w_gate.0], &s.dgate, &act.xn2, &values[w.w_gate.0], n, d, f);
-    b.matmul_bwd(Some(&mut s.dxn), &mut grads[w.w_up.0], &s.dup, &act.xn2, &values[w.w_up.0], n, d, f);
-    b.rmsnorm_bwd(&mut s.da, &mut grads[w.mlp_norm.0], &s.dxn, &act.a, &values[w.mlp_norm.0], &act.rstd2, n, d);
+    let [g_down] = grads.get_disjoint_mut([w.w_down.0]).expect(disjoint);
+    b.matmul_bwd_many(Some(&mut s.dact), true, &act.act, n, f, &mut [grad(g_down, dy, v(w.w_down), d)]);
+    b.swiglu_bwd_set(&mut s.dgate, &mut s.dup, &s.dact, &act.gate, &act.up, n * f);
+    let [g_gate, g_up] = grads.get_disjoint_mut([w.w_gate.0, w.w_up.0]).expect(disjoint);
+    let items = &mut [grad(g_gate, &s.dgate, v(w.w_gate), f), grad(g_up, &s.dup, v(w.w_up), f)];
+    b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn2, n, d, items);
+    b.rmsnorm_bwd(&mut s.da, &mut grads[w.mlp_norm.0], &s.dxn, &act.a, v(w.mlp_norm), &act.rstd2, n, d);
 
     // Attention branch; dx += da + ∂(attn)/∂x
     b.axpy(dx, &s.da, 1.0, n * d);
-    b.fill(&mut s.datt, n * qd, 0.0);
-    b.matmul_bwd(Some(&mut s.datt), &mut grads[w.wo.0], &s.da, &act.att, &values[w.wo.0], n, qd, d);
+    let [g_o] = grads.get_disjoint_mut([w.wo.0]).expect(disjoint);
+    b.matmul_bwd_many(Some(&mut s.datt), true, &act.att, n, qd, &mut [grad(g_o, &s.da, v(w.wo), d)]);
     b.fill(&mut s.dq, n * qd, 0.0);
-    b.fill(&mut s.dxn, n * d, 0.0);
     match shared {
         None => {
             let shape = set.attn_shape(set, dims.heads, dims.kv_heads, dims.head_dim);
             b.attention_bwd(&mut s.dq, &mut act.dk, &mut act.dv, &s.datt, &act.att, &act.lse, &act.q, &act.k, &act.v, &shape);
             b.rope_bwd(&mut act.dk, &set.pos, n, dims.kv_heads, dims.head_dim, dims.theta);
-            b.matmul_bwd(Some(&mut s.dxn), &mut grads[w.wk.0], &act.dk, &act.xn1, &values[w.wk.0], n, d, kvd);
-            b.matmul_bwd(Some(&mut s.dxn), &mut grads[w.wv.0], &act.dv, &act.xn1, &values[w.wv.0], n, d, kvd);
+            b.rope_bwd(&mut s.dq, &set.pos, n, dims.heads, dims.head_dim, dims.theta);
+            let [g_k, g_v, g_q] = grads.get_disjoint_mut([w.wk.0, w.wv.0, w.wq.0]).expect(disjoint);
+            let items =
+                &mut [grad(g_k, &act.dk, v(w.wk), kvd), grad(g_v, &act.dv, v(w.wv), kvd), grad(g_q, &s.dq, v(w.wq), qd)];
+            b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn1, n, d, items);
         }
         Some(kv) => {
             let shape = set.attn_shape(kv.set, dims.heads, dims.kv_heads, dims.head_dim);
             let src = kv.src;
             b.attention_bwd(&mut s.dq, &mut src.dk, &mut src.dv, &s.datt, &act.att, &act.lse, &act.q, &src.k, &src.v, &shape);
+            b.rope_bwd(&mut s.dq, &set.pos, n, dims.heads, dims.head_dim, dims.theta);
+            let [g_q] = grads.get_disjoint_mut([w.wq.0]).expect(disjoint);
+            b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn1, n, d, &mut [grad(g_q, &s.dq, v(w.wq), qd)]);
         }
     }
-    b.rope_bwd(&mut s.dq, &set.pos, n, dims.heads, dims.head_dim, dims.theta);
-    b.matmul_bwd(Some(&mut s.dxn), &mut grads[w.wq.0], &s.dq, &act.xn1, &values[w.wq.0], n, d, qd);
-    b.rmsnorm_bwd(dx, &mut grads[w.attn_norm.0], &s.dxn, &act.x, &values[w.attn_norm.0], &act.rstd1, n, d);
+    b.rmsnorm_bwd(dx, &mut grads[w.attn_norm.0], &s.dxn, &act.x, v(w.attn_norm), &act.rstd1, n, d);
 }

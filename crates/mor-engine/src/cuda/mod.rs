@@ -36,7 +36,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
-use crate::backend::{AttnShape, Backend, GateFn, MatmulPrecision};
+use crate::backend::{AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision};
 
 /// The CUDA C source of every kernel, as handed to NVRTC.
 pub const KERNEL_SOURCE: &str = concat!(
@@ -653,6 +653,18 @@ impl Cuda {
         );
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu_bwd_impl(&self, dgate: &mut CudaSlice<f32>, dup: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, n: usize, acc: bool) {
+        if n == 0 {
+            return;
+        }
+        for (name, len) in [("dgate", dgate.len()), ("dup", dup.len()), ("dout", dout.len()), ("gate", gate.len()), ("up", up.len())] {
+            check_len(name, len, n);
+        }
+        let (dgp, dup_, op, gp, upp) = (self.pm(dgate), self.pm(dup), self.p(dout), self.p(gate), self.p(up));
+        launch!(self, "swiglu_bwd_f32", self.ew(n), [dgp, dup_, op, gp, upp, acc as i32, n as i64]);
+    }
+
     /// Tile table of an attention pass over the segments of `cu` (see kernels/attention.cu);
     /// returns the device pointer and the grid size (an upper bound of the tile count).
     fn attn_tiles(&self, slot: Slot, cu: &CudaSlice<u32>, num_seqs: usize, rows: usize, tile: usize) -> (u64, u32) {
@@ -948,11 +960,7 @@ impl Backend for Cuda {
             return;
         }
         if self.bf16() {
-            use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-            let wb = self.to_bf16(Slot::BfA, self.p(w), m * k);
-            let xb = self.to_bf16(Slot::BfB, self.p(x), n * k);
-            let op = self.pm(out);
-            self.gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, wb, k, xb, k, 0.0, op, m);
+            self.matmul_fwd_many(x, n, k, &mut [(out, w, m)]);
             return;
         }
         // Column-major view: outᵀ[m, n] = w[m, k] · xᵀ[k, n]; the row-major w is a column-major
@@ -993,16 +1001,7 @@ impl Backend for Cuda {
         check_len("dw", dw.len(), m * k);
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         if self.bf16() {
-            let gb = self.to_bf16(Slot::BfC, self.p(dout), n * m);
-            if let Some(dx) = dx {
-                check_len("dx", dx.len(), n * k);
-                let wb = self.to_bf16(Slot::BfA, self.p(w), m * k);
-                let dxp = self.pm(dx);
-                self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, k, n, m, wb, k, gb, m, 1.0, dxp, k);
-            }
-            let xb = self.to_bf16(Slot::BfB, self.p(x), n * k);
-            let dwp = self.pm(dw);
-            self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, k, m, n, xb, k, gb, m, 1.0, dwp, k);
+            self.matmul_bwd_many(dx, false, x, n, k, &mut [MatmulGrad { dw, dout, w, m }]);
             return;
         }
         if let Some(dx) = dx {
@@ -1036,6 +1035,82 @@ impl Backend for Cuda {
             ldc: k as i32,
         };
         unsafe { self.blas.gemm(c, x, dout, dw) }.unwrap_or_else(|e| panic!("cuBLAS sgemm (matmul dw) failed: {e:?}"));
+    }
+
+    /// bf16 mode: `x` is converted once for all weights; fp32 mode: one SGEMM per weight.
+    fn matmul_fwd_many(&self, x: &CudaSlice<f32>, n: usize, k: usize, outs: &mut [(&mut CudaSlice<f32>, &CudaSlice<f32>, usize)]) {
+        if !self.bf16() || n == 0 || k == 0 {
+            for (out, w, m) in outs.iter_mut() {
+                self.matmul_fwd(out, x, w, n, k, *m);
+            }
+            return;
+        }
+        let _p = self.prof("matmul_fwd");
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        check_len("x", x.len(), n * k);
+        let xb = self.to_bf16(Slot::BfB, self.p(x), n * k);
+        for (out, w, m) in outs.iter_mut() {
+            let m = *m;
+            check_len("out", out.len(), n * m);
+            check_len("w", w.len(), m * k);
+            if m == 0 {
+                continue;
+            }
+            let wb = self.to_bf16(Slot::BfA, self.p(w), m * k);
+            let op = self.pm(out);
+            self.gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, wb, k, xb, k, 0.0, op, m);
+        }
+    }
+
+    /// bf16 mode: `x` is converted once; the first `dx` product overwrites (`beta = 0`) when
+    /// `dx_set`. fp32 mode: the reference path (zero fill, then accumulating SGEMMs).
+    fn matmul_bwd_many(&self, mut dx: Option<&mut CudaSlice<f32>>, dx_set: bool, x: &CudaSlice<f32>, n: usize, k: usize, items: &mut [MatmulGrad<'_, Self>]) {
+        if !self.bf16() {
+            if dx_set {
+                if let Some(dx) = dx.as_deref_mut() {
+                    self.fill(dx, n * k, 0.0);
+                }
+            }
+            for it in items.iter_mut() {
+                self.matmul_bwd(dx.as_deref_mut(), it.dw, it.dout, x, it.w, n, k, it.m);
+            }
+            return;
+        }
+        let _p = self.prof("matmul_bwd");
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        if let Some(dx) = dx.as_deref() {
+            check_len("dx", dx.len(), n * k);
+        }
+        let mut dx_written = !dx_set;
+        if n > 0 && k > 0 {
+            check_len("x", x.len(), n * k);
+            let xb = self.to_bf16(Slot::BfB, self.p(x), n * k);
+            for it in items.iter_mut() {
+                let m = it.m;
+                check_len("dout", it.dout.len(), n * m);
+                check_len("w", it.w.len(), m * k);
+                check_len("dw", it.dw.len(), m * k);
+                if m == 0 {
+                    continue;
+                }
+                let gb = self.to_bf16(Slot::BfC, self.p(it.dout), n * m);
+                if let Some(dx) = dx.as_deref_mut() {
+                    // dxᵀ[k, n] (+)= w-as-[k, m] · doutᵀ[m, n]
+                    let wb = self.to_bf16(Slot::BfA, self.p(it.w), m * k);
+                    let dxp = self.pm(dx);
+                    self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, k, n, m, wb, k, gb, m, if dx_written { 1.0 } else { 0.0 }, dxp, k);
+                    dx_written = true;
+                }
+                // dwᵀ[k, m] += xᵀ[k, n] · dout[n, m]
+                let dwp = self.pm(it.dw);
+                self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, k, m, n, xb, k, gb, m, 1.0, dwp, k);
+            }
+        }
+        if !dx_written {
+            if let Some(dx) = dx {
+                self.fill(dx, n * k, 0.0);
+            }
+        }
     }
 
     // ---- normalisation --------------------------------------------------------------------
@@ -1246,14 +1321,12 @@ impl Backend for Cuda {
 
     fn swiglu_bwd(&self, dgate: &mut CudaSlice<f32>, dup: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, n: usize) {
         let _p = self.prof("swiglu_bwd");
-        if n == 0 {
-            return;
-        }
-        for (name, len) in [("dgate", dgate.len()), ("dup", dup.len()), ("dout", dout.len()), ("gate", gate.len()), ("up", up.len())] {
-            check_len(name, len, n);
-        }
-        let (dgp, dup_, op, gp, upp) = (self.pm(dgate), self.pm(dup), self.p(dout), self.p(gate), self.p(up));
-        launch!(self, "swiglu_bwd_f32", self.ew(n), [dgp, dup_, op, gp, upp, n as i64]);
+        self.swiglu_bwd_impl(dgate, dup, dout, gate, up, n, true);
+    }
+
+    fn swiglu_bwd_set(&self, dgate: &mut CudaSlice<f32>, dup: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, n: usize) {
+        let _p = self.prof("swiglu_bwd");
+        self.swiglu_bwd_impl(dgate, dup, dout, gate, up, n, false);
     }
 
     fn gelu_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize) {

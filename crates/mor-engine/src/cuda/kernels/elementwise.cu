@@ -58,12 +58,14 @@ __device__ void swiglu_fwd(T* out, const T* gate, const T* up, i64 n) {
 }
 
 template <typename T>
-__device__ void swiglu_bwd(T* dgate, T* dup, const T* dout, const T* gate, const T* up, i64 n) {
+// acc = 1: add to dgate/dup (the op interface's backward convention); 0: overwrite them.
+__device__ void swiglu_bwd(T* dgate, T* dup, const T* dout, const T* gate, const T* up, int acc, i64 n) {
     GRID_STRIDE(i, n) {
         const float g = to_f(gate[i]), u = to_f(up[i]), o = to_f(dout[i]);
         const float s = sigmoidf_(g);
-        dgate[i] = from_f<T>(to_f(dgate[i]) + o * u * s * (1.f + g * (1.f - s)));
-        dup[i] = from_f<T>(to_f(dup[i]) + o * (g * s));
+        const float dg = o * u * s * (1.f + g * (1.f - s)), du = o * (g * s);
+        dgate[i] = from_f<T>(acc ? to_f(dgate[i]) + dg : dg);
+        dup[i] = from_f<T>(acc ? to_f(dup[i]) + du : du);
     }
 }
 
@@ -153,8 +155,8 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
         swiglu_fwd<T>(o, g, u, n);                                                                   \
     }                                                                                                \
     extern "C" __global__ void swiglu_bwd_##SUF(T* dg, T* du, const T* d, const T* g, const T* u,   \
-                                                i64 n) {                                             \
-        swiglu_bwd<T>(dg, du, d, g, u, n);                                                           \
+                                                int acc, i64 n) {                                    \
+        swiglu_bwd<T>(dg, du, d, g, u, acc, n);                                                      \
     }                                                                                                \
     extern "C" __global__ void gelu_fwd_##SUF(T* o, const T* x, i64 n) { gelu_fwd<T>(o, x, n); }    \
     extern "C" __global__ void gelu_bwd_##SUF(T* dx, const T* d, const T* x, i64 n) {               \
