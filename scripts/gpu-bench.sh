@@ -5,7 +5,8 @@
 # Here (no GPU needed):
 #   cargo build --release --features cuda -p mor-cli
 #   cargo build --release --features cuda -p mor-train --example model_parity
-#   mkdir -p .gpu && cp target/release/mor target/release/examples/model_parity .gpu/ && strip .gpu/*
+#   cargo build --release --features cuda -p mor-engine --example cuda_parity
+#   mkdir -p .gpu && cp target/release/mor target/release/examples/{model_parity,cuda_parity} .gpu/ && strip .gpu/*
 # Optional, saves one NVRTC compilation there (needs libnvrtc 13.0 here, e.g. the nvidia-cuda-nvrtc
 # wheel; a cache the driver rejects is recompiled):
 #   cargo build --release --features cuda -p mor-engine --example cuda_parity
@@ -14,6 +15,8 @@
 #   bash scripts/gpu-bench.sh
 #
 # Environment: MICRO_BATCH (8), SEQ_LEN (2048), STEPS (4 timed steps for mor, 10 for PyTorch),
+# MEM_BATCH (16: the MoR-E3 peak-memory comparison; SKIP_MEM=1 skips it), MOR_OPS_BIN (.gpu/cuda_parity,
+# op-level parity and kernel timings, run when present),
 # BUDGET_S (200: the optional torch.compile runs are skipped once the script has run this long),
 # SKIP_PARITY=1, SKIP_TRAIN=1, SKIP_COMPILE=1, MODELS ("vanilla mor-ec3"), GEMMS ("f32,bf16"), SIZE (360m),
 # DEVICE (cuda), TORCH_EXTRA (more torch_reference.py arguments). A CPU smoke test of the script:
@@ -39,6 +42,8 @@ read -r -a TX <<<"${TORCH_EXTRA:-}"
 MODELS="${MODELS:-vanilla mor-ec3}"
 BIN="${MOR_BIN:-.gpu/mor}"
 PARITY="${MOR_PARITY_BIN:-.gpu/model_parity}"
+OPS="${MOR_OPS_BIN:-.gpu/cuda_parity}"
+MEM_BATCH="${MEM_BATCH:-16}"
 START=$SECONDS
 export PYTHONUNBUFFERED=1
 # Kernels compiled once (here or by the first process), loaded by every later process.
@@ -63,8 +68,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 
 if [ -z "${SKIP_PARITY:-}" ]; then
-  step "whole-model parity fp32" 90 required -- "$PARITY"
-  step "whole-model parity bf16 GEMMs" 60 required -- "$PARITY" --bf16
+  if [ -x "$OPS" ]; then
+    step "op-level parity + kernel timings (cuda_parity)" 150 required -- "$OPS"
+  fi
+  step "whole-model parity fp32" 150 required -- "$PARITY"
+  step "whole-model parity bf16 GEMMs" 120 required -- "$PARITY" --bf16
+fi
+if [ "$DEVICE" = cuda ]; then
+  step "PyTorch SDPA attention, same shapes as cuda_parity's attention timing" 60 required -- \
+    python3 scripts/reference/sdpa_bench.py
 fi
 
 if [ -z "${SKIP_TRAIN:-}" ]; then
@@ -93,6 +105,13 @@ for m in $MODELS; do
   step "torch $m eager" 75 required -- python3 scripts/bench/torch_reference.py --model "$m" --batch "$B" --seq "$L" \
     --warmup 3 --steps 10 --json "$RES" "${TX[@]}"
 done
+# Peak memory of MoR-E3 at the larger micro-batch, mor and PyTorch (the issue's memory bar).
+if [ -z "${SKIP_MEM:-}" ]; then
+  step "mor bench $SIZE-mor-ec3 micro-batch $MEM_BATCH" 150 required -- "$BIN" bench train "$SIZE-mor-ec3" --device "$DEVICE" \
+    --micro-batch "$MEM_BATCH" --seq-len "$L" --warmup 1 --steps 2 --gemm bf16 --json "$RES"
+  step "torch mor-ec3 micro-batch $MEM_BATCH" 100 required -- python3 scripts/bench/torch_reference.py --model mor-ec3 \
+    --batch "$MEM_BATCH" --seq "$L" --warmup 2 --steps 3 --json "$RES" "${TX[@]}"
+fi
 if [ -z "${SKIP_COMPILE:-}" ]; then
   for m in $MODELS; do
     step "torch $m torch.compile" 150 optional -- python3 scripts/bench/torch_reference.py --model "$m" --batch "$B" --seq "$L" \

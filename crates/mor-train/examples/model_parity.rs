@@ -1,6 +1,7 @@
 //! Whole-model parity of the CUDA backend against the CPU reference: for every tiny preset
 //! (`tiny-*`: vanilla, recursive with each sharing strategy, expert-choice MoR with and without KV
-//! sharing, token-choice MoR) and every variant of the model test suite (MLP / tanh / identity
+//! sharing, token-choice MoR), the 135M vanilla / recursive / MoR-E (with and without KV sharing) /
+//! MoR-T presets, and every variant of the model test suite (MLP / tanh / identity
 //! routers, aux router, untied attention, replace combine, random router, loss-free balancing,
 //! document masking), the same weights and batch on `Cpu<f32>` and `Cuda`:
 //!
@@ -100,6 +101,11 @@ fn cases() -> Vec<Case> {
     out.push(Case { name: "tiny-mor-ec3+docmask".into(), cfg, batch: 4, seq_len: 64, docs: Some(docs), head_rows: None });
     for (name, cfg) in common::variants() {
         out.push(Case { name: format!("test:{name}"), cfg, batch: 3, seq_len: 16, docs: None, head_rows: Some(7) });
+    }
+    // The paper's smallest size (d 576, 9/3 heads, vocab 49152) of each family, at 2 x 128 tokens.
+    for name in ["135m-vanilla", "135m-rec3-mcycle", "135m-mor-ec3", "135m-mor-ec3-share", "135m-mor-tc3"] {
+        let cfg = mor_config::load(name).expect("preset loads").model;
+        out.push(Case { name: name.to_string(), cfg, batch: 2, seq_len: 128, docs: None, head_rows: Some(64) });
     }
     out
 }
