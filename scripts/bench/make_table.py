@@ -50,8 +50,8 @@ def main():
             prec = "bf16 weights + activations"
             mem = f"{gib(r.get('max_allocated_gib'))} alloc / {gib(r.get('peak_mem_gib'))} device"
         else:
-            impl = "mor (Rust, phase-2 CUDA)"
-            prec = "fp32, SGEMM" if r.get("gemm") == "f32" else "fp32 + bf16 GEMM operands (cuBLAS, fp32 acc.)"
+            impl = "mor (Rust, CUDA)"
+            prec = "fp32, SGEMM" if r.get("gemm") == "f32" else "fp32 activations, bf16 GEMM + attention operands (fp32 acc.)"
             mem = f"{gib(r.get('peak_mem_gib'))} device"
         base = eager.get((m, r["micro_batch"], r["seq_len"]))
         rel = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"

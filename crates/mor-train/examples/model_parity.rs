@@ -47,6 +47,11 @@ struct Case {
     docs: Option<Vec<Vec<u32>>>,
     /// Smaller LM-head chunks (exercises the chunked head on the device).
     head_rows: Option<usize>,
+    /// Hold gradients to the element-wise bar too. Off for the 135M presets: their tied
+    /// 49152 x 576 embedding gradient is mostly LM-head sums of signed terms that nearly cancel,
+    /// where fp32 summation order alone moves entries near zero by ~1e-3 of the mean magnitude
+    /// (measured: norm-wise 2-3e-6, element-wise 0.7-1.7e-3); the norm-wise bar still applies.
+    elementwise: bool,
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -94,18 +99,18 @@ fn cases() -> Vec<Case> {
     let mut out = Vec::new();
     for name in mor_config::preset_names().into_iter().filter(|n| n.starts_with("tiny-")) {
         let cfg = mor_config::load(name).expect("preset loads").model;
-        out.push(Case { name: name.to_string(), cfg, batch: 4, seq_len: 64, docs: None, head_rows: Some(100) });
+        out.push(Case { name: name.to_string(), cfg, batch: 4, seq_len: 64, docs: None, head_rows: Some(100), elementwise: true });
     }
     let cfg = mor_config::load("tiny-mor-ec3").unwrap().model;
     let docs = vec![vec![10, 40], vec![], vec![63], vec![1, 2, 3]];
-    out.push(Case { name: "tiny-mor-ec3+docmask".into(), cfg, batch: 4, seq_len: 64, docs: Some(docs), head_rows: None });
+    out.push(Case { name: "tiny-mor-ec3+docmask".into(), cfg, batch: 4, seq_len: 64, docs: Some(docs), head_rows: None, elementwise: true });
     for (name, cfg) in common::variants() {
-        out.push(Case { name: format!("test:{name}"), cfg, batch: 3, seq_len: 16, docs: None, head_rows: Some(7) });
+        out.push(Case { name: format!("test:{name}"), cfg, batch: 3, seq_len: 16, docs: None, head_rows: Some(7), elementwise: true });
     }
     // The paper's smallest size (d 576, 9/3 heads, vocab 49152) of each family, at 2 x 128 tokens.
     for name in ["135m-vanilla", "135m-rec3-mcycle", "135m-mor-ec3", "135m-mor-ec3-share", "135m-mor-tc3"] {
         let cfg = mor_config::load(name).expect("preset loads").model;
-        out.push(Case { name: name.to_string(), cfg, batch: 2, seq_len: 128, docs: None, head_rows: Some(64) });
+        out.push(Case { name: name.to_string(), cfg, batch: 2, seq_len: 128, docs: None, head_rows: Some(64), elementwise: false });
     }
     out
 }
@@ -196,7 +201,7 @@ fn run_case(c: &Cpu<f32>, g: &Cuda, case: &Case, t: &Tol, bf16: bool) -> Outcome
         if !(en <= t.grad_norm_wise) {
             failures.push(format!("{}: grad {} norm-wise err {en:.3e}", case.name, info.name));
         }
-        if let Some(te) = t.grad_elem {
+        if let (Some(te), true) = (t.grad_elem, case.elementwise) {
             if !(e <= te) {
                 failures.push(format!("{}: grad {} element-wise err {e:.3e}", case.name, info.name));
             }
