@@ -188,6 +188,40 @@ __device__ __forceinline__ int fa_next_tile(const u32* range, int base, int t, i
 }
 
 
+// A forward / dq block: its query tile (last tile first: under a causal mask it has the most keys,
+// so the lightest blocks form the tail of the grid), head, and the key tiles of its segment.
+template <int BM>
+struct FaQueryBlock {
+    int s, h, kh, nq, kt0, nkt;
+    u32 q0, ka, kb;
+    __device__ FaQueryBlock(int b, const u32* cu_q, const u32* cu_k, const int* qoff, const int* koff, int num_seqs,
+                            int heads, int kv_heads) {
+        s = att_find_seg(qoff, num_seqs, b);
+        h = blockIdx.y;
+        kh = h / (heads / kv_heads);
+        q0 = cu_q[s] + (u32)(qoff[s + 1] - 1 - b) * BM;
+        nq = (int)min((u32)BM, cu_q[s + 1] - q0);
+        ka = cu_k[s];
+        kb = cu_k[s + 1];
+        kt0 = koff[s];
+        nkt = koff[s + 1] - koff[s];
+    }
+    __device__ u32 tile_start(int t) const { return ka + (u32)t * FA_BN; }
+    __device__ int tile_rows(int t) const { return (int)min((u32)FA_BN, kb - tile_start(t)); }
+};
+
+// Asynchronously load key tile t of a query block (k and v rows of kv head column `col`, and the
+// key positions) into buffer `buf` of the double-buffered K, V and P tiles.
+template <int HD, int BM>
+__device__ __forceinline__ void fa_issue_kv(bf16_t* Ks, bf16_t* Vs, u32* Pk, int buf, const FaQueryBlock<BM>& qb, int t,
+                                            const bf16_t* k, const bf16_t* v, const u32* pos_k, int ks, int col) {
+    const u32 t0 = qb.tile_start(t);
+    const int nt = qb.tile_rows(t);
+    fa_load<HD, FA_BN>(Ks + buf * FA_BN * (HD + FA_PAD), k, t0, nt, ks, col);
+    fa_load<HD, FA_BN>(Vs + buf * FA_BN * (HD + FA_PAD), v, t0, nt, ks, col);
+    fa_load_col(Pk + buf * FA_BN, pos_k, t0, nt, 1);
+}
+
 template <int HD, int WARPS>
 __device__ void fa_fwd_impl(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
                             const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,
@@ -199,19 +233,13 @@ __device__ void fa_fwd_impl(float* out, float* lse, const bf16_t* q, const bf16_
     bf16_t* Vs = Ks + 2 * FA_BN * LD;     // [2][FA_BN][LD]
     u32* Pk = (u32*)(Vs + 2 * FA_BN * LD);  // [2][FA_BN]
     __shared__ u32 red[2 * WARPS];
-    const int b = blockIdx.x;
-    if (b >= qoff[num_seqs]) return;
-    const int s = att_find_seg(qoff, num_seqs, b);
-    const int h = blockIdx.y, kh = h / (heads / kv_heads);
+    if ((int)blockIdx.x >= qoff[num_seqs]) return;
+    const FaQueryBlock<BM> qb(blockIdx.x, cu_q, cu_k, qoff, koff, num_seqs, heads, kv_heads);
+    const int h = qb.h, kh = qb.kh, nq = qb.nq, kt0 = qb.kt0, nkt = qb.nkt;
+    const u32 q0 = qb.q0;
     const int lane = threadIdx.x & 31, w16 = (threadIdx.x >> 5) * 16, g = lane >> 2, tq = lane & 3;
-    // Last query tile first: under a causal mask it has the most keys, so the lightest blocks
-    // form the tail of the grid.
-    const u32 q0 = cu_q[s] + (u32)(qoff[s + 1] - 1 - b) * BM;
-    const int nq = (int)min((u32)BM, cu_q[s + 1] - q0);
     const int qs = heads * HD, ks = kv_heads * HD;
     const int r0 = w16 + g, r1 = r0 + 8;
-    const u32 ka = cu_k[s], kb = cu_k[s + 1];
-    const int kt0 = koff[s], nkt = koff[s + 1] - koff[s];
 
     fa_load<HD, BM>(Qs, q, q0, nq, qs, h * HD);
     fa_commit();
@@ -220,13 +248,7 @@ __device__ void fa_fwd_impl(float* out, float* lse, const bf16_t* q, const bf16_
     fa_block_range<WARPS>(pq0, r0 < nq, pq1, r1 < nq, red, minpq, maxpq);
 
     int t = fa_next_tile(krange, kt0, 0, nkt, maxpq);
-    if (t < nkt) {
-        const u32 t0 = ka + (u32)t * FA_BN;
-        const int nt = (int)min((u32)FA_BN, kb - t0);
-        fa_load<HD, FA_BN>(Ks, k, t0, nt, ks, kh * HD);
-        fa_load<HD, FA_BN>(Vs, v, t0, nt, ks, kh * HD);
-        fa_load_col(Pk, pos_k, t0, nt, 1);
-    }
+    if (t < nkt) fa_issue_kv<HD>(Ks, Vs, Pk, 0, qb, t, k, v, pos_k, ks, kh * HD);
     fa_commit();
     fa_wait<1>();
     __syncthreads();
@@ -240,17 +262,11 @@ __device__ void fa_fwd_impl(float* out, float* lse, const bf16_t* q, const bf16_
     const float sl2 = scale * LOG2E_F;
     for (int buf = 0; t < nkt; buf ^= 1) {
         const int tn = fa_next_tile(krange, kt0, t + 1, nkt, maxpq);
-        if (tn < nkt) {
-            const u32 t0 = ka + (u32)tn * FA_BN;
-            const int nt = (int)min((u32)FA_BN, kb - t0);
-            fa_load<HD, FA_BN>(Ks + (buf ^ 1) * FA_BN * LD, k, t0, nt, ks, kh * HD);
-            fa_load<HD, FA_BN>(Vs + (buf ^ 1) * FA_BN * LD, v, t0, nt, ks, kh * HD);
-            fa_load_col(Pk + (buf ^ 1) * FA_BN, pos_k, t0, nt, 1);
-        }
+        if (tn < nkt) fa_issue_kv<HD>(Ks, Vs, Pk, buf ^ 1, qb, tn, k, v, pos_k, ks, kh * HD);
         fa_commit();
         fa_wait<1>();
         __syncthreads();
-        const int nt = (int)min((u32)FA_BN, kb - (ka + (u32)t * FA_BN));
+        const int nt = qb.tile_rows(t);
         const bool masked = !(krange[2 * (kt0 + t) + 1] <= minpq && nt == FA_BN);
         const u32* P = Pk + buf * FA_BN;
         float sc[FA_BN / 8][4];
@@ -330,19 +346,13 @@ __device__ void fa_bwd_dq_impl(float* dq, const bf16_t* dout, const float* lse, 
     bf16_t* Vs = Ks + 2 * FA_BN * LD;     // [2][FA_BN][LD]
     u32* Pk = (u32*)(Vs + 2 * FA_BN * LD);  // [2][FA_BN]
     __shared__ u32 red[2 * WARPS];
-    const int b = blockIdx.x;
-    if (b >= qoff[num_seqs]) return;
-    const int s = att_find_seg(qoff, num_seqs, b);
-    const int h = blockIdx.y, kh = h / (heads / kv_heads);
+    if ((int)blockIdx.x >= qoff[num_seqs]) return;
+    const FaQueryBlock<BM> qb(blockIdx.x, cu_q, cu_k, qoff, koff, num_seqs, heads, kv_heads);
+    const int h = qb.h, kh = qb.kh, nq = qb.nq, kt0 = qb.kt0, nkt = qb.nkt;
+    const u32 q0 = qb.q0;
     const int lane = threadIdx.x & 31, w16 = (threadIdx.x >> 5) * 16, g = lane >> 2, tq = lane & 3;
-    // Last query tile first: under a causal mask it has the most keys, so the lightest blocks
-    // form the tail of the grid.
-    const u32 q0 = cu_q[s] + (u32)(qoff[s + 1] - 1 - b) * BM;
-    const int nq = (int)min((u32)BM, cu_q[s + 1] - q0);
     const int qs = heads * HD, ks = kv_heads * HD;
     const int r0 = w16 + g, r1 = r0 + 8;
-    const u32 ka = cu_k[s], kb = cu_k[s + 1];
-    const int kt0 = koff[s], nkt = koff[s + 1] - koff[s];
 
     // q and dout fragments, staged through the K and V buffers.
     fa_load<HD, BM>(Ks, q, q0, nq, qs, h * HD);
@@ -363,13 +373,7 @@ __device__ void fa_bwd_dq_impl(float* dq, const bf16_t* dout, const float* lse, 
     __syncthreads();  // the staging buffers are refilled below
 
     int t = fa_next_tile(krange, kt0, 0, nkt, maxpq);
-    if (t < nkt) {
-        const u32 t0 = ka + (u32)t * FA_BN;
-        const int nt = (int)min((u32)FA_BN, kb - t0);
-        fa_load<HD, FA_BN>(Ks, k, t0, nt, ks, kh * HD);
-        fa_load<HD, FA_BN>(Vs, v, t0, nt, ks, kh * HD);
-        fa_load_col(Pk, pos_k, t0, nt, 1);
-    }
+    if (t < nkt) fa_issue_kv<HD>(Ks, Vs, Pk, 0, qb, t, k, v, pos_k, ks, kh * HD);
     fa_commit();
 
     float acc[HD / 8][4];
@@ -378,17 +382,11 @@ __device__ void fa_bwd_dq_impl(float* dq, const bf16_t* dout, const float* lse, 
     const float sl2 = scale * LOG2E_F;
     for (int buf = 0; t < nkt; buf ^= 1) {
         const int tn = fa_next_tile(krange, kt0, t + 1, nkt, maxpq);
-        if (tn < nkt) {
-            const u32 t0 = ka + (u32)tn * FA_BN;
-            const int nt = (int)min((u32)FA_BN, kb - t0);
-            fa_load<HD, FA_BN>(Ks + (buf ^ 1) * FA_BN * LD, k, t0, nt, ks, kh * HD);
-            fa_load<HD, FA_BN>(Vs + (buf ^ 1) * FA_BN * LD, v, t0, nt, ks, kh * HD);
-            fa_load_col(Pk + (buf ^ 1) * FA_BN, pos_k, t0, nt, 1);
-        }
+        if (tn < nkt) fa_issue_kv<HD>(Ks, Vs, Pk, buf ^ 1, qb, tn, k, v, pos_k, ks, kh * HD);
         fa_commit();
         fa_wait<1>();
         __syncthreads();
-        const int nt = (int)min((u32)FA_BN, kb - (ka + (u32)t * FA_BN));
+        const int nt = qb.tile_rows(t);
         const bool masked = !(krange[2 * (kt0 + t) + 1] <= minpq && nt == FA_BN);
         const u32* P = Pk + buf * FA_BN;
         float p[FA_BN / 8][4], dp[FA_BN / 8][4];
