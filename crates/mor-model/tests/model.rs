@@ -65,7 +65,7 @@ fn whole_model_gradients_match_finite_differences_for_every_variant() {
             let aux = info.group == ParamGroup::AuxRouter;
             let picks: Vec<usize> = (0..5).map(|k| (k * 7919 + id.0 * 31) % n).collect();
             for &e in &picks {
-                let mut objective = |delta: f64, model: &mut Model<F64>| {
+                let objective = |delta: f64, model: &mut Model<F64>| {
                     model.params.values[id.0][e] += delta;
                     model.router_state.forward_calls = calls;
                     let s = run(model, &be, &inputs, &targets, false);
@@ -218,7 +218,7 @@ fn token_choice_and_threshold_routing_are_causal() {
         let routing = if name == "ec3" { Routing::Threshold } else { Routing::TopK };
         let mut model = Model::new(&be, cfg, 5).unwrap();
         let (mut inputs, targets) = batch_data(37, 14);
-        let mut losses = |inputs: &[u32], model: &mut Model<F64>| {
+        let losses = |inputs: &[u32], model: &mut Model<F64>| {
             let batch = Batch { inputs, targets: &targets, batch: B, seq_len: L, doc_starts: None };
             model.forward(&be, &batch, routing, false, 1.0).unwrap();
             model.token_losses().to_vec()
@@ -320,7 +320,7 @@ fn document_mask_blocks_attention_across_documents() {
     let mut model = Model::new(&be, cfg, 9).unwrap();
     let (mut inputs, targets) = batch_data(37, 18);
     let docs = vec![vec![4u32], vec![]];
-    let mut losses = |inputs: &[u32], model: &mut Model<F64>| {
+    let losses = |inputs: &[u32], model: &mut Model<F64>| {
         let batch = Batch { inputs, targets: &targets, batch: B, seq_len: L, doc_starts: Some(&docs) };
         model.forward(&be, &batch, Routing::TopK, false, 1.0).unwrap();
         model.token_losses().to_vec()
