@@ -6,8 +6,13 @@
 //! * Kernels are CUDA C in `kernels/*.cu`, compiled once per process by NVRTC for `sm_90`
 //!   ([`compile_kernels`]; `CUDA_INCLUDE_DIR` is passed as an include path when set) and loaded
 //!   once per [`Cuda`] instance. A compilation failure prints the NVRTC log.
-//! * GEMMs go through cuBLAS SGEMM (default math mode: no TF32 unless `NVIDIA_TF32_OVERRIDE`
-//!   says so), with the row-major `[out, in]` weight layout mapped onto column-major calls.
+//! * Two precisions ([`Backend::set_matmul_precision`], `MOR_GEMM=bf16`): fp32 mode is the parity
+//!   reference (cuBLAS SGEMM, default math mode: no TF32 unless `NVIDIA_TF32_OVERRIDE` says so;
+//!   the exact attention kernels of `kernels/attention.cu`); bf16 mode rounds GEMM operands to
+//!   bf16 (tensor-core `cublasGemmEx`, fp32 accumulation and output) and runs attention with head
+//!   dim 32/64 on the tensor-core kernels of `kernels/flash_attention.cu`. Buffers, parameters,
+//!   gradients and optimizer state are f32 in both. The row-major `[out, in]` weight layout is
+//!   mapped onto column-major calls.
 //! * Every reduction has a fixed order that depends only on the shapes, so results are
 //!   reproducible run to run: scatters with repeated destination rows (embedding backward,
 //!   `scatter_add_rows`, `scatter_rows`) group their sources with a stable counting sort on the
@@ -19,9 +24,9 @@
 //! Layout conventions are those of the CPU reference ([`crate::cpu`]): `lse` of the attention is
 //! `[nq, heads]`, `+inf` for a query with no visible key.
 //!
-//! Phase-1 scope: fp32 everywhere; attention uses a simple exact kernel (no tensor cores). The
-//! activation kernels are templates over the element type (see `kernels/common.cuh`) so bf16
-//! variants can be instantiated next to the f32 ones.
+//! Activations are still f32 in bf16 mode (the GEMMs convert their operands); the activation
+//! kernels are templates over the element type (see `kernels/common.cuh`) so bf16 variants can be
+//! instantiated next to the f32 ones when activations move to bf16.
 
 use std::collections::HashMap;
 use std::fmt;
