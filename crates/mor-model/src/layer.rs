@@ -47,6 +47,8 @@ impl Dims {
 /// Saved activations of one layer application, sized for `cap` tokens.
 pub struct LayerAct<B: Backend> {
     pub cap: usize,
+    /// Whether `k`, `v`, `dk`, `dv` exist (false for an application that borrows them).
+    pub owns_kv: bool,
     pub x: B::Buf,
     pub rstd1: B::Buf,
     pub xn1: B::Buf,
@@ -68,10 +70,14 @@ pub struct LayerAct<B: Backend> {
 }
 
 impl<B: Backend> LayerAct<B> {
-    pub fn new(b: &B, dims: &Dims, cap: usize) -> Self {
-        let (d, f, qd, kvd) = (dims.d, dims.f, dims.qd(), dims.kvd());
+    /// Buffers for `cap` tokens; an application that borrows keys/values (KV sharing,
+    /// `owns_kv = false`) gets empty `k`, `v`, `dk`, `dv`.
+    pub fn new(b: &B, dims: &Dims, cap: usize, owns_kv: bool) -> Self {
+        let (d, f, qd) = (dims.d, dims.f, dims.qd());
+        let kvd = if owns_kv { dims.kvd() } else { 0 };
         LayerAct {
             cap,
+            owns_kv,
             x: b.zeros(cap * d),
             rstd1: b.zeros(cap),
             xn1: b.zeros(cap * d),

@@ -14,8 +14,8 @@
 //! context itself.
 
 use crate::layer::Dims;
-use crate::model::expert_k;
-use mor_config::{ModelConfig, RouterKind, Sampling};
+use crate::model::{blocks_contiguous, expert_k};
+use mor_config::{KvMode, ModelConfig, RouterKind, Sampling};
 use serde::Serialize;
 
 /// Element counts (f32 values) of one training configuration; see the module docs.
@@ -83,11 +83,16 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
             app_rows[map.step_positions(r)].iter_mut().for_each(|a| *a = sel);
         }
     }
-    // LayerAct: x, xn1, a, xn2 (d); q, att (qd); k, v, dk, dv (kvd); gate, up, act (f); lse
-    // (heads); rstd1, rstd2.
-    let per_app = 4 * d + 2 * qd + 4 * kvd + 3 * f + heads + 2;
+    // LayerAct: x, xn1, a, xn2 (d); q, att (qd); k, v, dk, dv (kvd, only where the application
+    // owns its keys/values: with KV sharing, recursions after the first borrow them); gate, up,
+    // act (f); lse (heads); rstd1, rstd2.
+    let per_app = 4 * d + 2 * qd + 3 * f + heads + 2;
+    let mut kv_rows: usize = app_rows.iter().sum();
+    if cfg.kv_mode() == KvMode::Share && blocks_contiguous(&map) {
+        kv_rows -= (1..map.num_recursions).flat_map(|r| map.step_positions(r)).map(|pos| app_rows[pos]).sum::<usize>();
+    }
     let layer_rows: usize = app_rows.iter().sum();
-    let layer_activations = layer_rows * per_app;
+    let layer_activations = layer_rows * per_app + kv_rows * 4 * kvd;
     // LayerScratch: da, dxn (d); dact, dgate, dup (f); datt, dq (qd).
     let scratch = n * (2 * d + 3 * f + 2 * qd);
     // Residual buffers h, h1, tx, hn, dh, dhn, dtx, g1, g2; rstd; ce_all.

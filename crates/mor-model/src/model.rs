@@ -392,9 +392,7 @@ impl<B: Backend> Model<B> {
         self.capture_h(b);
 
         // Prefix (unique first layer of middle strategies, or every layer without recursion blocks).
-        let blocks_contiguous = self.map.strategy.is_some_and(|s| {
-            matches!(s, mor_config::Sharing::Cycle | mor_config::Sharing::MiddleCycle)
-        });
+        let blocks_contiguous = blocks_contiguous(&self.map);
         let prefix_end = if blocks_contiguous { self.map.prefix_len() } else { self.map.num_layers };
         tr.prefix = 0..prefix_end;
         for pos in 0..prefix_end {
@@ -462,7 +460,8 @@ impl<B: Backend> Model<B> {
         let end = tr.apps.len();
         let ws = self.ws.as_mut().unwrap();
         for i in start..end {
-            ensure_slot(&mut ws.acts, i, |a| a.cap >= rows, || LayerAct::new(b, &self.dims, rows));
+            let owns_kv = tr.apps[i].kv_src.is_none();
+            ensure_slot(&mut ws.acts, i, |a| a.cap >= rows && a.owns_kv == owns_kv, || LayerAct::new(b, &self.dims, rows, owns_kv));
         }
         start..end
     }
@@ -936,7 +935,7 @@ impl<B: Backend> Model<B> {
         let scale = tr.loss_scale;
         {
             let ws = self.ws.as_mut().unwrap();
-            for a in ws.acts.iter_mut().take(tr.apps.len()) {
+            for a in ws.acts.iter_mut().take(tr.apps.len()).filter(|a| a.owns_kv) {
                 let kvd = self.dims.kvd() * a.cap;
                 b.fill(&mut a.dk, kvd, 0.0);
                 b.fill(&mut a.dv, kvd, 0.0);
@@ -1132,6 +1131,13 @@ pub(crate) fn expert_k(rc: &RouterConfig, r: usize, n_r: usize, seq_len: usize, 
 
 /// Makes `slots[i]` satisfy `fits`: creates the next slot, or replaces one that is too small
 /// (freeing its buffers before allocating the new ones). Slots are created in index order.
+/// Whether the recursion blocks are contiguous runs of layer positions (cycle and middle-cycle
+/// sharing): only then does the forward run recursion steps (routers, KV sharing); otherwise
+/// every position is a plain layer.
+pub(crate) fn blocks_contiguous(map: &SharingMap) -> bool {
+    map.strategy.is_some_and(|s| matches!(s, mor_config::Sharing::Cycle | mor_config::Sharing::MiddleCycle))
+}
+
 fn ensure_slot<T>(slots: &mut Vec<T>, i: usize, fits: impl Fn(&T) -> bool, new: impl FnOnce() -> T) {
     if i == slots.len() {
         slots.push(new());

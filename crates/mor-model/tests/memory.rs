@@ -76,6 +76,36 @@ fn mor_expert_choice_keeps_fewer_activations_than_vanilla() {
     }
 }
 
+/// With KV sharing, recursions after the first borrow recursion 1's keys/values: their layer
+/// applications hold no k, v, dk, dv (measured on the tiny preset, exact count at 360M).
+#[test]
+fn kv_sharing_keeps_no_keys_and_values_for_borrowing_recursions() {
+    let be = Cpu::<f32>::new();
+    let (bsz, len) = (2usize, 48usize);
+    let mut est = Vec::new();
+    for name in ["tiny-mor-ec3", "tiny-mor-ec3-share"] {
+        let cfg = presets::load(name).unwrap().model;
+        let mut model = Model::new(&be, cfg.clone(), 1).unwrap();
+        let inputs = tokens(bsz * len, cfg.vocab_size, 1);
+        let targets = tokens(bsz * len, cfg.vocab_size, 2);
+        let batch = Batch { inputs: &inputs, targets: &targets, batch: bsz, seq_len: len, doc_starts: None };
+        model.forward(&be, &batch, Routing::TopK, true, 1.0).unwrap();
+        model.backward(&be).unwrap();
+        let e = memory::estimate(&cfg, bsz, len, mor_model::DEFAULT_HEAD_CHUNK_ELEMS).unwrap();
+        assert_eq!(e.activations(), model.workspace_elems(&be), "{name}");
+        est.push((e, cfg.num_kv_heads * cfg.head_dim));
+    }
+    let ((own, kvd), (share, _)) = (est[0], est[1]);
+    // Recursions 2 and 3: 2 layer applications each, on 32 and 16 tokens per sequence.
+    assert_eq!(own.layer_activations - share.layer_activations, 4 * kvd * 2 * bsz * (32 + 16));
+
+    let cfg = |name: &str| presets::load(name).unwrap().model;
+    let (own, share) = (cfg("360m-mor-ec3"), cfg("360m-mor-ec3-share"));
+    let e = |c| memory::estimate(c, 8, 2048, mor_model::DEFAULT_HEAD_CHUNK_ELEMS).unwrap();
+    let kvd = own.num_kv_heads * own.head_dim;
+    assert_eq!(e(&own).layer_activations - e(&share).layer_activations, 4 * kvd * 10 * 8 * (1365 + 682));
+}
+
 /// Capacity warm-up starts at capacity 1: the first training step allocates full-size buffers
 /// and the estimate counts them. A workspace sized by an earlier evaluation forward (final
 /// capacities) grows to the same size, and the re-allocated buffers give the same gradients.
