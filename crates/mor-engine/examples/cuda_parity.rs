@@ -50,6 +50,16 @@ impl Report {
     fn check(&mut self, op: &str, tensor: &str, gpu: &[f32], cpu: &[f32], tol: f64) {
         self.add(op, tensor, rel_err(gpu, cpu), tol);
     }
+    /// [`Report::check`] in fp32 mode; in bf16 mode the whole-tensor error ([`rel_l2`], `base` =
+    /// initial content of an accumulated gradient) against [`TOL_BF16`].
+    #[allow(clippy::too_many_arguments)]
+    fn check_prec(&mut self, bf16: bool, op: &str, tensor: &str, gpu: &[f32], cpu: &[f32], base: Option<&[f32]>, tol: f64) {
+        if bf16 {
+            self.add(op, tensor, rel_l2(gpu, cpu, base, cpu.len() - PAD), TOL_BF16);
+        } else {
+            self.check(op, tensor, gpu, cpu, tol);
+        }
+    }
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -342,13 +352,6 @@ fn matmul_many_ops(e: &mut Env, r: &mut Report) {
     for bf16 in [false, true] {
         e.g.set_matmul_precision(if bf16 { MatmulPrecision::Bf16 } else { MatmulPrecision::F32 });
         let tag = format!("matmul_many{} n{n} k{k} m{ms:?}", if bf16 { " bf16" } else { "" });
-        let check = |r: &mut Report, op: &str, t: &str, g: &[f32], c: &[f32], base: Option<&[f32]>| {
-            if bf16 {
-                r.add(op, t, rel_l2(g, c, base, c.len() - PAD), TOL_BF16);
-            } else {
-                r.check(op, t, g, c, TOL_RED);
-            }
-        };
         let mut outs: Vec<_> = ms.iter().map(|&m| e.rnd(n * m, 1.0)).collect();
         {
             let mut items: Vec<_> = outs.iter_mut().zip(&ws).zip(ms).map(|((o, w), m)| (&mut o.1, &w.1, m)).collect();
@@ -357,7 +360,7 @@ fn matmul_many_ops(e: &mut Env, r: &mut Report) {
         for (i, &m) in ms.iter().enumerate() {
             let mut oc = outs[i].0.clone();
             e.c.matmul_fwd(&mut oc, &xc, &ws[i].0, n, k, m);
-            check(r, &format!("{tag} fwd"), &format!("out{i}"), &e.g.to_f32(&outs[i].1), &oc, None);
+            r.check_prec(bf16, &format!("{tag} fwd"), &format!("out{i}"), &e.g.to_f32(&outs[i].1), &oc, None, TOL_RED);
         }
         // dx starts from garbage (overwritten); dw from random values (accumulated).
         let (mut dxc, mut dxg) = e.rnd(n * k, 1.0);
@@ -376,9 +379,9 @@ fn matmul_many_ops(e: &mut Env, r: &mut Report) {
         }
         for (i, &m) in ms.iter().enumerate() {
             e.c.matmul_bwd(Some(&mut dxc), &mut dws[i].0, &douts[i].0, &xc, &ws[i].0, n, k, m);
-            check(r, &format!("{tag} bwd"), &format!("dw{i}"), &e.g.to_f32(&dws[i].1), &dws[i].0, Some(&dw0[i]));
+            r.check_prec(bf16, &format!("{tag} bwd"), &format!("dw{i}"), &e.g.to_f32(&dws[i].1), &dws[i].0, Some(&dw0[i]), TOL_RED);
         }
-        check(r, &format!("{tag} bwd"), "dx (set)", &e.g.to_f32(&dxg), &dxc, None);
+        r.check_prec(bf16, &format!("{tag} bwd"), "dx (set)", &e.g.to_f32(&dxg), &dxc, None, TOL_RED);
     }
     e.g.set_matmul_precision(MatmulPrecision::F32);
 }
@@ -698,15 +701,8 @@ fn attention_case(e: &mut Env, r: &mut Report, case: &AttnCase, bf16: bool) {
         e.c.attention_fwd(&mut oc, &mut lc, &qc, &kc, &vc, &sc);
         e.g.attention_fwd(&mut og, &mut lg, &qg, &kg, &vg, &sg);
         let tag = format!("attention{} {} (nq{nq} nk{nk})", if bf16 { " bf16" } else { "" }, case.name);
-        let check = |r: &mut Report, op: &str, t: &str, g: &[f32], c: &[f32], base: Option<&[f32]>, tol: f64| {
-            if bf16 {
-                r.add(op, t, rel_l2(g, c, base, c.len() - PAD), TOL_BF16);
-            } else {
-                r.check(op, t, g, c, tol);
-            }
-        };
-        check(r, &format!("{tag} fwd"), "out", &e.g.to_f32(&og), &oc, None, TOL_RED);
-        check(r, &format!("{tag} fwd"), "lse", &e.g.to_f32(&lg), &lc, None, TOL);
+        r.check_prec(bf16, &format!("{tag} fwd"), "out", &e.g.to_f32(&og), &oc, None, TOL_RED);
+        r.check_prec(bf16, &format!("{tag} fwd"), "lse", &e.g.to_f32(&lg), &lc, None, TOL);
         let (doc, dog) = e.rnd(nq * heads * hd, 1.0);
         let (mut dqc, mut dqg) = e.rnd(nq * heads * hd, 1.0);
         let (mut dkc, mut dkg) = e.rnd(nk * kvh * hd, 1.0);
@@ -714,9 +710,9 @@ fn attention_case(e: &mut Env, r: &mut Report, case: &AttnCase, bf16: bool) {
         let (dq0, dk0, dv0) = (dqc.clone(), dkc.clone(), dvc.clone());
         e.c.attention_bwd(&mut dqc, &mut dkc, &mut dvc, &doc, &oc, &lc, &qc, &kc, &vc, &sc);
         e.g.attention_bwd(&mut dqg, &mut dkg, &mut dvg, &dog, &og, &lg, &qg, &kg, &vg, &sg);
-        check(r, &format!("{tag} bwd"), "dq", &e.g.to_f32(&dqg), &dqc, Some(&dq0), TOL_RED);
-        check(r, &format!("{tag} bwd"), "dk", &e.g.to_f32(&dkg), &dkc, Some(&dk0), TOL_RED);
-        check(r, &format!("{tag} bwd"), "dv", &e.g.to_f32(&dvg), &dvc, Some(&dv0), TOL_RED);
+        r.check_prec(bf16, &format!("{tag} bwd"), "dq", &e.g.to_f32(&dqg), &dqc, Some(&dq0), TOL_RED);
+        r.check_prec(bf16, &format!("{tag} bwd"), "dk", &e.g.to_f32(&dkg), &dkc, Some(&dk0), TOL_RED);
+        r.check_prec(bf16, &format!("{tag} bwd"), "dv", &e.g.to_f32(&dvg), &dvc, Some(&dv0), TOL_RED);
     }
 }
 

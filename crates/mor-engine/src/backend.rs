@@ -163,22 +163,13 @@ pub trait Backend {
     /// x · w_iᵀ` for each `(out_i, w_i, m_i)`. Backends that convert operands (bf16 GEMMs)
     /// convert `x` once.
     fn matmul_fwd_many(&self, x: &Self::Buf, n: usize, k: usize, outs: &mut [(&mut Self::Buf, &Self::Buf, usize)]) {
-        for (out, w, m) in outs.iter_mut() {
-            self.matmul_fwd(out, x, w, n, k, *m);
-        }
+        matmul_fwd_each(self, x, n, k, outs);
     }
     /// [`Backend::matmul_bwd`] of several weights on one input `x[n, k]`: `dw_i += dout_iᵀ · x`
     /// and, when `dx` is given, `dx = Σ_i dout_i · w_i` — overwritten when `dx_set` (a first
     /// contribution then needs no zero fill), else added to. The `dx` sum runs in item order.
-    fn matmul_bwd_many(&self, mut dx: Option<&mut Self::Buf>, dx_set: bool, x: &Self::Buf, n: usize, k: usize, items: &mut [MatmulGrad<'_, Self>]) {
-        if dx_set {
-            if let Some(dx) = dx.as_deref_mut() {
-                self.fill(dx, n * k, 0.0);
-            }
-        }
-        for it in items.iter_mut() {
-            self.matmul_bwd(dx.as_deref_mut(), it.dw, it.dout, x, it.w, n, k, it.m);
-        }
+    fn matmul_bwd_many(&self, dx: Option<&mut Self::Buf>, dx_set: bool, x: &Self::Buf, n: usize, k: usize, items: &mut [MatmulGrad<'_, Self>]) {
+        matmul_bwd_each(self, dx, dx_set, x, n, k, items);
     }
 
     // ---- normalisation --------------------------------------------------------------------
@@ -314,4 +305,25 @@ pub trait Backend {
         weight_decay: f32,
         step: u64,
     );
+}
+
+/// [`Backend::matmul_fwd_many`] as one [`Backend::matmul_fwd`] per weight (the default, and the
+/// fp32 path of backends that override it).
+pub fn matmul_fwd_each<B: Backend + ?Sized>(b: &B, x: &B::Buf, n: usize, k: usize, outs: &mut [(&mut B::Buf, &B::Buf, usize)]) {
+    for (out, w, m) in outs.iter_mut() {
+        b.matmul_fwd(out, x, w, n, k, *m);
+    }
+}
+
+/// [`Backend::matmul_bwd_many`] as a zero fill (when `dx_set`) and one accumulating
+/// [`Backend::matmul_bwd`] per weight (the default, and the fp32 path of backends that override it).
+pub fn matmul_bwd_each<B: Backend + ?Sized>(b: &B, mut dx: Option<&mut B::Buf>, dx_set: bool, x: &B::Buf, n: usize, k: usize, items: &mut [MatmulGrad<'_, B>]) {
+    if dx_set {
+        if let Some(dx) = dx.as_deref_mut() {
+            b.fill(dx, n * k, 0.0);
+        }
+    }
+    for it in items.iter_mut() {
+        b.matmul_bwd(dx.as_deref_mut(), it.dw, it.dout, x, it.w, n, k, it.m);
+    }
 }

@@ -201,8 +201,7 @@ pub fn layer_backward<B: Backend>(
 
     // MLP branch; da = dy + ∂(mlp)/∂a. First contributions overwrite their gradient buffers.
     b.copy(&mut s.da, dy, n * d);
-    let [g_down] = grads.get_disjoint_mut([w.w_down.0]).expect(disjoint);
-    b.matmul_bwd_many(Some(&mut s.dact), true, &act.act, n, f, &mut [grad(g_down, dy, v(w.w_down), d)]);
+    b.matmul_bwd_many(Some(&mut s.dact), true, &act.act, n, f, &mut [grad(&mut grads[w.w_down.0], dy, v(w.w_down), d)]);
     b.swiglu_bwd_set(&mut s.dgate, &mut s.dup, &s.dact, &act.gate, &act.up, n * f);
     let [g_gate, g_up] = grads.get_disjoint_mut([w.w_gate.0, w.w_up.0]).expect(disjoint);
     let items = &mut [grad(g_gate, &s.dgate, v(w.w_gate), f), grad(g_up, &s.dup, v(w.w_up), f)];
@@ -211,28 +210,29 @@ pub fn layer_backward<B: Backend>(
 
     // Attention branch; dx += da + ∂(attn)/∂x
     b.axpy(dx, &s.da, 1.0, n * d);
-    let [g_o] = grads.get_disjoint_mut([w.wo.0]).expect(disjoint);
-    b.matmul_bwd_many(Some(&mut s.datt), true, &act.att, n, qd, &mut [grad(g_o, &s.da, v(w.wo), d)]);
+    b.matmul_bwd_many(Some(&mut s.datt), true, &act.att, n, qd, &mut [grad(&mut grads[w.wo.0], &s.da, v(w.wo), d)]);
     b.fill(&mut s.dq, n * qd, 0.0);
+    let owns_kv = shared.is_none();
     match shared {
         None => {
             let shape = set.attn_shape(set, dims.heads, dims.kv_heads, dims.head_dim);
             b.attention_bwd(&mut s.dq, &mut act.dk, &mut act.dv, &s.datt, &act.att, &act.lse, &act.q, &act.k, &act.v, &shape);
             b.rope_bwd(&mut act.dk, &set.pos, n, dims.kv_heads, dims.head_dim, dims.theta);
-            b.rope_bwd(&mut s.dq, &set.pos, n, dims.heads, dims.head_dim, dims.theta);
-            let [g_k, g_v, g_q] = grads.get_disjoint_mut([w.wk.0, w.wv.0, w.wq.0]).expect(disjoint);
-            let items =
-                &mut [grad(g_k, &act.dk, v(w.wk), kvd), grad(g_v, &act.dv, v(w.wv), kvd), grad(g_q, &s.dq, v(w.wq), qd)];
-            b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn1, n, d, items);
         }
         Some(kv) => {
             let shape = set.attn_shape(kv.set, dims.heads, dims.kv_heads, dims.head_dim);
             let src = kv.src;
             b.attention_bwd(&mut s.dq, &mut src.dk, &mut src.dv, &s.datt, &act.att, &act.lse, &act.q, &src.k, &src.v, &shape);
-            b.rope_bwd(&mut s.dq, &set.pos, n, dims.heads, dims.head_dim, dims.theta);
-            let [g_q] = grads.get_disjoint_mut([w.wq.0]).expect(disjoint);
-            b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn1, n, d, &mut [grad(g_q, &s.dq, v(w.wq), qd)]);
         }
+    }
+    b.rope_bwd(&mut s.dq, &set.pos, n, dims.heads, dims.head_dim, dims.theta);
+    // dxn = Σ over this layer's k, v (when it owns them) and q projections.
+    if owns_kv {
+        let [g_k, g_v, g_q] = grads.get_disjoint_mut([w.wk.0, w.wv.0, w.wq.0]).expect(disjoint);
+        let items = &mut [grad(g_k, &act.dk, v(w.wk), kvd), grad(g_v, &act.dv, v(w.wv), kvd), grad(g_q, &s.dq, v(w.wq), qd)];
+        b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn1, n, d, items);
+    } else {
+        b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn1, n, d, &mut [grad(&mut grads[w.wq.0], &s.dq, v(w.wq), qd)]);
     }
     b.rmsnorm_bwd(dx, &mut grads[w.attn_norm.0], &s.dxn, &act.x, v(w.attn_norm), &act.rstd1, n, d);
 }

@@ -36,26 +36,28 @@ fn memory_estimate_matches_the_workspace_of_a_training_step() {
     }
 }
 
+/// The estimate for preset `name` at `bsz x len`, after checking it against the workspace of one
+/// real training step (forward and backward) on the CPU.
+fn measured_step(be: &Cpu<f32>, name: &str, bsz: usize, len: usize) -> memory::MemoryEstimate {
+    let cfg = presets::load(name).unwrap().model;
+    let mut model = Model::new(be, cfg.clone(), 1).unwrap();
+    let inputs = tokens(bsz * len, cfg.vocab_size, 1);
+    let targets = tokens(bsz * len, cfg.vocab_size, 2);
+    let batch = Batch { inputs: &inputs, targets: &targets, batch: bsz, seq_len: len, doc_starts: None };
+    model.forward(be, &batch, Routing::TopK, true, 1.0).unwrap();
+    model.backward(be).unwrap();
+    let est = memory::estimate(&cfg, bsz, len, mor_model::DEFAULT_HEAD_CHUNK_ELEMS).unwrap();
+    assert_eq!(est.activations(), model.workspace_elems(be), "{name}");
+    est
+}
+
 /// Activations of a MoR expert-choice model with N_r = 3 (capacities 1, 2/3, 1/3) against the
 /// vanilla model of the same shape: measured on the tiny presets, estimated at 360M.
 #[test]
 fn mor_expert_choice_keeps_fewer_activations_than_vanilla() {
     let be = Cpu::<f32>::new();
     let (bsz, len) = (2usize, 48usize);
-    let mut measured = Vec::new();
-    for name in ["tiny-vanilla", "tiny-mor-ec3"] {
-        let cfg = presets::load(name).unwrap().model;
-        let mut model = Model::new(&be, cfg.clone(), 1).unwrap();
-        let inputs = tokens(bsz * len, cfg.vocab_size, 1);
-        let targets = tokens(bsz * len, cfg.vocab_size, 2);
-        let batch = Batch { inputs: &inputs, targets: &targets, batch: bsz, seq_len: len, doc_starts: None };
-        model.forward(&be, &batch, Routing::TopK, true, 1.0).unwrap();
-        model.backward(&be).unwrap();
-        let est = memory::estimate(&cfg, bsz, len, mor_model::DEFAULT_HEAD_CHUNK_ELEMS).unwrap();
-        assert_eq!(est.activations(), model.workspace_elems(&be), "{name}");
-        measured.push(est);
-    }
-    let (van, ec3) = (&measured[0], &measured[1]);
+    let (van, ec3) = (measured_step(&be, "tiny-vanilla", bsz, len), measured_step(&be, "tiny-mor-ec3", bsz, len));
     // 8 layers: 2 unique ones on every token, 2 per recursion on 48, 32, 16 tokens per sequence.
     assert_eq!(van.layer_rows, 8 * 96);
     assert_eq!(ec3.layer_rows, 2 * 96 + 2 * (96 + 64 + 32));
@@ -82,20 +84,9 @@ fn mor_expert_choice_keeps_fewer_activations_than_vanilla() {
 fn kv_sharing_keeps_no_keys_and_values_for_borrowing_recursions() {
     let be = Cpu::<f32>::new();
     let (bsz, len) = (2usize, 48usize);
-    let mut est = Vec::new();
-    for name in ["tiny-mor-ec3", "tiny-mor-ec3-share"] {
-        let cfg = presets::load(name).unwrap().model;
-        let mut model = Model::new(&be, cfg.clone(), 1).unwrap();
-        let inputs = tokens(bsz * len, cfg.vocab_size, 1);
-        let targets = tokens(bsz * len, cfg.vocab_size, 2);
-        let batch = Batch { inputs: &inputs, targets: &targets, batch: bsz, seq_len: len, doc_starts: None };
-        model.forward(&be, &batch, Routing::TopK, true, 1.0).unwrap();
-        model.backward(&be).unwrap();
-        let e = memory::estimate(&cfg, bsz, len, mor_model::DEFAULT_HEAD_CHUNK_ELEMS).unwrap();
-        assert_eq!(e.activations(), model.workspace_elems(&be), "{name}");
-        est.push((e, cfg.num_kv_heads * cfg.head_dim));
-    }
-    let ((own, kvd), (share, _)) = (est[0], est[1]);
+    let (own, share) = (measured_step(&be, "tiny-mor-ec3", bsz, len), measured_step(&be, "tiny-mor-ec3-share", bsz, len));
+    let tiny = presets::load("tiny-mor-ec3").unwrap().model;
+    let kvd = tiny.num_kv_heads * tiny.head_dim;
     // Recursions 2 and 3: 2 layer applications each, on 32 and 16 tokens per sequence.
     assert_eq!(own.layer_activations - share.layer_activations, 4 * kvd * 2 * bsz * (32 + 16));
 

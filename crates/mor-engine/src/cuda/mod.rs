@@ -41,7 +41,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
-use crate::backend::{AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision};
+use crate::backend::{matmul_bwd_each, matmul_fwd_each, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision};
 
 /// The CUDA C source of every kernel, as handed to NVRTC.
 pub const KERNEL_SOURCE: &str = concat!(
@@ -441,7 +441,7 @@ impl Cuda {
         for hd in FLASH_HEAD_DIMS {
             for warps in [4, 8] {
                 for kind in ["fwd", "dq", "dkdv"] {
-                    let name = if kind == "fwd" { format!("attn_fwd_bf16_d{hd}_w{warps}") } else { format!("attn_bwd_{kind}_bf16_d{hd}_w{warps}") };
+                    let name = Self::flash_kernel_name(kind, hd, warps);
                     funcs[name.as_str()]
                         .set_attribute(
                             drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -683,7 +683,7 @@ impl Cuda {
     /// Whether a call takes the tensor-core kernels (kernels/flash_attention.cu): bf16 mode, head
     /// dim 32 or 64, and outputs aligned for their paired (8-byte) stores.
     fn use_flash(&self, hd: usize, outs: &[u64]) -> bool {
-        self.gemm_bf16.load(Ordering::Relaxed) && FLASH_HEAD_DIMS.contains(&hd) && outs.iter().all(|p| p % 8 == 0)
+        self.bf16() && FLASH_HEAD_DIMS.contains(&hd) && outs.iter().all(|p| p % 8 == 0)
     }
 
     /// Suffix of the exact f32 kernels for a head dim.
@@ -707,15 +707,23 @@ impl Cuda {
         }) as u32
     }
 
-    /// Name, launch configuration (grid x from the caller) of a flash kernel.
+    /// Name of a flash kernel (`kind` fwd | dq | dkdv) as instantiated by `INST_FA`.
+    fn flash_kernel_name(kind: &str, hd: usize, warps: usize) -> String {
+        match kind {
+            "fwd" => format!("attn_fwd_bf16_d{hd}_w{warps}"),
+            _ => format!("attn_bwd_{kind}_bf16_d{hd}_w{warps}"),
+        }
+    }
+
+    /// Name, rows per block, threads per block and shared memory of a flash kernel (grid x from
+    /// the caller).
     fn flash_kernel(&self, kind: &str, hd: usize) -> (String, usize, u32, u32) {
         let warps = match kind {
             "fwd" => self.flash_warps.fwd,
             "dq" => self.flash_warps.dq,
             _ => self.flash_warps.dkdv,
         };
-        let name = if kind == "fwd" { format!("attn_fwd_bf16_d{hd}_w{warps}") } else { format!("attn_bwd_{kind}_bf16_d{hd}_w{warps}") };
-        (name, 16 * warps, 32 * warps as u32, Self::flash_smem(kind, hd, warps))
+        (Self::flash_kernel_name(kind, hd, warps), 16 * warps, 32 * warps as u32, Self::flash_smem(kind, hd, warps))
     }
 
     /// Tile tables for a flash pass: the blocks' own side in `own_tile`-row tiles (grid) and the
@@ -1045,10 +1053,7 @@ impl Backend for Cuda {
     /// bf16 mode: `x` is converted once for all weights; fp32 mode: one SGEMM per weight.
     fn matmul_fwd_many(&self, x: &CudaSlice<f32>, n: usize, k: usize, outs: &mut [(&mut CudaSlice<f32>, &CudaSlice<f32>, usize)]) {
         if !self.bf16() || n == 0 || k == 0 {
-            for (out, w, m) in outs.iter_mut() {
-                self.matmul_fwd(out, x, w, n, k, *m);
-            }
-            return;
+            return matmul_fwd_each(self, x, n, k, outs);
         }
         let _p = self.prof("matmul_fwd");
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
@@ -1071,15 +1076,7 @@ impl Backend for Cuda {
     /// `dx_set`. fp32 mode: the reference path (zero fill, then accumulating SGEMMs).
     fn matmul_bwd_many(&self, mut dx: Option<&mut CudaSlice<f32>>, dx_set: bool, x: &CudaSlice<f32>, n: usize, k: usize, items: &mut [MatmulGrad<'_, Self>]) {
         if !self.bf16() {
-            if dx_set {
-                if let Some(dx) = dx.as_deref_mut() {
-                    self.fill(dx, n * k, 0.0);
-                }
-            }
-            for it in items.iter_mut() {
-                self.matmul_bwd(dx.as_deref_mut(), it.dw, it.dout, x, it.w, n, k, it.m);
-            }
-            return;
+            return matmul_bwd_each(self, dx, dx_set, x, n, k, items);
         }
         let _p = self.prof("matmul_bwd");
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
