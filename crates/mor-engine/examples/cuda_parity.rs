@@ -103,6 +103,26 @@ impl Env {
         let v = self.uniform(n + PAD, s);
         self.up(&v)
     }
+    /// [`Env::rnd`] as a bf16 activation buffer on the GPU (`zeros_act` in bf16 mode), the CPU
+    /// copy holding the same bf16-rounded values.
+    fn rnd_act(&mut self, n: usize, s: f32) -> (Vec<f32>, <G as Backend>::Buf) {
+        let v: Vec<f32> = self.uniform(n + PAD, s).into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect();
+        let was = self.g.options().gemm;
+        self.g.set_matmul_precision(MatmulPrecision::Bf16);
+        let mut g = self.g.zeros_act(v.len());
+        self.g.set_matmul_precision(if was == mor_engine::cuda::GemmPrecision::Bf16 { MatmulPrecision::Bf16 } else { MatmulPrecision::F32 });
+        assert_eq!(g.dtype(), mor_engine::cuda::Dtype::Bf16);
+        self.g.write_f32(&mut g, &v);
+        (self.c.from_f32(&v), g)
+    }
+    /// [`Env::rnd_act`] when `act`, else [`Env::rnd`].
+    fn rnd_as(&mut self, act: bool, n: usize, s: f32) -> (Vec<f32>, <G as Backend>::Buf) {
+        if act {
+            self.rnd_act(n, s)
+        } else {
+            self.rnd(n, s)
+        }
+    }
 }
 
 fn main() {
@@ -160,7 +180,7 @@ fn main() {
         .map(|s| s.split(',').map(str::to_string).collect())
         .unwrap_or_default();
     type Group = fn(&mut Env, &mut Report);
-    let groups: [(&str, Group); 13] = [
+    let groups: [(&str, Group); 14] = [
         ("memory", memory_ops),
         ("elementwise", elementwise_ops),
         ("embedding", embedding_ops),
@@ -173,6 +193,7 @@ fn main() {
         ("loss", loss_ops),
         ("adamw", adamw_ops),
         ("attention", attention_ops),
+        ("bf16-activations", bf16_act_ops),
         ("determinism", determinism),
     ];
     for (name, f) in groups {
@@ -667,14 +688,16 @@ fn attention_ops(e: &mut Env, r: &mut Report) {
         e.g.set_matmul_precision(if bf16 { MatmulPrecision::Bf16 } else { MatmulPrecision::F32 });
         for case in &cases {
             if !bf16 || matches!(case.hd, 32 | 64) {
-                attention_case(e, r, case, bf16);
+                attention_case(e, r, case, bf16, false);
             }
         }
     }
     e.g.set_matmul_precision(MatmulPrecision::F32);
 }
 
-fn attention_case(e: &mut Env, r: &mut Report, case: &AttnCase, bf16: bool) {
+/// One attention case; with `act` the activations (q, k, v, out, dout, dq) are bf16 buffers, as
+/// the bf16 mode's model stores them (dk, dv stay f32: they accumulate over KV-sharing layers).
+fn attention_case(e: &mut Env, r: &mut Report, case: &AttnCase, bf16: bool, act: bool) {
     {
         let (heads, kvh, hd) = (case.heads, case.kv_heads, case.hd);
         let mut cu_q = vec![0u32];
@@ -693,18 +716,30 @@ fn attention_case(e: &mut Env, r: &mut Report, case: &AttnCase, bf16: bool) {
         let (pkc, pkg) = e.upi(&pos_k);
         let sc = AttnShape { cu_q: &cqc, cu_k: &ckc, pos_q: &pqc, pos_k: &pkc, num_seqs: ns, nq, nk, heads, kv_heads: kvh, head_dim: hd };
         let sg = AttnShape { cu_q: &cqg, cu_k: &ckg, pos_q: &pqg, pos_k: &pkg, num_seqs: ns, nq, nk, heads, kv_heads: kvh, head_dim: hd };
-        let (qc, qg) = e.rnd(nq * heads * hd, 1.0);
-        let (kc, kg) = e.rnd(nk * kvh * hd, 1.0);
-        let (vc, vg) = e.rnd(nk * kvh * hd, 1.0);
-        let (mut oc, mut og) = e.rnd(nq * heads * hd, 1.0);
+        let (qc, qg) = e.rnd_as(act, nq * heads * hd, 1.0);
+        let (kc, kg) = e.rnd_as(act, nk * kvh * hd, 1.0);
+        let (vc, vg) = e.rnd_as(act, nk * kvh * hd, 1.0);
+        let (mut oc, mut og) = e.rnd_as(act, nq * heads * hd, 1.0);
         let (mut lc, mut lg) = e.rnd(nq * heads, 1.0);
         e.c.attention_fwd(&mut oc, &mut lc, &qc, &kc, &vc, &sc);
         e.g.attention_fwd(&mut og, &mut lg, &qg, &kg, &vg, &sg);
-        let tag = format!("attention{} {} (nq{nq} nk{nk})", if bf16 { " bf16" } else { "" }, case.name);
+        if act {
+            // The GPU output is stored in bf16: compare against the rounded reference, and feed
+            // the backward the same rounded output on both sides.
+            oc.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+        }
+        let mode = if act { " bf16-act" } else if bf16 { " bf16" } else { "" };
+        let tag = format!("attention{mode} {} (nq{nq} nk{nk})", case.name);
         r.check_prec(bf16, &format!("{tag} fwd"), "out", &e.g.to_f32(&og), &oc, None, TOL_RED);
         r.check_prec(bf16, &format!("{tag} fwd"), "lse", &e.g.to_f32(&lg), &lc, None, TOL);
-        let (doc, dog) = e.rnd(nq * heads * hd, 1.0);
-        let (mut dqc, mut dqg) = e.rnd(nq * heads * hd, 1.0);
+        let (doc, dog) = e.rnd_as(act, nq * heads * hd, 1.0);
+        let (mut dqc, mut dqg) = e.rnd_as(act, nq * heads * hd, 1.0);
+        if act {
+            // A bf16 gradient holds its sum in bf16: start it from zero as the model does (from
+            // random values the rounding of the sum would swamp the gradient being checked).
+            e.c.fill(&mut dqc, nq * heads * hd, 0.0);
+            e.g.fill(&mut dqg, nq * heads * hd, 0.0);
+        }
         let (mut dkc, mut dkg) = e.rnd(nk * kvh * hd, 1.0);
         let (mut dvc, mut dvg) = e.rnd(nk * kvh * hd, 1.0);
         let (dq0, dk0, dv0) = (dqc.clone(), dkc.clone(), dvc.clone());
@@ -714,6 +749,144 @@ fn attention_case(e: &mut Env, r: &mut Report, case: &AttnCase, bf16: bool) {
         r.check_prec(bf16, &format!("{tag} bwd"), "dk", &e.g.to_f32(&dkg), &dkc, Some(&dk0), TOL_RED);
         r.check_prec(bf16, &format!("{tag} bwd"), "dv", &e.g.to_f32(&dvg), &dvc, Some(&dv0), TOL_RED);
     }
+}
+
+// ---- bf16 activation buffers -------------------------------------------------------------------
+
+/// The ops the bf16 mode's model runs on bf16 activation buffers (`zeros_act`), against the CPU on
+/// the same bf16-rounded inputs (whole-tensor bar), plus conversions and the cached bf16 weights.
+fn bf16_act_ops(e: &mut Env, r: &mut Report) {
+    let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
+    e.g.set_matmul_precision(MatmulPrecision::Bf16);
+    // Host round trip, fills, copies between element types (exact: the values are bf16).
+    let n = 10_001;
+    let (mut c, mut g) = e.rnd_act(n, 1.0);
+    r.check("bf16 write_f32/to_f32", "x", &e.g.to_f32(&g), &c, 0.0);
+    e.c.fill(&mut c, n, 0.5);
+    e.g.fill(&mut g, n, 0.5);
+    r.check("bf16 fill(0.5)", "x", &e.g.to_f32(&g), &c, 0.0);
+    e.c.fill(&mut c, n - 3, 0.0);
+    e.g.fill(&mut g, n - 3, 0.0);
+    r.check("bf16 fill(0)", "x", &e.g.to_f32(&g), &c, 0.0);
+    let (sc, sg) = e.rnd(n, 1.0);
+    e.c.copy(&mut c, &round(&sc), n - 5);
+    e.g.copy(&mut g, &sg, n - 5);
+    r.check("copy f32 -> bf16 (rounds)", "dst", &e.g.to_f32(&g), &c, 0.0);
+    let (mut fc, mut fg) = e.rnd(n, 1.0);
+    e.c.copy(&mut fc, &c, n - 7);
+    e.g.copy(&mut fg, &g, n - 7);
+    r.check("copy bf16 -> f32", "dst", &e.g.to_f32(&fg), &fc, 0.0);
+
+    // SwiGLU, all bf16.
+    let n = 512 * 256 + 7;
+    let (gc, gg) = e.rnd_act(n, 6.0);
+    let (uc, ug) = e.rnd_act(n, 2.0);
+    let (mut oc, mut og) = e.rnd_act(n, 1.0);
+    e.c.swiglu_fwd(&mut oc, &gc, &uc, n);
+    e.g.swiglu_fwd(&mut og, &gg, &ug, n);
+    r.check_prec(true, "bf16 swiglu_fwd", "out", &e.g.to_f32(&og), &oc, None, TOL);
+    let (doc, dog) = e.rnd_act(n, 1.0);
+    let (mut dgc, mut dgg) = e.rnd_act(n, 1.0);
+    let (mut duc, mut dug) = e.rnd_act(n, 1.0);
+    let (dg0, du0) = (dgc.clone(), duc.clone());
+    e.c.swiglu_bwd(&mut dgc, &mut duc, &doc, &gc, &uc, n);
+    e.g.swiglu_bwd(&mut dgg, &mut dug, &dog, &gg, &ug, n);
+    r.check_prec(true, "bf16 swiglu_bwd", "dgate", &e.g.to_f32(&dgg), &dgc, Some(&dg0), TOL);
+    r.check_prec(true, "bf16 swiglu_bwd", "dup", &e.g.to_f32(&dug), &duc, Some(&du0), TOL);
+    let (mut dgc0, mut duc0) = (vec![0.0f32; n + PAD], vec![0.0f32; n + PAD]);
+    dgc0[n..].copy_from_slice(&dgc[n..]);
+    duc0[n..].copy_from_slice(&duc[n..]);
+    e.c.swiglu_bwd(&mut dgc0, &mut duc0, &doc, &gc, &uc, n);
+    e.g.swiglu_bwd_set(&mut dgg, &mut dug, &dog, &gg, &ug, n);
+    r.check_prec(true, "bf16 swiglu_bwd_set", "dgate", &e.g.to_f32(&dgg), &dgc0, None, TOL);
+    r.check_prec(true, "bf16 swiglu_bwd_set", "dup", &e.g.to_f32(&dug), &duc0, None, TOL);
+
+    // RMSNorm of an f32 residual into a bf16 activation.
+    let (n, d) = (77usize, 1000usize);
+    let (xc, xg) = e.rnd(n * d, 2.0);
+    let wv: Vec<f32> = (0..d + PAD).map(|_| e.rng.gen_range(0.5..1.5)).collect();
+    let (wc, wg) = e.up(&wv);
+    let (mut oc, mut og) = e.rnd_act(n * d, 1.0);
+    let (mut rc, mut rg) = e.rnd(n, 1.0);
+    e.c.rmsnorm_fwd(&mut oc, &mut rc, &xc, &wc, n, d, 1e-5);
+    e.g.rmsnorm_fwd(&mut og, &mut rg, &xg, &wg, n, d, 1e-5);
+    r.check_prec(true, "bf16 rmsnorm_fwd (f32 in)", "out", &e.g.to_f32(&og), &oc, None, TOL);
+    r.check("bf16 rmsnorm_fwd (f32 in)", "rstd", &e.g.to_f32(&rg), &rc, TOL);
+
+    // RoPE in place on bf16 q.
+    let (n, heads, hd) = (512usize, 8usize, 64usize);
+    let pos: Vec<u32> = (0..n).map(|_| e.rng.gen_range(0..8192)).collect();
+    let (pc, pg) = e.upi(&pos);
+    let (mut xc, mut xg) = e.rnd_act(n * heads * hd, 1.0);
+    e.c.rope_fwd(&mut xc, &pc, n, heads, hd, 10000.0);
+    e.g.rope_fwd(&mut xg, &pg, n, heads, hd, 10000.0);
+    r.check_prec(true, "bf16 rope_fwd", "x", &e.g.to_f32(&xg), &xc, None, TOL);
+    e.c.rope_bwd(&mut xc, &pc, n, heads, hd, 10000.0);
+    e.g.rope_bwd(&mut xg, &pg, n, heads, hd, 10000.0);
+    r.check_prec(true, "bf16 rope_bwd", "x", &e.g.to_f32(&xg), &xc, None, TOL);
+
+    // GEMMs on bf16 activations: the layer's shapes of use (bf16 x and outputs, f32 and bf16
+    // output gradients, f32 and bf16 dx).
+    use mor_engine::MatmulGrad;
+    let (n, k, ms) = (300usize, 192usize, [256usize, 64]);
+    let (xc, xg) = e.rnd_act(n * k, 1.0);
+    let ws: Vec<_> = ms.iter().map(|&m| e.rnd(m * k, 0.1)).collect();
+    let mut outs = vec![e.rnd_act(n * ms[0], 1.0), e.rnd(n * ms[1], 1.0)];
+    {
+        let mut items: Vec<_> = outs.iter_mut().zip(&ws).zip(ms).map(|((o, w), m)| (&mut o.1, &w.1, m)).collect();
+        e.g.matmul_fwd_many(&xg, n, k, &mut items);
+    }
+    for (i, &m) in ms.iter().enumerate() {
+        let mut oc = outs[i].0.clone();
+        e.c.matmul_fwd(&mut oc, &xc, &ws[i].0, n, k, m);
+        r.check_prec(true, "bf16 matmul_fwd_many (bf16 x)", &format!("out{i}"), &e.g.to_f32(&outs[i].1), &oc, None, TOL);
+    }
+    let douts = vec![e.rnd(n * ms[0], 1.0), e.rnd_act(n * ms[1], 1.0)];
+    for dx_act in [false, true] {
+        let (mut dxc, mut dxg) = e.rnd_as(dx_act, n * k, 1.0);
+        dxc[..n * k].fill(0.0);
+        let mut dws: Vec<_> = ms.iter().map(|&m| e.rnd(m * k, 1.0)).collect();
+        let dw0: Vec<Vec<f32>> = dws.iter().map(|d| d.0.clone()).collect();
+        {
+            let mut items: Vec<MatmulGrad<'_, G>> =
+                dws.iter_mut().zip(&douts).zip(&ws).zip(ms).map(|(((dw, dout), w), m)| MatmulGrad { dw: &mut dw.1, dout: &dout.1, w: &w.1, m }).collect();
+            e.g.matmul_bwd_many(Some(&mut dxg), true, &xg, n, k, &mut items);
+        }
+        let tag = format!("bf16 matmul_bwd_many (bf16 x, {} dx)", if dx_act { "bf16" } else { "f32" });
+        for (i, &m) in ms.iter().enumerate() {
+            e.c.matmul_bwd(Some(&mut dxc), &mut dws[i].0, &douts[i].0, &xc, &ws[i].0, n, k, m);
+            r.check_prec(true, &tag, &format!("dw{i}"), &e.g.to_f32(&dws[i].1), &dws[i].0, Some(&dw0[i]), TOL);
+        }
+        r.check_prec(true, &tag, "dx", &e.g.to_f32(&dxg), &dxc, None, TOL);
+    }
+
+    // The cached bf16 copy of a weight follows every change of the weight: a write, an AdamW step.
+    let (n, k, m) = (64usize, 128usize, 96usize);
+    let (xc, xg) = e.rnd_act(n * k, 1.0);
+    let (mut wc, mut wg) = e.rnd(m * k, 0.1);
+    let (mut oc, mut og) = e.rnd(n * m, 1.0);
+    e.g.matmul_fwd(&mut og, &xg, &wg, n, k, m);
+    let fresh = e.uniform(m * k, 0.1);
+    e.c.write_f32(&mut wc, &fresh);
+    e.g.write_f32(&mut wg, &fresh);
+    e.c.matmul_fwd(&mut oc, &xc, &wc, n, k, m);
+    e.g.matmul_fwd(&mut og, &xg, &wg, n, k, m);
+    r.check_prec(true, "bf16 weight copy after write_f32", "out", &e.g.to_f32(&og), &oc, None, TOL);
+    let (gc, gg) = e.rnd(m * k, 1.0);
+    let (mut mc, mut mg) = e.rnd(m * k, 0.0);
+    let (mut vc, mut vg) = e.rnd(m * k, 0.0);
+    e.c.adamw(&mut wc, &gc, &mut mc, &mut vc, m * k, 0.05, 0.9, 0.95, 1e-8, 0.1, 1);
+    e.g.adamw(&mut wg, &gg, &mut mg, &mut vg, m * k, 0.05, 0.9, 0.95, 1e-8, 0.1, 1);
+    e.c.matmul_fwd(&mut oc, &xc, &wc, n, k, m);
+    e.g.matmul_fwd(&mut og, &xg, &wg, n, k, m);
+    r.check_prec(true, "bf16 weight copy after adamw", "out", &e.g.to_f32(&og), &oc, None, TOL);
+
+    // Attention on bf16 activations: tensor-core kernels (hd 32/64) and, for other head dims,
+    // the exact kernels on widened copies.
+    for case in &attention_cases(&mut e.rng) {
+        attention_case(e, r, case, true, true);
+    }
+    e.g.set_matmul_precision(MatmulPrecision::F32);
 }
 
 // ---- determinism -----------------------------------------------------------------------------
@@ -860,8 +1033,7 @@ fn bench(g: &Cuda) {
     let ms = time_ms(g, 10, || g.embedding_bwd(&mut table, &x, &ids, n, d));
     println!("  embedding_bwd 16384 ids x 960, V 49152:         {:.3} ms", ms);
     let np = 360_000_000usize / 4;
-    let p = rnd(np, 1.0);
-    let mut pm = p.clone();
+    let mut pm = rnd(np, 1.0);
     let gr = rnd(np, 1.0);
     let mut m1 = g.zeros(np);
     let mut v1 = g.zeros(np);

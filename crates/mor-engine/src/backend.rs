@@ -97,6 +97,13 @@ pub trait Backend {
 
     // ---- memory ---------------------------------------------------------------------------
     fn zeros(&self, n: usize) -> Self::Buf;
+    /// A zeroed buffer for activations (layer outputs the model saves for the backward, and
+    /// their gradients). A backend may store it at lower precision (CUDA's bf16 mode: bf16); ops
+    /// that accept such buffers say so, the rest take [`Backend::zeros`] buffers. Parameters,
+    /// gradients, the residual stream and anything accumulated over many steps use `zeros`.
+    fn zeros_act(&self, n: usize) -> Self::Buf {
+        self.zeros(n)
+    }
     fn from_f32(&self, data: &[f32]) -> Self::Buf;
     fn to_f32(&self, buf: &Self::Buf) -> Vec<f32>;
     /// Read the first `n` values.

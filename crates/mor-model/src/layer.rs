@@ -44,7 +44,10 @@ impl Dims {
     }
 }
 
-/// Saved activations of one layer application, sized for `cap` tokens.
+/// Saved activations of one layer application, sized for `cap` tokens. The residual stream
+/// (`x`, `a`), row statistics and the key/value gradients (accumulated by every layer sharing
+/// them) are full-precision buffers; the rest are activation buffers ([`Backend::zeros_act`]:
+/// bf16 in CUDA's bf16 mode).
 pub struct LayerAct<B: Backend> {
     pub cap: usize,
     /// Whether `k`, `v`, `dk`, `dv` exist (false for an application that borrows them).
@@ -80,25 +83,26 @@ impl<B: Backend> LayerAct<B> {
             owns_kv,
             x: b.zeros(cap * d),
             rstd1: b.zeros(cap),
-            xn1: b.zeros(cap * d),
-            q: b.zeros(cap * qd),
-            k: b.zeros(cap * kvd),
-            v: b.zeros(cap * kvd),
-            att: b.zeros(cap * qd),
+            xn1: b.zeros_act(cap * d),
+            q: b.zeros_act(cap * qd),
+            k: b.zeros_act(cap * kvd),
+            v: b.zeros_act(cap * kvd),
+            att: b.zeros_act(cap * qd),
             lse: b.zeros(cap * dims.heads),
             a: b.zeros(cap * d),
             rstd2: b.zeros(cap),
-            xn2: b.zeros(cap * d),
-            gate: b.zeros(cap * f),
-            up: b.zeros(cap * f),
-            act: b.zeros(cap * f),
+            xn2: b.zeros_act(cap * d),
+            gate: b.zeros_act(cap * f),
+            up: b.zeros_act(cap * f),
+            act: b.zeros_act(cap * f),
             dk: b.zeros(cap * kvd),
             dv: b.zeros(cap * kvd),
         }
     }
 }
 
-/// Scratch gradient buffers shared by all layer backwards (sized for the largest token set).
+/// Scratch gradient buffers shared by all layer backwards (sized for the largest token set);
+/// `da` and `dxn` (residual-stream gradients) are full precision, the rest activation buffers.
 pub struct LayerScratch<B: Backend> {
     pub da: B::Buf,
     pub dact: B::Buf,
@@ -113,12 +117,12 @@ impl<B: Backend> LayerScratch<B> {
     pub fn new(b: &B, dims: &Dims, cap: usize) -> Self {
         LayerScratch {
             da: b.zeros(cap * dims.d),
-            dact: b.zeros(cap * dims.f),
-            dgate: b.zeros(cap * dims.f),
-            dup: b.zeros(cap * dims.f),
+            dact: b.zeros_act(cap * dims.f),
+            dgate: b.zeros_act(cap * dims.f),
+            dup: b.zeros_act(cap * dims.f),
             dxn: b.zeros(cap * dims.d),
-            datt: b.zeros(cap * dims.qd()),
-            dq: b.zeros(cap * dims.qd()),
+            datt: b.zeros_act(cap * dims.qd()),
+            dq: b.zeros_act(cap * dims.qd()),
         }
     }
 }

@@ -39,11 +39,37 @@ pub struct MemoryEstimate {
     pub head_chunk: usize,
     /// Tokens per micro-batch.
     pub tokens: usize,
+    /// Elements of `layer_activations` in activation buffers (`Backend::zeros_act`), which a
+    /// bf16 backend stores in 2 bytes instead of 4.
+    pub layer_act_buffers: usize,
+    /// Elements of `workspace_other` in activation buffers.
+    pub other_act_buffers: usize,
+}
+
+/// A share of a [`MemoryEstimate`], for [`MemoryEstimate::bytes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Total,
+    Activations,
+    LayerActivations,
+    WorkspaceOther,
 }
 
 impl MemoryEstimate {
-    /// Bytes per element (every buffer is f32).
+    /// Bytes per element of a full-precision buffer.
     pub const BYTES: usize = 4;
+
+    /// Bytes of a share with activation buffers stored in `act_bytes` bytes per element (4 on
+    /// the CPU and in CUDA's fp32 mode, 2 in its bf16 mode).
+    pub fn bytes(&self, part: Part, act_bytes: usize) -> usize {
+        let (elems, act) = match part {
+            Part::Total => (self.total(), self.layer_act_buffers + self.other_act_buffers),
+            Part::Activations => (self.activations(), self.layer_act_buffers + self.other_act_buffers),
+            Part::LayerActivations => (self.layer_activations, self.layer_act_buffers),
+            Part::WorkspaceOther => (self.workspace_other, self.other_act_buffers),
+        };
+        elems * Self::BYTES - act * (Self::BYTES - act_bytes)
+    }
 
     /// All activations and workspace buffers.
     pub fn activations(&self) -> usize {
@@ -87,14 +113,19 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
     // owns its keys/values: with KV sharing, recursions after the first borrow them); gate, up,
     // act (f); lse (heads); rstd1, rstd2.
     let per_app = 4 * d + 2 * qd + 3 * f + heads + 2;
+    // Of those, activation buffers: xn1, xn2, q, att, gate, up, act; and k, v.
+    let per_app_act = 2 * d + 2 * qd + 3 * f;
     let mut kv_rows: usize = app_rows.iter().sum();
     if cfg.kv_mode() == KvMode::Share && blocks_contiguous(&map) {
         kv_rows -= (1..map.num_recursions).flat_map(|r| map.step_positions(r)).map(|pos| app_rows[pos]).sum::<usize>();
     }
     let layer_rows: usize = app_rows.iter().sum();
     let layer_activations = layer_rows * per_app + kv_rows * 4 * kvd;
-    // LayerScratch: da, dxn (d); dact, dgate, dup (f); datt, dq (qd).
+    let layer_act_buffers = layer_rows * per_app_act + kv_rows * 2 * kvd;
+    // LayerScratch: da, dxn (d); dact, dgate, dup (f); datt, dq (qd); all but da, dxn are
+    // activation buffers.
     let scratch = n * (2 * d + 3 * f + 2 * qd);
+    let scratch_act = n * (3 * f + 2 * qd);
     // Residual buffers h, h1, tx, hn, dh, dhn, dtx, g1, g2; rstd; ce_all.
     let residual = n * (9 * d + 2);
     let vocab = cfg.vocab_size;
@@ -131,5 +162,7 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
         workspace_other: scratch + residual + head_chunk + steps + routers,
         head_chunk,
         tokens: n,
+        layer_act_buffers,
+        other_act_buffers: scratch_act,
     })
 }

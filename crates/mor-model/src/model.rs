@@ -538,6 +538,12 @@ impl<B: Backend> Model<B> {
         out
     }
 
+    /// Free the workspace; the next forward makes it again (after a change of the backend's
+    /// precision, whose activation buffers then get the new element type).
+    pub fn free_workspace(&mut self) {
+        self.ws = None;
+    }
+
     /// Elements held by the workspace buffers (activations, scratch, head chunk) right now; 0
     /// before the first forward. Checked against [`crate::memory::estimate`].
     pub fn workspace_elems(&self, b: &B) -> usize {

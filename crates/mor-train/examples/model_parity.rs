@@ -24,8 +24,8 @@
 //!
 //! `--bf16` runs the bf16 GEMM path (`GemmPrecision::Bf16`) against the fp32 CPU reference. Its bar
 //! is a smoke test against layout and precision-plumbing bugs (those give errors of order 1), not
-//! an accuracy claim: loss and gradient norm within 1e-2, gradients within 0.2 norm-wise, loss after
-//! the step within 0.1. A case whose selections differ there (near-ties under bf16 rounding) is
+//! an accuracy claim: loss within 1e-2, gradient norm within 5e-2 (bf16 activations: the 2-layer
+//! `test:` models reach 2.5e-2), gradients within 0.2 norm-wise, loss after the step within 0.1. A case whose selections differ there (near-ties under bf16 rounding) is
 //! reported and not compared further. Exits non-zero if any check fails.
 
 #[path = "../../mor-model/tests/common/mod.rs"]
@@ -117,15 +117,17 @@ fn cases() -> Vec<Case> {
 
 /// Pass thresholds; see the module docs.
 struct Tol {
+    /// Loss, cross-entropy, aux losses.
     scalar: f64,
+    grad_norm: f64,
     grad_norm_wise: f64,
     /// `None`: element-wise errors are reported only.
     grad_elem: Option<f64>,
     after_step: f64,
 }
 
-const TOL_F32: Tol = Tol { scalar: 1e-4, grad_norm_wise: 1e-4, grad_elem: Some(2e-4), after_step: 1e-3 };
-const TOL_BF16: Tol = Tol { scalar: 1e-2, grad_norm_wise: 0.2, grad_elem: None, after_step: 0.1 };
+const TOL_F32: Tol = Tol { scalar: 1e-4, grad_norm: 1e-4, grad_norm_wise: 1e-4, grad_elem: Some(2e-4), after_step: 1e-3 };
+const TOL_BF16: Tol = Tol { scalar: 1e-2, grad_norm: 5e-2, grad_norm_wise: 0.2, grad_elem: None, after_step: 0.1 };
 
 struct Outcome {
     ok: bool,
@@ -225,7 +227,7 @@ fn run_case(c: &Cpu<f32>, g: &Cuda, case: &Case, t: &Tol, bf16: bool) -> Outcome
     mc.after_optimizer_step();
     mg.after_optimizer_step();
     let gn_err = scalar_err(gn.1, gn.0);
-    if !(gn_err <= tol) {
+    if !(gn_err <= t.grad_norm) {
         failures.push(format!("{}: grad norm err {gn_err:.3e}", case.name));
     }
     let sc2 = mc.forward(c, &batch, Routing::TopK, false, 1.0).expect("cpu forward 2");
@@ -272,10 +274,11 @@ fn main() {
     let c = Cpu::<f32>::new();
     let tol = if bf16 { &TOL_BF16 } else { &TOL_F32 };
     println!(
-        "whole-model parity, Cuda ({}, GEMMs {:?}) vs Cpu<f32>; pass: scalars {:.0e}, gradients {:.0e} norm-wise{}, loss after one step {:.0e} (backend ready in {:.2}s)",
+        "whole-model parity, Cuda ({}, GEMMs {:?}) vs Cpu<f32>; pass: losses {:.0e}, gradient norm {:.0e}, gradients {:.0e} norm-wise{}, loss after one step {:.0e} (backend ready in {:.2}s)",
         g.device_name(),
         opts.gemm,
         tol.scalar,
+        tol.grad_norm,
         tol.grad_norm_wise,
         tol.grad_elem.map_or(String::new(), |e| format!(" and {e:.0e} element-wise")),
         tol.after_step,

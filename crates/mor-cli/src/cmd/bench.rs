@@ -223,6 +223,8 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
             Gemm::Bf16 => MatmulPrecision::Bf16,
         };
         ensure!(b.set_matmul_precision(prec), "the {} backend has no {prec:?} GEMMs", b.name());
+        // Activation buffers take the precision's element type when they are made.
+        model.free_workspace();
         let mut times = Vec::new();
         let mut losses = Vec::new();
         for i in 0..args.warmup + args.steps {
@@ -258,7 +260,7 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
         let mfu = achieved / (args.peak_tflops * 1e12);
         let gib = |x: usize| x as f64 / (1u64 << 30) as f64;
         let est = mor_model::memory::estimate(&cfg.model, bsz, len, head_chunk)?;
-        let est_bytes = est.total() * mor_model::MemoryEstimate::BYTES;
+        let est_bytes = est.bytes(mor_model::memory::Part::Total, if gemm == Gemm::Bf16 { 2 } else { 4 });
         let gemm_name = format!("{gemm:?}").to_lowercase();
         let mut text = format!(
             "{label} on {} ({gemm_name} GEMMs): {bsz} x {len} tokens, median step {:.1} ms (min {:.1}, max {:.1}) over {} steps\n  \

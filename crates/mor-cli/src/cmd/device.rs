@@ -18,7 +18,8 @@ pub enum Gemm {
     /// fp32 SGEMM (the parity reference).
     #[default]
     F32,
-    /// bf16 operands, fp32 accumulation and output (fp32 master weights).
+    /// bf16 GEMM and attention operands with fp32 accumulation, bf16 activation buffers; fp32
+    /// master weights, gradients, optimizer state and residual stream.
     Bf16,
 }
 

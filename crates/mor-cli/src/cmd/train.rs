@@ -147,7 +147,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     cfg.validate().with_context(|| format!("invalid config `{}`", args.config))?;
     if args.dry_run {
-        return super::print(&dry_run_report(&cfg, args.device)?);
+        return super::print(&dry_run_report(&cfg, args.device, args.gemm)?);
     }
     device::check(args.device)?;
     let spec = args.data.clone().or_else(|| cfg.data.train.clone()).unwrap_or_else(|| "synthetic".into());
@@ -307,39 +307,45 @@ pub fn gib(bytes: f64) -> String {
 }
 
 /// The `--dry-run` report: memory of parameters, gradients, AdamW state and the activations of
-/// one micro-batch (see `mor_model::memory`), all f32.
-pub fn dry_run_report(cfg: &mor_config::RunConfig, device: Device) -> Result<String> {
+/// one micro-batch (see `mor_model::memory`); with bf16 GEMMs on CUDA the activation buffers are
+/// bf16, everything else f32.
+pub fn dry_run_report(cfg: &mor_config::RunConfig, device: Device, gemm: Gemm) -> Result<String> {
+    use mor_model::memory::Part;
     let t = &cfg.train;
     let est = mor_model::memory::estimate(&cfg.model, t.micro_batch, t.seq_len, mor_model::DEFAULT_HEAD_CHUNK_ELEMS)?;
     let counts = cfg.model.param_counts()?;
     let map = cfg.model.sharing_map()?;
+    let act_bytes = if device == Device::Cuda && gemm == Gemm::Bf16 { 2 } else { 4 };
     let b = mor_model::MemoryEstimate::BYTES as f64;
-    let row = |what: &str, elems: usize, note: String| format!("  {what:<22} {:>12}  {:>10}  {note}\n", super::si(elems as f64), gib(elems as f64 * b));
+    let row = |what: &str, elems: usize, bytes: usize, note: String| format!("  {what:<22} {:>12}  {:>10}  {note}\n", super::si(elems as f64), gib(bytes as f64));
     let mut text = format!(
-        "{} (dry run, {:?}): micro-batch {} x {} = {} tokens, grad_accum {}, all buffers f32\n",
+        "{} (dry run, {:?}): micro-batch {} x {} = {} tokens, grad_accum {}, {}\n",
         if cfg.name.is_empty() { "run" } else { cfg.name.as_str() },
         device,
         t.micro_batch,
         t.seq_len,
         super::thousands(est.tokens as u64),
-        t.grad_accum
+        t.grad_accum,
+        if act_bytes == 2 { "activations bf16, everything else f32" } else { "all buffers f32" }
     );
     text.push_str(&format!("  {:<22} {:>12}  {:>10}\n", "", "elements", "memory"));
-    text.push_str(&row("parameters", est.params, format!("{} non-embedding", super::si(counts.non_embedding as f64))));
-    text.push_str(&row("gradients", est.grads, String::new()));
-    text.push_str(&row("optimizer (AdamW m, v)", est.optimizer, String::new()));
+    let full = |elems: usize| (elems as f64 * b) as usize;
+    text.push_str(&row("parameters", est.params, full(est.params), format!("{} non-embedding", super::si(counts.non_embedding as f64))));
+    text.push_str(&row("gradients", est.grads, full(est.grads), String::new()));
+    text.push_str(&row("optimizer (AdamW m, v)", est.optimizer, full(est.optimizer), String::new()));
     text.push_str(&row(
         "activations",
         est.activations(),
+        est.bytes(Part::Activations, act_bytes),
         format!(
             "{} layer applications on {} token rows in all: {}; scratch, residual, router and LM-head chunk: {}",
             map.num_layers,
             super::thousands(est.layer_rows as u64),
-            gib(est.layer_activations as f64 * b),
-            gib(est.workspace_other as f64 * b)
+            gib(est.bytes(Part::LayerActivations, act_bytes) as f64),
+            gib(est.bytes(Part::WorkspaceOther, act_bytes) as f64)
         ),
     ));
-    text.push_str(&row("peak (estimate)", est.total(), "everything above is resident during a step".into()));
+    text.push_str(&row("peak (estimate)", est.total(), est.bytes(Part::Total, act_bytes), "everything above is resident during a step".into()));
     if device == Device::Cuda {
         text.push_str("  not included: the CUDA context (~0.5 GiB), index buffers and backend scratch (attention statistics, sort buffers, bf16 GEMM operand copies)\n");
     }

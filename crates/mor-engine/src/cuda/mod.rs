@@ -1,4 +1,4 @@
-//! CUDA backend (feature `cuda`): one device, one stream, f32 buffers.
+//! CUDA backend (feature `cuda`): one device, one stream, f32 and bf16 buffers.
 //!
 //! * Libraries are loaded at run time (cudarc with `fallback-dynamic-loading`), so building needs
 //!   no CUDA installation; running needs the driver, cuBLAS and NVRTC 13.0 on `LD_LIBRARY_PATH`
@@ -9,10 +9,17 @@
 //! * Two precisions ([`Backend::set_matmul_precision`], `MOR_GEMM=bf16`): fp32 mode is the parity
 //!   reference (cuBLAS SGEMM, default math mode: no TF32 unless `NVIDIA_TF32_OVERRIDE` says so;
 //!   the exact attention kernels of `kernels/attention.cu`); bf16 mode rounds GEMM operands to
-//!   bf16 (tensor-core `cublasGemmEx`, fp32 accumulation and output) and runs attention with head
-//!   dim 32/64 on the tensor-core kernels of `kernels/flash_attention.cu`. Buffers, parameters,
-//!   gradients and optimizer state are f32 in both. The row-major `[out, in]` weight layout is
+//!   bf16 (tensor-core `cublasGemmEx`, fp32 accumulation) and runs attention with head dim 32/64
+//!   on the tensor-core kernels of `kernels/flash_attention.cu`. Parameters, gradients, optimizer
+//!   state and the residual stream are f32 in both. The row-major `[out, in]` weight layout is
 //!   mapped onto column-major calls.
+//! * Element types ([`CudaBuf`], [`Dtype`]): [`Backend::zeros`] makes f32 buffers;
+//!   [`Backend::zeros_act`] makes bf16 ones in bf16 mode (f32 in fp32 mode), for the activations
+//!   the model saves and their gradients. GEMMs take either for `x`, `dout`, `out` and `dx`
+//!   (a bf16 operand needs no conversion pass, a bf16 output is written by cuBLAS directly) and
+//!   round an f32 weight once per change of its contents (a copy kept with the buffer); the
+//!   attention kernels, RMSNorm's output, RoPE, SwiGLU, `fill` and `copy` (converting) have bf16
+//!   variants. Every other op takes f32 buffers only and says so when given a bf16 one.
 //! * Every reduction has a fixed order that depends only on the shapes, so results are
 //!   reproducible run to run: scatters with repeated destination rows (embedding backward,
 //!   `scatter_add_rows`, `scatter_rows`) group their sources with a stable counting sort on the
@@ -23,10 +30,6 @@
 //!
 //! Layout conventions are those of the CPU reference ([`crate::cpu`]): `lse` of the attention is
 //! `[nq, heads]`, `+inf` for a query with no visible key.
-//!
-//! Activations are still f32 in bf16 mode (the GEMMs convert their operands); the activation
-//! kernels are templates over the element type (see `kernels/common.cuh`) so bf16 variants can be
-//! instantiated next to the f32 ones when activations move to bf16.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -34,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     result as drv_result, sys as drv_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr,
     DevicePtrMut, LaunchConfig, PushKernelArg,
@@ -66,6 +69,13 @@ const KERNELS: &[&str] = &[
     "sumsq_partial_f32",
     "sumsq_final",
     "f32_to_bf16",
+    "bf16_to_f32",
+    "fill_bf16",
+    "swiglu_fwd_bf16",
+    "swiglu_bwd_bf16",
+    "rmsnorm_fwd_to_bf16",
+    "rope_bf16",
+    "attn_delta_bf16",
     "bce_fwd_f32",
     "bce_bwd_f32",
     "adamw_f32",
@@ -274,18 +284,99 @@ enum Slot {
     AttDelta,
     /// Per-tile position ranges of the streamed side (flash attention).
     AttRange,
-    /// bf16 copies of q, k, v, dout (flash attention).
+    /// bf16 copies of f32 q, k, v, dout (flash attention), or f32 copies of bf16 ones (exact
+    /// kernels).
     AttQ16,
     AttK16,
     AttV16,
     AttG16,
+    /// Attention output copy (bf16 for the flash backward, f32 for the exact kernels), and f32
+    /// views of bf16 gradients for the exact kernels.
+    AttO,
+    AttDq,
+    AttDk,
+    AttDv,
     Topk,
-    /// bf16 copies of GEMM operands (bf16 GEMM path).
-    BfA,
+    /// bf16 copies of f32 GEMM operands (bf16 GEMM path).
     BfB,
     BfC,
 }
-const NUM_SLOTS: usize = 19;
+const NUM_SLOTS: usize = 22;
+
+/// Element type of a [`CudaBuf`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    /// bfloat16 (round to nearest even on every store): activations of the bf16 mode.
+    Bf16,
+}
+
+impl Dtype {
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 => 2,
+        }
+    }
+}
+
+/// A float buffer on the device: f32, or bf16 for the activations of the bf16 mode
+/// ([`Backend::zeros_act`]). Ops read and write either where they have kernels for it; see the
+/// module documentation.
+pub struct CudaBuf {
+    mem: CudaSlice<u8>,
+    len: usize,
+    dtype: Dtype,
+    /// Incremented by every mutable access, so a cached copy knows when it went stale.
+    version: u64,
+    /// bf16 copy of this (f32) buffer as a GEMM weight operand in bf16 mode, made from `version`:
+    /// weights change once per optimizer step but feed many GEMMs.
+    bf16_copy: Mutex<Option<(u64, CudaSlice<u8>)>>,
+}
+
+impl CudaBuf {
+    /// Elements (not bytes).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn is_bf16(&self) -> bool {
+        self.dtype == Dtype::Bf16
+    }
+}
+
+/// Device memory an op reads or writes through a raw pointer.
+trait DevMem {
+    fn ptr(&self, s: &Arc<CudaStream>) -> u64;
+    fn ptr_mut(&mut self, s: &Arc<CudaStream>) -> u64;
+}
+
+impl<T> DevMem for CudaSlice<T> {
+    fn ptr(&self, s: &Arc<CudaStream>) -> u64 {
+        self.device_ptr(s).0
+    }
+    fn ptr_mut(&mut self, s: &Arc<CudaStream>) -> u64 {
+        self.device_ptr_mut(s).0
+    }
+}
+
+impl DevMem for CudaBuf {
+    fn ptr(&self, s: &Arc<CudaStream>) -> u64 {
+        self.mem.device_ptr(s).0
+    }
+    fn ptr_mut(&mut self, s: &Arc<CudaStream>) -> u64 {
+        self.version += 1;
+        self.mem.device_ptr_mut(s).0
+    }
+}
 
 /// Input precision of the GEMMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -487,6 +578,12 @@ impl Cuda {
         self.gemm_bf16.load(Ordering::Relaxed)
     }
 
+    /// Whether a GEMM takes the bf16 path: bf16 mode, or a bf16 operand (a buffer made in bf16
+    /// mode and used after switching to fp32).
+    fn bf16_gemm(&self, bufs: &[&CudaBuf]) -> bool {
+        self.bf16() || bufs.iter().any(|b| b.is_bf16())
+    }
+
     /// `(free, total)` device memory in bytes (`cuMemGetInfo`).
     pub fn mem_get_info(&self) -> (usize, usize) {
         self.ctx.mem_get_info().unwrap_or((0, 0))
@@ -505,6 +602,43 @@ impl Cuda {
         Some(ProfGuard { cuda: self, name, t0: Instant::now() })
     }
 
+    /// A zeroed buffer of `n` elements.
+    fn alloc(&self, n: usize, dtype: Dtype) -> CudaBuf {
+        let mem = if n == 0 {
+            self.stream.null().expect("cuda: alloc failed")
+        } else {
+            self.stream
+                .alloc_zeros(n * dtype.size())
+                .unwrap_or_else(|e| panic!("cuda: alloc of {n} {dtype:?} values failed: {e:?}"))
+        };
+        CudaBuf { mem, len: n, dtype, version: 0, bf16_copy: Mutex::new(None) }
+    }
+
+    /// Element type of activation buffers ([`Backend::zeros_act`]) in the current mode.
+    fn act_dtype(&self) -> Dtype {
+        if self.bf16() {
+            Dtype::Bf16
+        } else {
+            Dtype::F32
+        }
+    }
+
+    /// Ops without a bf16 kernel take f32 buffers only; the model gives them f32 ones.
+    fn f32_only(op: &str, bufs: &[(&str, &CudaBuf)]) {
+        for (name, b) in bufs {
+            assert!(!b.is_bf16(), "cuda: {op} takes f32 buffers only, `{name}` is bf16");
+        }
+    }
+
+    /// Kernel name `<base>_f32` or `<base>_bf16` for buffers of one element type.
+    fn typed(op: &str, bufs: &[(&str, &CudaBuf)]) -> String {
+        let dt = bufs[0].1.dtype;
+        for (name, b) in bufs {
+            assert!(b.dtype == dt, "cuda: {op} needs one element type, `{}` is {dt:?} but `{name}` is {:?}", bufs[0].0, b.dtype);
+        }
+        format!("{op}_{}", if dt == Dtype::Bf16 { "bf16" } else { "f32" })
+    }
+
     /// bf16 copy of the first `n` values of `src` in scratch `slot`; returns its device pointer.
     fn to_bf16(&self, slot: Slot, src: u64, n: usize) -> u64 {
         let dst = self.scratch(slot, n * 2);
@@ -512,8 +646,65 @@ impl Cuda {
         dst
     }
 
+    /// Device pointer to the first `n` values of `b` as bf16: `b` itself when it is bf16, else a
+    /// copy rounded into scratch `slot`.
+    fn bf16_operand(&self, slot: Slot, b: &CudaBuf, n: usize) -> u64 {
+        match b.dtype {
+            Dtype::Bf16 => self.p(b),
+            Dtype::F32 => self.to_bf16(slot, self.p(b), n),
+        }
+    }
+
+    /// bf16 operand of a GEMM weight: an f32 weight is rounded once per change of its contents
+    /// (the copy is kept with the buffer, see [`CudaBuf`]).
+    fn weight_bf16(&self, w: &CudaBuf) -> u64 {
+        if w.is_bf16() || w.is_empty() {
+            return self.p(w);
+        }
+        let mut cache = w.bf16_copy.lock().unwrap();
+        if cache.as_ref().is_none_or(|(v, _)| *v != w.version) {
+            let mut copy = match cache.take() {
+                Some((_, c)) => c,
+                None => unsafe { self.stream.alloc::<u8>(w.len * 2) }.expect("cuda: alloc of a bf16 weight copy failed"),
+            };
+            let dst = self.pm(&mut copy);
+            launch!(self, "f32_to_bf16", self.ew(w.len), [self.p(w), dst, w.len as i64]);
+            *cache = Some((w.version, copy));
+        }
+        self.p(&cache.as_ref().unwrap().1)
+    }
+
+    /// Device pointer to the first `n` values of `b` as f32 (for the exact kernels): `b` itself,
+    /// or for a bf16 buffer a widened copy in scratch `slot`.
+    fn f32_operand(&self, slot: Slot, b: &CudaBuf, n: usize) -> u64 {
+        match b.dtype {
+            Dtype::F32 => self.p(b),
+            Dtype::Bf16 => {
+                let dst = self.scratch(slot, n * 4);
+                launch!(self, "bf16_to_f32", self.ew(n), [self.p(b), dst, n as i64]);
+                dst
+            }
+        }
+    }
+
+    /// Mutable f32 view of an output for the exact kernels: `b` itself, or a widened copy of a
+    /// bf16 `b` in scratch `slot` that [`Cuda::f32_output_done`] rounds back.
+    fn f32_output(&self, slot: Slot, b: &mut CudaBuf, n: usize) -> u64 {
+        match b.dtype {
+            Dtype::F32 => self.pm(b),
+            Dtype::Bf16 => self.f32_operand(slot, b, n),
+        }
+    }
+
+    fn f32_output_done(&self, view: u64, b: &mut CudaBuf, n: usize) {
+        if b.is_bf16() {
+            let dst = self.pm(b);
+            launch!(self, "f32_to_bf16", self.ew(n), [view, dst, n as i64]);
+        }
+    }
+
     /// Column-major `C[m, n] = alpha·op(A)·op(B) + beta·C` with bf16 A and B (device pointers of
-    /// bf16 data), fp32 C, fp32 accumulation.
+    /// bf16 data), C of type `c_type` (f32 or bf16), fp32 accumulation.
     #[allow(clippy::too_many_arguments)]
     fn gemm_bf16(
         &self,
@@ -528,10 +719,12 @@ impl Cuda {
         ldb: usize,
         beta: f32,
         c: u64,
+        c_type: Dtype,
         ldc: usize,
     ) {
         let alpha = 1.0f32;
         use blas_sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
+        let c_type = if c_type == Dtype::Bf16 { CUDA_R_16BF } else { CUDA_R_32F };
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 *self.blas.handle(),
@@ -549,13 +742,52 @@ impl Cuda {
                 ldb as i32,
                 &beta as *const f32 as *const std::ffi::c_void,
                 c as *mut std::ffi::c_void,
-                CUDA_R_32F,
+                c_type,
                 ldc as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
             )
         }
         .unwrap_or_else(|e| panic!("cublasGemmEx (bf16) failed: {e:?}"));
+    }
+
+    /// Column-major `C[m, n] = op(A)·op(B) + beta·C`, all f32 (cuBLAS SGEMM, the parity path).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_f32(
+        &self,
+        transa: blas_sys::cublasOperation_t,
+        transb: blas_sys::cublasOperation_t,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+    ) {
+        let alpha = 1.0f32;
+        unsafe {
+            cudarc::cublas::result::sgemm(
+                *self.blas.handle(),
+                transa,
+                transb,
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha,
+                a as *const f32,
+                lda as i32,
+                b as *const f32,
+                ldb as i32,
+                &beta,
+                c as *mut f32,
+                ldc as i32,
+            )
+        }
+        .unwrap_or_else(|e| panic!("cuBLAS sgemm failed: {e:?}"));
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -592,14 +824,14 @@ impl Cuda {
         self.funcs.get(name).unwrap_or_else(|| panic!("cuda: kernel {name} not loaded"))
     }
 
-    fn p<T>(&self, b: &CudaSlice<T>) -> u64 {
-        let (p, _) = b.device_ptr(&self.stream);
-        p
+    /// Device pointer for reading.
+    fn p<M: DevMem>(&self, b: &M) -> u64 {
+        b.ptr(&self.stream)
     }
 
-    fn pm<T>(&self, b: &mut CudaSlice<T>) -> u64 {
-        let (p, _) = b.device_ptr_mut(&self.stream);
-        p
+    /// Device pointer for writing (a [`CudaBuf`] counts it as a change of its contents).
+    fn pm<M: DevMem>(&self, b: &mut M) -> u64 {
+        b.ptr_mut(&self.stream)
     }
 
     /// Device pointer to at least `bytes` of scratch in `slot` (contents unspecified).
@@ -631,7 +863,7 @@ impl Cuda {
     /// (see `group_*` in kernels/rows.cu). mode 0: add; 1: add `scale[i]` times; 2: replace
     /// (last source wins).
     #[allow(clippy::too_many_arguments)]
-    fn grouped_scatter(&self, dst: &mut CudaSlice<f32>, src: u64, scale: u64, idx: &CudaSlice<u32>, m: usize, d: usize, mode: i32) {
+    fn grouped_scatter(&self, dst: &mut CudaBuf, src: u64, scale: u64, idx: &CudaSlice<u32>, m: usize, d: usize, mode: i32) {
         if m == 0 || d == 0 {
             return;
         }
@@ -659,15 +891,17 @@ impl Cuda {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn swiglu_bwd_impl(&self, dgate: &mut CudaSlice<f32>, dup: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, n: usize, acc: bool) {
+    fn swiglu_bwd_impl(&self, dgate: &mut CudaBuf, dup: &mut CudaBuf, dout: &CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize, acc: bool) {
         if n == 0 {
             return;
         }
         for (name, len) in [("dgate", dgate.len()), ("dup", dup.len()), ("dout", dout.len()), ("gate", gate.len()), ("up", up.len())] {
             check_len(name, len, n);
         }
+        let bufs = [("dgate", &*dgate), ("dup", &*dup), ("dout", dout), ("gate", gate), ("up", up)];
+        let name = Self::typed("swiglu_bwd", &bufs);
         let (dgp, dup_, op, gp, upp) = (self.pm(dgate), self.pm(dup), self.p(dout), self.p(gate), self.p(up));
-        launch!(self, "swiglu_bwd_f32", self.ew(n), [dgp, dup_, op, gp, upp, acc as i32, n as i64]);
+        launch!(self, &name, self.ew(n), [dgp, dup_, op, gp, upp, acc as i32, n as i64]);
     }
 
     /// Tile table of an attention pass over the segments of `cu` (see kernels/attention.cu);
@@ -748,7 +982,7 @@ impl Cuda {
 }
 
 impl Backend for Cuda {
-    type Buf = CudaSlice<f32>;
+    type Buf = CudaBuf;
     type Idx = CudaSlice<u32>;
 
     fn name(&self) -> &'static str {
@@ -783,39 +1017,55 @@ impl Backend for Cuda {
     }
 
     // ---- memory ---------------------------------------------------------------------------
-    fn zeros(&self, n: usize) -> CudaSlice<f32> {
+    fn zeros(&self, n: usize) -> CudaBuf {
         let _p = self.prof("zeros");
-        if n == 0 {
-            return self.stream.null().expect("cuda: alloc failed");
-        }
-        self.stream.alloc_zeros(n).unwrap_or_else(|e| panic!("cuda: alloc of {n} floats failed: {e:?}"))
+        self.alloc(n, Dtype::F32)
     }
 
-    fn from_f32(&self, data: &[f32]) -> CudaSlice<f32> {
+    /// bf16 in bf16 mode, f32 in fp32 mode (the parity reference).
+    fn zeros_act(&self, n: usize) -> CudaBuf {
+        let _p = self.prof("zeros");
+        self.alloc(n, self.act_dtype())
+    }
+
+    fn from_f32(&self, data: &[f32]) -> CudaBuf {
         let _p = self.prof("from_f32");
-        if data.is_empty() {
-            return self.zeros(0);
-        }
-        self.stream.clone_htod(data).expect("cuda: host-to-device copy failed")
+        let mut b = self.alloc(data.len(), Dtype::F32);
+        self.write_f32(&mut b, data);
+        b
     }
 
-    fn to_f32(&self, buf: &CudaSlice<f32>) -> Vec<f32> {
+    fn to_f32(&self, buf: &CudaBuf) -> Vec<f32> {
         let _p = self.prof("to_f32");
         self.to_f32_prefix(buf, buf.len())
     }
 
-    fn to_f32_prefix(&self, buf: &CudaSlice<f32>, n: usize) -> Vec<f32> {
+    fn to_f32_prefix(&self, buf: &CudaBuf, n: usize) -> Vec<f32> {
         let _p = self.prof("to_f32_prefix");
         check_len("buffer", buf.len(), n);
         if n == 0 {
             return Vec::new();
         }
-        let v = self.stream.clone_dtoh(&buf.slice(..n)).expect("cuda: device-to-host copy failed");
-        self.synchronize();
+        let src = self.p(buf);
+        let cs = self.stream.cu_stream();
+        let v = match buf.dtype {
+            Dtype::F32 => {
+                let mut v = vec![0.0f32; n];
+                unsafe { drv_result::memcpy_dtoh_async(&mut v[..], src, cs) }.expect("cuda: device-to-host copy failed");
+                self.synchronize();
+                v
+            }
+            Dtype::Bf16 => {
+                let mut v = vec![half::bf16::ZERO; n];
+                unsafe { drv_result::memcpy_dtoh_async(&mut v[..], src, cs) }.expect("cuda: device-to-host copy failed");
+                self.synchronize();
+                v.into_iter().map(f32::from).collect()
+            }
+        };
         v
     }
 
-    fn len(&self, buf: &CudaSlice<f32>) -> usize {
+    fn len(&self, buf: &CudaBuf) -> usize {
         buf.len()
     }
 
@@ -846,43 +1096,61 @@ impl Backend for Cuda {
         self.stream.memcpy_htod(data, &mut idx.slice_mut(..data.len())).expect("cuda: host-to-device copy failed");
     }
 
-    fn write_f32(&self, buf: &mut CudaSlice<f32>, data: &[f32]) {
+    fn write_f32(&self, buf: &mut CudaBuf, data: &[f32]) {
         let _p = self.prof("write_f32");
         check_len("buffer", buf.len(), data.len());
         if data.is_empty() {
             return;
         }
-        self.stream.memcpy_htod(data, &mut buf.slice_mut(..data.len())).expect("cuda: host-to-device copy failed");
+        let dst = self.pm(buf);
+        let cs = self.stream.cu_stream();
+        // Pageable host memory: the call returns once `data` (or its conversion) has been staged.
+        match buf.dtype {
+            Dtype::F32 => unsafe { drv_result::memcpy_htod_async(dst, data, cs) },
+            Dtype::Bf16 => {
+                let h: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                unsafe { drv_result::memcpy_htod_async(dst, &h[..], cs) }
+            }
+        }
+        .expect("cuda: host-to-device copy failed");
     }
 
-    fn fill(&self, buf: &mut CudaSlice<f32>, n: usize, value: f32) {
+    fn fill(&self, buf: &mut CudaBuf, n: usize, value: f32) {
         let _p = self.prof("fill");
         check_len("buffer", buf.len(), n);
         if n == 0 {
             return;
         }
+        let p = self.pm(buf);
         if value.to_bits() == 0 {
-            let p = self.pm(buf);
-            self.memset0(p, n * 4);
+            self.memset0(p, n * buf.dtype.size());
         } else {
-            let p = self.pm(buf);
-            launch!(self, "fill_f32", self.ew(n), [p, n as i64, value]);
+            let name = if buf.is_bf16() { "fill_bf16" } else { "fill_f32" };
+            launch!(self, name, self.ew(n), [p, n as i64, value]);
         }
     }
 
-    fn copy(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, n: usize) {
+    /// Converts when the element types differ.
+    fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf, n: usize) {
         let _p = self.prof("copy");
         check_len("dst", dst.len(), n);
         check_len("src", src.len(), n);
         if n == 0 {
             return;
         }
-        self.stream.memcpy_dtod(&src.slice(..n), &mut dst.slice_mut(..n)).expect("cuda: device copy failed");
+        let (dp, sp) = (self.pm(dst), self.p(src));
+        match (src.dtype, dst.dtype) {
+            (a, b) if a == b => unsafe { drv_result::memcpy_dtod_async(dp, sp, n * a.size(), self.stream.cu_stream()) }
+                .expect("cuda: device copy failed"),
+            (Dtype::F32, _) => launch!(self, "f32_to_bf16", self.ew(n), [sp, dp, n as i64]),
+            (Dtype::Bf16, _) => launch!(self, "bf16_to_f32", self.ew(n), [sp, dp, n as i64]),
+        }
     }
 
     // ---- elementwise ----------------------------------------------------------------------
-    fn axpy(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>, alpha: f32, n: usize) {
+    fn axpy(&self, y: &mut CudaBuf, x: &CudaBuf, alpha: f32, n: usize) {
         let _p = self.prof("axpy");
+        Self::f32_only("axpy", &[("y", y), ("x", x)]);
         check_len("y", y.len(), n);
         check_len("x", x.len(), n);
         if n == 0 {
@@ -892,8 +1160,9 @@ impl Backend for Cuda {
         launch!(self, "axpy_f32", self.ew(n), [yp, xp, alpha, n as i64]);
     }
 
-    fn scale(&self, x: &mut CudaSlice<f32>, alpha: f32, n: usize) {
+    fn scale(&self, x: &mut CudaBuf, alpha: f32, n: usize) {
         let _p = self.prof("scale");
+        Self::f32_only("scale", &[("x", x)]);
         check_len("x", x.len(), n);
         if n == 0 {
             return;
@@ -902,8 +1171,9 @@ impl Backend for Cuda {
         launch!(self, "scale_f32", self.ew(n), [xp, alpha, n as i64]);
     }
 
-    fn sum_squares(&self, x: &CudaSlice<f32>, n: usize) -> f64 {
+    fn sum_squares(&self, x: &CudaBuf, n: usize) -> f64 {
         let _p = self.prof("sum_squares");
+        Self::f32_only("sum_squares", &[("x", x)]);
         check_len("x", x.len(), n);
         if n == 0 {
             return 0.0;
@@ -921,7 +1191,7 @@ impl Backend for Cuda {
         r[0]
     }
 
-    fn sum_squares_many(&self, xs: &[(&CudaSlice<f32>, usize)]) -> Vec<f64> {
+    fn sum_squares_many(&self, xs: &[(&CudaBuf, usize)]) -> Vec<f64> {
         let _p = self.prof("sum_squares");
         if xs.is_empty() {
             return Vec::new();
@@ -932,6 +1202,7 @@ impl Backend for Cuda {
         self.memset0(out, xs.len() * 8);
         for (i, &(x, n)) in xs.iter().enumerate() {
             check_len("x", x.len(), n);
+            Self::f32_only("sum_squares", &[("x", x)]);
             if n == 0 {
                 continue;
             }
@@ -949,18 +1220,20 @@ impl Backend for Cuda {
     }
 
     // ---- embedding ------------------------------------------------------------------------
-    fn embedding_fwd(&self, out: &mut CudaSlice<f32>, table: &CudaSlice<f32>, ids: &CudaSlice<u32>, n: usize, d: usize) {
+    fn embedding_fwd(&self, out: &mut CudaBuf, table: &CudaBuf, ids: &CudaSlice<u32>, n: usize, d: usize) {
         let _p = self.prof("embedding_fwd");
+        Self::f32_only("embedding_fwd", &[("out", out), ("table", table)]);
         self.gather_rows(out, table, ids, n, d);
     }
 
-    fn embedding_bwd(&self, dtable: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, ids: &CudaSlice<u32>, n: usize, d: usize) {
+    fn embedding_bwd(&self, dtable: &mut CudaBuf, dout: &CudaBuf, ids: &CudaSlice<u32>, n: usize, d: usize) {
         let _p = self.prof("embedding_bwd");
+        Self::f32_only("embedding_bwd", &[("dtable", dtable), ("dout", dout)]);
         self.scatter_add_rows(dtable, dout, ids, n, d);
     }
 
     // ---- linear ---------------------------------------------------------------------------
-    fn matmul_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, k: usize, m: usize) {
+    fn matmul_fwd(&self, out: &mut CudaBuf, x: &CudaBuf, w: &CudaBuf, n: usize, k: usize, m: usize) {
         let _p = self.prof("matmul_fwd");
         if n == 0 || m == 0 {
             return;
@@ -972,34 +1245,24 @@ impl Backend for Cuda {
             self.fill(out, n * m, 0.0);
             return;
         }
-        if self.bf16() {
+        if self.bf16_gemm(&[x, w, out]) {
             self.matmul_fwd_many(x, n, k, &mut [(out, w, m)]);
             return;
         }
         // Column-major view: outᵀ[m, n] = w[m, k] · xᵀ[k, n]; the row-major w is a column-major
         // [k, m] matrix (op T), the row-major x a column-major [k, n] one.
-        let c = GemmConfig {
-            transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
-            transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
-            m: m as i32,
-            n: n as i32,
-            k: k as i32,
-            alpha: 1.0f32,
-            lda: k as i32,
-            ldb: k as i32,
-            beta: 0.0f32,
-            ldc: m as i32,
-        };
-        unsafe { self.blas.gemm(c, w, x, out) }.unwrap_or_else(|e| panic!("cuBLAS sgemm (matmul_fwd) failed: {e:?}"));
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let (wp, xp, op) = (self.p(w), self.p(x), self.pm(out));
+        self.gemm_f32(CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, wp, k, xp, k, 0.0, op, m);
     }
 
     fn matmul_bwd(
         &self,
-        dx: Option<&mut CudaSlice<f32>>,
-        dw: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        dx: Option<&mut CudaBuf>,
+        dw: &mut CudaBuf,
+        dout: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
         n: usize,
         k: usize,
         m: usize,
@@ -1013,52 +1276,33 @@ impl Backend for Cuda {
         check_len("w", w.len(), m * k);
         check_len("dw", dw.len(), m * k);
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-        if self.bf16() {
+        if self.bf16_gemm(&[x, w, dout]) || dx.as_deref().is_some_and(|d| d.is_bf16()) {
             self.matmul_bwd_many(dx, false, x, n, k, &mut [MatmulGrad { dw, dout, w, m }]);
             return;
         }
         if let Some(dx) = dx {
             check_len("dx", dx.len(), n * k);
             // dxᵀ[k, n] += w-as-[k, m] · doutᵀ[m, n]
-            let c = GemmConfig {
-                transa: CUBLAS_OP_N,
-                transb: CUBLAS_OP_N,
-                m: k as i32,
-                n: n as i32,
-                k: m as i32,
-                alpha: 1.0f32,
-                lda: k as i32,
-                ldb: m as i32,
-                beta: 1.0f32,
-                ldc: k as i32,
-            };
-            unsafe { self.blas.gemm(c, w, dout, dx) }.unwrap_or_else(|e| panic!("cuBLAS sgemm (matmul dx) failed: {e:?}"));
+            let (wp, gp, dxp) = (self.p(w), self.p(dout), self.pm(dx));
+            self.gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, k, n, m, wp, k, gp, m, 1.0, dxp, k);
         }
         // dwᵀ[k, m] += xᵀ[k, n] · dout[n, m] (doutᵀ is column-major [m, n], op T)
-        let c = GemmConfig {
-            transa: CUBLAS_OP_N,
-            transb: CUBLAS_OP_T,
-            m: k as i32,
-            n: m as i32,
-            k: n as i32,
-            alpha: 1.0f32,
-            lda: k as i32,
-            ldb: m as i32,
-            beta: 1.0f32,
-            ldc: k as i32,
-        };
-        unsafe { self.blas.gemm(c, x, dout, dw) }.unwrap_or_else(|e| panic!("cuBLAS sgemm (matmul dw) failed: {e:?}"));
+        let (xp, gp, dwp) = (self.p(x), self.p(dout), self.pm(dw));
+        self.gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, k, m, n, xp, k, gp, m, 1.0, dwp, k);
     }
 
-    /// bf16 mode: `x` is converted once for all weights; fp32 mode: one SGEMM per weight.
-    fn matmul_fwd_many(&self, x: &CudaSlice<f32>, n: usize, k: usize, outs: &mut [(&mut CudaSlice<f32>, &CudaSlice<f32>, usize)]) {
-        if !self.bf16() || n == 0 || k == 0 {
+    /// bf16 mode (or bf16 buffers): one bf16 operand of `x` for all weights (no conversion when
+    /// `x` is a bf16 activation), cached bf16 weights, outputs stored as their buffers' type;
+    /// fp32 mode: one SGEMM per weight.
+    fn matmul_fwd_many(&self, x: &CudaBuf, n: usize, k: usize, outs: &mut [(&mut CudaBuf, &CudaBuf, usize)]) {
+        let any_bf16 = outs.iter().any(|(o, w, _)| o.is_bf16() || w.is_bf16());
+        if !(self.bf16_gemm(&[x]) || any_bf16) || n == 0 || k == 0 {
             return matmul_fwd_each(self, x, n, k, outs);
         }
         let _p = self.prof("matmul_fwd");
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         check_len("x", x.len(), n * k);
-        let xb = self.to_bf16(Slot::BfB, self.p(x), n * k);
+        let xb = self.bf16_operand(Slot::BfB, x, n * k);
         for (out, w, m) in outs.iter_mut() {
             let m = *m;
             check_len("out", out.len(), n * m);
@@ -1066,16 +1310,19 @@ impl Backend for Cuda {
             if m == 0 {
                 continue;
             }
-            let wb = self.to_bf16(Slot::BfA, self.p(w), m * k);
-            let op = self.pm(out);
-            self.gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, wb, k, xb, k, 0.0, op, m);
+            let wb = self.weight_bf16(w);
+            let ot = out.dtype;
+            let op = self.pm(*out);
+            self.gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, wb, k, xb, k, 0.0, op, ot, m);
         }
     }
 
-    /// bf16 mode: `x` is converted once; the first `dx` product overwrites (`beta = 0`) when
-    /// `dx_set`. fp32 mode: the reference path (zero fill, then accumulating SGEMMs).
-    fn matmul_bwd_many(&self, mut dx: Option<&mut CudaSlice<f32>>, dx_set: bool, x: &CudaSlice<f32>, n: usize, k: usize, items: &mut [MatmulGrad<'_, Self>]) {
-        if !self.bf16() {
+    /// bf16 mode (or bf16 buffers): `x` and each `dout` as bf16 operands (converted only when
+    /// f32), cached bf16 weights; the first `dx` product overwrites (`beta = 0`) when `dx_set`.
+    /// fp32 mode: the reference path (zero fill, then accumulating SGEMMs).
+    fn matmul_bwd_many(&self, mut dx: Option<&mut CudaBuf>, dx_set: bool, x: &CudaBuf, n: usize, k: usize, items: &mut [MatmulGrad<'_, Self>]) {
+        let any_bf16 = dx.as_deref().is_some_and(|d| d.is_bf16()) || items.iter().any(|it| it.dout.is_bf16() || it.w.is_bf16());
+        if !(self.bf16_gemm(&[x]) || any_bf16) {
             return matmul_bwd_each(self, dx, dx_set, x, n, k, items);
         }
         let _p = self.prof("matmul_bwd");
@@ -1086,26 +1333,28 @@ impl Backend for Cuda {
         let mut dx_written = !dx_set;
         if n > 0 && k > 0 {
             check_len("x", x.len(), n * k);
-            let xb = self.to_bf16(Slot::BfB, self.p(x), n * k);
+            let xb = self.bf16_operand(Slot::BfB, x, n * k);
             for it in items.iter_mut() {
                 let m = it.m;
                 check_len("dout", it.dout.len(), n * m);
                 check_len("w", it.w.len(), m * k);
                 check_len("dw", it.dw.len(), m * k);
+                Self::f32_only("matmul_bwd", &[("dw", it.dw)]);
                 if m == 0 {
                     continue;
                 }
-                let gb = self.to_bf16(Slot::BfC, self.p(it.dout), n * m);
+                let gb = self.bf16_operand(Slot::BfC, it.dout, n * m);
                 if let Some(dx) = dx.as_deref_mut() {
                     // dxᵀ[k, n] (+)= w-as-[k, m] · doutᵀ[m, n]
-                    let wb = self.to_bf16(Slot::BfA, self.p(it.w), m * k);
+                    let wb = self.weight_bf16(it.w);
+                    let dt = dx.dtype;
                     let dxp = self.pm(dx);
-                    self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, k, n, m, wb, k, gb, m, if dx_written { 1.0 } else { 0.0 }, dxp, k);
+                    self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, k, n, m, wb, k, gb, m, if dx_written { 1.0 } else { 0.0 }, dxp, dt, k);
                     dx_written = true;
                 }
                 // dwᵀ[k, m] += xᵀ[k, n] · dout[n, m]
                 let dwp = self.pm(it.dw);
-                self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, k, m, n, xb, k, gb, m, 1.0, dwp, k);
+                self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, k, m, n, xb, k, gb, m, 1.0, dwp, Dtype::F32, k);
             }
         }
         if !dx_written {
@@ -1116,7 +1365,7 @@ impl Backend for Cuda {
     }
 
     // ---- normalisation --------------------------------------------------------------------
-    fn rmsnorm_fwd(&self, out: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, d: usize, eps: f32) {
+    fn rmsnorm_fwd(&self, out: &mut CudaBuf, rstd: &mut CudaBuf, x: &CudaBuf, w: &CudaBuf, n: usize, d: usize, eps: f32) {
         let _p = self.prof("rmsnorm_fwd");
         if n == 0 || d == 0 {
             return;
@@ -1125,10 +1374,13 @@ impl Backend for Cuda {
         check_len("rstd", rstd.len(), n);
         check_len("x", x.len(), n * d);
         check_len("w", w.len(), d);
+        Self::f32_only("rmsnorm_fwd", &[("rstd", rstd), ("x", x), ("w", w)]);
+        // A bf16 output is the bf16 mode's activation of the f32 residual stream.
+        let name = if out.is_bf16() { "rmsnorm_fwd_to_bf16" } else { "rmsnorm_fwd_f32" };
         let (op, rp, xp, wp) = (self.pm(out), self.pm(rstd), self.p(x), self.p(w));
         launch!(
             self,
-            "rmsnorm_fwd_f32",
+            name,
             cfg((rows_grid(n), 1, 1), row_threads(d, 1024), 0),
             [op, rp, xp, wp, n as i32, d as i32, eps]
         );
@@ -1136,16 +1388,17 @@ impl Backend for Cuda {
 
     fn rmsnorm_bwd(
         &self,
-        dx: &mut CudaSlice<f32>,
-        dw: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        rstd: &CudaSlice<f32>,
+        dx: &mut CudaBuf,
+        dw: &mut CudaBuf,
+        dout: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        rstd: &CudaBuf,
         n: usize,
         d: usize,
     ) {
         let _p = self.prof("rmsnorm_bwd");
+        Self::f32_only("rmsnorm_bwd", &[("dx", dx), ("dw", dw), ("dout", dout), ("x", x), ("w", w), ("rstd", rstd)]);
         if n == 0 || d == 0 {
             return;
         }
@@ -1168,12 +1421,12 @@ impl Backend for Cuda {
     }
 
     // ---- rotary embedding -----------------------------------------------------------------
-    fn rope_fwd(&self, x: &mut CudaSlice<f32>, pos: &CudaSlice<u32>, n: usize, heads: usize, head_dim: usize, theta: f32) {
+    fn rope_fwd(&self, x: &mut CudaBuf, pos: &CudaSlice<u32>, n: usize, heads: usize, head_dim: usize, theta: f32) {
         let _p = self.prof("rope_fwd");
         self.rope(x, pos, n, heads, head_dim, theta, 1.0);
     }
 
-    fn rope_bwd(&self, dx: &mut CudaSlice<f32>, pos: &CudaSlice<u32>, n: usize, heads: usize, head_dim: usize, theta: f32) {
+    fn rope_bwd(&self, dx: &mut CudaBuf, pos: &CudaSlice<u32>, n: usize, heads: usize, head_dim: usize, theta: f32) {
         let _p = self.prof("rope_bwd");
         self.rope(dx, pos, n, heads, head_dim, theta, -1.0);
     }
@@ -1181,11 +1434,11 @@ impl Backend for Cuda {
     // ---- attention ------------------------------------------------------------------------
     fn attention_fwd(
         &self,
-        out: &mut CudaSlice<f32>,
-        lse: &mut CudaSlice<f32>,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
         shape: &AttnShape<'_, CudaSlice<u32>>,
     ) {
         let _p = self.prof("attention_fwd");
@@ -1199,20 +1452,27 @@ impl Backend for Cuda {
         check_len("q", q.len(), nq * heads * hd);
         check_len("k", k.len(), nk * kvh * hd);
         check_len("v", v.len(), nk * kvh * hd);
+        Self::f32_only("attention_fwd", &[("lse", lse)]);
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let (op, lp, qp, kp, vp) = (self.pm(out), self.pm(lse), self.p(q), self.p(k), self.p(v));
+        let (nqe, nke) = (nq * heads * hd, nk * kvh * hd);
         let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
         let (ns, hi, kvi) = (shape.num_seqs as i32, heads as i32, kvh as i32);
-        if self.use_flash(hd, &[op]) {
-            let q16 = self.to_bf16(Slot::AttQ16, qp, nq * heads * hd);
-            let k16 = self.to_bf16(Slot::AttK16, kp, nk * kvh * hd);
-            let v16 = self.to_bf16(Slot::AttV16, vp, nk * kvh * hd);
+        let lp = self.pm(lse);
+        if self.use_flash(hd, &[self.p(out)]) {
+            let q16 = self.bf16_operand(Slot::AttQ16, q, nqe);
+            let k16 = self.bf16_operand(Slot::AttK16, k, nke);
+            let v16 = self.bf16_operand(Slot::AttV16, v, nke);
+            let out_bf16 = out.is_bf16() as i32;
+            let op = self.pm(out);
             let (name, rows, threads, smem) = self.flash_kernel("fwd", hd);
             let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
             let c = cfg((grid, heads as u32, 1), threads, smem);
-            launch!(self, &name, c, [op, lp, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
+            launch!(self, &name, c, [op, out_bf16, lp, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
             return;
         }
+        // The exact f32 kernels (bf16 buffers are widened into scratch and the output rounded back).
+        let (qp, kp, vp) = (self.f32_operand(Slot::AttQ16, q, nqe), self.f32_operand(Slot::AttK16, k, nke), self.f32_operand(Slot::AttV16, v, nke));
+        let op = self.f32_output(Slot::AttO, out, nqe);
         let (qoff, grid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, ATT_ROWS);
         launch!(
             self,
@@ -1220,19 +1480,20 @@ impl Backend for Cuda {
             cfg((grid, heads as u32, 1), 128, 0),
             [op, lp, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hd as i32, scale]
         );
+        self.f32_output_done(op, out, nqe);
     }
 
     fn attention_bwd(
         &self,
-        dq: &mut CudaSlice<f32>,
-        dk: &mut CudaSlice<f32>,
-        dv: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
-        out: &CudaSlice<f32>,
-        lse: &CudaSlice<f32>,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        dout: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
         shape: &AttnShape<'_, CudaSlice<u32>>,
     ) {
         let _p = self.prof("attention_bwd");
@@ -1254,32 +1515,32 @@ impl Backend for Cuda {
         ] {
             check_len(name, len, need);
         }
+        Self::f32_only("attention_bwd", &[("lse", lse)]);
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let (nqe, nke) = (nq * heads * hd, nk * kvh * hd);
         let delta = self.scratch(Slot::AttDelta, nq * heads * 4);
-        let (gp, op) = (self.p(dout), self.p(out));
-        let warps = nq * heads;
-        launch!(
-            self,
-            "attn_delta_f32",
-            cfg((warps.div_ceil(8) as u32, 1, 1), 256, 0),
-            [delta, gp, op, nq as i32, heads as i32, hd as i32]
-        );
-        let (lp, qp, kp, vp) = (self.p(lse), self.p(q), self.p(k), self.p(v));
-        let (dqp, dkp, dvp) = (self.pm(dq), self.pm(dk), self.pm(dv));
+        let delta_cfg = cfg(((nq * heads).div_ceil(8) as u32, 1, 1), 256, 0);
+        let lp = self.p(lse);
         let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
         let (ns, hi, kvi, hdi) = (shape.num_seqs as i32, heads as i32, kvh as i32, hd as i32);
-        if self.use_flash(hd, &[dqp, dkp, dvp]) {
-            let q16 = self.to_bf16(Slot::AttQ16, qp, nq * heads * hd);
-            let g16 = self.to_bf16(Slot::AttG16, gp, nq * heads * hd);
-            let k16 = self.to_bf16(Slot::AttK16, kp, nk * kvh * hd);
-            let v16 = self.to_bf16(Slot::AttV16, vp, nk * kvh * hd);
+        if self.use_flash(hd, &[self.p(dq), self.p(dk), self.p(dv)]) {
+            let q16 = self.bf16_operand(Slot::AttQ16, q, nqe);
+            let g16 = self.bf16_operand(Slot::AttG16, dout, nqe);
+            let o16 = self.bf16_operand(Slot::AttO, out, nqe);
+            let k16 = self.bf16_operand(Slot::AttK16, k, nke);
+            let v16 = self.bf16_operand(Slot::AttV16, v, nke);
+            launch!(self, "attn_delta_bf16", delta_cfg, [delta, g16, o16, nq as i32, hi, hdi]);
+            let dq_bf16 = dq.is_bf16() as i32;
+            assert!(dk.dtype == dv.dtype, "cuda: attention_bwd needs dk and dv of one element type");
+            let kv_bf16 = dk.is_bf16() as i32;
+            let (dqp, dkp, dvp) = (self.pm(dq), self.pm(dk), self.pm(dv));
             let (name, rows, threads, smem) = self.flash_kernel("dq", hd);
             let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
             launch!(
                 self,
                 &name,
                 cfg((grid, heads as u32, 1), threads, smem),
-                [dqp, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]
+                [dqp, dq_bf16, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]
             );
             let (name, rows, threads, smem) = self.flash_kernel("dkdv", hd);
             let (koff, grid, qoff, qrange) = self.flash_tables(shape.cu_k, nk, rows, shape.cu_q, shape.pos_q, nq, shape.num_seqs);
@@ -1287,10 +1548,18 @@ impl Backend for Cuda {
                 self,
                 &name,
                 cfg((grid, kvh as u32, 1), threads, smem),
-                [dkp, dvp, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]
+                [dkp, dvp, kv_bf16, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]
             );
             return;
         }
+        // The exact f32 kernels (bf16 buffers are widened into scratch, outputs rounded back).
+        let gp = self.f32_operand(Slot::AttG16, dout, nqe);
+        let op = self.f32_operand(Slot::AttO, out, nqe);
+        launch!(self, "attn_delta_f32", delta_cfg, [delta, gp, op, nq as i32, hi, hdi]);
+        let (qp, kp, vp) = (self.f32_operand(Slot::AttQ16, q, nqe), self.f32_operand(Slot::AttK16, k, nke), self.f32_operand(Slot::AttV16, v, nke));
+        let dqp = self.f32_output(Slot::AttDq, dq, nqe);
+        let dkp = self.f32_output(Slot::AttDk, dk, nke);
+        let dvp = self.f32_output(Slot::AttDv, dv, nke);
         let var = Self::exact_variant(hd);
         let (qoff, qgrid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, ATT_ROWS);
         launch!(
@@ -1306,10 +1575,13 @@ impl Backend for Cuda {
             cfg((kgrid, kvh as u32, 1), 128, 0),
             [dkp, dvp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, koff, ns, hi, kvi, hdi, scale]
         );
+        self.f32_output_done(dqp, dq, nqe);
+        self.f32_output_done(dkp, dk, nke);
+        self.f32_output_done(dvp, dv, nke);
     }
 
     // ---- activations ----------------------------------------------------------------------
-    fn swiglu_fwd(&self, out: &mut CudaSlice<f32>, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, n: usize) {
+    fn swiglu_fwd(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize) {
         let _p = self.prof("swiglu_fwd");
         if n == 0 {
             return;
@@ -1317,22 +1589,24 @@ impl Backend for Cuda {
         check_len("out", out.len(), n);
         check_len("gate", gate.len(), n);
         check_len("up", up.len(), n);
+        let name = Self::typed("swiglu_fwd", &[("out", out), ("gate", gate), ("up", up)]);
         let (op, gp, up_) = (self.pm(out), self.p(gate), self.p(up));
-        launch!(self, "swiglu_fwd_f32", self.ew(n), [op, gp, up_, n as i64]);
+        launch!(self, &name, self.ew(n), [op, gp, up_, n as i64]);
     }
 
-    fn swiglu_bwd(&self, dgate: &mut CudaSlice<f32>, dup: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, n: usize) {
+    fn swiglu_bwd(&self, dgate: &mut CudaBuf, dup: &mut CudaBuf, dout: &CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize) {
         let _p = self.prof("swiglu_bwd");
         self.swiglu_bwd_impl(dgate, dup, dout, gate, up, n, true);
     }
 
-    fn swiglu_bwd_set(&self, dgate: &mut CudaSlice<f32>, dup: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, n: usize) {
+    fn swiglu_bwd_set(&self, dgate: &mut CudaBuf, dup: &mut CudaBuf, dout: &CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize) {
         let _p = self.prof("swiglu_bwd");
         self.swiglu_bwd_impl(dgate, dup, dout, gate, up, n, false);
     }
 
-    fn gelu_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize) {
+    fn gelu_fwd(&self, out: &mut CudaBuf, x: &CudaBuf, n: usize) {
         let _p = self.prof("gelu_fwd");
+        Self::f32_only("gelu_fwd", &[("out", out), ("x", x)]);
         if n == 0 {
             return;
         }
@@ -1342,8 +1616,9 @@ impl Backend for Cuda {
         launch!(self, "gelu_fwd_f32", self.ew(n), [op, xp, n as i64]);
     }
 
-    fn gelu_bwd(&self, dx: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, x: &CudaSlice<f32>, n: usize) {
+    fn gelu_bwd(&self, dx: &mut CudaBuf, dout: &CudaBuf, x: &CudaBuf, n: usize) {
         let _p = self.prof("gelu_bwd");
+        Self::f32_only("gelu_bwd", &[("dx", dx), ("dout", dout), ("x", x)]);
         if n == 0 {
             return;
         }
@@ -1354,8 +1629,9 @@ impl Backend for Cuda {
         launch!(self, "gelu_bwd_f32", self.ew(n), [dp, gp, xp, n as i64]);
     }
 
-    fn gate_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, f: GateFn, alpha: f32, n: usize) {
+    fn gate_fwd(&self, out: &mut CudaBuf, x: &CudaBuf, f: GateFn, alpha: f32, n: usize) {
         let _p = self.prof("gate_fwd");
+        Self::f32_only("gate_fwd", &[("out", out), ("x", x)]);
         if n == 0 {
             return;
         }
@@ -1365,8 +1641,9 @@ impl Backend for Cuda {
         launch!(self, "gate_fwd_f32", self.ew(n), [op, xp, gate_code(f), alpha, n as i64]);
     }
 
-    fn gate_bwd(&self, dx: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, x: &CudaSlice<f32>, f: GateFn, alpha: f32, n: usize) {
+    fn gate_bwd(&self, dx: &mut CudaBuf, dout: &CudaBuf, x: &CudaBuf, f: GateFn, alpha: f32, n: usize) {
         let _p = self.prof("gate_bwd");
+        Self::f32_only("gate_bwd", &[("dx", dx), ("dout", dout), ("x", x)]);
         if n == 0 {
             return;
         }
@@ -1377,8 +1654,9 @@ impl Backend for Cuda {
         launch!(self, "gate_bwd_f32", self.ew(n), [dp, gp, xp, gate_code(f), alpha, n as i64]);
     }
 
-    fn softmax_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize, c: usize) {
+    fn softmax_fwd(&self, out: &mut CudaBuf, x: &CudaBuf, n: usize, c: usize) {
         let _p = self.prof("softmax_fwd");
+        Self::f32_only("softmax_fwd", &[("out", out), ("x", x)]);
         if n == 0 || c == 0 {
             return;
         }
@@ -1388,8 +1666,9 @@ impl Backend for Cuda {
         launch!(self, "softmax_fwd_f32", cfg((rows_grid(n), 1, 1), row_threads(c, 1024), 0), [op, xp, n as i32, c as i32]);
     }
 
-    fn softmax_bwd(&self, dx: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, out: &CudaSlice<f32>, n: usize, c: usize) {
+    fn softmax_bwd(&self, dx: &mut CudaBuf, dout: &CudaBuf, out: &CudaBuf, n: usize, c: usize) {
         let _p = self.prof("softmax_bwd");
+        Self::f32_only("softmax_bwd", &[("dx", dx), ("dout", dout), ("out", out)]);
         if n == 0 || c == 0 {
             return;
         }
@@ -1401,8 +1680,9 @@ impl Backend for Cuda {
     }
 
     // ---- token subsets --------------------------------------------------------------------
-    fn gather_rows(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+    fn gather_rows(&self, out: &mut CudaBuf, x: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
         let _p = self.prof("gather_rows");
+        Self::f32_only("gather_rows", &[("out", out), ("x", x)]);
         if m == 0 || d == 0 {
             return;
         }
@@ -1412,15 +1692,17 @@ impl Backend for Cuda {
         launch!(self, "gather_rows_f32", cfg((rows_grid(m), 1, 1), row_threads(d, 256), 0), [op, xp, ip, m as i32, d as i32]);
     }
 
-    fn scatter_add_rows(&self, dx: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+    fn scatter_add_rows(&self, dx: &mut CudaBuf, dout: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
         let _p = self.prof("scatter_add_rows");
+        Self::f32_only("scatter_add_rows", &[("dx", dx), ("dout", dout)]);
         check_len("dout", dout.len(), m * d);
         let src = self.p(dout);
         self.grouped_scatter(dx, src, 0, idx, m, d, 0);
     }
 
-    fn scatter_add_scaled(&self, h: &mut CudaSlice<f32>, y: &CudaSlice<f32>, scale: &CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+    fn scatter_add_scaled(&self, h: &mut CudaBuf, y: &CudaBuf, scale: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
         let _p = self.prof("scatter_add_scaled");
+        Self::f32_only("scatter_add_scaled", &[("h", h), ("y", y), ("scale", scale)]);
         check_len("y", y.len(), m * d);
         check_len("scale", scale.len(), m);
         let (src, sp) = (self.p(y), self.p(scale));
@@ -1429,16 +1711,17 @@ impl Backend for Cuda {
 
     fn scatter_add_scaled_bwd(
         &self,
-        dy: &mut CudaSlice<f32>,
-        dscale: &mut CudaSlice<f32>,
-        dh: &CudaSlice<f32>,
-        y: &CudaSlice<f32>,
-        scale: &CudaSlice<f32>,
+        dy: &mut CudaBuf,
+        dscale: &mut CudaBuf,
+        dh: &CudaBuf,
+        y: &CudaBuf,
+        scale: &CudaBuf,
         idx: &CudaSlice<u32>,
         m: usize,
         d: usize,
     ) {
         let _p = self.prof("scatter_add_scaled_bwd");
+        Self::f32_only("scatter_add_scaled_bwd", &[("dy", dy), ("dscale", dscale), ("dh", dh), ("y", y), ("scale", scale)]);
         if m == 0 || d == 0 {
             return;
         }
@@ -1456,15 +1739,17 @@ impl Backend for Cuda {
         );
     }
 
-    fn scatter_rows(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+    fn scatter_rows(&self, x: &mut CudaBuf, y: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
         let _p = self.prof("scatter_rows");
+        Self::f32_only("scatter_rows", &[("x", x), ("y", y)]);
         check_len("y", y.len(), m * d);
         let src = self.p(y);
         self.grouped_scatter(x, src, 0, idx, m, d, 2);
     }
 
-    fn scatter_rows_bwd(&self, dy: &mut CudaSlice<f32>, dx: &mut CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, d: usize) {
+    fn scatter_rows_bwd(&self, dy: &mut CudaBuf, dx: &mut CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
         let _p = self.prof("scatter_rows_bwd");
+        Self::f32_only("scatter_rows_bwd", &[("dy", dy), ("dx", dx)]);
         if m == 0 || d == 0 {
             return;
         }
@@ -1476,8 +1761,9 @@ impl Backend for Cuda {
         launch!(self, "zero_rows_f32", c, [dxp, ip, m as i32, d as i32]);
     }
 
-    fn index_fill(&self, x: &mut CudaSlice<f32>, idx: &CudaSlice<u32>, m: usize, value: f32) {
+    fn index_fill(&self, x: &mut CudaBuf, idx: &CudaSlice<u32>, m: usize, value: f32) {
         let _p = self.prof("index_fill");
+        Self::f32_only("index_fill", &[("x", x)]);
         if m == 0 {
             return;
         }
@@ -1486,8 +1772,9 @@ impl Backend for Cuda {
         launch!(self, "index_fill_f32", self.ew(m), [xp, ip, m as i32, value]);
     }
 
-    fn topk_segments(&self, out: &mut CudaSlice<u32>, scores: &CudaSlice<f32>, cu: &CudaSlice<u32>, num_seqs: usize, k: usize) {
+    fn topk_segments(&self, out: &mut CudaSlice<u32>, scores: &CudaBuf, cu: &CudaSlice<u32>, num_seqs: usize, k: usize) {
         let _p = self.prof("topk_segments");
+        Self::f32_only("topk_segments", &[("scores", scores)]);
         if k == 0 || num_seqs == 0 {
             return;
         }
@@ -1507,8 +1794,9 @@ impl Backend for Cuda {
     }
 
     // ---- losses ---------------------------------------------------------------------------
-    fn cross_entropy_fwd(&self, loss: &mut CudaSlice<f32>, logits: &CudaSlice<f32>, targets: &CudaSlice<u32>, n: usize, vocab: usize) {
+    fn cross_entropy_fwd(&self, loss: &mut CudaBuf, logits: &CudaBuf, targets: &CudaSlice<u32>, n: usize, vocab: usize) {
         let _p = self.prof("cross_entropy_fwd");
+        Self::f32_only("cross_entropy_fwd", &[("loss", loss), ("logits", logits)]);
         if n == 0 {
             return;
         }
@@ -1525,8 +1813,9 @@ impl Backend for Cuda {
         );
     }
 
-    fn cross_entropy_bwd(&self, dlogits: &mut CudaSlice<f32>, logits: &CudaSlice<f32>, targets: &CudaSlice<u32>, scale: f32, n: usize, vocab: usize) {
+    fn cross_entropy_bwd(&self, dlogits: &mut CudaBuf, logits: &CudaBuf, targets: &CudaSlice<u32>, scale: f32, n: usize, vocab: usize) {
         let _p = self.prof("cross_entropy_bwd");
+        Self::f32_only("cross_entropy_bwd", &[("dlogits", dlogits), ("logits", logits)]);
         if n == 0 {
             return;
         }
@@ -1543,8 +1832,9 @@ impl Backend for Cuda {
         );
     }
 
-    fn bce_logits_fwd(&self, loss: &mut CudaSlice<f32>, x: &CudaSlice<f32>, targets: &CudaSlice<f32>, n: usize) {
+    fn bce_logits_fwd(&self, loss: &mut CudaBuf, x: &CudaBuf, targets: &CudaBuf, n: usize) {
         let _p = self.prof("bce_logits_fwd");
+        Self::f32_only("bce_logits_fwd", &[("loss", loss), ("x", x), ("targets", targets)]);
         if n == 0 {
             return;
         }
@@ -1555,8 +1845,9 @@ impl Backend for Cuda {
         launch!(self, "bce_fwd_f32", self.ew(n), [lp, xp, tp, n as i64]);
     }
 
-    fn bce_logits_bwd(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, targets: &CudaSlice<f32>, scale: f32, n: usize) {
+    fn bce_logits_bwd(&self, dx: &mut CudaBuf, x: &CudaBuf, targets: &CudaBuf, scale: f32, n: usize) {
         let _p = self.prof("bce_logits_bwd");
+        Self::f32_only("bce_logits_bwd", &[("dx", dx), ("x", x), ("targets", targets)]);
         if n == 0 {
             return;
         }
@@ -1570,10 +1861,10 @@ impl Backend for Cuda {
     // ---- optimiser ------------------------------------------------------------------------
     fn adamw(
         &self,
-        param: &mut CudaSlice<f32>,
-        grad: &CudaSlice<f32>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
+        param: &mut CudaBuf,
+        grad: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
         n: usize,
         lr: f32,
         beta1: f32,
@@ -1583,6 +1874,7 @@ impl Backend for Cuda {
         step: u64,
     ) {
         let _p = self.prof("adamw");
+        Self::f32_only("adamw", &[("param", param), ("grad", grad), ("m", m), ("v", v)]);
         assert!(step >= 1, "adamw: step is 1-based");
         if n == 0 {
             return;
@@ -1619,17 +1911,18 @@ fn gate_code(f: GateFn) -> i32 {
 
 impl Cuda {
     #[allow(clippy::too_many_arguments)]
-    fn rope(&self, x: &mut CudaSlice<f32>, pos: &CudaSlice<u32>, n: usize, heads: usize, head_dim: usize, theta: f32, sign: f32) {
+    fn rope(&self, x: &mut CudaBuf, pos: &CudaSlice<u32>, n: usize, heads: usize, head_dim: usize, theta: f32, sign: f32) {
         if n == 0 || heads == 0 || head_dim == 0 {
             return;
         }
         assert!(head_dim.is_multiple_of(2), "rope: head_dim must be even");
         check_len("x", x.len(), n * heads * head_dim);
         check_len("pos", pos.len(), n);
+        let name = if x.is_bf16() { "rope_bf16" } else { "rope_f32" };
         let (xp, pp) = (self.pm(x), self.p(pos));
         launch!(
             self,
-            "rope_f32",
+            name,
             self.ew(n * head_dim / 2),
             [xp, pp, n as i32, heads as i32, head_dim as i32, theta, sign]
         );

@@ -158,16 +158,22 @@ __device__ void attn_fwd_impl(float* out, float* lse, const float* q, const floa
 }
 
 // delta[i*heads + h] = <dout, out> over the head's hd values; one warp per (i, h).
-extern "C" __global__ void attn_delta_f32(float* delta, const float* dout, const float* out, int nq, int heads,
-                                          int hd) {
+template <typename T>
+__device__ void attn_delta(float* delta, const T* dout, const T* out, int nq, int heads, int hd) {
     const i64 w = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (w >= (i64)nq * heads) return;
     const i64 o = w * hd;
     float acc = 0.f;
-    for (int d = lane; d < hd; d += 32) acc += dout[o + d] * out[o + d];
+    for (int d = lane; d < hd; d += 32) acc += to_f(dout[o + d]) * to_f(out[o + d]);
     acc = warp_sum(acc);
     if (lane == 0) delta[w] = acc;
+}
+extern "C" __global__ void attn_delta_f32(float* delta, const float* dout, const float* out, int nq, int heads, int hd) {
+    attn_delta<float>(delta, dout, out, nq, heads, hd);
+}
+extern "C" __global__ void attn_delta_bf16(float* delta, const bf16* dout, const bf16* out, int nq, int heads, int hd) {
+    attn_delta<bf16>(delta, dout, out, nq, heads, hd);
 }
 
 template <int DPT>

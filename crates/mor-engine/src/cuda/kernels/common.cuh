@@ -2,8 +2,9 @@
 //
 // Element types: parameters, gradients and optimiser states are f32. Activation kernels are C++
 // templates over their element type `T` (loads through `to_f`, stores through `from_f<T>`, math in
-// f32) with `extern "C"` f32 instantiations named `<op>_f32`; a bf16 phase adds `_bf16`
-// instantiations next to them (with `#include <cuda_bf16.h>` from CUDA_INCLUDE_DIR).
+// f32) with `extern "C"` instantiations named `<op>_f32` and, where the bf16 mode stores that
+// op's activations in bf16, `<op>_bf16`. `bf16` is our own storage type (no cuda_bf16.h, so NVRTC
+// needs no include path).
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -16,9 +17,27 @@ typedef long long i64;
 #define SQRT1_2 0.70710678118654752440f
 #define INV_SQRT_2PI 0.39894228040143267794f
 
+// bf16 storage: the upper 16 bits of an f32.
+struct bf16 {
+    unsigned short bits;
+};
+
+// f32 -> bf16 bits, round to nearest even; a NaN stays a quiet NaN.
+__device__ __forceinline__ unsigned short bf16_bits(float x) {
+    const u32 b = __float_as_uint(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((b >> 16) | 0x40u);
+    return (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
 __device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(bf16 x) { return __uint_as_float((u32)x.bits << 16); }
 template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float x) {
+    bf16 r;
+    r.bits = bf16_bits(x);
+    return r;
+}
 
 // Grid-stride loop over `n` elements with 64-bit indices.
 #define GRID_STRIDE(i, n) \

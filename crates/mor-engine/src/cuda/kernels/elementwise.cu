@@ -171,16 +171,19 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
 
 INST_EW(float, f32)
 
-// ---- bf16 GEMM path ------------------------------------------------------------------------
+INST_EW(bf16, bf16)
 
-// f32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN), for the bf16 GEMM inputs.
+// ---- element type conversions and fills -----------------------------------------------------
+
+// f32 -> bf16 (round to nearest even): GEMM and attention operands, bf16 activation buffers.
 extern "C" __global__ void f32_to_bf16(const float* x, unsigned short* y, i64 n) {
-    GRID_STRIDE(i, n) {
-        const u32 b = __float_as_uint(x[i]);
-        if ((b & 0x7fffffffu) > 0x7f800000u) {
-            y[i] = (unsigned short)((b >> 16) | 0x40u);
-        } else {
-            y[i] = (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
-        }
-    }
+    GRID_STRIDE(i, n) y[i] = bf16_bits(x[i]);
+}
+
+extern "C" __global__ void bf16_to_f32(const bf16* x, float* y, i64 n) {
+    GRID_STRIDE(i, n) y[i] = to_f(x[i]);
+}
+
+extern "C" __global__ void fill_bf16(bf16* x, i64 n, float v) {
+    GRID_STRIDE(i, n) x[i] = from_f<bf16>(v);
 }

@@ -1,7 +1,8 @@
 // Tensor-core attention for the bf16 mode (MatmulPrecision::Bf16): the same packed, position-masked
 // attention as attention.cu, with Q·Kᵀ, P·V and the backward products on mma.sync m16n8k16
-// (bf16 operands, f32 accumulation). Softmax statistics, lse, delta and every gradient stay f32.
-// The host rounds q, k, v (and dout) to bf16 copies first (f32_to_bf16); the kernels read those.
+// (bf16 operands, f32 accumulation). Softmax statistics, lse and delta stay f32. q, k, v and dout
+// are bf16 (activation buffers of the bf16 mode, or copies the host rounded from f32); each output
+// (out, dq, dk/dv) is f32 or bf16 as its buffer says (a flag), written through fa_put2.
 //
 // Layout: a block of WARPS warps owns 16·WARPS rows (queries in the forward and the dq pass, keys in
 // the dk/dv pass) of one segment and one head (kv head for dk/dv); each warp owns 16 rows and keeps
@@ -61,6 +62,27 @@ __device__ __forceinline__ u32 fa_pack(float lo, float hi) {
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+}
+
+// Store — or add to, when `acc` — two f32 values at element `i` (even) of an f32 or bf16 buffer.
+__device__ __forceinline__ void fa_put2(void* base, i64 i, float a, float b, int is_bf16, bool acc) {
+    if (is_bf16) {
+        u32* p = (u32*)((bf16_t*)base + i);
+        if (acc) {
+            const u32 x = *p;
+            a += __uint_as_float(x << 16);
+            b += __uint_as_float(x & 0xffff0000u);
+        }
+        *p = fa_pack(a, b);
+    } else {
+        float2* p = (float2*)((float*)base + i);
+        if (acc) {
+            const float2 x = *p;
+            a += x.x;
+            b += x.y;
+        }
+        *p = make_float2(a, b);
+    }
 }
 
 // 2^x on the SFU (approximate, ~2 ulp; 2^-inf = 0), as every flash-attention kernel uses.
@@ -223,7 +245,7 @@ __device__ __forceinline__ void fa_issue_kv(bf16_t* Ks, bf16_t* Vs, u32* Pk, int
 }
 
 template <int HD, int WARPS>
-__device__ void fa_fwd_impl(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+__device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
                             const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,
                             const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {
     constexpr int BM = 16 * WARPS, LD = HD + FA_PAD;
@@ -324,8 +346,8 @@ __device__ void fa_fwd_impl(float* out, float* lse, const bf16_t* q, const bf16_
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n) {
         const int d = h * HD + n * 8 + 2 * tq;
-        if (r0 < nq) *(float2*)(out + (i64)(q0 + r0) * qs + d) = make_float2(o[n][0] * i0, o[n][1] * i0);
-        if (r1 < nq) *(float2*)(out + (i64)(q0 + r1) * qs + d) = make_float2(o[n][2] * i1, o[n][3] * i1);
+        if (r0 < nq) fa_put2(out, (i64)(q0 + r0) * qs + d, o[n][0] * i0, o[n][1] * i0, out_bf16, false);
+        if (r1 < nq) fa_put2(out, (i64)(q0 + r1) * qs + d, o[n][2] * i1, o[n][3] * i1, out_bf16, false);
     }
     if (tq == 0) {
         if (r0 < nq) lse[(i64)(q0 + r0) * heads + h] = l0 > 0.f ? (m0 + log2f(l0)) * LN2_F : F_INF;
@@ -335,7 +357,7 @@ __device__ void fa_fwd_impl(float* out, float* lse, const bf16_t* q, const bf16_
 
 // dq += scale * Σ_keys dS·k with dS = P ⊙ (dout·vᵀ - delta); blocks over query tiles.
 template <int HD, int WARPS>
-__device__ void fa_bwd_dq_impl(float* dq, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,
+__device__ void fa_bwd_dq_impl(void* dq, int dq_bf16, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,
                                const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q,
                                const u32* pos_k, const int* qoff, const int* koff, const u32* krange, int num_seqs,
                                int heads, int kv_heads, float scale) {
@@ -410,16 +432,8 @@ __device__ void fa_bwd_dq_impl(float* dq, const bf16_t* dout, const float* lse, 
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n) {
         const int d = h * HD + n * 8 + 2 * tq;
-        if (r0 < nq) {
-            float2* o = (float2*)(dq + (i64)(q0 + r0) * qs + d);
-            const float2 x = *o;
-            *o = make_float2(x.x + scale * acc[n][0], x.y + scale * acc[n][1]);
-        }
-        if (r1 < nq) {
-            float2* o = (float2*)(dq + (i64)(q0 + r1) * qs + d);
-            const float2 x = *o;
-            *o = make_float2(x.x + scale * acc[n][2], x.y + scale * acc[n][3]);
-        }
+        if (r0 < nq) fa_put2(dq, (i64)(q0 + r0) * qs + d, scale * acc[n][0], scale * acc[n][1], dq_bf16, true);
+        if (r1 < nq) fa_put2(dq, (i64)(q0 + r1) * qs + d, scale * acc[n][2], scale * acc[n][3], dq_bf16, true);
     }
 }
 
@@ -427,7 +441,7 @@ __device__ void fa_bwd_dq_impl(float* dq, const bf16_t* dout, const float* lse, 
 // blocks over key tiles. Transposed products: warp rows are keys, tile columns are queries. The
 // stream is the (query tile, head) pairs of the segment, query tiles outermost.
 template <int HD, int WARPS>
-__device__ void fa_bwd_dkdv_impl(float* dk, float* dv, const bf16_t* dout, const float* lse, const float* delta,
+__device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, const bf16_t* dout, const float* lse, const float* delta,
                                  const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k,
                                  const u32* pos_q, const u32* pos_k, const int* koff, const int* qoff,
                                  const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {
@@ -530,20 +544,12 @@ __device__ void fa_bwd_dkdv_impl(float* dk, float* dv, const bf16_t* dout, const
     for (int n = 0; n < HD / 8; ++n) {
         const int d = kh * HD + n * 8 + 2 * tq;
         if (r0 < nk) {
-            float2* o = (float2*)(dk + (i64)(k0 + r0) * ks + d);
-            float2 x = *o;
-            *o = make_float2(x.x + scale * dka[n][0], x.y + scale * dka[n][1]);
-            o = (float2*)(dv + (i64)(k0 + r0) * ks + d);
-            x = *o;
-            *o = make_float2(x.x + dva[n][0], x.y + dva[n][1]);
+            fa_put2(dk, (i64)(k0 + r0) * ks + d, scale * dka[n][0], scale * dka[n][1], kv_bf16, true);
+            fa_put2(dv, (i64)(k0 + r0) * ks + d, dva[n][0], dva[n][1], kv_bf16, true);
         }
         if (r1 < nk) {
-            float2* o = (float2*)(dk + (i64)(k0 + r1) * ks + d);
-            float2 x = *o;
-            *o = make_float2(x.x + scale * dka[n][2], x.y + scale * dka[n][3]);
-            o = (float2*)(dv + (i64)(k0 + r1) * ks + d);
-            x = *o;
-            *o = make_float2(x.x + dva[n][2], x.y + dva[n][3]);
+            fa_put2(dk, (i64)(k0 + r1) * ks + d, scale * dka[n][2], scale * dka[n][3], kv_bf16, true);
+            fa_put2(dv, (i64)(k0 + r1) * ks + d, dva[n][2], dva[n][3], kv_bf16, true);
         }
     }
 }
@@ -552,24 +558,24 @@ __device__ void fa_bwd_dkdv_impl(float* dk, float* dv, const bf16_t* dout, const
 // (FlashWarps in mod.rs).
 #define INST_FA(HD, W)                                                                                               \
     extern "C" __global__ void __launch_bounds__(32 * W) attn_fwd_bf16_d##HD##_w##W(                                 \
-        float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, \
-        const u32* pos_q, const u32* pos_k, const int* qoff, const int* koff, const u32* krange, int num_seqs,       \
-        int heads, int kv_heads, float scale) {                                                                      \
-        fa_fwd_impl<HD, W>(out, lse, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange, num_seqs, heads,         \
+        void* out, int out_bf16, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q,     \
+        const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff, const int* koff, const u32* krange,    \
+        int num_seqs, int heads, int kv_heads, float scale) {                                                        \
+        fa_fwd_impl<HD, W>(out, out_bf16, lse, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange, num_seqs, heads,         \
                            kv_heads, scale);                                                                         \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_dq_bf16_d##HD##_w##W(                              \
-        float* dq, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q, const bf16_t* k,       \
+        void* dq, int dq_bf16, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q, const bf16_t* k,       \
         const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,      \
         const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {                    \
-        fa_bwd_dq_impl<HD, W>(dq, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange, num_seqs, \
+        fa_bwd_dq_impl<HD, W>(dq, dq_bf16, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange, num_seqs, \
                               heads, kv_heads, scale);                                                               \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_dkdv_bf16_d##HD##_w##W(                            \
-        float* dk, float* dv, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,             \
+        void* dk, void* dv, int kv_bf16, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,  \
         const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,      \
         const int* koff, const int* qoff, const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {   \
-        fa_bwd_dkdv_impl<HD, W>(dk, dv, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, koff, qoff, qrange,     \
+        fa_bwd_dkdv_impl<HD, W>(dk, dv, kv_bf16, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, koff, qoff, qrange,     \
                                 num_seqs, heads, kv_heads, scale);                                                   \
     }
 

@@ -3,8 +3,10 @@
 
 // ---- RMSNorm -------------------------------------------------------------------------------
 
-template <typename T>
-__device__ void rmsnorm_fwd(T* out, float* rstd, const T* x, const float* w, int n, int d, float eps) {
+// The output may be stored at a lower precision than the input (TO = bf16 for the bf16 mode's
+// activations, the input being the f32 residual stream).
+template <typename TO, typename T>
+__device__ void rmsnorm_fwd(TO* out, float* rstd, const T* x, const float* w, int n, int d, float eps) {
     __shared__ float sh[32];
     for (int r = blockIdx.x; r < n; r += gridDim.x) {
         const T* xr = x + (i64)r * d;
@@ -16,8 +18,8 @@ __device__ void rmsnorm_fwd(T* out, float* rstd, const T* x, const float* w, int
         ss = block_sum(ss, sh);
         const float rs = 1.f / sqrtf(ss / (float)d + eps);
         if (threadIdx.x == 0) rstd[r] = rs;
-        T* o = out + (i64)r * d;
-        for (int j = threadIdx.x; j < d; j += blockDim.x) o[j] = from_f<T>(w[j] * (to_f(xr[j]) * rs));
+        TO* o = out + (i64)r * d;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) o[j] = from_f<TO>(w[j] * (to_f(xr[j]) * rs));
     }
 }
 
@@ -325,7 +327,7 @@ __device__ void group_apply(T* dst, const T* src, const float* scale, const u32*
 #define INST_ROWS(T, SUF)                                                                              \
     extern "C" __global__ void rmsnorm_fwd_##SUF(T* o, float* rs, const T* x, const float* w, int n, int d, \
                                                  float eps) {                                          \
-        rmsnorm_fwd<T>(o, rs, x, w, n, d, eps);                                                        \
+        rmsnorm_fwd<T, T>(o, rs, x, w, n, d, eps);                                                        \
     }                                                                                                  \
     extern "C" __global__ void rmsnorm_bwd_dx_##SUF(T* dx, const T* g, const T* x, const float* w,       \
                                                     const float* rs, int n, int d) {                   \
@@ -369,3 +371,13 @@ __device__ void group_apply(T* dst, const T* src, const float* scale, const u32*
     }
 
 INST_ROWS(float, f32)
+
+// The bf16 mode's activation kernels: RMSNorm of the f32 residual stream into a bf16 activation,
+// rotary embedding on bf16 q/k (and their gradients).
+extern "C" __global__ void rmsnorm_fwd_to_bf16(bf16* o, float* rs, const float* x, const float* w, int n, int d,
+                                               float eps) {
+    rmsnorm_fwd<bf16, float>(o, rs, x, w, n, d, eps);
+}
+extern "C" __global__ void rope_bf16(bf16* x, const u32* pos, int n, int h, int hd, float th, float sg) {
+    rope<bf16>(x, pos, n, h, hd, th, sg);
+}
