@@ -114,43 +114,69 @@ const KERNELS: &[&str] = &[
     "attn_bwd_dq_f32_d128",
     "attn_bwd_dkdv_f32_d128",
     "attn_tile_range",
-    "attn_fwd_bf16_d32_w4",
-    "attn_bwd_dq_bf16_d32_w4",
-    "attn_bwd_dkdv_bf16_d32_w4",
-    "attn_fwd_bf16_d32_w8",
-    "attn_bwd_dq_bf16_d32_w8",
-    "attn_bwd_dkdv_bf16_d32_w8",
-    "attn_fwd_bf16_d64_w4",
-    "attn_bwd_dq_bf16_d64_w4",
-    "attn_bwd_dkdv_bf16_d64_w4",
-    "attn_fwd_bf16_d64_w8",
-    "attn_bwd_dq_bf16_d64_w8",
-    "attn_bwd_dkdv_bf16_d64_w8",
 ];
 
 /// Largest head dimension the attention kernels take.
 pub const MAX_HEAD_DIM: usize = 128;
 /// Rows (queries or keys) per block of the exact f32 attention kernels.
 const ATT_ROWS: usize = 32;
-/// Warps per block of the tensor-core attention kernels (each warp owns 16 rows), per kernel:
-/// the defaults come from tuning on an H200 (docs/benchmarks/gpu-phase3.md); `MOR_FLASH_WARPS=
-/// fwd,dq,dkdv` (each 4 or 8) overrides them for experiments.
-#[derive(Debug, Clone, Copy)]
-struct FlashWarps {
-    fwd: usize,
-    dq: usize,
-    dkdv: usize,
+/// Shape of a tensor-core attention kernel's blocks: `warps` warps, each owning `tiles` row tiles
+/// of 16 rows (queries in the forward and dq pass, keys in the dk/dv pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FlashShape {
+    warps: usize,
+    tiles: usize,
 }
 
-impl FlashWarps {
-    const DEFAULT: FlashWarps = FlashWarps { fwd: 8, dq: 4, dkdv: 4 };
+impl FlashShape {
+    fn rows(self) -> usize {
+        16 * self.warps * self.tiles
+    }
+}
+
+/// The instantiated shapes (`INST_FA_FWD` / `INST_FA_BWD` in kernels/flash_attention.cu); the
+/// backward kernels hold too many fragments for two row tiles per warp.
+const FLASH_SHAPES: [(&str, FlashShape); 7] = [
+    ("fwd", FlashShape { warps: 4, tiles: 1 }),
+    ("fwd", FlashShape { warps: 8, tiles: 1 }),
+    ("fwd", FlashShape { warps: 4, tiles: 2 }),
+    ("dq", FlashShape { warps: 4, tiles: 1 }),
+    ("dq", FlashShape { warps: 8, tiles: 1 }),
+    ("dkdv", FlashShape { warps: 4, tiles: 1 }),
+    ("dkdv", FlashShape { warps: 8, tiles: 1 }),
+];
+
+/// Block shape per tensor-core attention kernel: the defaults come from tuning on an H200
+/// (docs/benchmarks/); `MOR_FLASH_WARPS=fwd,dq,dkdv` overrides them for experiments, each entry
+/// `W` (W warps of one row tile) or `WxT` (T row tiles per warp), e.g. `4x2,4,4`.
+#[derive(Debug, Clone, Copy)]
+struct FlashConfig {
+    fwd: FlashShape,
+    dq: FlashShape,
+    dkdv: FlashShape,
+}
+
+impl FlashConfig {
+    const DEFAULT: FlashConfig = FlashConfig {
+        fwd: FlashShape { warps: 8, tiles: 1 },
+        dq: FlashShape { warps: 4, tiles: 1 },
+        dkdv: FlashShape { warps: 4, tiles: 1 },
+    };
 
     fn from_env() -> Self {
         let Ok(v) = std::env::var("MOR_FLASH_WARPS") else { return Self::DEFAULT };
-        let w: Vec<usize> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
-        match w[..] {
-            [fwd, dq, dkdv] if w.iter().all(|&x| x == 4 || x == 8) => FlashWarps { fwd, dq, dkdv },
-            _ => panic!("MOR_FLASH_WARPS={v}: expected three of 4|8 (fwd,dq,dkdv)"),
+        let parse = |x: &str| -> Option<FlashShape> {
+            let (w, t) = x.trim().split_once('x').unwrap_or((x.trim(), "1"));
+            Some(FlashShape { warps: w.parse().ok()?, tiles: t.parse().ok()? })
+        };
+        let shapes: Vec<Option<FlashShape>> = v.split(',').map(parse).collect();
+        let ok = |kind: &str, s: Option<FlashShape>| s.filter(|s| FLASH_SHAPES.contains(&(kind, *s)));
+        match shapes[..] {
+            [f, q, kv] => match (ok("fwd", f), ok("dq", q), ok("dkdv", kv)) {
+                (Some(fwd), Some(dq), Some(dkdv)) => FlashConfig { fwd, dq, dkdv },
+                _ => panic!("MOR_FLASH_WARPS={v}: not an instantiated shape; available: {FLASH_SHAPES:?}"),
+            },
+            _ => panic!("MOR_FLASH_WARPS={v}: expected three shapes (fwd,dq,dkdv), e.g. 4x2,4,4"),
         }
     }
 }
@@ -443,13 +469,15 @@ pub struct Cuda {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     funcs: HashMap<&'static str, CudaFunction>,
+    /// The tensor-core attention kernels, by name (see [`FLASH_SHAPES`]).
+    flash_funcs: HashMap<String, CudaFunction>,
     scratch: Mutex<Vec<Option<CudaSlice<u8>>>>,
     /// Keys the top-k kernel may sort in shared memory (a power of two).
     topk_smem_keys: usize,
     sm_count: u32,
     /// bf16 GEMM operands (switchable at run time, see [`Backend::set_matmul_precision`]).
     gemm_bf16: AtomicBool,
-    flash_warps: FlashWarps,
+    flash: FlashConfig,
     profiling: AtomicBool,
     prof_depth: AtomicUsize,
     prof: Mutex<HashMap<&'static str, (f64, u64)>>,
@@ -512,6 +540,7 @@ impl Cuda {
             Err(e) => return Err(drv(e)),
         };
         let mut funcs = HashMap::new();
+        let mut flash_funcs = HashMap::new();
         for &name in KERNELS {
             let f = module.load_function(name).map_err(|e| CudaError::Driver(format!("loading kernel {name}: {e:?}")))?;
             funcs.insert(name, f);
@@ -530,16 +559,15 @@ impl Cuda {
         let topk_bytes = if topk_ok { topk_bytes } else { 48 * 1024 };
         // The flash attention kernels use more than the default 48 KiB of dynamic shared memory.
         for hd in FLASH_HEAD_DIMS {
-            for warps in [4, 8] {
-                for kind in ["fwd", "dq", "dkdv"] {
-                    let name = Self::flash_kernel_name(kind, hd, warps);
-                    funcs[name.as_str()]
-                        .set_attribute(
-                            drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            Self::flash_smem(kind, hd, warps) as i32,
-                        )
-                        .map_err(|e| CudaError::Driver(format!("shared memory opt-in of {name}: {e:?}")))?;
-                }
+            for (kind, shape) in FLASH_SHAPES {
+                let name = Self::flash_kernel_name(kind, hd, shape);
+                let f = module.load_function(&name).map_err(|e| CudaError::Driver(format!("loading kernel {name}: {e:?}")))?;
+                f.set_attribute(
+                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    Self::flash_smem(kind, hd, shape) as i32,
+                )
+                .map_err(|e| CudaError::Driver(format!("shared memory opt-in of {name}: {e:?}")))?;
+                flash_funcs.insert(name, f);
             }
         }
         let topk_smem_keys = 1usize << (usize::BITS - 1 - (topk_bytes / 8).leading_zeros());
@@ -555,11 +583,12 @@ impl Cuda {
             stream,
             blas,
             funcs,
+            flash_funcs,
             scratch: Mutex::new((0..NUM_SLOTS).map(|_| None).collect()),
             topk_smem_keys,
             sm_count,
             gemm_bf16: AtomicBool::new(opts.gemm == GemmPrecision::Bf16),
-            flash_warps: FlashWarps::from_env(),
+            flash: FlashConfig::from_env(),
             profiling: AtomicBool::new(opts.profile),
             prof_depth: AtomicUsize::new(0),
             prof: Mutex::new(HashMap::new()),
@@ -810,18 +839,15 @@ impl Cuda {
 
     /// Per kernel: (name, registers per thread, local memory bytes per thread (spills and stack
     /// arrays), static shared memory bytes), as the driver reports them after loading.
-    pub fn kernel_info(&self) -> Vec<(&'static str, i32, i32, i32)> {
-        KERNELS
-            .iter()
-            .map(|&n| {
-                let f = &self.funcs[n];
-                (n, f.num_regs().unwrap_or(-1), f.local_size_bytes().unwrap_or(-1), f.shared_size_bytes().unwrap_or(-1))
-            })
-            .collect()
+    pub fn kernel_info(&self) -> Vec<(String, i32, i32, i32)> {
+        let mut flash: Vec<_> = self.flash_funcs.iter().collect();
+        flash.sort_by(|a, b| a.0.cmp(b.0));
+        let named = KERNELS.iter().map(|&n| (n.to_string(), &self.funcs[n])).chain(flash.into_iter().map(|(n, f)| (n.clone(), f)));
+        named.map(|(n, f)| (n, f.num_regs().unwrap_or(-1), f.local_size_bytes().unwrap_or(-1), f.shared_size_bytes().unwrap_or(-1))).collect()
     }
 
     fn func(&self, name: &str) -> &CudaFunction {
-        self.funcs.get(name).unwrap_or_else(|| panic!("cuda: kernel {name} not loaded"))
+        self.funcs.get(name).or_else(|| self.flash_funcs.get(name)).unwrap_or_else(|| panic!("cuda: kernel {name} not loaded"))
     }
 
     /// Device pointer for reading.
@@ -930,34 +956,35 @@ impl Cuda {
         }
     }
 
-    /// Dynamic shared memory of a flash kernel (`kind` fwd | dq | dkdv) with `warps` warps; the
-    /// layouts are at the top of each kernel in kernels/flash_attention.cu.
-    fn flash_smem(kind: &str, hd: usize, warps: usize) -> u32 {
+    /// Dynamic shared memory of a flash kernel (`kind` fwd | dq | dkdv) of block shape `shape`;
+    /// the layouts are at the top of each kernel in kernels/flash_attention.cu.
+    fn flash_smem(kind: &str, hd: usize, shape: FlashShape) -> u32 {
         let row = (hd + 8) * 2;
         (match kind {
-            "fwd" => (16 * warps + 4 * FLASH_TILE) * row + 2 * FLASH_TILE * 4,
+            "fwd" => (shape.rows() + 4 * FLASH_TILE) * row + 2 * FLASH_TILE * 4,
             "dq" => 4 * FLASH_TILE * row + 2 * FLASH_TILE * 4,
             _ => 4 * FLASH_TILE * row + 6 * FLASH_TILE * 4,
         }) as u32
     }
 
-    /// Name of a flash kernel (`kind` fwd | dq | dkdv) as instantiated by `INST_FA`.
-    fn flash_kernel_name(kind: &str, hd: usize, warps: usize) -> String {
+    /// Name of a flash kernel (`kind` fwd | dq | dkdv) as instantiated by `INST_FA_FWD` / `INST_FA_BWD`.
+    fn flash_kernel_name(kind: &str, hd: usize, shape: FlashShape) -> String {
+        let (w, t) = (shape.warps, shape.tiles);
         match kind {
-            "fwd" => format!("attn_fwd_bf16_d{hd}_w{warps}"),
-            _ => format!("attn_bwd_{kind}_bf16_d{hd}_w{warps}"),
+            "fwd" => format!("attn_fwd_bf16_d{hd}_w{w}_m{t}"),
+            _ => format!("attn_bwd_{kind}_bf16_d{hd}_w{w}_m{t}"),
         }
     }
 
     /// Name, rows per block, threads per block and shared memory of a flash kernel (grid x from
     /// the caller).
     fn flash_kernel(&self, kind: &str, hd: usize) -> (String, usize, u32, u32) {
-        let warps = match kind {
-            "fwd" => self.flash_warps.fwd,
-            "dq" => self.flash_warps.dq,
-            _ => self.flash_warps.dkdv,
+        let shape = match kind {
+            "fwd" => self.flash.fwd,
+            "dq" => self.flash.dq,
+            _ => self.flash.dkdv,
         };
-        (Self::flash_kernel_name(kind, hd, warps), 16 * warps, 32 * warps as u32, Self::flash_smem(kind, hd, warps))
+        (Self::flash_kernel_name(kind, hd, shape), shape.rows(), 32 * shape.warps as u32, Self::flash_smem(kind, hd, shape))
     }
 
     /// Tile tables for a flash pass: the blocks' own side in `own_tile`-row tiles (grid) and the

@@ -128,39 +128,66 @@ __device__ __forceinline__ void fa_frag_a(u32 (*a)[4], const bf16_t* t, int row0
         fa_ldsm(a[kk], t + (row0 + (lane & 15)) * (HD + FA_PAD) + kk * 16 + (lane >> 4) * 8);
 }
 
-// acc[16 x FA_BN] = A[16 x HD] · Tᵀ, T a shared [FA_BN][HD] tile (its rows are the output columns).
-template <int HD>
-__device__ __forceinline__ void fa_mm_abt(float (*acc)[4], const u32 (*a)[4], const bf16_t* t, int lane) {
+// acc[mt][16 x FA_BN] = A[mt][16 x HD] · Tᵀ for the warp's MT row tiles, T a shared [FA_BN][HD]
+// tile (its rows are the output columns). Each B fragment is loaded once for all MT row tiles.
+template <int HD, int MT>
+__device__ __forceinline__ void fa_mm_abt_mt(float (*acc)[FA_BN / 8][4], const u32 (*a)[HD / 16][4], const bf16_t* t,
+                                             int lane) {
 #pragma unroll
-    for (int n = 0; n < FA_BN / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
 #pragma unroll
     for (int np = 0; np < FA_BN / 16; ++np) {
 #pragma unroll
         for (int kk = 0; kk < HD / 16; ++kk) {
             u32 b[4];
             fa_ldsm(b, t + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * (HD + FA_PAD) + kk * 16 + ((lane >> 3) & 1) * 8);
-            fa_mma(acc[2 * np], a[kk], b[0], b[1]);
-            fa_mma(acc[2 * np + 1], a[kk], b[2], b[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                fa_mma(acc[mt][2 * np], a[mt][kk], b[0], b[1]);
+                fa_mma(acc[mt][2 * np + 1], a[mt][kk], b[2], b[3]);
+            }
         }
     }
 }
 
-// acc[16 x HD] += P[16 x FA_BN] · T, P held as C fragments (rounded to bf16 here), T a shared
-// [FA_BN][HD] tile read transposed by ldmatrix.trans.
-template <int HD>
-__device__ __forceinline__ void fa_mm_pt(float (*acc)[4], const float (*p)[4], const bf16_t* t, int lane) {
+// acc[mt][16 x HD] += P[mt][16 x FA_BN] · T, P held as C fragments (rounded to bf16 here), T a
+// shared [FA_BN][HD] tile read transposed by ldmatrix.trans; B fragments shared by the MT tiles.
+template <int HD, int MT>
+__device__ __forceinline__ void fa_mm_pt_mt(float (*acc)[HD / 8][4], const float (*p)[FA_BN / 8][4], const bf16_t* t,
+                                            int lane) {
 #pragma unroll
     for (int j = 0; j < FA_BN / 16; ++j) {
-        const u32 a[4] = {fa_pack(p[2 * j][0], p[2 * j][1]), fa_pack(p[2 * j][2], p[2 * j][3]),
-                          fa_pack(p[2 * j + 1][0], p[2 * j + 1][1]), fa_pack(p[2 * j + 1][2], p[2 * j + 1][3])};
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            a[mt][0] = fa_pack(p[mt][2 * j][0], p[mt][2 * j][1]);
+            a[mt][1] = fa_pack(p[mt][2 * j][2], p[mt][2 * j][3]);
+            a[mt][2] = fa_pack(p[mt][2 * j + 1][0], p[mt][2 * j + 1][1]);
+            a[mt][3] = fa_pack(p[mt][2 * j + 1][2], p[mt][2 * j + 1][3]);
+        }
 #pragma unroll
         for (int dp = 0; dp < HD / 16; ++dp) {
             u32 b[4];
             fa_ldsm_t(b, t + (j * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * (HD + FA_PAD) + dp * 16 + (lane >> 4) * 8);
-            fa_mma(acc[2 * dp], a, b[0], b[1]);
-            fa_mma(acc[2 * dp + 1], a, b[2], b[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                fa_mma(acc[mt][2 * dp], a[mt], b[0], b[1]);
+                fa_mma(acc[mt][2 * dp + 1], a[mt], b[2], b[3]);
+            }
         }
     }
+}
+
+// Single row tile forms of the two products (the backward kernels).
+template <int HD>
+__device__ __forceinline__ void fa_mm_abt(float (*acc)[4], const u32 (*a)[4], const bf16_t* t, int lane) {
+    fa_mm_abt_mt<HD, 1>((float (*)[FA_BN / 8][4])acc, (const u32 (*)[HD / 16][4])a, t, lane);
+}
+template <int HD>
+__device__ __forceinline__ void fa_mm_pt(float (*acc)[4], const float (*p)[4], const bf16_t* t, int lane) {
+    fa_mm_pt_mt<HD, 1>((float (*)[HD / 8][4])acc, (const float (*)[FA_BN / 8][4])p, t, lane);
 }
 
 // Min and max position of each tile of `tile` rows (tile table `off` as built by attn_tiles);
@@ -184,11 +211,11 @@ extern "C" __global__ void attn_tile_range(const u32* cu, const u32* pos, const 
     }
 }
 
-// Min and max over the block of the positions its threads own (p0, p1 valid when v0, v1).
+// Min and max over the block of its threads' own minima / maxima.
 template <int WARPS>
-__device__ __forceinline__ void fa_block_range(u32 p0, bool v0, u32 p1, bool v1, u32* red, u32& mn, u32& mx) {
-    const u32 a = warp_min_u32(min(v0 ? p0 : U32_MAX, v1 ? p1 : U32_MAX));
-    const u32 b = warp_max_u32(max(v0 ? p0 : 0u, v1 ? p1 : 0u));
+__device__ __forceinline__ void fa_block_minmax(u32 lmn, u32 lmx, u32* red, u32& mn, u32& mx) {
+    const u32 a = warp_min_u32(lmn);
+    const u32 b = warp_max_u32(lmx);
     if ((threadIdx.x & 31) == 0) {
         red[threadIdx.x >> 5] = a;
         red[WARPS + (threadIdx.x >> 5)] = b;
@@ -201,6 +228,12 @@ __device__ __forceinline__ void fa_block_range(u32 p0, bool v0, u32 p1, bool v1,
         mn = min(mn, red[w]);
         mx = max(mx, red[WARPS + w]);
     }
+}
+
+// Min and max over the block of the positions its threads own (p0, p1 valid when v0, v1).
+template <int WARPS>
+__device__ __forceinline__ void fa_block_range(u32 p0, bool v0, u32 p1, bool v1, u32* red, u32& mn, u32& mx) {
+    fa_block_minmax<WARPS>(min(v0 ? p0 : U32_MAX, v1 ? p1 : U32_MAX), max(v0 ? p0 : 0u, v1 ? p1 : 0u), red, mn, mx);
 }
 
 // Next streamed tile at or after t (of n) whose smallest position is at most `maxp`.
@@ -244,11 +277,13 @@ __device__ __forceinline__ void fa_issue_kv(bf16_t* Ks, bf16_t* Vs, u32* Pk, int
     fa_load_col(Pk + buf * FA_BN, pos_k, t0, nt, 1);
 }
 
-template <int HD, int WARPS>
+// Each warp owns MT row tiles of 16 queries (rows warp·16·MT + 16·mt ..), so every K / V fragment
+// it loads from shared memory feeds MT matrix products.
+template <int HD, int WARPS, int MT>
 __device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
                             const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,
                             const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {
-    constexpr int BM = 16 * WARPS, LD = HD + FA_PAD;
+    constexpr int BM = 16 * MT * WARPS, LD = HD + FA_PAD;
     extern __shared__ __align__(16) unsigned char fa_sh[];
     bf16_t* Qs = (bf16_t*)fa_sh;          // [BM][LD]
     bf16_t* Ks = Qs + BM * LD;            // [2][FA_BN][LD]
@@ -259,28 +294,47 @@ __device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q
     const FaQueryBlock<BM> qb(blockIdx.x, cu_q, cu_k, qoff, koff, num_seqs, heads, kv_heads);
     const int h = qb.h, kh = qb.kh, nq = qb.nq, kt0 = qb.kt0, nkt = qb.nkt;
     const u32 q0 = qb.q0;
-    const int lane = threadIdx.x & 31, w16 = (threadIdx.x >> 5) * 16, g = lane >> 2, tq = lane & 3;
+    const int lane = threadIdx.x & 31, wrow = (threadIdx.x >> 5) * 16 * MT, g = lane >> 2, tq = lane & 3;
     const int qs = heads * HD, ks = kv_heads * HD;
-    const int r0 = w16 + g, r1 = r0 + 8;
 
     fa_load<HD, BM>(Qs, q, q0, nq, qs, h * HD);
     fa_commit();
-    const u32 pq0 = r0 < nq ? pos_q[q0 + r0] : 0u, pq1 = r1 < nq ? pos_q[q0 + r1] : 0u;
+    // Rows r[mt][0] = wrow + 16 mt + g and r[mt][1] = that + 8, with their positions.
+    int r[MT][2];
+    u32 pq[MT][2];
+    u32 lmn = U32_MAX, lmx = 0u;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            r[mt][i] = wrow + 16 * mt + g + 8 * i;
+            pq[mt][i] = r[mt][i] < nq ? pos_q[q0 + r[mt][i]] : 0u;
+            if (r[mt][i] < nq) {
+                lmn = min(lmn, pq[mt][i]);
+                lmx = max(lmx, pq[mt][i]);
+            }
+        }
     u32 minpq, maxpq;
-    fa_block_range<WARPS>(pq0, r0 < nq, pq1, r1 < nq, red, minpq, maxpq);
+    fa_block_minmax<WARPS>(lmn, lmx, red, minpq, maxpq);
 
     int t = fa_next_tile(krange, kt0, 0, nkt, maxpq);
     if (t < nkt) fa_issue_kv<HD>(Ks, Vs, Pk, 0, qb, t, k, v, pos_k, ks, kh * HD);
     fa_commit();
     fa_wait<1>();
     __syncthreads();
-    u32 qa[HD / 16][4];
-    fa_frag_a<HD>(qa, Qs, w16, lane);
-
-    float o[HD / 8][4];
+    u32 qa[MT][HD / 16][4];
 #pragma unroll
-    for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float m0 = F_NINF, m1 = F_NINF, l0 = 0.f, l1 = 0.f;  // running max (log2 domain) and sum per row
+    for (int mt = 0; mt < MT; ++mt) fa_frag_a<HD>(qa[mt], Qs, wrow + 16 * mt, lane);
+
+    float o[MT][HD / 8][4];
+    float m[MT][2], l[MT][2];  // running max (log2 domain) and sum per row
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < HD / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+        m[mt][0] = m[mt][1] = F_NINF;
+        l[mt][0] = l[mt][1] = 0.f;
+    }
     const float sl2 = scale * LOG2E_F;
     for (int buf = 0; t < nkt; buf ^= 1) {
         const int tn = fa_next_tile(krange, kt0, t + 1, nkt, maxpq);
@@ -291,67 +345,79 @@ __device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q
         const int nt = qb.tile_rows(t);
         const bool masked = !(krange[2 * (kt0 + t) + 1] <= minpq && nt == FA_BN);
         const u32* P = Pk + buf * FA_BN;
-        float sc[FA_BN / 8][4];
-        fa_mm_abt<HD>(sc, qa, Ks + buf * FA_BN * LD, lane);
-        float mx0 = F_NINF, mx1 = F_NINF;
+        float sc[MT][FA_BN / 8][4];
+        fa_mm_abt_mt<HD, MT>(sc, qa, Ks + buf * FA_BN * LD, lane);
 #pragma unroll
-        for (int n = 0; n < FA_BN / 8; ++n) {
+        for (int mt = 0; mt < MT; ++mt) {
+            float mx0 = F_NINF, mx1 = F_NINF;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = n * 8 + 2 * tq + (e & 1);
-                float x = sc[n][e] * sl2;
-                if (masked && (c >= nt || P[c] > (e < 2 ? pq0 : pq1))) x = F_NINF;
-                sc[n][e] = x;
+            for (int n = 0; n < FA_BN / 8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int c = n * 8 + 2 * tq + (e & 1);
+                    float x = sc[mt][n][e] * sl2;
+                    if (masked && (c >= nt || P[c] > pq[mt][e >> 1])) x = F_NINF;
+                    sc[mt][n][e] = x;
+                }
+                mx0 = fmaxf(mx0, fmaxf(sc[mt][n][0], sc[mt][n][1]));
+                mx1 = fmaxf(mx1, fmaxf(sc[mt][n][2], sc[mt][n][3]));
             }
-            mx0 = fmaxf(mx0, fmaxf(sc[n][0], sc[n][1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[n][2], sc[n][3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
-        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        // A row with nothing visible yet keeps m = -inf; subtract 0 then (exp2(-inf) = 0, no NaN).
-        const float s0 = n0 == F_NINF ? 0.f : n0, s1 = n1 == F_NINF ? 0.f : n1;
-        const float c0 = fa_exp2(m0 - s0), c1 = fa_exp2(m1 - s1);
-        l0 *= c0;
-        l1 *= c1;
+            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
+            const float n0 = fmaxf(m[mt][0], mx0), n1 = fmaxf(m[mt][1], mx1);
+            // A row with nothing visible yet keeps m = -inf; subtract 0 then (exp2(-inf) = 0, no NaN).
+            const float s0 = n0 == F_NINF ? 0.f : n0, s1 = n1 == F_NINF ? 0.f : n1;
+            const float c0 = fa_exp2(m[mt][0] - s0), c1 = fa_exp2(m[mt][1] - s1);
+            l[mt][0] *= c0;
+            l[mt][1] *= c1;
 #pragma unroll
-        for (int n = 0; n < HD / 8; ++n) {
-            o[n][0] *= c0;
-            o[n][1] *= c0;
-            o[n][2] *= c1;
-            o[n][3] *= c1;
-        }
+            for (int n = 0; n < HD / 8; ++n) {
+                o[mt][n][0] *= c0;
+                o[mt][n][1] *= c0;
+                o[mt][n][2] *= c1;
+                o[mt][n][3] *= c1;
+            }
 #pragma unroll
-        for (int n = 0; n < FA_BN / 8; ++n) {
-            sc[n][0] = fa_exp2(sc[n][0] - s0);
-            sc[n][1] = fa_exp2(sc[n][1] - s0);
-            sc[n][2] = fa_exp2(sc[n][2] - s1);
-            sc[n][3] = fa_exp2(sc[n][3] - s1);
-            l0 += sc[n][0] + sc[n][1];
-            l1 += sc[n][2] + sc[n][3];
+            for (int n = 0; n < FA_BN / 8; ++n) {
+                sc[mt][n][0] = fa_exp2(sc[mt][n][0] - s0);
+                sc[mt][n][1] = fa_exp2(sc[mt][n][1] - s0);
+                sc[mt][n][2] = fa_exp2(sc[mt][n][2] - s1);
+                sc[mt][n][3] = fa_exp2(sc[mt][n][3] - s1);
+                l[mt][0] += sc[mt][n][0] + sc[mt][n][1];
+                l[mt][1] += sc[mt][n][2] + sc[mt][n][3];
+            }
+            m[mt][0] = n0;
+            m[mt][1] = n1;
         }
-        m0 = n0;
-        m1 = n1;
-        fa_mm_pt<HD>(o, sc, Vs + buf * FA_BN * LD, lane);
+        fa_mm_pt_mt<HD, MT>(o, sc, Vs + buf * FA_BN * LD, lane);
         __syncthreads();  // this buffer is refilled two tiles from now
         t = tn;
     }
-    l0 += __shfl_xor_sync(FULL_MASK, l0, 1);
-    l0 += __shfl_xor_sync(FULL_MASK, l0, 2);
-    l1 += __shfl_xor_sync(FULL_MASK, l1, 1);
-    l1 += __shfl_xor_sync(FULL_MASK, l1, 2);
-    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
 #pragma unroll
-    for (int n = 0; n < HD / 8; ++n) {
-        const int d = h * HD + n * 8 + 2 * tq;
-        if (r0 < nq) fa_put2(out, (i64)(q0 + r0) * qs + d, o[n][0] * i0, o[n][1] * i0, out_bf16, false);
-        if (r1 < nq) fa_put2(out, (i64)(q0 + r1) * qs + d, o[n][2] * i1, o[n][3] * i1, out_bf16, false);
-    }
-    if (tq == 0) {
-        if (r0 < nq) lse[(i64)(q0 + r0) * heads + h] = l0 > 0.f ? (m0 + log2f(l0)) * LN2_F : F_INF;
-        if (r1 < nq) lse[(i64)(q0 + r1) * heads + h] = l1 > 0.f ? (m1 + log2f(l1)) * LN2_F : F_INF;
+    for (int mt = 0; mt < MT; ++mt) {
+        float inv[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            l[mt][i] += __shfl_xor_sync(FULL_MASK, l[mt][i], 1);
+            l[mt][i] += __shfl_xor_sync(FULL_MASK, l[mt][i], 2);
+            inv[i] = l[mt][i] > 0.f ? 1.f / l[mt][i] : 0.f;
+        }
+#pragma unroll
+        for (int n = 0; n < HD / 8; ++n) {
+            const int d = h * HD + n * 8 + 2 * tq;
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+                if (r[mt][i] < nq)
+                    fa_put2(out, (i64)(q0 + r[mt][i]) * qs + d, o[mt][n][2 * i] * inv[i], o[mt][n][2 * i + 1] * inv[i],
+                            out_bf16, false);
+        }
+        if (tq == 0)
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+                if (r[mt][i] < nq)
+                    lse[(i64)(q0 + r[mt][i]) * heads + h] = l[mt][i] > 0.f ? (m[mt][i] + log2f(l[mt][i])) * LN2_F : F_INF;
     }
 }
 
@@ -554,32 +620,39 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, const bf16_t* 
     }
 }
 
-// Instantiations: head dim HD, W warps per block (16·W rows); the host picks W per kernel
-// (FlashWarps in mod.rs).
-#define INST_FA(HD, W)                                                                                               \
-    extern "C" __global__ void __launch_bounds__(32 * W) attn_fwd_bf16_d##HD##_w##W(                                 \
+// Instantiations: head dim HD, W warps per block; the forward also with M = 2 row tiles per warp
+// (16·W·M rows per block). The host picks the configuration per kernel (FlashConfig in mod.rs).
+#define INST_FA_FWD(HD, W, M)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * W) attn_fwd_bf16_d##HD##_w##W##_m##M(                          \
         void* out, int out_bf16, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q,     \
         const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff, const int* koff, const u32* krange,    \
         int num_seqs, int heads, int kv_heads, float scale) {                                                        \
-        fa_fwd_impl<HD, W>(out, out_bf16, lse, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange, num_seqs, heads,         \
-                           kv_heads, scale);                                                                         \
-    }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_dq_bf16_d##HD##_w##W(                              \
-        void* dq, int dq_bf16, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q, const bf16_t* k,       \
-        const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,      \
-        const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {                    \
-        fa_bwd_dq_impl<HD, W>(dq, dq_bf16, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange, num_seqs, \
+        fa_fwd_impl<HD, W, M>(out, out_bf16, lse, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange, num_seqs,   \
                               heads, kv_heads, scale);                                                               \
+    }
+#define INST_FA_BWD(HD, W)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_dq_bf16_d##HD##_w##W##_m1(                         \
+        void* dq, int dq_bf16, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,            \
+        const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,      \
+        const int* qoff, const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {   \
+        fa_bwd_dq_impl<HD, W>(dq, dq_bf16, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange,  \
+                              num_seqs, heads, kv_heads, scale);                                                     \
     }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_dkdv_bf16_d##HD##_w##W(                            \
+    extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_dkdv_bf16_d##HD##_w##W##_m1(                       \
         void* dk, void* dv, int kv_bf16, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,  \
         const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,      \
         const int* koff, const int* qoff, const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {   \
-        fa_bwd_dkdv_impl<HD, W>(dk, dv, kv_bf16, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, koff, qoff, qrange,     \
-                                num_seqs, heads, kv_heads, scale);                                                   \
+        fa_bwd_dkdv_impl<HD, W>(dk, dv, kv_bf16, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, koff, qoff,    \
+                                qrange, num_seqs, heads, kv_heads, scale);                                           \
     }
 
-INST_FA(32, 4)
-INST_FA(32, 8)
-INST_FA(64, 4)
-INST_FA(64, 8)
+INST_FA_FWD(32, 4, 1)
+INST_FA_FWD(32, 8, 1)
+INST_FA_FWD(32, 4, 2)
+INST_FA_FWD(64, 4, 1)
+INST_FA_FWD(64, 8, 1)
+INST_FA_FWD(64, 4, 2)
+INST_FA_BWD(32, 4)
+INST_FA_BWD(32, 8)
+INST_FA_BWD(64, 4)
+INST_FA_BWD(64, 8)
