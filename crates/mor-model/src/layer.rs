@@ -102,9 +102,8 @@ impl<B: Backend> LayerAct<B> {
 }
 
 /// Scratch gradient buffers shared by all layer backwards (sized for the largest token set);
-/// `da` and `dxn` (residual-stream gradients) are full precision, the rest activation buffers.
+/// `dxn` (a residual-stream gradient) is full precision, the rest activation buffers.
 pub struct LayerScratch<B: Backend> {
-    pub da: B::Buf,
     pub dact: B::Buf,
     pub dgate: B::Buf,
     pub dup: B::Buf,
@@ -116,7 +115,6 @@ pub struct LayerScratch<B: Backend> {
 impl<B: Backend> LayerScratch<B> {
     pub fn new(b: &B, dims: &Dims, cap: usize) -> Self {
         LayerScratch {
-            da: b.zeros(cap * dims.d),
             dact: b.zeros_act(cap * dims.f),
             dgate: b.zeros_act(cap * dims.f),
             dup: b.zeros_act(cap * dims.f),
@@ -176,9 +174,11 @@ pub fn layer_forward<B: Backend>(
     b.axpy(out, &act.a, 1.0, n * d);
 }
 
-/// Backward of one layer: `dx += ∂L/∂x` given `dy = ∂L/∂y`; weight gradients accumulate into
-/// `p.grads`; with KV sharing, key/value gradients accumulate into the source's `dk`/`dv`.
-/// A layer that owns keys/values must see all its sharers' backwards before its own.
+/// Backward of one layer given `dy = ∂L/∂y`: `dx = ∂L/∂x` when `dx_set`, else `dx += ∂L/∂x`;
+/// weight gradients accumulate into `p.grads`; with KV sharing, key/value gradients accumulate
+/// into the source's `dk`/`dv`. `dy` is used up: it holds `∂L/∂a` afterwards (the residual
+/// stream needs no copy). A layer that owns keys/values must see all its sharers' backwards
+/// before its own.
 #[allow(clippy::too_many_arguments)]
 pub fn layer_backward<B: Backend>(
     b: &B,
@@ -189,8 +189,9 @@ pub fn layer_backward<B: Backend>(
     set: &TokenSet<B>,
     shared: Option<SharedKv<'_, B>>,
     s: &mut LayerScratch<B>,
-    dy: &B::Buf,
+    dy: &mut B::Buf,
     dx: &mut B::Buf,
+    dx_set: bool,
 ) {
     let n = set.len();
     let (d, f, qd, kvd) = (dims.d, dims.f, dims.qd(), dims.kvd());
@@ -203,18 +204,23 @@ pub fn layer_backward<B: Backend>(
     let v = |id: ParamId| &values[id.0];
     let disjoint = "a layer's weights are distinct parameters";
 
-    // MLP branch; da = dy + ∂(mlp)/∂a. First contributions overwrite their gradient buffers.
-    b.copy(&mut s.da, dy, n * d);
+    // MLP branch; da = dy + ∂(mlp)/∂a, accumulated in dy. First contributions overwrite their
+    // gradient buffers.
     b.matmul_bwd_many(Some(&mut s.dact), true, &act.act, n, f, &mut [grad(&mut grads[w.w_down.0], dy, v(w.w_down), d)]);
     b.swiglu_bwd_set(&mut s.dgate, &mut s.dup, &s.dact, &act.gate, &act.up, n * f);
     let [g_gate, g_up] = grads.get_disjoint_mut([w.w_gate.0, w.w_up.0]).expect(disjoint);
     let items = &mut [grad(g_gate, &s.dgate, v(w.w_gate), f), grad(g_up, &s.dup, v(w.w_up), f)];
     b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn2, n, d, items);
-    b.rmsnorm_bwd(&mut s.da, &mut grads[w.mlp_norm.0], &s.dxn, &act.a, v(w.mlp_norm), &act.rstd2, n, d);
+    b.rmsnorm_bwd(dy, &mut grads[w.mlp_norm.0], &s.dxn, &act.a, v(w.mlp_norm), &act.rstd2, n, d);
+    let da = &*dy;
 
-    // Attention branch; dx += da + ∂(attn)/∂x
-    b.axpy(dx, &s.da, 1.0, n * d);
-    b.matmul_bwd_many(Some(&mut s.datt), true, &act.att, n, qd, &mut [grad(&mut grads[w.wo.0], &s.da, v(w.wo), d)]);
+    // Attention branch; dx (+)= da + ∂(attn)/∂x
+    if dx_set {
+        b.copy(dx, da, n * d);
+    } else {
+        b.axpy(dx, da, 1.0, n * d);
+    }
+    b.matmul_bwd_many(Some(&mut s.datt), true, &act.att, n, qd, &mut [grad(&mut grads[w.wo.0], da, v(w.wo), d)]);
     b.fill(&mut s.dq, n * qd, 0.0);
     let owns_kv = shared.is_none();
     match shared {

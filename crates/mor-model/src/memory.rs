@@ -122,9 +122,9 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
     let layer_rows: usize = app_rows.iter().sum();
     let layer_activations = layer_rows * per_app + kv_rows * 4 * kvd;
     let layer_act_buffers = layer_rows * per_app_act + kv_rows * 2 * kvd;
-    // LayerScratch: da, dxn (d); dact, dgate, dup (f); datt, dq (qd); all but da, dxn are
-    // activation buffers.
-    let scratch = n * (2 * d + 3 * f + 2 * qd);
+    // LayerScratch: dxn (d); dact, dgate, dup (f); datt, dq (qd); all but dxn are activation
+    // buffers.
+    let scratch = n * (d + 3 * f + 2 * qd);
     let scratch_act = n * (3 * f + 2 * qd);
     // Residual buffers h, h1, tx, hn, dh, dhn, dtx, g1, g2; rstd; ce_all.
     let residual = n * (9 * d + 2);

@@ -555,7 +555,7 @@ impl<B: Backend> Model<B> {
             }
         }
         let s = &ws.scratch;
-        for x in [&s.da, &s.dact, &s.dgate, &s.dup, &s.dxn, &s.datt, &s.dq] {
+        for x in [&s.dact, &s.dgate, &s.dup, &s.dxn, &s.datt, &s.dq] {
             t += b.len(x);
         }
         for sb in &ws.steps {
@@ -1202,10 +1202,9 @@ fn run_block_backward<B: Backend>(
         let shared = app.kv_src.map(|s| SharedKv { src: &mut before[s], set: &tr.sets[tr.apps[s].set] });
         let set = &tr.sets[app.set];
         if i == apps.start {
-            layer_backward(b, dims, params, &weights.layers[app.pos], cur, set, shared, scratch, g1, dx);
+            layer_backward(b, dims, params, &weights.layers[app.pos], cur, set, shared, scratch, g1, dx, false);
         } else {
-            b.fill(g2, set.len() * dims.d, 0.0);
-            layer_backward(b, dims, params, &weights.layers[app.pos], cur, set, shared, scratch, g1, g2);
+            layer_backward(b, dims, params, &weights.layers[app.pos], cur, set, shared, scratch, g1, g2, true);
             std::mem::swap(g1, g2);
         }
     }
