@@ -365,8 +365,15 @@ fn matmul_ops(e: &mut Env, r: &mut Report) {
 /// `matmul_fwd_many` / `matmul_bwd_many` (one input, three weights; dx overwritten) against
 /// separate CPU products, in fp32 and in bf16 mode (whole-tensor error, bf16 bar).
 fn matmul_many_ops(e: &mut Env, r: &mut Report) {
+    // n = 1500: the bf16 path fuses the three GEMMs into one on stacked weights (skinny outputs).
+    for n in [300usize, 1500] {
+        matmul_many_case(e, r, n);
+    }
+}
+
+fn matmul_many_case(e: &mut Env, r: &mut Report, n: usize) {
     use mor_engine::MatmulGrad;
-    let (n, k, ms) = (300usize, 192usize, [256usize, 64, 64]);
+    let (k, ms) = (192usize, [256usize, 64, 64]);
     let (xc, xg) = e.rnd(n * k, 1.0);
     let ws: Vec<_> = ms.iter().map(|&m| e.rnd(m * k, 0.1)).collect();
     let douts: Vec<_> = ms.iter().map(|&m| e.rnd(n * m, 1.0)).collect();
@@ -828,10 +835,10 @@ fn bf16_act_ops(e: &mut Env, r: &mut Report) {
     // GEMMs on bf16 activations: the layer's shapes of use (bf16 x and outputs, f32 and bf16
     // output gradients, f32 and bf16 dx).
     use mor_engine::MatmulGrad;
-    let (n, k, ms) = (300usize, 192usize, [256usize, 64]);
+    let (n, k, ms) = (1500usize, 192usize, [256usize, 64]); // fused (skinny second output)
     let (xc, xg) = e.rnd_act(n * k, 1.0);
     let ws: Vec<_> = ms.iter().map(|&m| e.rnd(m * k, 0.1)).collect();
-    let mut outs = vec![e.rnd_act(n * ms[0], 1.0), e.rnd(n * ms[1], 1.0)];
+    let mut outs = vec![e.rnd_act(n * ms[0], 1.0), e.rnd_act(n * ms[1], 1.0)];
     {
         let mut items: Vec<_> = outs.iter_mut().zip(&ws).zip(ms).map(|((o, w), m)| (&mut o.1, &w.1, m)).collect();
         e.g.matmul_fwd_many(&xg, n, k, &mut items);
@@ -976,6 +983,39 @@ fn bench(g: &Cuda) {
             let fl = 2.0 * (n * k * m) as f64;
             println!("    {n:>5} x {k:>4} -> {m:>5}: fwd {f:.3} ms {:.0} TFLOP/s; bwd {b:.3} ms {:.0} TFLOP/s", fl / f / 1e9, 2.0 * fl / b / 1e9);
         }
+    }
+    // The q/k/v projections of a 360M layer as the bf16 model runs them: bf16 input and outputs,
+    // one matmul_fwd_many / matmul_bwd_many (dq bf16, dk/dv f32), against three separate GEMMs.
+    {
+        use mor_engine::MatmulGrad;
+        g.set_matmul_precision(MatmulPrecision::Bf16);
+        let (n, k, ms) = (16384usize, 960usize, [960usize, 320, 320]);
+        let x = g.zeros_act(n * k);
+        let ws: Vec<_> = ms.iter().map(|&m| rnd(m * k, 0.05)).collect();
+        let mut outs: Vec<_> = ms.iter().map(|&m| g.zeros_act(n * m)).collect();
+        let douts = [g.zeros_act(n * ms[0]), g.zeros(n * ms[1]), g.zeros(n * ms[2])];
+        let mut dws: Vec<_> = ms.iter().map(|&m| g.zeros(m * k)).collect();
+        let mut dx = g.zeros(n * k);
+        let fl = 2.0 * (n * k * ms.iter().sum::<usize>()) as f64;
+        let many = time_ms(g, 10, || {
+            let mut items: Vec<_> = outs.iter_mut().zip(&ws).zip(ms).map(|((o, w), m)| (o, w, m)).collect();
+            g.matmul_fwd_many(&x, n, k, &mut items);
+        });
+        let each = time_ms(g, 10, || {
+            for ((o, w), m) in outs.iter_mut().zip(&ws).zip(ms) {
+                g.matmul_fwd(o, &x, w, n, k, m);
+            }
+        });
+        let many_b = time_ms(g, 10, || {
+            let mut items: Vec<MatmulGrad<'_, G>> = dws.iter_mut().zip(&douts).zip(&ws).zip(ms).map(|(((dw, dout), w), m)| MatmulGrad { dw, dout, w, m }).collect();
+            g.matmul_bwd_many(Some(&mut dx), true, &x, n, k, &mut items);
+        });
+        let each_b = time_ms(g, 10, || {
+            for (((dw, dout), w), m) in dws.iter_mut().zip(&douts).zip(&ws).zip(ms) {
+                g.matmul_bwd(Some(&mut dx), dw, dout, &x, w, n, k, m);
+            }
+        });
+        println!("  q/k/v 16384 x 960 -> 960+320+320, bf16 activations: matmul_fwd_many {many:.3} ms ({:.0} TFLOP/s) vs 3 GEMMs {each:.3} ms; matmul_bwd_many {many_b:.3} ms ({:.0} TFLOP/s) vs 3 {each_b:.3} ms", fl / many / 1e9, 2.0 * fl / many_b / 1e9);
     }
     g.set_matmul_precision(MatmulPrecision::F32);
 

@@ -184,6 +184,46 @@ extern "C" __global__ void bf16_to_f32(const bf16* x, float* y, i64 n) {
     GRID_STRIDE(i, n) y[i] = to_f(x[i]);
 }
 
+// A rows x cols block between row-major matrices (leading dimensions in elements), each side f32
+// or bf16: the split and pack copies of fused GEMMs. Grid: x over groups of 4 columns, y (stride)
+// over rows; vector loads and stores of 4 elements when every row start is 4-aligned (`vec`).
+template <typename TS, typename TD>
+__device__ void copy_block_t(TD* dst, const TS* src, int dst_ld, int src_ld, int rows, int cols, bool vec) {
+    const int c = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (c >= cols) return;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const TS* s = src + (i64)r * src_ld + c;
+        TD* d = dst + (i64)r * dst_ld + c;
+        if (vec) {
+            float v[4];
+            if constexpr (sizeof(TS) == 4) {
+                const float4 x = *(const float4*)s;
+                v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+            } else {
+                const uint2 x = *(const uint2*)s;
+                v[0] = __uint_as_float(x.x << 16), v[1] = __uint_as_float(x.x & 0xffff0000u);
+                v[2] = __uint_as_float(x.y << 16), v[3] = __uint_as_float(x.y & 0xffff0000u);
+            }
+            if constexpr (sizeof(TD) == 4) {
+                *(float4*)d = make_float4(v[0], v[1], v[2], v[3]);
+            } else {
+                *(uint2*)d = make_uint2((u32)bf16_bits(v[0]) | ((u32)bf16_bits(v[1]) << 16),
+                                        (u32)bf16_bits(v[2]) | ((u32)bf16_bits(v[3]) << 16));
+            }
+        } else {
+            for (int j = c; j < min(c + 4, cols); ++j) d[j - c] = from_f<TD>(to_f(s[j - c]));
+        }
+    }
+}
+
+extern "C" __global__ void copy_block(void* dst, const void* src, int dst_ld, int dst_bf16, int src_ld, int src_bf16,
+                                      int rows, int cols, int vec) {
+    if (src_bf16 && dst_bf16) copy_block_t<bf16, bf16>((bf16*)dst, (const bf16*)src, dst_ld, src_ld, rows, cols, vec);
+    else if (src_bf16) copy_block_t<bf16, float>((float*)dst, (const bf16*)src, dst_ld, src_ld, rows, cols, vec);
+    else if (dst_bf16) copy_block_t<float, bf16>((bf16*)dst, (const float*)src, dst_ld, src_ld, rows, cols, vec);
+    else copy_block_t<float, float>((float*)dst, (const float*)src, dst_ld, src_ld, rows, cols, vec);
+}
+
 extern "C" __global__ void fill_bf16(bf16* x, i64 n, float v) {
     GRID_STRIDE(i, n) x[i] = from_f<bf16>(v);
 }
