@@ -348,6 +348,10 @@ fn matmul_ops(e: &mut Env, r: &mut Report) {
         e.c.matmul_fwd(&mut oc, &xc, &wc, n, k, m);
         e.g.matmul_fwd(&mut og, &xg, &wg, n, k, m);
         r.check(&format!("{tag} fwd"), "out", &e.g.to_f32(&og), &oc, TOL_RED);
+        let (resc, resg) = e.rnd(n * m, 1.0);
+        e.c.matmul_fwd_residual(&mut oc, &xc, &wc, &resc, n, k, m);
+        e.g.matmul_fwd_residual(&mut og, &xg, &wg, &resg, n, k, m);
+        r.check(&format!("{tag} fwd_residual"), "out", &e.g.to_f32(&og), &oc, TOL_RED);
         let (doc, dog) = e.rnd(n * m, 1.0);
         let (mut dxc, mut dxg) = e.rnd(n * k, 1.0);
         let (mut dwc, mut dwg) = e.rnd(m * k, 1.0);
@@ -365,7 +369,7 @@ fn matmul_ops(e: &mut Env, r: &mut Report) {
 /// `matmul_fwd_many` / `matmul_bwd_many` (one input, three weights; dx overwritten) against
 /// separate CPU products, in fp32 and in bf16 mode (whole-tensor error, bf16 bar).
 fn matmul_many_ops(e: &mut Env, r: &mut Report) {
-    // n = 1500: the bf16 path fuses the three GEMMs into one on stacked weights (skinny outputs).
+    // n = 1500: the bf16 backward runs the three weights as one GEMM on stacked weights (skinny outputs).
     for n in [300usize, 1500] {
         matmul_many_case(e, r, n);
     }
@@ -835,7 +839,7 @@ fn bf16_act_ops(e: &mut Env, r: &mut Report) {
     // GEMMs on bf16 activations: the layer's shapes of use (bf16 x and outputs, f32 and bf16
     // output gradients, f32 and bf16 dx).
     use mor_engine::MatmulGrad;
-    let (n, k, ms) = (1500usize, 192usize, [256usize, 64]); // fused (skinny second output)
+    let (n, k, ms) = (1500usize, 192usize, [256usize, 64]); // fused backward (skinny second output)
     let (xc, xg) = e.rnd_act(n * k, 1.0);
     let ws: Vec<_> = ms.iter().map(|&m| e.rnd(m * k, 0.1)).collect();
     let mut outs = vec![e.rnd_act(n * ms[0], 1.0), e.rnd_act(n * ms[1], 1.0)];
@@ -865,6 +869,17 @@ fn bf16_act_ops(e: &mut Env, r: &mut Report) {
             r.check_prec(true, &tag, &format!("dw{i}"), &e.g.to_f32(&dws[i].1), &dws[i].0, Some(&dw0[i]), TOL);
         }
         r.check_prec(true, &tag, "dx", &e.g.to_f32(&dxg), &dxc, None, TOL);
+    }
+
+    // A projection added to the residual stream in the GEMM epilogue (bf16 x, f32 residual).
+    for (n, k, m) in [(300usize, 192usize, 256usize), (1500, 256, 96)] {
+        let (xc, xg) = e.rnd_act(n * k, 1.0);
+        let (wc, wg) = e.rnd(m * k, 0.1);
+        let (rc, rg) = e.rnd(n * m, 1.0);
+        let (mut oc, mut og) = e.rnd(n * m, 1.0);
+        e.c.matmul_fwd_residual(&mut oc, &xc, &wc, &rc, n, k, m);
+        e.g.matmul_fwd_residual(&mut og, &xg, &wg, &rg, n, k, m);
+        r.check_prec(true, &format!("bf16 matmul_fwd_residual n{n} k{k} m{m}"), "out", &e.g.to_f32(&og), &oc, None, TOL);
     }
 
     // The cached bf16 copy of a weight follows every change of the weight: a write, an AdamW step.

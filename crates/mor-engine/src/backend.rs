@@ -166,6 +166,12 @@ pub trait Backend {
         k: usize,
         m: usize,
     );
+    /// `out[n, m] = x[n, k] · w[m, k]ᵀ + res[n, m]` (a projection added to the residual stream;
+    /// `out` and `res` are distinct). Backends with GEMM epilogues fuse the add.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_fwd_residual(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, res: &Self::Buf, n: usize, k: usize, m: usize) {
+        matmul_fwd_residual_unfused(self, out, x, w, res, n, k, m);
+    }
     /// [`Backend::matmul_fwd`] of several weights on one input (q/k/v, gate/up): `out_i[n, m_i] =
     /// x · w_iᵀ` for each `(out_i, w_i, m_i)`. Backends that convert operands (bf16 GEMMs)
     /// convert `x` once.
@@ -312,6 +318,14 @@ pub trait Backend {
         weight_decay: f32,
         step: u64,
     );
+}
+
+/// [`Backend::matmul_fwd_residual`] as [`Backend::matmul_fwd`] then [`Backend::axpy`] (the
+/// default, and the fp32 path of backends that override it).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_fwd_residual_unfused<B: Backend + ?Sized>(b: &B, out: &mut B::Buf, x: &B::Buf, w: &B::Buf, res: &B::Buf, n: usize, k: usize, m: usize) {
+    b.matmul_fwd(out, x, w, n, k, m);
+    b.axpy(out, res, 1.0, n * m);
 }
 
 /// [`Backend::matmul_fwd_many`] as one [`Backend::matmul_fwd`] per weight (the default, and the

@@ -163,15 +163,13 @@ pub fn layer_forward<B: Backend>(
         }
     }
     // a = x + O(att)
-    b.matmul_fwd(&mut act.a, &act.att, p.value(w.wo), n, qd, d);
-    b.axpy(&mut act.a, &act.x, 1.0, n * d);
+    b.matmul_fwd_residual(&mut act.a, &act.att, p.value(w.wo), &act.x, n, qd, d);
     b.rmsnorm_fwd(&mut act.xn2, &mut act.rstd2, &act.a, p.value(w.mlp_norm), n, d, dims.eps);
     let (w_gate, w_up) = (p.value(w.w_gate), p.value(w.w_up));
     b.matmul_fwd_many(&act.xn2, n, d, &mut [(&mut act.gate, w_gate, f), (&mut act.up, w_up, f)]);
     b.swiglu_fwd(&mut act.act, &act.gate, &act.up, n * f);
     // y = a + Down(act)
-    b.matmul_fwd(out, &act.act, p.value(w.w_down), n, f, d);
-    b.axpy(out, &act.a, 1.0, n * d);
+    b.matmul_fwd_residual(out, &act.act, p.value(w.w_down), &act.a, n, f, d);
 }
 
 /// Backward of one layer given `dy = ∂L/∂y`: `dx = ∂L/∂x` when `dx_set`, else `dx += ∂L/∂x`;

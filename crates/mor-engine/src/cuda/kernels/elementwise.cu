@@ -185,7 +185,7 @@ extern "C" __global__ void bf16_to_f32(const bf16* x, float* y, i64 n) {
 }
 
 // A rows x cols block between row-major matrices (leading dimensions in elements), each side f32
-// or bf16: the split and pack copies of fused GEMMs. Grid: x over groups of 4 columns, y (stride)
+// or bf16: the packing of the output gradients of a fused backward GEMM. Grid: x over groups of 4 columns, y (stride)
 // over rows; vector loads and stores of 4 elements when every row start is 4-aligned (`vec`).
 template <typename TS, typename TD>
 __device__ void copy_block_t(TD* dst, const TS* src, int dst_ld, int src_ld, int rows, int cols, bool vec) {
