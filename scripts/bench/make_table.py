@@ -51,7 +51,7 @@ def main():
             mem = f"{gib(r.get('max_allocated_gib'))} alloc / {gib(r.get('peak_mem_gib'))} device"
         else:
             impl = "mor (Rust, CUDA)"
-            prec = "fp32, SGEMM" if r.get("gemm") == "f32" else "fp32 activations, bf16 GEMM + attention operands (fp32 acc.)"
+            prec = "fp32, SGEMM" if r.get("gemm") == "f32" else "bf16 activations, fp32 weights + residual stream, bf16 GEMM + attention (fp32 acc.)"
             mem = f"{gib(r.get('peak_mem_gib'))} device"
         base = eager.get((m, r["micro_batch"], r["seq_len"]))
         rel = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
