@@ -1072,6 +1072,10 @@ fn bench(g: &Cuda) {
     let mut rs = g.zeros(n);
     let ms = time_ms(g, 10, || g.rmsnorm_fwd(&mut y, &mut rs, &x, &wn, n, d, 1e-5));
     println!("  rmsnorm_fwd 16384x960:                          {:.3} ms, {:.0} GB/s", ms, (2 * n * d * 4) as f64 / ms / 1e6);
+    let (mut dxn, mut dwn) = (g.zeros(n * d), g.zeros(d));
+    let ms = time_ms(g, 10, || g.rmsnorm_bwd(&mut dxn, &mut dwn, &y, &x, &wn, &rs, n, d));
+    // Bytes: dout and x read twice (dx pass, dw pass), dx read and written.
+    println!("  rmsnorm_bwd 16384x960:                          {:.3} ms, {:.0} GB/s", ms, (6 * n * d * 4) as f64 / ms / 1e6);
     let (vn, vocab) = (4096usize, 49152usize);
     let logits = rnd(vn * vocab, 3.0);
     let t: Vec<u32> = (0..vn as u32).map(|i| (i * 31) % vocab as u32).collect();
