@@ -61,4 +61,16 @@ fn dry_run_prints_memory_estimates() {
     // The estimate works for a CUDA run in any binary (it allocates nothing).
     let out = mor(&["train", "tiny-mor-ec3", "--dry-run", "--device", "cuda"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // With bf16 GEMMs the activation buffers are counted at 2 bytes: a smaller peak.
+    let peak = |args: &[&str]| -> f64 {
+        let out = mor(args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let line = text.lines().find(|l| l.contains("peak (estimate)")).unwrap_or_else(|| panic!("no peak line: {text}")).to_string();
+        let gib = line.split_whitespace().collect::<Vec<_>>().windows(2).find(|w| w[1] == "GiB").map(|w| w[0].to_string()).unwrap();
+        gib.parse().unwrap()
+    };
+    let f32_peak = peak(&["train", "360m-vanilla", "--dry-run", "--device", "cuda"]);
+    let bf16_peak = peak(&["train", "360m-vanilla", "--dry-run", "--device", "cuda", "--gemm", "bf16"]);
+    assert!(bf16_peak < f32_peak, "bf16 activations: {bf16_peak} GiB vs {f32_peak} GiB");
 }
