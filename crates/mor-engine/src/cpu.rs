@@ -11,19 +11,43 @@
 //! Layout notes beyond `backend.rs`: `lse` of [`Backend::attention_fwd`] is `[nq, heads]`
 //! (`lse[i * heads + h]`), and a query with no visible key gets `lse = +inf` (as flash-attention
 //! does), so `exp(s - lse) = 0` for it.
+//!
+//! Emulated precision (off by default; with it off every result is bit-for-bit unchanged): the
+//! roundings of the CUDA bf16 mode, to study its error against the exact reference on a CPU.
+//! * [`Backend::set_matmul_precision`]`(Bf16)`: every GEMM of `matmul_fwd` / `matmul_bwd` (and so
+//!   of the `_many` variants) rounds its operands to bf16 (round to nearest even) — `x` and `w`
+//!   forward, `dout` and `w` for `dx`, `dout` and `x` for `dw` — and sums the exact products in
+//!   `T`, as cuBLAS bf16 GEMMs with fp32 accumulation do.
+//! * [`Cpu::set_gemm_rule`]: the operand formats chosen per GEMM ([`precision::GemmRule`]: bf16,
+//!   split bf16 hi + lo, TF32 or unchanged, per product and operand), for per-site studies.
+//! * [`Cpu::set_attention_bf16`]: attention rounds like the tensor-core flash kernels
+//!   (`cuda/kernels/flash_attention.cu`, head_dim 32/64): `q`, `k`, `v`, `dout` to bf16 for every
+//!   product, and the probabilities `P` (in `P·V` and `Pᵀ·dout`) and `dS` (in `dS·K` and
+//!   `dSᵀ·Q`) to bf16 where they enter a product; softmax statistics, `lse`, `D = <dout, out>`
+//!   (from the unrounded `dout`) and the accumulations stay in `T`. One difference in kind: the
+//!   forward rounds `exp(s - max)` relative to the row's final max, the kernel relative to its
+//!   running max (then rescales in f32), so individual roundings differ, not their size.
+//!   [`Cpu::set_attention_rounding`] picks the format of each operand group (`q`/`k`, `v`, `dout`,
+//!   `P`, `dS`, and the `dout` / `out` that `D` reads) separately, for studies.
+//!
+//! The GPU's bf16 mode is both switches on. On `Cpu<f64>` an operand is rounded through f32.
 
 mod attention;
 pub mod math;
+pub mod precision;
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::marker::PhantomData;
+use std::sync::RwLock;
 
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::backend::{AttnShape, Backend, GateFn};
+use crate::backend::{AttnShape, Backend, GateFn, MatmulPrecision};
 
 use math::{axpy, sigmoid};
+use precision::{AttnRounding, GemmCall, GemmProduct, GemmRule, Operand};
 
 mod sealed {
     pub trait Sealed {}
@@ -280,15 +304,62 @@ fn row_max_sumexp<T: CpuFloat>(row: &[T]) -> (T, f64) {
     (m, s)
 }
 
+/// The first `len` values of `x` rounded to `f`, or all of `x` borrowed unchanged for
+/// [`Operand::F32`].
+fn operand<T: CpuFloat>(x: &[T], len: usize, f: Operand) -> Cow<'_, [T]> {
+    match f {
+        Operand::F32 => Cow::Borrowed(x),
+        f => Cow::Owned(x[..len].par_iter().map(|&v| T::of_f32(f.round(v.as_f32()))).collect()),
+    }
+}
+
 /// The CPU reference backend. `Cpu::<f32>::new()` for training, `Cpu::<f64>::new()` for
-/// gradient checks.
+/// gradient checks. Exact by default; see the module docs for the emulated (bf16) precision.
 pub struct Cpu<T> {
+    emulation: RwLock<Emulation>,
     _t: PhantomData<fn() -> T>,
+}
+
+/// The emulated precision (module docs); the default is exact.
+#[derive(Clone)]
+struct Emulation {
+    /// Operand formats of the GEMMs; `None`: unchanged operands.
+    gemm: Option<GemmRule>,
+    attention: AttnRounding,
 }
 
 impl<T: CpuFloat> Cpu<T> {
     pub fn new() -> Self {
-        Cpu { _t: PhantomData }
+        Cpu { emulation: RwLock::new(Emulation { gemm: None, attention: AttnRounding::EXACT }), _t: PhantomData }
+    }
+
+    /// Round GEMM operands per `rule` from now on (`None`: exact, as
+    /// `set_matmul_precision(MatmulPrecision::F32)`). The CUDA bf16 mode is
+    /// [`precision::all_bf16`].
+    pub fn set_gemm_rule(&self, rule: Option<GemmRule>) {
+        self.emulation.write().unwrap().gemm = rule;
+    }
+
+    /// Round attention operands like the CUDA flash kernels from now on (`false`: exact).
+    pub fn set_attention_bf16(&self, on: bool) {
+        self.set_attention_rounding(if on { AttnRounding::FLASH } else { AttnRounding::EXACT });
+    }
+
+    /// Attention's operand formats from now on (for studies; see [`AttnRounding`]).
+    pub fn set_attention_rounding(&self, r: AttnRounding) {
+        self.emulation.write().unwrap().attention = r;
+    }
+
+    pub fn attention_rounding(&self) -> AttnRounding {
+        self.emulation.read().unwrap().attention
+    }
+
+    /// The operand formats of one GEMM (`[F32, F32]` without a rule).
+    fn gemm_formats(&self, product: GemmProduct, n: usize, k: usize, m: usize) -> [Operand; 2] {
+        match self.emulation.read().unwrap().gemm.as_ref() {
+            Some(rule) => rule(&GemmCall { product, n, k, m }),
+            None => [Operand::F32, Operand::F32],
+        }
     }
 }
 
@@ -300,11 +371,9 @@ impl<T: CpuFloat> Default for Cpu<T> {
 
 impl<T> Clone for Cpu<T> {
     fn clone(&self) -> Self {
-        *self
+        Cpu { emulation: RwLock::new(self.emulation.read().unwrap().clone()), _t: PhantomData }
     }
 }
-
-impl<T> Copy for Cpu<T> {}
 
 impl<T> std::fmt::Debug for Cpu<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -318,6 +387,16 @@ impl<T: CpuFloat> Backend for Cpu<T> {
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    /// Emulated: `Bf16` rounds every GEMM operand to bf16 ([`precision::all_bf16`]), `F32`
+    /// removes any rounding rule. Attention has its own switch ([`Cpu::set_attention_bf16`]).
+    fn set_matmul_precision(&self, p: MatmulPrecision) -> bool {
+        self.set_gemm_rule(match p {
+            MatmulPrecision::F32 => None,
+            MatmulPrecision::Bf16 => Some(precision::all_bf16()),
+        });
+        true
     }
 
     // ---- memory ---------------------------------------------------------------------------
@@ -411,8 +490,10 @@ impl<T: CpuFloat> Backend for Cpu<T> {
 
     // ---- linear ---------------------------------------------------------------------------
     fn matmul_fwd(&self, out: &mut Vec<T>, x: &Vec<T>, w: &Vec<T>, n: usize, k: usize, m: usize) {
+        let [fx, fw] = self.gemm_formats(GemmProduct::Fwd, n, k, m);
+        let (x, w) = (operand(x, n * k, fx), operand(w, m * k, fw));
         // out[n, m] = x[n, k] · (w[m, k])ᵀ; Wᵀ as a [k, m] view has strides (1, k).
-        gemm(n, k, m, T::one(), x, (k, 1), w, (1, k), T::zero(), out, (m, 1));
+        gemm(n, k, m, T::one(), &x, (k, 1), &w, (1, k), T::zero(), out, (m, 1));
     }
 
     fn matmul_bwd(
@@ -427,11 +508,15 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         m: usize,
     ) {
         if let Some(dx) = dx {
+            let [fg, fw] = self.gemm_formats(GemmProduct::Dx, n, k, m);
+            let (g, w) = (operand(dout, n * m, fg), operand(w, m * k, fw));
             // dx[n, k] += dout[n, m] · w[m, k]
-            gemm(n, m, k, T::one(), dout, (m, 1), w, (k, 1), T::one(), dx, (k, 1));
+            gemm(n, m, k, T::one(), &g, (m, 1), &w, (k, 1), T::one(), dx, (k, 1));
         }
+        let [fg, fx] = self.gemm_formats(GemmProduct::Dw, n, k, m);
+        let (g, x) = (operand(dout, n * m, fg), operand(x, n * k, fx));
         // dw[m, k] += doutᵀ[m, n] · x[n, k]; doutᵀ as an [m, n] view has strides (1, m).
-        gemm(m, n, k, T::one(), dout, (1, m), x, (k, 1), T::one(), dw, (k, 1));
+        gemm(m, n, k, T::one(), &g, (1, m), &x, (k, 1), T::one(), dw, (k, 1));
     }
 
     // ---- normalisation --------------------------------------------------------------------
@@ -529,7 +614,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         v: &Vec<T>,
         shape: &AttnShape<'_, Vec<u32>>,
     ) {
-        attention::forward(out, lse, q, k, v, shape);
+        attention::forward(out, lse, q, k, v, shape, self.attention_rounding());
     }
 
     fn attention_bwd(
@@ -545,7 +630,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         v: &Vec<T>,
         shape: &AttnShape<'_, Vec<u32>>,
     ) {
-        attention::backward(dq, dk, dv, dout, out, lse, q, k, v, shape);
+        attention::backward(dq, dk, dv, dout, out, lse, q, k, v, shape, self.attention_rounding());
     }
 
     // ---- activations ----------------------------------------------------------------------

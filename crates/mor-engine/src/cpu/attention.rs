@@ -8,11 +8,17 @@
 //! `dK = scale · dSᵀ · Q`, `dV = Pᵀ · dout`. `dq` is computed in a pass parallel over query rows
 //! and `dk`/`dv` in a pass parallel over key rows (summing over the query heads that share a kv
 //! head in a fixed order), so every gradient row has one owner and the result is deterministic.
+//!
+//! Emulated precision ([`AttnRounding`], see `cpu.rs`; the CUDA flash kernels round all to bf16):
+//! the products read rounded copies of q, k, v and dout, and `P` / `dS` are rounded where they
+//! multiply a vector; the statistics (max, sum, lse, `D`) stay in `T` (`D` reads the dout and out
+//! of `delta_dout` / `delta_out`). With [`AttnRounding::EXACT`] every value is as without emulation.
 
 use rayon::prelude::*;
 
 use super::math::{axpy, dot};
-use super::CpuFloat;
+use super::precision::{AttnRounding, Operand};
+use super::{operand, CpuFloat};
 use crate::backend::AttnShape;
 
 struct Geometry {
@@ -62,6 +68,15 @@ fn softmax_scale<T: CpuFloat>(hd: usize) -> T {
     T::of_f64(1.0 / (hd as f64).sqrt())
 }
 
+/// `x` rounded to `f` (a probability or `dS` entering a tensor-core product).
+#[inline]
+fn rnd<T: CpuFloat>(f: Operand, x: T) -> T {
+    match f {
+        Operand::F32 => x,
+        f => T::of_f32(f.round(x.as_f32())),
+    }
+}
+
 pub(super) fn forward<T: CpuFloat>(
     out: &mut [T],
     lse: &mut [T],
@@ -69,11 +84,13 @@ pub(super) fn forward<T: CpuFloat>(
     k: &[T],
     v: &[T],
     shape: &AttnShape<'_, Vec<u32>>,
+    r: AttnRounding,
 ) {
     let g = geometry(shape);
     if g.nq == 0 || g.heads == 0 || g.hd == 0 {
         return;
     }
+    let (q, k, v) = (operand(q, g.nq * g.qs, r.qk), operand(k, g.nk * g.ks, r.qk), operand(v, g.nk * g.ks, r.v));
     let (cu_k, pos_q, pos_k) = (&shape.cu_k[..], &shape.pos_q[..], &shape.pos_k[..]);
     let seg = segment_of(shape.cu_q, shape.num_seqs, g.nq);
     let scale: T = softmax_scale(g.hd);
@@ -109,7 +126,7 @@ pub(super) fn forward<T: CpuFloat>(
                     }
                     let inv = T::one() / sum;
                     for (&p, &j) in sc.iter().zip(vis.iter()) {
-                        axpy(o, p * inv, &v[j * g.ks + kh * hd..][..hd]);
+                        axpy(o, rnd(r.p, p) * inv, &v[j * g.ks + kh * hd..][..hd]);
                     }
                     lrow[h] = m + sum.ln();
                 }
@@ -129,25 +146,32 @@ pub(super) fn backward<T: CpuFloat>(
     k: &[T],
     v: &[T],
     shape: &AttnShape<'_, Vec<u32>>,
+    r: AttnRounding,
 ) {
     let g = geometry(shape);
     if g.nq == 0 || g.nk == 0 || g.heads == 0 || g.hd == 0 {
         return;
     }
+    let (q, k, v) = (operand(q, g.nq * g.qs, r.qk), operand(k, g.nk * g.ks, r.qk), operand(v, g.nk * g.ks, r.v));
+    // `dout` as the products read it, and as `D = <dout, out>` reads it.
+    let dout_r = operand(dout, g.nq * g.qs, r.dout);
+    let dout_d = operand(dout, g.nq * g.qs, r.delta_dout);
+    let out_d = operand(out, g.nq * g.qs, r.delta_out);
     let (cu_q, cu_k, pos_q, pos_k) = (&shape.cu_q[..], &shape.cu_k[..], &shape.pos_q[..], &shape.pos_k[..]);
     let seg_q = segment_of(cu_q, shape.num_seqs, g.nq);
     let seg_k = segment_of(cu_k, shape.num_seqs, g.nk);
     let scale: T = softmax_scale(g.hd);
     let hd = g.hd;
     let (q, k, v) = (&q[..g.nq * g.qs], &k[..g.nk * g.ks], &v[..g.nk * g.ks]);
-    let (dout, out, lse) = (&dout[..g.nq * g.qs], &out[..g.nq * g.qs], &lse[..g.nq * g.heads]);
+    let lse = &lse[..g.nq * g.heads];
+    let (dout_r, dout_d, out_d) = (&dout_r[..g.nq * g.qs], &dout_d[..g.nq * g.qs], &out_d[..g.nq * g.qs]);
 
     // D[i, h] = <dout_ih, out_ih>
     let mut delta = vec![T::zero(); g.nq * g.heads];
     delta.par_chunks_mut(g.heads).enumerate().for_each(|(i, drow)| {
         for (h, dd) in drow.iter_mut().enumerate() {
             let o = i * g.qs + h * hd;
-            *dd = dot(&dout[o..o + hd], &out[o..o + hd]);
+            *dd = dot(&dout_d[o..o + hd], &out_d[o..o + hd]);
         }
     });
     let delta = &delta;
@@ -162,7 +186,7 @@ pub(super) fn backward<T: CpuFloat>(
             for h in 0..g.heads {
                 let kh = h / g.group;
                 let o = i * g.qs + h * hd;
-                let (qh, doh) = (&q[o..o + hd], &dout[o..o + hd]);
+                let (qh, doh) = (&q[o..o + hd], &dout_r[o..o + hd]);
                 let (l, dd) = (lse[i * g.heads + h], delta[i * g.heads + h]);
                 acc.iter_mut().for_each(|x| *x = T::zero());
                 for j in cu_k[s] as usize..cu_k[s + 1] as usize {
@@ -172,7 +196,7 @@ pub(super) fn backward<T: CpuFloat>(
                     let kv = j * g.ks + kh * hd;
                     let p = (dot(qh, &k[kv..kv + hd]) * scale - l).exp();
                     let ds = p * (dot(doh, &v[kv..kv + hd]) - dd);
-                    axpy(acc, ds, &k[kv..kv + hd]);
+                    axpy(acc, rnd(r.ds, ds), &k[kv..kv + hd]);
                 }
                 axpy(&mut dqrow[h * hd..(h + 1) * hd], scale, acc);
             }
@@ -196,11 +220,11 @@ pub(super) fn backward<T: CpuFloat>(
                     }
                     for h in kh * g.group..(kh + 1) * g.group {
                         let o = i * g.qs + h * hd;
-                        let (qh, doh) = (&q[o..o + hd], &dout[o..o + hd]);
+                        let (qh, doh) = (&q[o..o + hd], &dout_r[o..o + hd]);
                         let p = (dot(qh, kj) * scale - lse[i * g.heads + h]).exp();
-                        axpy(dva, p, doh);
+                        axpy(dva, rnd(r.p, p), doh);
                         let ds = p * (dot(doh, vj) - delta[i * g.heads + h]);
-                        axpy(dka, ds, qh);
+                        axpy(dka, rnd(r.ds, ds), qh);
                     }
                 }
                 axpy(&mut dkrow[kh * hd..(kh + 1) * hd], scale, dka);
