@@ -45,8 +45,8 @@ impl Dims {
 }
 
 /// Saved activations of one layer application, sized for `cap` tokens. The residual stream
-/// (`x`, `a`), row statistics and the key/value gradients (accumulated by every layer sharing
-/// them) are full-precision buffers; the rest are activation buffers ([`Backend::zeros_act`]:
+/// (`x`, `a`), the attention output, row statistics and the key/value gradients (accumulated by
+/// every layer sharing them) are full-precision buffers; the rest are activation buffers ([`Backend::zeros_act`]:
 /// bf16 in CUDA's bf16 mode).
 pub struct LayerAct<B: Backend> {
     pub cap: usize,
@@ -87,7 +87,9 @@ impl<B: Backend> LayerAct<B> {
             q: b.zeros_act(cap * qd),
             k: b.zeros_act(cap * kvd),
             v: b.zeros_act(cap * kvd),
-            att: b.zeros_act(cap * qd),
+            // f32: the attention backward's D = <dout, att> must match P·V (a bf16 att breaks the
+            // row sums of dS; docs/design/bf16-gradient-error.md).
+            att: b.zeros(cap * qd),
             lse: b.zeros(cap * dims.heads),
             a: b.zeros(cap * d),
             rstd2: b.zeros(cap),

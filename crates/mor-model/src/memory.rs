@@ -113,8 +113,8 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
     // owns its keys/values: with KV sharing, recursions after the first borrow them); gate, up,
     // act (f); lse (heads); rstd1, rstd2.
     let per_app = 4 * d + 2 * qd + 3 * f + heads + 2;
-    // Of those, activation buffers: xn1, xn2, q, att, gate, up, act; and k, v.
-    let per_app_act = 2 * d + 2 * qd + 3 * f;
+    // Of those, activation buffers: xn1, xn2, q, gate, up, act; and k, v.
+    let per_app_act = 2 * d + qd + 3 * f;
     let mut kv_rows: usize = app_rows.iter().sum();
     if cfg.kv_mode() == KvMode::Share && blocks_contiguous(&map) {
         kv_rows -= (1..map.num_recursions).flat_map(|r| map.step_positions(r)).map(|pos| app_rows[pos]).sum::<usize>();

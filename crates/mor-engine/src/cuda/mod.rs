@@ -78,6 +78,7 @@ const KERNELS: &[&str] = &[
     "rmsnorm_fwd_to_bf16",
     "rope_bf16",
     "attn_delta_bf16",
+    "attn_delta_bf16_f32",
     "bce_fwd_f32",
     "bce_bwd_f32",
     "adamw_f32",
@@ -1790,10 +1791,13 @@ impl Backend for Cuda {
         if self.use_flash(hd, &[self.p(dq), self.p(dk), self.p(dv)]) {
             let q16 = self.bf16_operand(Slot::AttQ16, q, nqe);
             let g16 = self.bf16_operand(Slot::AttG16, dout, nqe);
-            let o16 = self.bf16_operand(Slot::AttO, out, nqe);
             let k16 = self.bf16_operand(Slot::AttK16, k, nke);
             let v16 = self.bf16_operand(Slot::AttV16, v, nke);
-            launch!(self, "attn_delta_bf16", delta_cfg, [delta, g16, o16, nq as i32, hi, hdi]);
+            // D = <dout, out> from the bf16 dout of the dP products and out as stored (f32 keeps
+            // D consistent with P·V; docs/design/bf16-gradient-error.md).
+            let delta_kernel = if out.is_bf16() { "attn_delta_bf16" } else { "attn_delta_bf16_f32" };
+            let op = self.p(out);
+            launch!(self, delta_kernel, delta_cfg, [delta, g16, op, nq as i32, hi, hdi]);
             let dq_bf16 = dq.is_bf16() as i32;
             assert!(dk.dtype == dv.dtype, "cuda: attention_bwd needs dk and dv of one element type");
             let kv_bf16 = dk.is_bf16() as i32;

@@ -158,8 +158,8 @@ __device__ void attn_fwd_impl(float* out, float* lse, const float* q, const floa
 }
 
 // delta[i*heads + h] = <dout, out> over the head's hd values; one warp per (i, h).
-template <typename T>
-__device__ void attn_delta(float* delta, const T* dout, const T* out, int nq, int heads, int hd) {
+template <typename TG, typename TO>
+__device__ void attn_delta(float* delta, const TG* dout, const TO* out, int nq, int heads, int hd) {
     const i64 w = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (w >= (i64)nq * heads) return;
@@ -170,10 +170,16 @@ __device__ void attn_delta(float* delta, const T* dout, const T* out, int nq, in
     if (lane == 0) delta[w] = acc;
 }
 extern "C" __global__ void attn_delta_f32(float* delta, const float* dout, const float* out, int nq, int heads, int hd) {
-    attn_delta<float>(delta, dout, out, nq, heads, hd);
+    attn_delta<float, float>(delta, dout, out, nq, heads, hd);
 }
+// The tensor-core backward: D from the same bf16 dout its dP products read (so the rows of
+// dS = P (dP - D) sum to zero up to accumulation), out as stored.
 extern "C" __global__ void attn_delta_bf16(float* delta, const bf16* dout, const bf16* out, int nq, int heads, int hd) {
-    attn_delta<bf16>(delta, dout, out, nq, heads, hd);
+    attn_delta<bf16, bf16>(delta, dout, out, nq, heads, hd);
+}
+extern "C" __global__ void attn_delta_bf16_f32(float* delta, const bf16* dout, const float* out, int nq, int heads,
+                                               int hd) {
+    attn_delta<bf16, float>(delta, dout, out, nq, heads, hd);
 }
 
 template <int DPT>
