@@ -51,6 +51,10 @@
 //! also runs the full bf16 configuration with f64 accumulation (`Cpu<f64>`, operands rounded the
 //! same way) and the exact model in f64: what a different summation order / accumulator changes.
 
+#[path = "shared/batch_tokens.rs"]
+mod batch_tokens;
+
+use batch_tokens::tokens;
 use mor_config::ModelConfig;
 use mor_engine::cpu::precision::{AttnRounding, GemmCall, GemmProduct, GemmRule, Operand};
 use mor_engine::cpu::CpuFloat;
@@ -225,18 +229,6 @@ fn rule(spec: &Spec, cfg: &ModelConfig, flops: Flops) -> GemmRule {
         }
         f
     })
-}
-
-fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % vocab as u64) as u32
-        })
-        .collect()
 }
 
 /// A structured task (`--train-steps`): each row is a random sequence of ids below 512 followed by

@@ -32,6 +32,10 @@
 #[allow(dead_code, unused_imports)]
 mod common;
 
+#[path = "shared/batch_tokens.rs"]
+mod batch_tokens;
+
+use batch_tokens::tokens;
 use mor_config::{ModelConfig, RouterKind, Sampling};
 use mor_engine::cuda::{CudaOptions, GemmPrecision};
 use mor_engine::{Backend, Cpu, Cuda, ParamGroup};
@@ -81,18 +85,6 @@ fn norm_err(a: &[f32], b: &[f32]) -> f64 {
 
 fn scalar_err(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
-}
-
-fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % vocab as u64) as u32
-        })
-        .collect()
 }
 
 fn cases() -> Vec<Case> {
