@@ -293,6 +293,8 @@ fn elementwise_ops(e: &mut Env, r: &mut Report) {
     r.check("swiglu_bwd_set", "dgate", &dgs[..n], &dgc0[..n], TOL);
     r.check("swiglu_bwd_set", "dup", &dus[..n], &duc0[..n], TOL);
 
+    swiglu_small(e, r, false);
+
     e.c.gelu_fwd(&mut oc, &gc, n);
     e.g.gelu_fwd(&mut og, &gg, n);
     r.check("gelu_fwd", "out", &e.g.to_f32(&og), &oc, TOL);
@@ -419,7 +421,9 @@ fn matmul_many_case(e: &mut Env, r: &mut Report, n: usize) {
 }
 
 fn rmsnorm_ops(e: &mut Env, r: &mut Report) {
-    for (n, d) in [(512usize, 256usize), (77, 1000), (3, 4096)] {
+    // Warp-per-row kernels for d % 4 == 0 up to 2048 (V = 2, 8, 8, 16, 4, 8 groups per lane; n not
+    // a multiple of the rows per block), the block-per-row ones for odd or longer rows.
+    for (n, d) in [(512usize, 256usize), (77, 1000), (130, 960), (19, 2048), (200, 512), (1000, 576), (61, 1001), (45, 7), (3, 4096)] {
         let tag = format!("rmsnorm n{n} d{d}");
         let (xc, xg) = e.rnd(n * d, 2.0);
         let wv: Vec<f32> = (0..d + PAD).map(|_| e.rng.gen_range(0.5..1.5)).collect();
@@ -762,6 +766,36 @@ fn attention_case(e: &mut Env, r: &mut Report, case: &AttnCase, bf16: bool, act:
     }
 }
 
+/// SwiGLU forward and backward (accumulating and overwriting) on lengths around the 16-byte vector
+/// width: all scalar tail (5), one vector and a tail (11), vectors and a tail (4099).
+fn swiglu_small(e: &mut Env, r: &mut Report, bf16: bool) {
+    let p = if bf16 { "bf16 " } else { "" };
+    for n in [5usize, 11, 4099] {
+        let (gc, gg) = e.rnd_as(bf16, n, 6.0);
+        let (uc, ug) = e.rnd_as(bf16, n, 2.0);
+        let (mut oc, mut og) = e.rnd_as(bf16, n, 1.0);
+        e.c.swiglu_fwd(&mut oc, &gc, &uc, n);
+        e.g.swiglu_fwd(&mut og, &gg, &ug, n);
+        r.check_prec(bf16, &format!("{p}swiglu_fwd n={n}"), "out", &e.g.to_f32(&og), &oc, None, TOL);
+        let (doc, dog) = e.rnd_as(bf16, n, 1.0);
+        let (mut dgc, mut dgg) = e.rnd_as(bf16, n, 1.0);
+        let (mut duc, mut dug) = e.rnd_as(bf16, n, 1.0);
+        let (dg0, du0) = (dgc.clone(), duc.clone());
+        e.c.swiglu_bwd(&mut dgc, &mut duc, &doc, &gc, &uc, n);
+        e.g.swiglu_bwd(&mut dgg, &mut dug, &dog, &gg, &ug, n);
+        r.check_prec(bf16, &format!("{p}swiglu_bwd n={n}"), "dgate", &e.g.to_f32(&dgg), &dgc, Some(&dg0), TOL);
+        r.check_prec(bf16, &format!("{p}swiglu_bwd n={n}"), "dup", &e.g.to_f32(&dug), &duc, Some(&du0), TOL);
+        // Overwriting: from zero on the CPU, the tail past n untouched on both.
+        let (mut dgc0, mut duc0) = (dgc.clone(), duc.clone());
+        dgc0[..n].fill(0.0);
+        duc0[..n].fill(0.0);
+        e.c.swiglu_bwd(&mut dgc0, &mut duc0, &doc, &gc, &uc, n);
+        e.g.swiglu_bwd_set(&mut dgg, &mut dug, &dog, &gg, &ug, n);
+        r.check_prec(bf16, &format!("{p}swiglu_bwd_set n={n}"), "dgate", &e.g.to_f32(&dgg), &dgc0, None, TOL);
+        r.check_prec(bf16, &format!("{p}swiglu_bwd_set n={n}"), "dup", &e.g.to_f32(&dug), &duc0, None, TOL);
+    }
+}
+
 // ---- bf16 activation buffers -------------------------------------------------------------------
 
 /// The ops the bf16 mode's model runs on bf16 activation buffers (`zeros_act`), against the CPU on
@@ -812,17 +846,22 @@ fn bf16_act_ops(e: &mut Env, r: &mut Report) {
     r.check_prec(true, "bf16 swiglu_bwd_set", "dgate", &e.g.to_f32(&dgg), &dgc0, None, TOL);
     r.check_prec(true, "bf16 swiglu_bwd_set", "dup", &e.g.to_f32(&dug), &duc0, None, TOL);
 
-    // RMSNorm of an f32 residual into a bf16 activation.
-    let (n, d) = (77usize, 1000usize);
-    let (xc, xg) = e.rnd(n * d, 2.0);
-    let wv: Vec<f32> = (0..d + PAD).map(|_| e.rng.gen_range(0.5..1.5)).collect();
-    let (wc, wg) = e.up(&wv);
-    let (mut oc, mut og) = e.rnd_act(n * d, 1.0);
-    let (mut rc, mut rg) = e.rnd(n, 1.0);
-    e.c.rmsnorm_fwd(&mut oc, &mut rc, &xc, &wc, n, d, 1e-5);
-    e.g.rmsnorm_fwd(&mut og, &mut rg, &xg, &wg, n, d, 1e-5);
-    r.check_prec(true, "bf16 rmsnorm_fwd (f32 in)", "out", &e.g.to_f32(&og), &oc, None, TOL);
-    r.check("bf16 rmsnorm_fwd (f32 in)", "rstd", &e.g.to_f32(&rg), &rc, TOL);
+    swiglu_small(e, r, true);
+
+    // RMSNorm of an f32 residual into a bf16 activation (warp-per-row kernels for d % 4 == 0, the
+    // block-per-row one for 1001 and 7).
+    for (n, d) in [(77usize, 1000usize), (130, 960), (61, 1001), (45, 7)] {
+        let (xc, xg) = e.rnd(n * d, 2.0);
+        let wv: Vec<f32> = (0..d + PAD).map(|_| e.rng.gen_range(0.5..1.5)).collect();
+        let (wc, wg) = e.up(&wv);
+        let (mut oc, mut og) = e.rnd_act(n * d, 1.0);
+        let (mut rc, mut rg) = e.rnd(n, 1.0);
+        e.c.rmsnorm_fwd(&mut oc, &mut rc, &xc, &wc, n, d, 1e-5);
+        e.g.rmsnorm_fwd(&mut og, &mut rg, &xg, &wg, n, d, 1e-5);
+        let tag = if d == 1000 { "bf16 rmsnorm_fwd (f32 in)".to_string() } else { format!("bf16 rmsnorm_fwd (f32 in) d{d}") };
+        r.check_prec(true, &tag, "out", &e.g.to_f32(&og), &oc, None, TOL);
+        r.check(&tag, "rstd", &e.g.to_f32(&rg), &rc, TOL);
+    }
 
     // RoPE in place on bf16 q.
     let (n, heads, hd) = (512usize, 8usize, 64usize);
@@ -1074,8 +1113,31 @@ fn bench(g: &Cuda) {
     println!("  rmsnorm_fwd 16384x960:                          {:.3} ms, {:.0} GB/s", ms, (2 * n * d * 4) as f64 / ms / 1e6);
     let (mut dxn, mut dwn) = (g.zeros(n * d), g.zeros(d));
     let ms = time_ms(g, 10, || g.rmsnorm_bwd(&mut dxn, &mut dwn, &y, &x, &wn, &rs, n, d));
-    // Bytes: dout and x read twice (dx pass, dw pass), dx read and written.
-    println!("  rmsnorm_bwd 16384x960:                          {:.3} ms, {:.0} GB/s", ms, (6 * n * d * 4) as f64 / ms / 1e6);
+    // Bytes that must move: dout and x read, dx read and written (all f32, as in both modes).
+    println!("  rmsnorm_bwd 16384x960:                          {:.3} ms, {:.0} GB/s", ms, (4 * n * d * 4) as f64 / ms / 1e6);
+    // The bf16 mode's forward: f32 residual in, bf16 activation out; and SwiGLU on the bf16
+    // activations of a 360M MLP (16384 x 2560), the backward as training runs it (overwriting).
+    {
+        g.set_matmul_precision(MatmulPrecision::Bf16);
+        let mut yb = g.zeros_act(n * d);
+        let ms = time_ms(g, 10, || g.rmsnorm_fwd(&mut yb, &mut rs, &x, &wn, n, d, 1e-5));
+        println!("  rmsnorm_fwd 16384x960 (bf16 out):               {:.3} ms, {:.0} GB/s", ms, (n * d * (4 + 2)) as f64 / ms / 1e6);
+        let nf = n * 2560;
+        let mut act = |s: f32| {
+            let (src, mut b) = (rnd(nf, s), g.zeros_act(nf));
+            g.copy(&mut b, &src, nf);
+            b
+        };
+        let (gate, up, dact) = (act(4.0), act(2.0), act(1.0));
+        let (mut out, mut dgate, mut dup) = (g.zeros_act(nf), g.zeros_act(nf), g.zeros_act(nf));
+        let ms = time_ms(g, 10, || g.swiglu_fwd(&mut out, &gate, &up, nf));
+        println!("  swiglu_fwd 16384x2560 bf16:                     {:.3} ms, {:.0} GB/s", ms, (3 * nf * 2) as f64 / ms / 1e6);
+        let ms = time_ms(g, 10, || g.swiglu_bwd_set(&mut dgate, &mut dup, &dact, &gate, &up, nf));
+        println!("  swiglu_bwd_set 16384x2560 bf16:                 {:.3} ms, {:.0} GB/s", ms, (5 * nf * 2) as f64 / ms / 1e6);
+        let ms = time_ms(g, 10, || g.swiglu_bwd(&mut dgate, &mut dup, &dact, &gate, &up, nf));
+        println!("  swiglu_bwd 16384x2560 bf16 (accumulating):      {:.3} ms, {:.0} GB/s", ms, (7 * nf * 2) as f64 / ms / 1e6);
+        g.set_matmul_precision(MatmulPrecision::F32);
+    }
     let (vn, vocab) = (4096usize, 49152usize);
     let logits = rnd(vn * vocab, 3.0);
     let t: Vec<u32> = (0..vn as u32).map(|i| (i * 31) % vocab as u32).collect();

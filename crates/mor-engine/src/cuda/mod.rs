@@ -92,6 +92,19 @@ const KERNELS: &[&str] = &[
     "rmsnorm_bwd_dx_f32",
     "rmsnorm_dw_partial_f32",
     "rmsnorm_dw_final",
+    "rmsnorm_fwd_v2_f32",
+    "rmsnorm_fwd_v4_f32",
+    "rmsnorm_fwd_v8_f32",
+    "rmsnorm_fwd_v16_f32",
+    "rmsnorm_fwd_v2_to_bf16",
+    "rmsnorm_fwd_v4_to_bf16",
+    "rmsnorm_fwd_v8_to_bf16",
+    "rmsnorm_fwd_v16_to_bf16",
+    "rmsnorm_bwd_v2_f32",
+    "rmsnorm_bwd_v4_f32",
+    "rmsnorm_bwd_v8_f32",
+    "rmsnorm_bwd_v16_f32",
+    "rmsnorm_dw_reduce",
     "rope_f32",
     "softmax_fwd_f32",
     "softmax_bwd_f32",
@@ -192,6 +205,16 @@ const FLASH_HEAD_DIMS: [usize; 2] = [32, 64];
 const SUMSQ_MAX_BLOCKS: usize = 1024;
 /// Threads per block of elementwise kernels.
 const EW_THREADS: u32 = 256;
+/// 16-byte vectors per thread and iteration of the vectorized elementwise kernels (`EW_UNROLL` in
+/// kernels/elementwise.cu).
+const EW_UNROLL: usize = 2;
+/// Warps (rows at a time) per block of the warp-per-row RMSNorm forward.
+const RMS_FWD_WARPS: usize = 8;
+/// Warps per block of the warp-per-row RMSNorm backward (`RMS_BWD_WARPS` in kernels/rows.cu).
+const RMS_BWD_WARPS: usize = 4;
+/// Blocks (weight-gradient partials) of the RMSNorm backward, at most: rows per block follow from
+/// n alone, so the order of the dw sums does too.
+const RMS_BWD_PARTS: usize = 512;
 /// Dynamic shared memory the top-k kernel may use (opt-in above 48 KiB).
 const TOPK_SMEM_BYTES: usize = 128 * 1024;
 
@@ -1065,6 +1088,27 @@ impl Cuda {
         cfg((blocks as u32, 1, 1), EW_THREADS, 0)
     }
 
+    /// Grid for the vectorized elementwise kernels (16-byte vectors, [`EW_UNROLL`] per thread) over
+    /// `n` elements of `dtype`: one pass of the grid-stride loop covers them all, in as many
+    /// blocks as it takes (the hardware schedules them as SMs free up, no tail of a fixed grid).
+    fn ew16(&self, n: usize, dtype: Dtype) -> LaunchConfig {
+        let per_thread = 16 / dtype.size() * EW_UNROLL;
+        let blocks = n.div_ceil(EW_THREADS as usize * per_thread).clamp(1, i32::MAX as usize);
+        cfg((blocks as u32, 1, 1), EW_THREADS, 0)
+    }
+
+    /// `V` of the warp-per-row RMSNorm kernels (rows of up to 128 V, in 4-element groups; see
+    /// kernels/rows.cu) for rows of `d` at these device addresses, if they can take them: d a
+    /// multiple of 4 up to 2048, 16-byte aligned f32 rows, and `out_align`-aligned outputs.
+    fn rms_warp_v(d: usize, f32_ptrs: &[u64], out: u64, out_align: u64) -> Option<usize> {
+        let groups_per_lane = (d / 4).div_ceil(32);
+        let aligned = f32_ptrs.iter().all(|p| p.is_multiple_of(16)) && out.is_multiple_of(out_align);
+        if !d.is_multiple_of(4) || !aligned {
+            return None;
+        }
+        [2, 4, 8, 16].into_iter().find(|&v| groups_per_lane <= v)
+    }
+
     /// Scatter `src` rows into `dst` rows `idx[i]` with a stable grouping by destination row
     /// (see `group_*` in kernels/rows.cu). mode 0: add; 1: add `scale[i]` times; 2: replace
     /// (last source wins).
@@ -1106,8 +1150,9 @@ impl Cuda {
         }
         let bufs = [("dgate", &*dgate), ("dup", &*dup), ("dout", dout), ("gate", gate), ("up", up)];
         let name = Self::typed("swiglu_bwd", &bufs);
+        let c = self.ew16(n, dgate.dtype);
         let (dgp, dup_, op, gp, upp) = (self.pm(dgate), self.pm(dup), self.p(dout), self.p(gate), self.p(up));
-        launch!(self, &name, self.ew(n), [dgp, dup_, op, gp, upp, acc as i32, n as i64]);
+        launch!(self, &name, c, [dgp, dup_, op, gp, upp, acc as i32, n as i64]);
     }
 
     /// Tile table of an attention pass over the segments of `cu` (see kernels/attention.cu);
@@ -1641,11 +1686,18 @@ impl Backend for Cuda {
         check_len("w", w.len(), d);
         Self::f32_only("rmsnorm_fwd", &[("rstd", rstd), ("x", x), ("w", w)]);
         // A bf16 output is the bf16 mode's activation of the f32 residual stream.
-        let name = if out.is_bf16() { "rmsnorm_fwd_to_bf16" } else { "rmsnorm_fwd_f32" };
+        let suffix = if out.is_bf16() { "to_bf16" } else { "f32" };
         let (op, rp, xp, wp) = (self.pm(out), self.pm(rstd), self.p(x), self.p(w));
+        if let Some(v) = Self::rms_warp_v(d, &[xp, wp], op, 4 * out.dtype.size() as u64) {
+            // One row per warp (kernels/rows.cu).
+            let blocks = n.div_ceil(RMS_FWD_WARPS).min(i32::MAX as usize) as u32;
+            let c = cfg((blocks, 1, 1), 32 * RMS_FWD_WARPS as u32, 0);
+            launch!(self, &format!("rmsnorm_fwd_v{v}_{suffix}"), c, [op, rp, xp, wp, n as i32, d as i32, eps]);
+            return;
+        }
         launch!(
             self,
-            name,
+            &format!("rmsnorm_fwd_{suffix}"),
             cfg((rows_grid(n), 1, 1), row_threads(d, 1024), 0),
             [op, rp, xp, wp, n as i32, d as i32, eps]
         );
@@ -1675,6 +1727,18 @@ impl Backend for Cuda {
         check_len("rstd", rstd.len(), n);
         let (dxp, dwp, gp, xp, wp, rp) = (self.pm(dx), self.pm(dw), self.p(dout), self.p(x), self.p(w), self.p(rstd));
         let (ni, di) = (n as i32, d as i32);
+        if let Some(v) = Self::rms_warp_v(d, &[dxp, gp, xp, wp], 0, 1) {
+            // One pass, one row per warp: dx and per-block dw partials (kernels/rows.cu), then the
+            // partials in a fixed order. Rows per block depend on n only.
+            let rpb = n.div_ceil(RMS_BWD_PARTS).max(2 * RMS_BWD_WARPS);
+            let parts = n.div_ceil(rpb);
+            let partial = self.scratch(Slot::RmsPartial, parts * d * 4);
+            let inv_d = (1.0f64 / d as f64) as f32;
+            let c = cfg((parts as u32, 1, 1), 32 * RMS_BWD_WARPS as u32, (RMS_BWD_WARPS * d * 4) as u32);
+            launch!(self, &format!("rmsnorm_bwd_v{v}_f32"), c, [dxp, partial, gp, xp, wp, rp, ni, di, inv_d, rpb as i32]);
+            launch!(self, "rmsnorm_dw_reduce", cfg((d.div_ceil(32) as u32, 1, 1), 1024, 0), [dwp, partial, parts as i32, di]);
+            return;
+        }
         launch!(self, "rmsnorm_bwd_dx_f32", cfg((rows_grid(n), 1, 1), row_threads(d, 1024), 0), [dxp, gp, xp, wp, rp, ni, di]);
         // dw: fixed chunks of rows (a function of n only), then a pass over the chunks in order.
         let rpc = n.div_ceil(256).max(32);
@@ -1858,8 +1922,9 @@ impl Backend for Cuda {
         check_len("gate", gate.len(), n);
         check_len("up", up.len(), n);
         let name = Self::typed("swiglu_fwd", &[("out", out), ("gate", gate), ("up", up)]);
+        let c = self.ew16(n, out.dtype);
         let (op, gp, up_) = (self.pm(out), self.p(gate), self.p(up));
-        launch!(self, &name, self.ew(n), [op, gp, up_, n as i64]);
+        launch!(self, &name, c, [op, gp, up_, n as i64]);
     }
 
     fn swiglu_bwd(&self, dgate: &mut CudaBuf, dup: &mut CudaBuf, dout: &CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize) {

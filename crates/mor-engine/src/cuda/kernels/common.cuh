@@ -129,9 +129,60 @@ __device__ __forceinline__ void block_lse(float& m, float& s, float* shm, float*
     s = shs[0];
 }
 
-// Numerically stable logistic sigmoid (same branches as the CPU reference).
+// Numerically stable logistic sigmoid: the CPU reference's two branches (1 / (1 + e^-x) for
+// x >= 0, e^x / (1 + e^x) below) without a branch, one expf and one division, the same values.
 __device__ __forceinline__ float sigmoidf_(float x) {
-    if (x >= 0.f) return 1.f / (1.f + expf(-x));
-    const float e = expf(x);
-    return e / (1.f + e);
+    const float e = expf(-fabsf(x));
+    return (x >= 0.f ? 1.f : e) / (1.f + e);
+}
+
+// ---- vector access for the memory-bound kernels ---------------------------------------------
+
+// bf16 halves of a 32-bit word (the lower address in the low half) as f32.
+__device__ __forceinline__ float bf16_lo(u32 v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_hi(u32 v) { return __uint_as_float(v & 0xffff0000u); }
+// Two f32 -> a bf16 pair, round to nearest even (one cvt): the bits of bf16_bits, except that a NaN
+// becomes the canonical NaN.
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// 16 bytes (4 f32 or 8 bf16) at a 16-byte aligned address, converted to / from f32.
+__device__ __forceinline__ void ld16(float (&f)[4], const float* p) {
+    const float4 v = *(const float4*)p;
+    f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
+}
+__device__ __forceinline__ void ld16(float (&f)[8], const bf16* p) {
+    const uint4 v = *(const uint4*)p;
+    f[0] = bf16_lo(v.x), f[1] = bf16_hi(v.x), f[2] = bf16_lo(v.y), f[3] = bf16_hi(v.y);
+    f[4] = bf16_lo(v.z), f[5] = bf16_hi(v.z), f[6] = bf16_lo(v.w), f[7] = bf16_hi(v.w);
+}
+__device__ __forceinline__ void st16(float* p, const float (&f)[4]) { *(float4*)p = make_float4(f[0], f[1], f[2], f[3]); }
+__device__ __forceinline__ void st16(bf16* p, const float (&f)[8]) {
+    *(uint4*)p = make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]),
+                            pack_bf16x2(f[6], f[7]));
+}
+// The same 16 bytes kept raw (fewer registers while loads are in flight), element e read on use.
+__device__ __forceinline__ uint4 ld16_raw(const void* p) { return *(const uint4*)p; }
+template <typename T>
+__device__ __forceinline__ float raw_elem(const uint4& v, int e) {
+    constexpr int per = 4 / sizeof(T);  // elements per 32-bit word
+    const int c = e / per;
+    const u32 w = c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w;
+    if constexpr (per == 1) return __uint_as_float(w);
+    else return (e & 1) ? bf16_hi(w) : bf16_lo(w);
+}
+// 4 elements at a 4-element aligned address (16 bytes of f32, 8 of bf16).
+__device__ __forceinline__ void ld4(float (&f)[4], const float* p) { ld16(f, p); }
+__device__ __forceinline__ void st4(float* p, const float (&f)[4]) { st16(p, f); }
+__device__ __forceinline__ void st4(bf16* p, const float (&f)[4]) {
+    *(uint2*)p = make_uint2(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]));
+}
+
+// Whether every pointer is aligned to `a` bytes.
+__device__ __forceinline__ bool aligned_to(u64 a, const void* p0, const void* p1 = 0, const void* p2 = 0,
+                                           const void* p3 = 0, const void* p4 = 0) {
+    return (((u64)p0 | (u64)p1 | (u64)p2 | (u64)p3 | (u64)p4) & (a - 1)) == 0;
 }

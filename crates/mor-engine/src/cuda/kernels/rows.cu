@@ -2,9 +2,161 @@
 // Row kernels run one block per row (grid-stride over rows, so any grid size is correct).
 
 // ---- RMSNorm -------------------------------------------------------------------------------
+// Memory-bound: the forward reads an f32 row and writes it normalised (f32, or bf16 in the bf16
+// mode), the backward reads dout, x and dx and writes dx, once each. Rows with d % 4 == 0,
+// d <= 128 V and aligned pointers (the host checks) run one row per warp: lane l owns the
+// 4-element groups q = l + 32 k (k < V) of the row and keeps them in registers between the row's
+// reduction (warp shuffles, no barrier) and its output, so every byte moves once, in 16-byte
+// loads and stores of f32 (8-byte stores of bf16), a warp instruction covering 512 contiguous
+// bytes. Other rows take the block-per-row kernels further below.
 
-// The output may be stored at a lower precision than the input (TO = bf16 for the bf16 mode's
-// activations, the input being the f32 residual stream).
+// Forward, one row per warp (grid-stride over rows, so any grid is correct): out = w * (x * rs),
+// rs = 1 / sqrt(mean(x²) + eps), as the block-per-row kernel computes them.
+template <int V, typename TO>
+__device__ void rmsnorm_fwd_warp(TO* out, float* rstd, const float* x, const float* w, int n, int d, float eps) {
+    const int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+    const int nq = d >> 2;
+    for (int r = blockIdx.x * wpb + (threadIdx.x >> 5); r < n; r += gridDim.x * wpb) {
+        const float* xr = x + (i64)r * d;
+        float v[V][4];
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const int q = lane + 32 * k;
+            if (q < nq) ld4(v[k], xr + 4 * q);
+            else v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.f;
+        }
+        float ss = 0.f;
+#pragma unroll
+        for (int k = 0; k < V; ++k)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) ss += v[k][e] * v[k][e];
+        ss = warp_sum(ss);
+        const float rs = 1.f / sqrtf(ss / (float)d + eps);
+        if (lane == 0) rstd[r] = rs;
+        TO* o = out + (i64)r * d;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const int q = lane + 32 * k;
+            if (q >= nq) break;
+            float wv[4], y[4];
+            ld4(wv, w + 4 * q);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) y[e] = wv[e] * (v[k][e] * rs);
+            st4(o + 4 * q, y);
+        }
+    }
+}
+
+// Warps per block of the backward (its dynamic shared memory is RMS_BWD_WARPS * d floats).
+#define RMS_BWD_WARPS 4
+
+// Backward, one row per warp, dx and the weight gradient in one pass. Block b owns rows
+// [b * rpb, (b + 1) * rpb), warp i of it rows b * rpb + i + RMS_BWD_WARPS * t; per row, with
+// x̂ = x * rs, c = mean(g * w * x̂) (Σ times inv_d = (f32)(1 / (f64)d) from the host, as the CPU):
+//   dx += rs * (g * w - x̂ * c),  acc_i[j] += g * x̂ (warp i's weight-gradient sum, shared memory).
+// At the end partial[b, j] = Σ_i acc_i[j] in warp order; rmsnorm_dw_reduce adds the partials in a
+// fixed order. Every sum depends on (n, d, rpb) only: run-to-run identical, no atomics.
+template <int V>
+__device__ void rmsnorm_bwd_warp(float* dx, float* partial, const float* g, const float* x, const float* w,
+                                 const float* rstd, int n, int d, float inv_d, int rpb) {
+    extern __shared__ float4 rms_acc4[];
+    float* rms_acc = (float*)rms_acc4;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, wpb = blockDim.x >> 5;
+    const int nq = d >> 2;
+    float* acc = rms_acc + wid * d;  // 16-byte aligned: d % 4 == 0
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+        if (lane + 32 * k < nq) *(float4*)(acc + 4 * (lane + 32 * k)) = make_float4(0.f, 0.f, 0.f, 0.f);
+    const int r1 = min(n, (blockIdx.x + 1) * rpb);
+    for (int r = blockIdx.x * rpb + wid; r < r1; r += wpb) {
+        const i64 o = (i64)r * d;
+        float gv[V][4], xv[V][4];
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const int q = lane + 32 * k;
+            if (q < nq) ld4(gv[k], g + o + 4 * q), ld4(xv[k], x + o + 4 * q);
+        }
+        const float rs = rstd[r];
+        float c = 0.f;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const int q = lane + 32 * k;
+            if (q >= nq) break;
+            float wv[4], a[4];
+            ld4(wv, w + 4 * q);
+            ld4(a, acc + 4 * q);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float xh = xv[k][e] * rs, gw = gv[k][e] * wv[e];
+                c += gw * xh;
+                a[e] += gv[k][e] * xh;
+                xv[k][e] = xh, gv[k][e] = gw;  // kept for dx
+            }
+            st4(acc + 4 * q, a);
+        }
+        c = warp_sum(c) * inv_d;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const int q = lane + 32 * k;
+            if (q >= nq) break;
+            float dv[4];
+            ld4(dv, dx + o + 4 * q);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dv[e] = dv[e] + rs * (gv[k][e] - xv[k][e] * c);
+            st4(dx + o + 4 * q, dv);
+        }
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float s = rms_acc[j];
+        for (int i = 1; i < wpb; ++i) s += rms_acc[i * d + j];
+        partial[(i64)blockIdx.x * d + j] = s;
+    }
+}
+
+// dw[j] += Σ_p partial[p, j]: block (32 columns) x (blockDim.x / 32 strands), strand y adding
+// p = y, y + strands, ... in order, then the strands in order.
+extern "C" __global__ void rmsnorm_dw_reduce(float* dw, const float* partial, int parts, int d) {
+    __shared__ float sh[32][33];
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5, ny = blockDim.x >> 5;
+    const int j = blockIdx.x * 32 + tx;
+    float s = 0.f;
+    if (j < d) {
+#pragma unroll 8
+        for (int p = ty; p < parts; p += ny) s += partial[(i64)p * d + j];
+    }
+    sh[ty][tx] = s;
+    __syncthreads();
+    if (ty == 0 && j < d) {
+        float t = sh[0][tx];
+        for (int y = 1; y < ny; ++y) t += sh[y][tx];
+        dw[j] += t;
+    }
+}
+
+#define INST_RMS_WARP(V)                                                                                     \
+    extern "C" __global__ void rmsnorm_fwd_v##V##_f32(float* o, float* rs, const float* x, const float* w, int n, \
+                                                      int d, float eps) {                                    \
+        rmsnorm_fwd_warp<V, float>(o, rs, x, w, n, d, eps);                                                  \
+    }                                                                                                        \
+    extern "C" __global__ void rmsnorm_fwd_v##V##_to_bf16(bf16* o, float* rs, const float* x, const float* w,  \
+                                                          int n, int d, float eps) {                         \
+        rmsnorm_fwd_warp<V, bf16>(o, rs, x, w, n, d, eps);                                                   \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * RMS_BWD_WARPS)                                         \
+        rmsnorm_bwd_v##V##_f32(float* dx, float* p, const float* g, const float* x, const float* w,          \
+                               const float* rs, int n, int d, float inv_d, int rpb) {                        \
+        rmsnorm_bwd_warp<V>(dx, p, g, x, w, rs, n, d, inv_d, rpb);                                           \
+    }
+
+INST_RMS_WARP(2)
+INST_RMS_WARP(4)
+INST_RMS_WARP(8)
+INST_RMS_WARP(16)
+
+// Block-per-row kernels for the other rows (d % 4 != 0, d > 128 * 16, unaligned pointers), and
+// the reference the warp kernels follow. The output may be stored at a lower precision than the
+// input (TO = bf16 for the bf16 mode's activations, the input being the f32 residual stream).
 template <typename TO, typename T>
 __device__ void rmsnorm_fwd(TO* out, float* rstd, const T* x, const float* w, int n, int d, float eps) {
     __shared__ float sh[32];
