@@ -180,7 +180,7 @@ fn main() {
         .map(|s| s.split(',').map(str::to_string).collect())
         .unwrap_or_default();
     type Group = fn(&mut Env, &mut Report);
-    let groups: [(&str, Group); 14] = [
+    let groups: [(&str, Group); 15] = [
         ("memory", memory_ops),
         ("elementwise", elementwise_ops),
         ("embedding", embedding_ops),
@@ -192,6 +192,7 @@ fn main() {
         ("topk", topk_ops),
         ("loss", loss_ops),
         ("adamw", adamw_ops),
+        ("adamw-many", multi_tensor_ops),
         ("attention", attention_ops),
         ("bf16-activations", bf16_act_ops),
         ("determinism", determinism),
@@ -612,6 +613,121 @@ fn adamw_ops(e: &mut Env, r: &mut Report) {
     r.check("adamw x3 steps", "v", &e.g.to_f32(&vg), &vc, TOL);
 }
 
+// ---- multi-tensor optimizer ops ------------------------------------------------------------
+
+/// Bit mismatches between two equally long vectors (a length difference counts as all).
+fn bit_diffs(a: &[f32], b: &[f32]) -> usize {
+    if a.len() != b.len() {
+        return a.len().max(b.len());
+    }
+    a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count()
+}
+
+/// The optimizer's one-launch ops (cuda/optim.rs): `sum_squares_many` (exact against the
+/// per-tensor `sum_squares`), `adamw_many` with clipping folded in (against `Cpu<f32>`, and exact
+/// against the per-tensor CUDA path it replaces: scale, then adamw), `fill_many`, and that a
+/// parameter updated by `adamw_many` reaches the bf16 GEMMs (its version stamp is bumped).
+fn multi_tensor_ops(e: &mut Env, r: &mut Report) {
+    use mor_engine::AdamWItem;
+    // Tiny (norm-like), around the 16384-element chunk, one over 1M, an empty one.
+    let sizes = [1usize, 7, 960, 16_383, 16_385, 1_234_567, 0, 33];
+    let decay = [0.0f32, 0.1, 0.0, 0.1, 0.0, 0.1, 0.1, 0.0];
+    let (lr, b1, b2, eps) = (3e-4f32, 0.9f32, 0.95f32, 1e-8f32);
+    let mut p = Vec::new();
+    let mut m = Vec::new();
+    let mut v = Vec::new();
+    for &n in &sizes {
+        p.push(e.rnd(n, 1.0));
+        m.push(e.rnd(n, 0.01));
+        let vv: Vec<f32> = (0..n + PAD).map(|_| e.rng.gen_range(0.0..1e-4)).collect();
+        v.push(e.up(&vv));
+    }
+    // The per-tensor CUDA path on copies of the same state.
+    let copy = |e: &Env, xs: &[(Vec<f32>, <G as Backend>::Buf)]| -> Vec<<G as Backend>::Buf> { xs.iter().map(|x| e.g.from_f32(&x.0)).collect() };
+    let (mut p1, mut m1, mut v1) = (copy(e, &p), copy(e, &m), copy(e, &v));
+    let (mut sum_diffs, mut sum_err, mut grad_diffs, mut each_diffs) = (0usize, 0.0f64, 0usize, 0usize);
+    // Steps 1 and 3 clip to norm 1 (grad_scale 1/(norm + 1e-6)), step 2 passes grad_scale 1.
+    for (step, amp, clip) in [(1u64, 0.1f32, true), (2, 0.01, false), (3, 0.1, true)] {
+        let grads: Vec<(Vec<f32>, <G as Backend>::Buf)> = sizes.iter().map(|&n| e.rnd(n, amp)).collect();
+        let xs_c: Vec<(&Vec<f32>, usize)> = grads.iter().zip(&sizes).map(|(g, &n)| (&g.0, n)).collect();
+        let xs_g: Vec<(&<G as Backend>::Buf, usize)> = grads.iter().zip(&sizes).map(|(g, &n)| (&g.1, n)).collect();
+        let (sc, sg) = (e.c.sum_squares_many(&xs_c), e.g.sum_squares_many(&xs_g));
+        let each: Vec<f64> = xs_g.iter().map(|&(x, n)| e.g.sum_squares(x, n)).collect();
+        sum_diffs += sg.iter().zip(&each).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        sum_err = sc.iter().zip(&sg).fold(sum_err, |w, (c, g)| w.max((g - c).abs() / (c.abs() + 1e-30)));
+        let norm = sc.iter().sum::<f64>().sqrt();
+        let grad_scale = if clip { (1.0 / (norm + 1e-6)) as f32 } else { 1.0 };
+        assert!(grad_scale <= 1.0 && (clip == (grad_scale < 1.0)), "step {step}: norm {norm}");
+
+        let mut items_c: Vec<AdamWItem<'_, C>> = Vec::new();
+        let mut items_g: Vec<AdamWItem<'_, G>> = Vec::new();
+        for (k, (((pk, mk), vk), gk)) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(&grads).enumerate() {
+            let (n, weight_decay) = (sizes[k], decay[k]);
+            items_c.push(AdamWItem { param: &mut pk.0, grad: &gk.0, m: &mut mk.0, v: &mut vk.0, n, weight_decay });
+            items_g.push(AdamWItem { param: &mut pk.1, grad: &gk.1, m: &mut mk.1, v: &mut vk.1, n, weight_decay });
+        }
+        e.c.adamw_many(&mut items_c, lr, b1, b2, eps, step, grad_scale);
+        e.g.adamw_many(&mut items_g, lr, b1, b2, eps, step, grad_scale);
+        drop((items_c, items_g));
+        grad_diffs += grads.iter().map(|g| bit_diffs(&e.g.to_f32(&g.1), &g.0)).sum::<usize>();
+
+        for (k, &n) in sizes.iter().enumerate() {
+            let mut gk = e.g.zeros(n + PAD);
+            e.g.copy(&mut gk, &grads[k].1, n + PAD);
+            if grad_scale != 1.0 {
+                e.g.scale(&mut gk, grad_scale, n);
+            }
+            e.g.adamw(&mut p1[k], &gk, &mut m1[k], &mut v1[k], n, lr, b1, b2, eps, decay[k], step);
+        }
+    }
+    r.add_exact("sum_squares_many vs sum_squares", "bits", sum_diffs);
+    r.add("sum_squares_many x3 (vs cpu)", "sums", sum_err, TOL);
+    for (k, &n) in sizes.iter().enumerate() {
+        let op = format!("adamw_many x3 clip n={n}");
+        r.check(&op, "param", &e.g.to_f32(&p[k].1), &p[k].0, TOL);
+        r.check(&op, "m", &e.g.to_f32(&m[k].1), &m[k].0, TOL);
+        r.check(&op, "v", &e.g.to_f32(&v[k].1), &v[k].0, TOL);
+        each_diffs += bit_diffs(&e.g.to_f32(&p[k].1), &e.g.to_f32(&p1[k]))
+            + bit_diffs(&e.g.to_f32(&m[k].1), &e.g.to_f32(&m1[k]))
+            + bit_diffs(&e.g.to_f32(&v[k].1), &e.g.to_f32(&v1[k]));
+    }
+    r.add_exact("adamw_many vs scale+adamw (gpu)", "p, m, v bits", each_diffs);
+    r.add_exact("adamw_many leaves grads", "bits", grad_diffs);
+
+    // A weight updated by adamw_many is seen by the bf16 GEMMs (stale bf16 copy not reused).
+    let was = e.g.options().gemm;
+    e.g.set_matmul_precision(MatmulPrecision::Bf16);
+    let (rows, k, out) = (64usize, 96usize, 80usize);
+    let (_, x) = e.rnd(rows * k, 1.0);
+    let (_, mut w) = e.rnd(out * k, 0.05);
+    let (_, gw) = e.rnd(out * k, 1.0);
+    let (mut mw, mut vw) = (e.g.zeros(out * k), e.g.zeros(out * k));
+    let (mut y0, mut y1, mut y2) = (e.g.zeros(rows * out), e.g.zeros(rows * out), e.g.zeros(rows * out));
+    e.g.matmul_fwd(&mut y0, &x, &w, rows, k, out);
+    let mut items = [AdamWItem { param: &mut w, grad: &gw, m: &mut mw, v: &mut vw, n: out * k, weight_decay: 0.1 }];
+    e.g.adamw_many(&mut items, 0.05, b1, b2, eps, 1, 0.5);
+    e.g.matmul_fwd(&mut y1, &x, &w, rows, k, out);
+    let fresh = e.g.from_f32(&e.g.to_f32(&w));
+    e.g.matmul_fwd(&mut y2, &x, &fresh, rows, k, out);
+    let (y0, y1, y2) = (e.g.to_f32(&y0), e.g.to_f32(&y1), e.g.to_f32(&y2));
+    r.add_exact("adamw_many then bf16 matmul", "vs fresh copy", bit_diffs(&y1, &y2) + if y0 == y1 { 1 } else { 0 });
+    e.g.set_matmul_precision(if was == mor_engine::cuda::GemmPrecision::Bf16 { MatmulPrecision::Bf16 } else { MatmulPrecision::F32 });
+
+    // fill_many over f32 buffers of odd sizes and a bf16 activation buffer (through fill).
+    let fsizes = [5usize, 16_385, 1, 0, 70_000];
+    let mut bufs: Vec<(Vec<f32>, <G as Backend>::Buf)> = fsizes.iter().map(|&n| e.rnd(n, 1.0)).collect();
+    bufs.push(e.rnd_act(3000, 1.0));
+    let lens: Vec<usize> = fsizes.iter().copied().chain([2999]).collect();
+    for value in [0.0f32, 0.5] {
+        let mut bc: Vec<(&mut Vec<f32>, usize)> = bufs.iter_mut().zip(&lens).map(|(b, &n)| (&mut b.0, n)).collect();
+        e.c.fill_many(&mut bc, value);
+        let mut bg: Vec<(&mut <G as Backend>::Buf, usize)> = bufs.iter_mut().zip(&lens).map(|(b, &n)| (&mut b.1, n)).collect();
+        e.g.fill_many(&mut bg, value);
+        let diffs: usize = bufs.iter().map(|b| bit_diffs(&e.g.to_f32(&b.1), &b.0)).sum();
+        r.add_exact(&format!("fill_many({value}) 6 buffers"), "bits", diffs);
+    }
+}
+
 // ---- attention -------------------------------------------------------------------------------
 
 /// One attention problem: per segment, query and key positions.
@@ -1001,6 +1117,62 @@ fn time_ms(g: &Cuda, iters: usize, mut f: impl FnMut()) -> f64 {
     ms[ms.len() / 2]
 }
 
+/// The optimizer of a 360M model (290 tensors, 64 of them norm weights of 960): clipping and
+/// AdamW per tensor against `adamw_many`, zeroing per tensor against `fill_many`, and the
+/// gradient norm (`sum_squares_many`, one read).
+fn bench_optimizer(g: &Cuda) {
+    use mor_engine::AdamWItem;
+    let (d, kv, f, layers, vocab) = (960usize, 320usize, 2560usize, 32usize, 49152usize);
+    let mut sizes = vec![vocab * d, d];
+    for _ in 0..layers {
+        sizes.extend([d * d, kv * d, kv * d, d * d, f * d, f * d, d * f, d, d]);
+    }
+    let decay: Vec<f32> = sizes.iter().map(|&n| if n == d { 0.0 } else { 0.1 }).collect();
+    let total: usize = sizes.iter().sum();
+    let mk = || sizes.iter().map(|&n| g.zeros(n)).collect::<Vec<_>>();
+    let (mut ps, mut grads, mut ms, mut vs) = (mk(), mk(), mk(), mk());
+    for (gr, &n) in grads.iter_mut().zip(&sizes) {
+        g.fill(gr, n, 1e-3);
+    }
+    let each = time_ms(g, 10, || {
+        for (k, &n) in sizes.iter().enumerate() {
+            g.scale(&mut grads[k], 0.999, n);
+            g.adamw(&mut ps[k], &grads[k], &mut ms[k], &mut vs[k], n, 1e-3, 0.9, 0.95, 1e-8, decay[k], 3);
+        }
+    });
+    let many = time_ms(g, 10, || {
+        let mut items: Vec<AdamWItem<'_, G>> = ps
+            .iter_mut()
+            .zip(&grads)
+            .zip(ms.iter_mut())
+            .zip(vs.iter_mut())
+            .enumerate()
+            .map(|(k, (((param, grad), m), v))| AdamWItem { param, grad, m, v, n: sizes[k], weight_decay: decay[k] })
+            .collect();
+        g.adamw_many(&mut items, 1e-3, 0.9, 0.95, 1e-8, 3, 0.999);
+    });
+    let xs: Vec<(&<G as Backend>::Buf, usize)> = grads.iter().zip(&sizes).map(|(x, &n)| (x, n)).collect();
+    let norm = time_ms(g, 10, || {
+        g.sum_squares_many(&xs);
+    });
+    drop(xs);
+    let zero_each = time_ms(g, 10, || {
+        for (gr, &n) in grads.iter_mut().zip(&sizes) {
+            g.fill(gr, n, 0.0);
+        }
+    });
+    let zero_many = time_ms(g, 10, || {
+        let mut bufs: Vec<(&mut <G as Backend>::Buf, usize)> = grads.iter_mut().zip(&sizes).map(|(x, &n)| (x, n)).collect();
+        g.fill_many(&mut bufs, 0.0);
+    });
+    println!(
+        "  optimizer 360M ({} tensors, {:.0}M params): scale+adamw per tensor {each:.3} ms, adamw_many {many:.3} ms ({:.0} GB/s); sum_squares_many {norm:.3} ms; zero grads: fill per tensor {zero_each:.3} ms, fill_many {zero_many:.3} ms",
+        sizes.len(),
+        total as f64 / 1e6,
+        (7 * total * 4) as f64 / many / 1e6
+    );
+}
+
 fn bench(g: &Cuda) {
     println!();
     println!("timings (median of 10, CUDA events, after a warm-up)");
@@ -1160,6 +1332,8 @@ fn bench(g: &Cuda) {
     let mut v1 = g.zeros(np);
     let ms = time_ms(g, 10, || g.adamw(&mut pm, &gr, &mut m1, &mut v1, np, 1e-3, 0.9, 0.95, 1e-8, 0.1, 3));
     println!("  adamw 90M params:                               {:.3} ms, {:.0} GB/s", ms, (7 * np * 4) as f64 / ms / 1e6);
+    drop((pm, gr, m1, v1));
+    bench_optimizer(g);
     let scores = rnd(n, 1.0);
     let cu: Vec<u32> = (0..=8u32).map(|s| s * 2048).collect();
     let cu = g.idx_from(&cu);

@@ -43,6 +43,18 @@ pub struct MatmulGrad<'a, B: Backend + ?Sized> {
     pub m: usize,
 }
 
+/// One tensor of [`Backend::adamw_many`]: its first `n` elements are updated with its own
+/// weight decay.
+pub struct AdamWItem<'a, B: Backend + ?Sized> {
+    pub param: &'a mut B::Buf,
+    /// Read only: the step multiplies it by `grad_scale` on the fly and leaves it as it was.
+    pub grad: &'a B::Buf,
+    pub m: &'a mut B::Buf,
+    pub v: &'a mut B::Buf,
+    pub n: usize,
+    pub weight_decay: f32,
+}
+
 /// Elementwise router activation `g = alpha * f(x)` (MOR_SPEC 3.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GateFn {
@@ -129,6 +141,13 @@ pub trait Backend {
         self.write_f32(buf, &data.iter().map(|&x| x as f32).collect::<Vec<_>>())
     }
     fn fill(&self, buf: &mut Self::Buf, n: usize, value: f32);
+    /// [`Backend::fill`] of several buffers, `buf[..n] = value` for each `(buf, n)` (one launch
+    /// on devices: zeroing all gradients).
+    fn fill_many(&self, bufs: &mut [(&mut Self::Buf, usize)], value: f32) {
+        for (buf, n) in bufs.iter_mut() {
+            self.fill(buf, *n, value);
+        }
+    }
     /// `dst[..n] = src[..n]`.
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, n: usize);
 
@@ -318,6 +337,14 @@ pub trait Backend {
         weight_decay: f32,
         step: u64,
     );
+    /// [`Backend::adamw`] of several tensors at once (one launch on devices), each with its own
+    /// weight decay, every gradient multiplied by `grad_scale` first (the clipping coefficient,
+    /// 1 for none). Bit for bit the same as [`Backend::scale`] of each gradient by `grad_scale`
+    /// followed by [`Backend::adamw`], except that the gradients are left as they were.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_many(&self, items: &mut [AdamWItem<'_, Self>], lr: f32, beta1: f32, beta2: f32, eps: f32, step: u64, grad_scale: f32) {
+        adamw_each(self, items, lr, beta1, beta2, eps, step, grad_scale);
+    }
 }
 
 /// [`Backend::matmul_fwd_residual`] as [`Backend::matmul_fwd`] then [`Backend::axpy`] (the
@@ -346,5 +373,22 @@ pub fn matmul_bwd_each<B: Backend + ?Sized>(b: &B, mut dx: Option<&mut B::Buf>, 
     }
     for it in items.iter_mut() {
         b.matmul_bwd(dx.as_deref_mut(), it.dw, it.dout, x, it.w, n, k, it.m);
+    }
+}
+
+/// [`Backend::adamw_many`] as one [`Backend::adamw`] per tensor, a scaled gradient going through a
+/// temporary copy ([`Backend::copy`], [`Backend::scale`]) so the caller's stays unscaled (the
+/// default, and the reference the fused forms are tested against).
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_each<B: Backend + ?Sized>(b: &B, items: &mut [AdamWItem<'_, B>], lr: f32, beta1: f32, beta2: f32, eps: f32, step: u64, grad_scale: f32) {
+    for it in items.iter_mut() {
+        if grad_scale == 1.0 {
+            b.adamw(it.param, it.grad, it.m, it.v, it.n, lr, beta1, beta2, eps, it.weight_decay, step);
+        } else {
+            let mut g = b.zeros(it.n);
+            b.copy(&mut g, it.grad, it.n);
+            b.scale(&mut g, grad_scale, it.n);
+            b.adamw(it.param, &g, it.m, it.v, it.n, lr, beta1, beta2, eps, it.weight_decay, step);
+        }
     }
 }

@@ -44,7 +44,7 @@ use std::sync::RwLock;
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::backend::{AttnShape, Backend, GateFn, MatmulPrecision};
+use crate::backend::{AdamWItem, AttnShape, Backend, GateFn, MatmulPrecision};
 
 use math::{axpy, sigmoid};
 use precision::{AttnRounding, GemmCall, GemmProduct, GemmRule, Operand};
@@ -896,34 +896,66 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         weight_decay: f32,
         step: u64,
     ) {
-        assert!(step >= 1, "adamw: step is 1-based");
-        // Scalar hyper-parameter arithmetic in f64, as PyTorch does with Python floats.
-        let (lr64, b1, b2, wd) = (lr as f64, beta1 as f64, beta2 as f64, weight_decay as f64);
-        let t = step.min(i32::MAX as u64) as i32;
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2 = 1.0 - b2.powi(t);
-        let decay = T::of_f64(1.0 - lr64 * wd);
-        let step_size = T::of_f64(lr64 / bc1);
-        let bc2_sqrt = T::of_f64(bc2.sqrt());
-        let (tb1, tb2) = (T::of_f64(b1), T::of_f64(b2));
-        let (ob1, ob2) = (T::of_f64(1.0 - b1), T::of_f64(1.0 - b2));
-        let teps = T::of_f32(eps);
-        param[..n]
-            .par_chunks_mut(EW_CHUNK)
-            .zip(m[..n].par_chunks_mut(EW_CHUNK))
-            .zip(v[..n].par_chunks_mut(EW_CHUNK))
-            .zip(grad[..n].par_chunks(EW_CHUNK))
-            .for_each(|(((p, mc), vc), g)| {
-                for i in 0..p.len() {
-                    let gi = g[i];
-                    p[i] = p[i] * decay;
-                    mc[i] = tb1 * mc[i] + ob1 * gi;
-                    vc[i] = tb2 * vc[i] + ob2 * gi * gi;
-                    let denom = vc[i].sqrt() / bc2_sqrt + teps;
-                    p[i] = p[i] - step_size * (mc[i] / denom);
-                }
-            });
+        adamw_update(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, step, None);
     }
+
+    /// One fused pass per tensor: `g * grad_scale` is formed where [`Backend::scale`] would have
+    /// stored it (the same float operations as scale then adamw), the gradients stay unscaled.
+    fn adamw_many(&self, items: &mut [AdamWItem<'_, Self>], lr: f32, beta1: f32, beta2: f32, eps: f32, step: u64, grad_scale: f32) {
+        let s = (grad_scale != 1.0).then(|| T::of_f32(grad_scale));
+        for it in items.iter_mut() {
+            adamw_update(it.param, it.grad, it.m, it.v, it.n, lr, beta1, beta2, eps, it.weight_decay, step, s);
+        }
+    }
+}
+
+/// [`Backend::adamw`] on the first `n` elements, the gradient multiplied by `grad_scale` when
+/// given (`g * T::of_f32(alpha)`, as [`Backend::scale`] computes it).
+#[allow(clippy::too_many_arguments)]
+fn adamw_update<T: CpuFloat>(
+    param: &mut [T],
+    grad: &[T],
+    m: &mut [T],
+    v: &mut [T],
+    n: usize,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    step: u64,
+    grad_scale: Option<T>,
+) {
+    assert!(step >= 1, "adamw: step is 1-based");
+    // Scalar hyper-parameter arithmetic in f64, as PyTorch does with Python floats.
+    let (lr64, b1, b2, wd) = (lr as f64, beta1 as f64, beta2 as f64, weight_decay as f64);
+    let t = step.min(i32::MAX as u64) as i32;
+    let bc1 = 1.0 - b1.powi(t);
+    let bc2 = 1.0 - b2.powi(t);
+    let decay = T::of_f64(1.0 - lr64 * wd);
+    let step_size = T::of_f64(lr64 / bc1);
+    let bc2_sqrt = T::of_f64(bc2.sqrt());
+    let (tb1, tb2) = (T::of_f64(b1), T::of_f64(b2));
+    let (ob1, ob2) = (T::of_f64(1.0 - b1), T::of_f64(1.0 - b2));
+    let teps = T::of_f32(eps);
+    param[..n]
+        .par_chunks_mut(EW_CHUNK)
+        .zip(m[..n].par_chunks_mut(EW_CHUNK))
+        .zip(v[..n].par_chunks_mut(EW_CHUNK))
+        .zip(grad[..n].par_chunks(EW_CHUNK))
+        .for_each(|(((p, mc), vc), g)| {
+            for i in 0..p.len() {
+                let gi = match grad_scale {
+                    Some(s) => g[i] * s,
+                    None => g[i],
+                };
+                p[i] = p[i] * decay;
+                mc[i] = tb1 * mc[i] + ob1 * gi;
+                vc[i] = tb2 * vc[i] + ob2 * gi * gi;
+                let denom = vc[i].sqrt() / bc2_sqrt + teps;
+                p[i] = p[i] - step_size * (mc[i] / denom);
+            }
+        });
 }
 
 /// Rotary embedding in place on `x[n, heads, head_dim]` (rotate_half layout). `inverse` rotates

@@ -80,10 +80,10 @@ impl<B: Backend> ParamStore<B> {
         (&self.values[value.0], &mut self.grads[grad.0])
     }
 
+    /// Zero every gradient ([`Backend::fill_many`]: one launch on devices).
     pub fn zero_grads(&mut self, backend: &B) {
-        for (g, info) in self.grads.iter_mut().zip(&self.info) {
-            backend.fill(g, info.numel(), 0.0);
-        }
+        let mut bufs: Vec<(&mut B::Buf, usize)> = self.grads.iter_mut().zip(&self.info).map(|(g, info)| (g, info.numel())).collect();
+        backend.fill_many(&mut bufs, 0.0);
     }
 
     /// Number of scalars in tensors matching `pred`.

@@ -234,6 +234,87 @@ fn adamw_matches_hand_computed_steps() {
     assert!(p[0] < 1.0 && p[1] < 1.0 && p[2] == 1.0 && p[3] == 1.0 && m[2] == 0.0);
 }
 
+/// Multi-tensor AdamW state: per tensor (param, m, v).
+#[derive(Clone)]
+struct AdamWCase<T> {
+    p: Vec<Vec<T>>,
+    m: Vec<Vec<T>>,
+    v: Vec<Vec<T>>,
+}
+
+/// `adamw_many` (the CPU override and the trait's default, `adamw_each`) against what the
+/// optimizer did before it existed, per tensor `scale(g, grad_scale)` then `adamw`: bit-identical
+/// parameters and moments, gradients left as they were, tails beyond `n` untouched. Tensors of
+/// odd sizes (one spanning several parallel chunks), mixed decay, with and without clipping.
+fn adamw_many_matches_per_tensor_path<T: mor_engine::cpu::CpuFloat + std::fmt::Debug>() {
+    use mor_engine::backend::adamw_each;
+    use mor_engine::AdamWItem;
+    let b = Cpu::<T>::new();
+    let sizes = [1usize, 7, 40_001, 33, 2];
+    let decay = [0.0f32, 0.1, 0.1, 0.0, 0.1];
+    let (lr, b1, b2, eps) = (3e-3f32, 0.9f32, 0.95f32, 1e-8f32);
+    let mut r = rng(11);
+    let pad = 3;
+    let start = AdamWCase {
+        p: sizes.iter().map(|&n| b.from_f32(&uniform(&mut r, n + pad, 1.0))).collect(),
+        m: sizes.iter().map(|&n| b.from_f32(&uniform(&mut r, n + pad, 0.01))).collect(),
+        v: sizes.iter().map(|&n| b.from_f32(&uniform(&mut r, n + pad, 1e-4).iter().map(|x| x.abs()).collect::<Vec<_>>())).collect(),
+    };
+    let (mut old, mut fused, mut each) = (start.clone(), start.clone(), start);
+    // Steps 1-4: clipped (two different coefficients), unclipped, clipped.
+    for (step, grad_scale) in [(1u64, 0.37f32), (2, 1.0), (3, 0.0123), (4, 0.9)] {
+        let grads: Vec<Vec<T>> = sizes.iter().map(|&n| b.from_f32(&uniform(&mut r, n + pad, 2.0))).collect();
+        for (k, &n) in sizes.iter().enumerate() {
+            let mut g = grads[k].clone();
+            if grad_scale != 1.0 {
+                b.scale(&mut g, grad_scale, n);
+            }
+            b.adamw(&mut old.p[k], &g, &mut old.m[k], &mut old.v[k], n, lr, b1, b2, eps, decay[k], step);
+        }
+        for (case, default) in [(&mut fused, false), (&mut each, true)] {
+            let mut items: Vec<AdamWItem<'_, Cpu<T>>> = case
+                .p
+                .iter_mut()
+                .zip(case.m.iter_mut())
+                .zip(case.v.iter_mut())
+                .zip(&grads)
+                .enumerate()
+                .map(|(k, (((param, m), v), grad))| AdamWItem { param, grad, m, v, n: sizes[k], weight_decay: decay[k] })
+                .collect();
+            let before: Vec<Vec<T>> = grads.clone();
+            if default {
+                adamw_each(&b, &mut items, lr, b1, b2, eps, step, grad_scale);
+            } else {
+                b.adamw_many(&mut items, lr, b1, b2, eps, step, grad_scale);
+            }
+            drop(items);
+            assert!(grads.iter().zip(&before).all(|(a, c)| a.iter().zip(c).all(|(x, y)| x.as_f64().to_bits() == y.as_f64().to_bits())));
+        }
+        for (name, case) in [("adamw_many", &fused), ("adamw_each", &each)] {
+            for k in 0..sizes.len() {
+                for (what, got, want) in [("param", &case.p[k], &old.p[k]), ("m", &case.m[k], &old.m[k]), ("v", &case.v[k], &old.v[k])] {
+                    let diff = got.iter().zip(want).filter(|(x, y)| x.as_f64().to_bits() != y.as_f64().to_bits()).count();
+                    assert_eq!(diff, 0, "{name} step {step} (grad_scale {grad_scale}) tensor {k} {what}: {diff} values differ");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn adamw_many_matches_scale_then_adamw_bit_for_bit() {
+    adamw_many_matches_per_tensor_path::<f32>();
+    adamw_many_matches_per_tensor_path::<f64>();
+}
+
+#[test]
+fn fill_many_fills_the_leading_elements() {
+    let b = Cpu::<f32>::new();
+    let (mut x, mut y, mut z) = (vec![1.0f32; 5], vec![2.0f32; 3], vec![3.0f32; 2]);
+    b.fill_many(&mut [(&mut x, 4), (&mut y, 0), (&mut z, 2)], 0.0);
+    assert_eq!((x, y, z), (vec![0.0, 0.0, 0.0, 0.0, 1.0], vec![2.0; 3], vec![0.0; 2]));
+}
+
 #[test]
 fn cross_entropy_values_and_ignore_index() {
     let b = Cpu::<f64>::new();

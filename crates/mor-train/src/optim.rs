@@ -21,12 +21,14 @@
 //! assert_eq!(stats.lr, 0.0); // WSD: the first update has LR 0
 //! params.zero_grads(&backend);
 //! ```
-//! The update itself is [`Backend::adamw`] (PyTorch semantics: decoupled decay
-//! `p -= lr·wd·p`, then the bias-corrected Adam step with the 1-based step count).
+//! The update itself is [`Backend::adamw_many`] over the group's tensors (one launch on the GPU;
+//! PyTorch semantics per tensor: decoupled decay `p -= lr·wd·p`, then the bias-corrected Adam
+//! step with the 1-based step count), the clipping coefficient applied to the gradients inside
+//! it: after a step the gradient buffers still hold the unclipped gradients.
 
 use anyhow::{bail, Result};
 use mor_config::TrainConfig;
-use mor_engine::{Backend, ParamGroup, ParamId, ParamStore};
+use mor_engine::{AdamWItem, Backend, ParamGroup, ParamId, ParamStore};
 use std::collections::HashMap;
 
 /// A host copy of one named tensor (row-major f32).
@@ -94,7 +96,8 @@ impl AdamWConfig {
 pub struct StepStats {
     /// Global L2 norm of the group's gradients **before** clipping.
     pub grad_norm: f64,
-    /// Whether the gradients were scaled down by clipping.
+    /// Whether clipping scaled the gradients down (in the update: the gradient buffers are left
+    /// unclipped).
     pub clipped: bool,
     /// The learning rate actually applied (`lr * lr_mult`).
     pub lr: f64,
@@ -172,61 +175,76 @@ impl<B: Backend> AdamW<B> {
         backend.sum_squares_many(&xs).into_iter().sum::<f64>().sqrt()
     }
 
-    /// PyTorch `clip_grad_norm_`: if `grad_clip > 0` and `max/(norm + 1e-6) < 1`, scale the
-    /// group's gradients by that coefficient. Returns `(pre-clip norm, clipped)`. A non-finite
-    /// norm is returned without touching the gradients.
-    pub fn clip_grad_norm(&self, backend: &B, params: &mut ParamStore<B>) -> (f64, bool) {
+    /// The group's gradient norm and PyTorch `clip_grad_norm_`'s coefficient `max/(norm + 1e-6)`
+    /// when clipping applies (`grad_clip > 0`, a finite norm, coefficient < 1).
+    pub fn clip_coef(&self, backend: &B, params: &ParamStore<B>) -> (f64, Option<f64>) {
         let norm = self.grad_norm(backend, params);
         if self.cfg.grad_clip > 0.0 && norm.is_finite() {
             let coef = self.cfg.grad_clip / (norm + 1e-6);
             if coef < 1.0 {
-                for id in &self.ids {
-                    let n = params.info[id.0].numel();
-                    backend.scale(&mut params.grads[id.0], coef as f32, n);
-                }
-                return (norm, true);
+                return (norm, Some(coef));
             }
         }
-        (norm, false)
+        (norm, None)
+    }
+
+    /// PyTorch `clip_grad_norm_`: scale the group's gradients in place by [`AdamW::clip_coef`]'s
+    /// coefficient when clipping applies. Returns `(pre-clip norm, clipped)`. A non-finite norm is
+    /// returned without touching the gradients. [`AdamW::step`] does not call this: it applies
+    /// the coefficient inside the update.
+    pub fn clip_grad_norm(&self, backend: &B, params: &mut ParamStore<B>) -> (f64, bool) {
+        let (norm, coef) = self.clip_coef(backend, params);
+        if let Some(coef) = coef {
+            for id in &self.ids {
+                let n = params.info[id.0].numel();
+                backend.scale(&mut params.grads[id.0], coef as f32, n);
+            }
+        }
+        (norm, coef.is_some())
     }
 
     /// One optimizer step with scheduled learning rate `lr` (the multiplier is applied here):
-    /// clip the gradients (in place), then AdamW-update every tensor of the group, weight decay
-    /// only where `decay` is set. Gradients are not zeroed. See [`AdamWConfig::skip_nonfinite`].
+    /// AdamW-update every tensor of the group with its gradient clipped by [`AdamW::clip_coef`],
+    /// weight decay only where `decay` is set, all in one [`Backend::adamw_many`]. The same
+    /// update as [`AdamW::clip_grad_norm`] then per-tensor [`Backend::adamw`], bit for bit, but the
+    /// gradients are neither clipped in place nor zeroed. See [`AdamWConfig::skip_nonfinite`].
     pub fn step(&mut self, backend: &B, params: &mut ParamStore<B>, lr: f64) -> StepStats {
-        let (grad_norm, clipped) = self.clip_grad_norm(backend, params);
+        let (grad_norm, coef) = self.clip_coef(backend, params);
+        let clipped = coef.is_some();
         let lr = lr * self.cfg.lr_mult;
         if self.cfg.skip_nonfinite && !grad_norm.is_finite() {
             return StepStats { grad_norm, clipped, lr, skipped: true };
         }
         self.step += 1;
         let ParamStore { info, values, grads } = params;
-        for (k, id) in self.ids.iter().enumerate() {
-            let meta = &info[id.0];
-            let wd = if meta.decay { self.cfg.weight_decay } else { 0.0 };
-            backend.adamw(
-                &mut values[id.0],
-                &grads[id.0],
-                &mut self.m[k],
-                &mut self.v[k],
-                meta.numel(),
-                lr as f32,
-                self.cfg.beta1 as f32,
-                self.cfg.beta2 as f32,
-                self.cfg.eps as f32,
-                wd as f32,
-                self.step,
-            );
+        // `ids` is ascending: walk the store once, taking the group's tensors with their moments.
+        let mut ids = self.ids.iter().map(|id| id.0).peekable();
+        let mut moments = self.m.iter_mut().zip(self.v.iter_mut());
+        let mut items: Vec<AdamWItem<'_, B>> = Vec::with_capacity(self.ids.len());
+        for (i, ((param, grad), meta)) in values.iter_mut().zip(grads.iter()).zip(info.iter()).enumerate() {
+            if ids.next_if_eq(&i).is_some() {
+                let (m, v) = moments.next().expect("moments of every tensor of the group");
+                let weight_decay = if meta.decay { self.cfg.weight_decay as f32 } else { 0.0 };
+                items.push(AdamWItem { param, grad, m, v, n: meta.numel(), weight_decay });
+            }
         }
+        let c = &self.cfg;
+        let grad_scale = coef.map_or(1.0, |k| k as f32);
+        backend.adamw_many(&mut items, lr as f32, c.beta1 as f32, c.beta2 as f32, c.eps as f32, self.step, grad_scale);
         StepStats { grad_norm, clipped, lr, skipped: false }
     }
 
-    /// Zero the gradients of this group only.
+    /// Zero the gradients of this group only ([`Backend::fill_many`]).
     pub fn zero_grads(&self, backend: &B, params: &mut ParamStore<B>) {
-        for id in &self.ids {
-            let n = params.info[id.0].numel();
-            backend.fill(&mut params.grads[id.0], n, 0.0);
-        }
+        let ParamStore { info, grads, .. } = params;
+        let mut ids = self.ids.iter().map(|id| id.0).peekable();
+        let mut bufs: Vec<(&mut B::Buf, usize)> = grads
+            .iter_mut()
+            .zip(info.iter())
+            .enumerate()
+            .filter_map(|(i, (g, meta))| ids.next_if_eq(&i).map(|_| (g, meta.numel())))
+            .collect();
+        backend.fill_many(&mut bufs, 0.0);
     }
 
     /// Set the step count (restoring from a checkpoint).

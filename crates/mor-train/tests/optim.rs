@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use mor_engine::Backend;
+use mor_engine::{Backend, ParamStore};
 use mor_engine::ParamGroup::{AuxRouter, Main};
 use mor_train::optim::{AdamW, AdamWConfig};
 
@@ -112,6 +112,65 @@ fn step_clips_before_update() {
 }
 
 #[test]
+fn step_equals_clip_in_place_then_per_tensor_adamw_and_leaves_grads_unclipped() {
+    // `step` folds the clipping coefficient into one adamw_many; the update must be the one of
+    // the old path (clip_grad_norm scaling the gradients in place, then adamw per tensor) bit for
+    // bit, so runs and checkpoints resume exactly as before, and the gradients stay unclipped.
+    let b = backend();
+    let specs: Vec<(String, Vec<usize>, bool, mor_engine::ParamGroup)> = vec![
+        ("emb".into(), vec![50, 3], true, Main),
+        ("norm".into(), vec![3], false, Main),
+        ("router".into(), vec![3], false, AuxRouter),
+        ("w".into(), vec![7, 5], true, Main),
+        ("tiny".into(), vec![1], false, Main),
+    ];
+    let init: Vec<Vec<f32>> = specs.iter().enumerate().map(|(k, s)| pseudo_random(s.1.iter().product(), 1 + k as u32)).collect();
+    let mk = || {
+        let sp: Vec<Spec<'_>> = specs.iter().zip(&init).map(|(s, v)| (s.0.as_str(), s.1.as_slice(), s.2, s.3, v.as_slice())).collect();
+        store(&b, &sp)
+    };
+    let (mut ps, mut old) = (mk(), mk());
+    let c = AdamWConfig::default();
+    let mut opt = AdamW::new(&b, &ps, Main, c);
+    let clip = AdamW::new(&b, &old, Main, c); // the old path: clip_grad_norm, then adamw per tensor
+    let ids = opt.param_ids().to_vec();
+    let mut moments: Vec<(Vec<f32>, Vec<f32>)> = ids.iter().map(|id| (vec![0.0; old.info[id.0].numel()], vec![0.0; old.info[id.0].numel()])).collect();
+    // Gradient scales: clipped (norm >> 1), not clipped (norm < 1), clipped.
+    for (t, amp) in [(0u32, 3.0f32), (1, 0.01), (2, 0.7)] {
+        for (k, (name, shape, ..)) in specs.iter().enumerate() {
+            let g: Vec<f32> = pseudo_random(shape.iter().product(), 100 + 10 * t + k as u32).iter().map(|x| x * amp).collect();
+            set_grad(&b, &mut ps, name, &g);
+            set_grad(&b, &mut old, name, &g);
+        }
+        let grads_before = ps.grads.clone();
+        let stats = opt.step(&b, &mut ps, 1e-2);
+        assert_eq!(stats.clipped, t != 1, "step {t}");
+
+        let (norm, clipped) = clip.clip_grad_norm(&b, &mut old);
+        assert_eq!((norm, clipped), (stats.grad_norm, stats.clipped));
+        let ParamStore { info, values, grads } = &mut old;
+        for (id, (m, v)) in ids.iter().zip(moments.iter_mut()) {
+            let wd = if info[id.0].decay { c.weight_decay as f32 } else { 0.0 };
+            let hp = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+            b.adamw(&mut values[id.0], &grads[id.0], m, v, info[id.0].numel(), 1e-2, hp.0, hp.1, hp.2, wd, t as u64 + 1);
+        }
+
+        assert_eq!(ps.values, old.values, "parameters after step {t}");
+        let st = opt.state_tensors(&b, &ps);
+        for (k, (m, v)) in moments.iter().enumerate() {
+            assert_eq!((&st[2 * k].data, &st[2 * k + 1].data), (m, v), "moments of tensor {k} after step {t}");
+        }
+        assert_eq!(ps.grads, grads_before, "step must leave the gradients unclipped");
+    }
+    // zero_grads of a group zeroes that group only; ParamStore::zero_grads all.
+    opt.zero_grads(&b, &mut ps);
+    assert_eq!(grad(&b, &ps, "router"), pseudo_random(3, 100 + 20 + 2).iter().map(|x| x * 0.7).collect::<Vec<_>>());
+    assert!(["emb", "norm", "w", "tiny"].iter().all(|n| grad(&b, &ps, n).iter().all(|&x| x == 0.0)));
+    ps.zero_grads(&b);
+    assert!(ps.grads.iter().all(|g| g.iter().all(|&x| x == 0.0)));
+}
+
+#[test]
 fn groups_are_separate_and_aux_gets_lr_mult() {
     let b = backend();
     let mut ps = store(&b, &[("w", &[1], true, Main, &[1.0]), ("router", &[1], false, AuxRouter, &[1.0])]);
@@ -168,7 +227,7 @@ fn state_round_trip_and_validation() {
     let (ix, iy) = (id(&ps, "x").0, id(&ps, "y").0);
     b.write_f32(&mut ps.values[ix], &vals.0);
     b.write_f32(&mut ps.values[iy], &vals.1);
-    // `step` clipped the gradients in place: set them again.
+    // (`step` leaves the gradients unclipped; set them again all the same.)
     set_grad(&b, &mut ps, "x", &pseudo_random(6, 99));
     set_grad(&b, &mut ps, "y", &pseudo_random(3, 98));
     fresh.step(&b, &mut ps, 1e-2);

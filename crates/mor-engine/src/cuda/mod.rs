@@ -45,7 +45,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
-use crate::backend::{matmul_bwd_each, matmul_fwd_each, matmul_fwd_residual_unfused, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision};
+use crate::backend::{matmul_bwd_each, matmul_fwd_each, matmul_fwd_residual_unfused, AdamWItem, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision};
 
 /// The CUDA C source of every kernel, as handed to NVRTC.
 pub const KERNEL_SOURCE: &str = concat!(
@@ -60,6 +60,8 @@ pub const KERNEL_SOURCE: &str = concat!(
     include_str!("kernels/attention.cu"),
     "\n",
     include_str!("kernels/flash_attention.cu"),
+    "\n",
+    include_str!("kernels/optim.cu"),
 );
 
 /// Every `extern "C"` kernel of [`KERNEL_SOURCE`], loaded at start-up (a missing one is an error).
@@ -130,6 +132,10 @@ const KERNELS: &[&str] = &[
     "attn_bwd_dq_f32_d128",
     "attn_bwd_dkdv_f32_d128",
     "attn_tile_range",
+    "fill_many_f32",
+    "adamw_many_f32",
+    "sumsq_many_partial_f32",
+    "sumsq_many_final",
 ];
 
 /// Largest head dimension the attention kernels take.
@@ -547,6 +553,8 @@ pub struct Cuda {
     /// by the weights' ids, with the versions they were made from.
     concat_weights: Mutex<HashMap<Vec<u64>, (Vec<u64>, CudaSlice<u8>)>>,
     scratch: Mutex<Vec<Option<CudaSlice<u8>>>>,
+    /// Tables of the multi-tensor kernels (cuda/optim.rs).
+    mt_tables: optim::MtTables,
     /// Keys the top-k kernel may sort in shared memory (a power of two).
     topk_smem_keys: usize,
     sm_count: u32,
@@ -575,6 +583,8 @@ macro_rules! launch {
         unsafe { b.launch($cfg) }.unwrap_or_else(|e| panic!("CUDA launch of {name} failed: {e:?}"));
     }};
 }
+
+mod optim;
 
 fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem }
@@ -666,6 +676,7 @@ impl Cuda {
             flash_funcs,
             concat_weights: Mutex::new(HashMap::new()),
             scratch: Mutex::new((0..NUM_SLOTS).map(|_| None).collect()),
+            mt_tables: Default::default(),
             topk_smem_keys,
             sm_count,
             gemm_bf16: AtomicBool::new(opts.gemm == GemmPrecision::Bf16),
@@ -1382,6 +1393,10 @@ impl Backend for Cuda {
         }
     }
 
+    fn fill_many(&self, bufs: &mut [(&mut CudaBuf, usize)], value: f32) {
+        self.fill_many_mt(bufs, value);
+    }
+
     /// Converts when the element types differ.
     fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf, n: usize) {
         let _p = self.prof("copy");
@@ -1444,31 +1459,7 @@ impl Backend for Cuda {
     }
 
     fn sum_squares_many(&self, xs: &[(&CudaBuf, usize)]) -> Vec<f64> {
-        let _p = self.prof("sum_squares");
-        if xs.is_empty() {
-            return Vec::new();
-        }
-        // The partial sums are reused in stream order; one result slot per buffer; one read.
-        let partial = self.scratch(Slot::SumsqPartial, SUMSQ_MAX_BLOCKS * 8);
-        let out = self.scratch(Slot::SumsqOut, xs.len() * 8);
-        self.memset0(out, xs.len() * 8);
-        for (i, &(x, n)) in xs.iter().enumerate() {
-            check_len("x", x.len(), n);
-            Self::f32_only("sum_squares", &[("x", x)]);
-            if n == 0 {
-                continue;
-            }
-            let blocks = n.div_ceil(EW_THREADS as usize).clamp(1, SUMSQ_MAX_BLOCKS);
-            let xp = self.p(x);
-            let o = out + 8 * i as u64;
-            launch!(self, "sumsq_partial_f32", cfg((blocks as u32, 1, 1), EW_THREADS, 0), [xp, n as i64, partial]);
-            launch!(self, "sumsq_final", cfg((1, 1, 1), 1024, 0), [partial, blocks as i32, o]);
-        }
-        let mut r = vec![0.0f64; xs.len()];
-        unsafe { drv_result::memcpy_dtoh_async(&mut r[..], out, self.stream.cu_stream()) }
-            .expect("cuda: device-to-host copy failed");
-        self.synchronize();
-        r
+        self.sum_squares_many_mt(xs)
     }
 
     // ---- embedding ------------------------------------------------------------------------
@@ -2231,6 +2222,10 @@ impl Backend for Cuda {
             self.ew(n),
             [pp, gp, mp, vp, n as i64, decay, step_size, bc2_sqrt, beta1, beta2, ob1, ob2, eps]
         );
+    }
+
+    fn adamw_many(&self, items: &mut [AdamWItem<'_, Self>], lr: f32, beta1: f32, beta2: f32, eps: f32, step: u64, grad_scale: f32) {
+        self.adamw_many_mt(items, lr, beta1, beta2, eps, step, grad_scale);
     }
 }
 

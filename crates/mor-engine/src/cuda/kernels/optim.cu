@@ -1,0 +1,119 @@
+// Multi-tensor kernels (cuda/optim.rs): one launch over a list of tensors, as PyTorch's
+// multi_tensor_apply. The host uploads a table with one entry per tensor (pointers, length and
+// the entry's first block; uploaded once per buffer set and cached) and launches one block per
+// chunk of `chunk` elements of every tensor; a block finds its entry by binary search over the
+// entries' first blocks. Per-element math is that of the single-tensor kernel in
+// elementwise.cu, so results equal it bit for bit.
+
+struct MtFill {
+    float* x;
+    i64 n;
+    i64 first_block;
+};
+
+struct MtAdamW {
+    float* p;
+    const float* g;
+    float* m;
+    float* v;
+    i64 n;
+    i64 first_block;
+    double wd;  // the f32 weight decay, widened
+};
+
+// `blocks` is what sum_squares launches for this tensor alone; its partials are
+// partial[first_block .. first_block + blocks].
+struct MtSumsq {
+    const float* x;
+    i64 n;
+    i64 first_block;
+    i64 blocks;
+};
+
+// The last entry whose first block is <= b (entries sorted by first block).
+template <typename E>
+__device__ __forceinline__ const E& mt_entry(const E* t, int count, i64 b) {
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (t[mid].first_block <= b) lo = mid;
+        else hi = mid - 1;
+    }
+    return t[lo];
+}
+
+extern "C" __global__ void fill_many_f32(const MtFill* t, int count, i64 chunk, float value) {
+    const MtFill& e = mt_entry(t, count, blockIdx.x);
+    const i64 start = ((i64)blockIdx.x - e.first_block) * chunk;
+    const i64 end = min(e.n, start + chunk);
+    float* x = e.x;
+    for (i64 i = start + threadIdx.x; i < end; i += blockDim.x) x[i] = value;
+}
+
+// adamw_f32 with the gradient times `gscale` and each tensor's own decay `1 - lr * wd`, rounded
+// from double as the host rounds it for adamw_f32 (no contraction: __dmul_rn / __dsub_rn).
+extern "C" __global__ void adamw_many_f32(const MtAdamW* t, int count, i64 chunk, float lr, float gscale,
+                                          float step_size, float bc2_sqrt, float b1, float b2, float ob1,
+                                          float ob2, float eps) {
+    const MtAdamW& e = mt_entry(t, count, blockIdx.x);
+    const i64 start = ((i64)blockIdx.x - e.first_block) * chunk;
+    const i64 end = min(e.n, start + chunk);
+    const float decay = __double2float_rn(__dsub_rn(1.0, __dmul_rn((double)lr, e.wd)));
+    float* p = e.p;
+    const float* g = e.g;
+    float* m = e.m;
+    float* v = e.v;
+    for (i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+        const float gi = g[i] * gscale;
+        float pi = p[i] * decay;
+        const float mi = b1 * m[i] + ob1 * gi;
+        const float vi = b2 * v[i] + ob2 * gi * gi;
+        const float denom = sqrtf(vi) / bc2_sqrt + eps;
+        pi = pi - step_size * (mi / denom);
+        p[i] = pi;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+// sumsq_partial_f32 of every tensor: block `first_block + j` of an entry is block j of that
+// tensor's own launch (same grid stride, same reduction tree).
+extern "C" __global__ void sumsq_many_partial_f32(const MtSumsq* t, int count, double* partial) {
+    __shared__ double sh[32];
+    const MtSumsq& e = mt_entry(t, count, blockIdx.x);
+    const i64 lb = (i64)blockIdx.x - e.first_block;
+    const float* x = e.x;
+    double acc = 0.0;
+    for (i64 i = lb * blockDim.x + threadIdx.x; i < e.n; i += (i64)blockDim.x * e.blocks) {
+        const double v = (double)x[i];
+        acc += v * v;
+    }
+    acc = warp_sum_d(acc);
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (lane == 0) sh[w] = acc;
+    __syncthreads();
+    if (w == 0) {
+        double s = lane < nw ? sh[lane] : 0.0;
+        s = warp_sum_d(s);
+        if (lane == 0) partial[blockIdx.x] = s;
+    }
+}
+
+// sumsq_final of every tensor: block k adds entry k's partials into out[k].
+extern "C" __global__ void sumsq_many_final(const MtSumsq* t, const double* partial, double* out) {
+    __shared__ double sh[32];
+    const MtSumsq& e = t[blockIdx.x];
+    const double* part = partial + e.first_block;
+    const int parts = (int)e.blocks;
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < parts; i += blockDim.x) acc += part[i];
+    acc = warp_sum_d(acc);
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (lane == 0) sh[w] = acc;
+    __syncthreads();
+    if (w == 0) {
+        double s = lane < nw ? sh[lane] : 0.0;
+        s = warp_sum_d(s);
+        if (lane == 0) out[blockIdx.x] = s;
+    }
+}
