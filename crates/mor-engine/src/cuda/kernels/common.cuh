@@ -186,3 +186,15 @@ __device__ __forceinline__ bool aligned_to(u64 a, const void* p0, const void* p1
                                            const void* p3 = 0, const void* p4 = 0) {
     return (((u64)p0 | (u64)p1 | (u64)p2 | (u64)p3 | (u64)p4) & (a - 1)) == 0;
 }
+
+// One AdamW element (adamw_f32, adamw_many_f32): IEEE operations in the CPU reference's order with
+// no contraction into FMAs, so every kernel using it rounds alike (and bit for bit like the CPU).
+__device__ __forceinline__ void adamw_elem(float& p, float& m, float& v, float g, float decay, float step_size,
+                                           float bc2_sqrt, float b1, float b2, float ob1, float ob2, float eps) {
+    const float mi = __fadd_rn(__fmul_rn(b1, m), __fmul_rn(ob1, g));
+    const float vi = __fadd_rn(__fmul_rn(b2, v), __fmul_rn(__fmul_rn(ob2, g), g));
+    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
+    p = __fsub_rn(__fmul_rn(p, decay), __fmul_rn(step_size, __fdiv_rn(mi, denom)));
+    m = mi;
+    v = vi;
+}

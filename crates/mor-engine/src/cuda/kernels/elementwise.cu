@@ -197,12 +197,8 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
                                      float step_size, float bc2_sqrt, float b1, float b2, float ob1,
                                      float ob2, float eps) {
     GRID_STRIDE(i, n) {
-        const float gi = g[i];
-        float pi = p[i] * decay;
-        const float mi = b1 * m[i] + ob1 * gi;
-        const float vi = b2 * v[i] + ob2 * gi * gi;
-        const float denom = sqrtf(vi) / bc2_sqrt + eps;
-        pi = pi - step_size * (mi / denom);
+        float pi = p[i], mi = m[i], vi = v[i];
+        adamw_elem(pi, mi, vi, g[i], decay, step_size, bc2_sqrt, b1, b2, ob1, ob2, eps);
         p[i] = pi;
         m[i] = mi;
         v[i] = vi;

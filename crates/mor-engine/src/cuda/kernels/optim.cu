@@ -64,12 +64,8 @@ extern "C" __global__ void adamw_many_f32(const MtAdamW* t, int count, i64 chunk
     float* m = e.m;
     float* v = e.v;
     for (i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
-        const float gi = g[i] * gscale;
-        float pi = p[i] * decay;
-        const float mi = b1 * m[i] + ob1 * gi;
-        const float vi = b2 * v[i] + ob2 * gi * gi;
-        const float denom = sqrtf(vi) / bc2_sqrt + eps;
-        pi = pi - step_size * (mi / denom);
+        float pi = p[i], mi = m[i], vi = v[i];
+        adamw_elem(pi, mi, vi, __fmul_rn(g[i], gscale), decay, step_size, bc2_sqrt, b1, b2, ob1, ob2, eps);
         p[i] = pi;
         m[i] = mi;
         v[i] = vi;
