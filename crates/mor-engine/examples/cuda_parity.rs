@@ -8,6 +8,8 @@
 //! `--compile-only` compiles the kernels with NVRTC and exits (needs libnvrtc only, no GPU); with
 //! `MOR_PTX_CACHE=file` it also writes the PTX cache that later processes load instead of compiling.
 //! `--no-timings` skips the benchmarks, `--only topk,attention` runs the matching groups only,
+//! `--flash-sweep "8,4,4;8g,4g,4g"` checks and times the tensor-core attention per block configuration,
+//! `--wg-probe` checks the wgmma building blocks of those kernels on one tile,
 //! `--kernel-info` lists registers / local memory (spills) / static shared memory per kernel.
 //! Exits non-zero if any check fails.
 //!
@@ -158,6 +160,18 @@ fn main() {
                 std::process::exit(1);
             }
         }
+    }
+    if args.iter().any(|a| a == "--wg-debug") {
+        wg_debug();
+        return;
+    }
+    if args.iter().any(|a| a == "--wg-probe") {
+        wg_probe();
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--flash-sweep") {
+        flash_sweep(args.get(i + 1).map_or("8,4,4;4g,4g,4g;8g,8g,8g", String::as_str));
+        return;
     }
     let timings = !args.iter().any(|a| a == "--no-timings");
 
@@ -1340,4 +1354,209 @@ fn bench(g: &Cuda) {
     let mut sel = g.idx_from(&vec![0u32; 8 * 1024]);
     let ms = time_ms(g, 10, || g.topk_segments(&mut sel, &scores, &cu, 8, 1024));
     println!("  topk_segments 8x2048 k1024:                     {:.3} ms", ms);
+}
+
+// ---- flash-attention configurations ------------------------------------------------------------
+
+/// `--flash-sweep [fwd,dq,dkdv;...]`: for each block configuration (`MOR_FLASH_WARPS` syntax,
+/// e.g. `8,4,4;8g,4g,4g`), a fresh backend runs the tensor-core attention checks (f32 and bf16
+/// activation buffers) and times the 360M shape (8 x 2048 causal, 15/5 heads, hd 64) on bf16
+/// activations as the model stores them. One line per configuration; exit 1 if any check failed.
+fn flash_sweep(configs: &str) {
+    let mut failed_any = false;
+    for cfg in configs.split(';').filter(|c| !c.trim().is_empty()) {
+        std::env::set_var("MOR_FLASH_WARPS", cfg.trim());
+        let g = Cuda::new(0).unwrap_or_else(|e| {
+            eprintln!("cannot start the CUDA backend: {e}");
+            std::process::exit(2);
+        });
+        g.set_matmul_precision(MatmulPrecision::Bf16);
+        let mut env = Env { c: Cpu::<f32>::new(), g, rng: ChaCha8Rng::seed_from_u64(0x5eed) };
+        let mut rep = Report { rows: Vec::new() };
+        let cases = attention_cases(&mut env.rng);
+        for act in [false, true] {
+            for case in cases.iter().filter(|c| matches!(c.hd, 32 | 64)) {
+                attention_case(&mut env, &mut rep, case, true, act);
+            }
+        }
+        let failed: Vec<_> = rep.rows.iter().filter(|r| !r.4).collect();
+        let worst = rep.rows.iter().map(|r| r.2).fold(0.0f64, f64::max);
+        let g = &env.g;
+        let (docs, len, heads, kvh, hd) = (8usize, 2048usize, 15usize, 5usize, 64usize);
+        let n = docs * len;
+        let cu: Vec<u32> = (0..=docs as u32).map(|s| s * len as u32).collect();
+        let pos: Vec<u32> = (0..n as u32).map(|i| i % len as u32).collect();
+        let (cu, pos) = (g.idx_from(&cu), g.idx_from(&pos));
+        let shape = AttnShape { cu_q: &cu, cu_k: &cu, pos_q: &pos, pos_k: &pos, num_seqs: docs, nq: n, nk: n, heads, kv_heads: kvh, head_dim: hd };
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut act = |len: usize| {
+            let mut b = g.zeros_act(len);
+            g.write_f32(&mut b, &(0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect::<Vec<_>>());
+            b
+        };
+        let (q, k, v, dout) = (act(n * heads * hd), act(n * kvh * hd), act(n * kvh * hd), act(n * heads * hd));
+        let (mut o, mut dq) = (g.zeros(n * heads * hd), g.zeros_act(n * heads * hd));
+        let (mut lse, mut dk, mut dv) = (g.zeros(n * heads), g.zeros(n * kvh * hd), g.zeros(n * kvh * hd));
+        let f_fwd = docs as f64 * 4.0 * (len as f64) * (len as f64) / 2.0 * hd as f64 * heads as f64;
+        let fwd = time_ms(g, 10, || g.attention_fwd(&mut o, &mut lse, &q, &k, &v, &shape));
+        let bwd = time_ms(g, 10, || g.attention_bwd(&mut dq, &mut dk, &mut dv, &dout, &o, &lse, &q, &k, &v, &shape));
+        println!(
+            "flash {cfg:<14} checks {}/{} (worst {worst:.1e}) | fwd {fwd:.3} ms {:.1} TFLOP/s | bwd {bwd:.3} ms {:.1} | fwd+bwd {:.3} ms {:.1} TFLOP/s",
+            rep.rows.len() - failed.len(),
+            rep.rows.len(),
+            f_fwd / fwd / 1e9,
+            2.5 * f_fwd / bwd / 1e9,
+            fwd + bwd,
+            3.5 * f_fwd / (fwd + bwd) / 1e9
+        );
+        for f in &failed {
+            println!("  FAILED: {} / {} (err {:.3e}, tol {:.1e})", f.0, f.1, f.2, f.3);
+        }
+        failed_any |= !failed.is_empty();
+    }
+    if failed_any {
+        std::process::exit(1);
+    }
+}
+
+/// `--wg-probe`: the wgmma building blocks on one tile against the CPU (see `Cuda::wgmma_probe`).
+/// A failing single k-step is matched against every choice of source column groups (8 wide) of a
+/// and b, to show which data the tensor cores read instead.
+fn wg_probe() {
+    let g = Cuda::new(0).unwrap_or_else(|e| {
+        eprintln!("cannot start the CUDA backend: {e}");
+        std::process::exit(2);
+    });
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let bf = |x: f32| half::bf16::from_f32(x).to_f32();
+    let mut failed = false;
+    for hd in [32usize, 64] {
+        let a: Vec<f32> = (0..64 * hd).map(|_| bf(rng.gen_range(-1.0f32..1.0))).collect();
+        let b: Vec<f32> = (0..64 * hd).map(|_| bf(rng.gen_range(-1.0f32..1.0))).collect();
+        // Product of a's column groups (ca0, ca1) with b's (cb0, cb1): [64][64].
+        let part = |ca: [usize; 2], cb: [usize; 2]| -> Vec<f32> {
+            let mut o = vec![0.0f32; 64 * 64];
+            for i in 0..64 {
+                for j in 0..64 {
+                    let mut s = 0.0f32;
+                    for h in 0..2 {
+                        for e in 0..8 {
+                            s += a[i * hd + ca[h] * 8 + e] * b[j * hd + cb[h] * 8 + e];
+                        }
+                    }
+                    o[i * 64 + j] = s;
+                }
+            }
+            o
+        };
+        let err = |x: &[f32], y: &[f32]| rel_l2(x, y, None, y.len());
+        let full: Vec<f32> = {
+            let mut o = vec![0.0f32; 64 * 64];
+            for kk in 0..hd / 16 {
+                for (x, y) in o.iter_mut().zip(part([2 * kk, 2 * kk + 1], [2 * kk, 2 * kk + 1])) {
+                    *x += y;
+                }
+            }
+            o
+        };
+        for (mode, shift) in (0..hd / 16 + 2).map(|m| (m, 0)).chain([16, 528, 2 * (hd + 8) * 64, 4 * (hd + 8) * 64, 4 * (hd + 8) * 64 + 528].into_iter().map(|s| (hd / 16 + 1, s as i32))) {
+            let out = g.wgmma_probe(hd, mode as i32, shift, &a, &b);
+            let (what, e) = if mode < hd / 16 {
+                let r = part([2 * mode, 2 * mode + 1], [2 * mode, 2 * mode + 1]);
+                (format!("k-step {mode}"), err(&out, &r))
+            } else if mode == hd / 16 {
+                ("a·bᵀ".to_string(), err(&out, &full))
+            } else {
+                let mut r = vec![0.0f32; 64 * hd];
+                for i in 0..64 {
+                    for j in 0..64 {
+                        let p = bf(full[i * 64 + j]);
+                        for d in 0..hd {
+                            r[i * hd + d] += p * b[j * hd + d];
+                        }
+                    }
+                }
+                ("bf16(a·bᵀ)·b".to_string(), err(&out[..64 * hd], &r))
+            };
+            println!("wg-probe hd{hd} {what:<14} shift {shift:>4} rel err {e:.2e} {}", if e < 1e-2 { "PASS" } else { "FAIL" });
+            if e >= 1e-2 {
+                failed = true;
+                if mode < hd / 16 {
+                    let groups = hd / 8;
+                    let mut best = (f64::INFINITY, [0; 4]);
+                    for c in 0..groups.pow(4) {
+                        let s = [c % groups, c / groups % groups, c / groups.pow(2) % groups, c / groups.pow(3)];
+                        let e = err(&out, &part([s[0], s[1]], [s[2], s[3]]));
+                        if e < best.0 {
+                            best = (e, s);
+                        }
+                    }
+                    let s = best.1;
+                    println!("  best match: a groups ({}, {}) x b groups ({}, {}): rel err {:.2e}", s[0], s[1], s[2], s[3], best.0);
+                }
+            }
+        }
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}
+
+/// `--wg-debug`: the forward with every key visible and v = identity on one key tile (zero on the
+/// others), so the output is that tile's probabilities P; S = ln P + lse is compared with q·kᵀ·scale
+/// (per head), for several key-tile counts and head layouts. Prints the error per case and, where
+/// it fails, the largest error per 8 x 8 block (query groups x key groups).
+fn wg_debug() {
+    let cfg = std::env::var("MOR_FLASH_WARPS").unwrap_or_default();
+    let g = Cuda::new(0).unwrap_or_else(|e| {
+        eprintln!("cannot start the CUDA backend: {e}");
+        std::process::exit(2);
+    });
+    g.set_matmul_precision(MatmulPrecision::Bf16);
+    let hd = 64usize;
+    let bf = |x: f32| half::bf16::from_f32(x).to_f32();
+    // (key tiles, identity tile, heads, kv heads, queries)
+    for (tiles, id_tile, heads, kvh, nq) in [(1usize, 0usize, 1usize, 1usize, 64usize), (2, 0, 1, 1, 64), (2, 1, 1, 1, 64), (3, 2, 1, 1, 64), (1, 0, 2, 1, 64), (1, 0, 4, 2, 64), (1, 0, 1, 1, 128), (2, 1, 1, 1, 128)] {
+        let nk = 64 * tiles;
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let q: Vec<f32> = (0..nq * heads * hd).map(|_| bf(rng.gen_range(-2.0f32..2.0))).collect();
+        let k: Vec<f32> = (0..nk * kvh * hd).map(|_| bf(rng.gen_range(-2.0f32..2.0))).collect();
+        let v: Vec<f32> = (0..nk * kvh * hd).map(|i| {
+            let (j, d) = (i / (kvh * hd), i % hd);
+            if j / 64 == id_tile && j % 64 == d { 1.0 } else { 0.0 }
+        }).collect();
+        let cu = g.idx_from(&[0u32, nq as u32]);
+        let cuk = g.idx_from(&[0u32, nk as u32]);
+        let pq = g.idx_from(&vec![100_000u32; nq]);
+        let pk = g.idx_from(&(0..nk as u32).collect::<Vec<_>>());
+        let shape = AttnShape { cu_q: &cu, cu_k: &cuk, pos_q: &pq, pos_k: &pk, num_seqs: 1, nq, nk, heads, kv_heads: kvh, head_dim: hd };
+        let (qg, kg, vg) = (g.from_f32(&q), g.from_f32(&k), g.from_f32(&v));
+        let (mut o, mut lse) = (g.zeros(nq * heads * hd), g.zeros(nq * heads));
+        g.attention_fwd(&mut o, &mut lse, &qg, &kg, &vg, &shape);
+        let (o, lse) = (g.to_f32(&o), g.to_f32(&lse));
+        let scale = 1.0 / (hd as f32).sqrt();
+        for h in 0..heads {
+            let kh = h / (heads / kvh);
+            let s_gpu: Vec<f32> = (0..nq * 64).map(|x| (o[(x / 64 * heads + h) * hd + x % 64].max(1e-30).ln() + lse[x / 64 * heads + h]) / scale).collect();
+            let s_ref: Vec<f32> = (0..nq * 64)
+                .map(|x| {
+                    let (i, j) = (x / 64, id_tile * 64 + x % 64);
+                    (0..hd).map(|d| q[(i * heads + h) * hd + d] * k[(j * kvh + kh) * hd + d]).sum()
+                })
+                .collect();
+            let e = rel_l2(&s_gpu, &s_ref, None, s_ref.len());
+            println!("wg-debug {cfg}: {tiles} key tiles (identity in {id_tile}), {nq} queries, head {h} of {heads}/{kvh}: S rel err {e:.2e}");
+            if e > 1e-2 {
+                for rb in 0..nq / 8 {
+                    let row: Vec<String> = (0..8)
+                        .map(|cb| {
+                            let m = (0..64).map(|x| (rb * 8 + x / 8) * 64 + cb * 8 + x % 8).map(|i| (s_gpu[i] - s_ref[i]).abs()).fold(0.0f32, f32::max);
+                            format!("{m:7.2}")
+                        })
+                        .collect();
+                    println!("   {}", row.join(" "));
+                }
+            }
+        }
+    }
 }

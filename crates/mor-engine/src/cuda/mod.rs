@@ -3,7 +3,7 @@
 //! * Libraries are loaded at run time (cudarc with `fallback-dynamic-loading`), so building needs
 //!   no CUDA installation; running needs the driver, cuBLAS and NVRTC 13.0 on `LD_LIBRARY_PATH`
 //!   (`scripts/gpu-env.sh` sets that up on the GPU machine).
-//! * Kernels are CUDA C in `kernels/*.cu`, compiled once per process by NVRTC for `sm_90`
+//! * Kernels are CUDA C in `kernels/*.cu`, compiled once per process by NVRTC for `sm_90a`
 //!   ([`compile_kernels`]; `CUDA_INCLUDE_DIR` is passed as an include path when set) and loaded
 //!   once per [`Cuda`] instance. A compilation failure prints the NVRTC log.
 //! * Two precisions ([`Backend::set_matmul_precision`], `MOR_GEMM=bf16`): fp32 mode is the parity
@@ -132,6 +132,8 @@ const KERNELS: &[&str] = &[
     "attn_bwd_dq_f32_d128",
     "attn_bwd_dkdv_f32_d128",
     "attn_tile_range",
+    "wg_probe_d32",
+    "wg_probe_d64",
     "fill_many_f32",
     "adamw_many_f32",
     "sumsq_many_partial_f32",
@@ -143,14 +145,24 @@ pub const MAX_HEAD_DIM: usize = 128;
 /// Rows (queries or keys) per block of the exact f32 attention kernels.
 const ATT_ROWS: usize = 32;
 /// Shape of a tensor-core attention kernel's blocks: `warps` warps, each owning `tiles` row tiles
-/// of 16 rows (queries in the forward and dq pass, keys in the dk/dv pass).
+/// of 16 rows (queries in the forward and dq pass, keys in the dk/dv pass), multiplying with
+/// mma.sync per warp or, with `wgmma`, with Hopper warpgroup MMAs (groups of 4 warps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FlashShape {
     warps: usize,
     tiles: usize,
+    wgmma: bool,
 }
 
 impl FlashShape {
+    const fn mma(warps: usize, tiles: usize) -> Self {
+        FlashShape { warps, tiles, wgmma: false }
+    }
+
+    const fn wg(warps: usize) -> Self {
+        FlashShape { warps, tiles: 1, wgmma: true }
+    }
+
     fn rows(self) -> usize {
         16 * self.warps * self.tiles
     }
@@ -158,19 +170,25 @@ impl FlashShape {
 
 /// The instantiated shapes (`INST_FA_FWD` / `INST_FA_BWD` in kernels/flash_attention.cu); the
 /// backward kernels hold too many fragments for two row tiles per warp.
-const FLASH_SHAPES: [(&str, FlashShape); 7] = [
-    ("fwd", FlashShape { warps: 4, tiles: 1 }),
-    ("fwd", FlashShape { warps: 8, tiles: 1 }),
-    ("fwd", FlashShape { warps: 4, tiles: 2 }),
-    ("dq", FlashShape { warps: 4, tiles: 1 }),
-    ("dq", FlashShape { warps: 8, tiles: 1 }),
-    ("dkdv", FlashShape { warps: 4, tiles: 1 }),
-    ("dkdv", FlashShape { warps: 8, tiles: 1 }),
+const FLASH_SHAPES: [(&str, FlashShape); 13] = [
+    ("fwd", FlashShape::mma(4, 1)),
+    ("fwd", FlashShape::mma(8, 1)),
+    ("fwd", FlashShape::mma(4, 2)),
+    ("fwd", FlashShape::wg(4)),
+    ("fwd", FlashShape::wg(8)),
+    ("dq", FlashShape::mma(4, 1)),
+    ("dq", FlashShape::mma(8, 1)),
+    ("dq", FlashShape::wg(4)),
+    ("dq", FlashShape::wg(8)),
+    ("dkdv", FlashShape::mma(4, 1)),
+    ("dkdv", FlashShape::mma(8, 1)),
+    ("dkdv", FlashShape::wg(4)),
+    ("dkdv", FlashShape::wg(8)),
 ];
 
 /// Block shape per tensor-core attention kernel: the defaults come from tuning on an H200
 /// (docs/benchmarks/); `MOR_FLASH_WARPS=fwd,dq,dkdv` overrides them for experiments, each entry
-/// `W` (W warps of one row tile) or `WxT` (T row tiles per warp), e.g. `4x2,4,4`.
+/// `W` (W warps of one row tile), `WxT` (T row tiles per warp) or `Wg` (wgmma), e.g. `4x2,4,8g`.
 #[derive(Debug, Clone, Copy)]
 struct FlashConfig {
     fwd: FlashShape,
@@ -180,16 +198,20 @@ struct FlashConfig {
 
 impl FlashConfig {
     const DEFAULT: FlashConfig = FlashConfig {
-        fwd: FlashShape { warps: 8, tiles: 1 },
-        dq: FlashShape { warps: 4, tiles: 1 },
-        dkdv: FlashShape { warps: 4, tiles: 1 },
+        fwd: FlashShape::mma(8, 1),
+        dq: FlashShape::mma(4, 1),
+        dkdv: FlashShape::mma(4, 1),
     };
 
     fn from_env() -> Self {
         let Ok(v) = std::env::var("MOR_FLASH_WARPS") else { return Self::DEFAULT };
         let parse = |x: &str| -> Option<FlashShape> {
-            let (w, t) = x.trim().split_once('x').unwrap_or((x.trim(), "1"));
-            Some(FlashShape { warps: w.parse().ok()?, tiles: t.parse().ok()? })
+            let x = x.trim();
+            if let Some(w) = x.strip_suffix('g') {
+                return Some(FlashShape::wg(w.parse().ok()?));
+            }
+            let (w, t) = x.split_once('x').unwrap_or((x, "1"));
+            Some(FlashShape::mma(w.parse().ok()?, t.parse().ok()?))
         };
         let shapes: Vec<Option<FlashShape>> = v.split(',').map(parse).collect();
         let ok = |kind: &str, s: Option<FlashShape>| s.filter(|s| FLASH_SHAPES.contains(&(kind, *s)));
@@ -278,11 +300,16 @@ fn drv<E: fmt::Debug>(e: E) -> CudaError {
     CudaError::Driver(format!("{e:?}"))
 }
 
-/// NVRTC options: `sm_90`, C++17, `CUDA_INCLUDE_DIR` as an include path when set.
+/// NVRTC options: `sm_90a` (Hopper with its arch-specific wgmma), C++17, `CUDA_INCLUDE_DIR` as an
+/// include path when set. `MOR_NVRTC_DEFINES="A=1 B"` adds `-D` macros (kernel experiments).
 fn compile_options() -> CompileOptions {
+    let mut options = vec!["--std=c++17".to_string()];
+    if let Ok(defs) = std::env::var("MOR_NVRTC_DEFINES") {
+        options.extend(defs.split_whitespace().map(|d| format!("-D{d}")));
+    }
     let mut opts = CompileOptions {
-        arch: Some("sm_90"),
-        options: vec!["--std=c++17".into()],
+        arch: Some("sm_90a"),
+        options,
         name: Some("mor_kernels.cu".into()),
         ..Default::default()
     };
@@ -1041,6 +1068,26 @@ impl Cuda {
         &self.stream
     }
 
+    /// The wgmma building blocks of the flash kernels on one 64-row tile (`wg_probe_d{hd}` in
+    /// kernels/flash_attention.cu; `mode` as documented there): `a` [64][hd], `b` [64][hd], rounded
+    /// to bf16 here; the b tile sits `shift` bytes past a 1024-byte boundary of shared memory.
+    /// Returns the f32 output ([64][64], or [64][hd] for the P·V mode).
+    pub fn wgmma_probe(&self, hd: usize, mode: i32, shift: i32, a: &[f32], b: &[f32]) -> Vec<f32> {
+        assert!(matches!(hd, 32 | 64) && a.len() == 64 * hd && b.len() == FLASH_TILE * hd);
+        assert!(shift >= 0 && shift % 16 == 0 && shift as usize <= 2 * FLASH_TILE * (hd + 8) * 2 + 1024, "wgmma_probe: shift {shift}");
+        let up = |x: &[f32]| {
+            let v: Vec<half::bf16> = x.iter().map(|&f| half::bf16::from_f32(f)).collect();
+            self.stream.clone_htod(&v).expect("cuda: host-to-device copy failed")
+        };
+        let (a, b) = (up(a), up(b));
+        let out = self.stream.alloc_zeros::<f32>(64 * 64).expect("cuda: alloc failed");
+        let (op, ap, bp) = (self.p(&out), self.p(&a), self.p(&b));
+        launch!(self, &format!("wg_probe_d{hd}"), cfg((1, 1, 1), 128, 0), [op, ap, bp, mode, shift]);
+        let v = self.stream.clone_dtoh(&out).expect("cuda: device-to-host copy failed");
+        self.synchronize();
+        v
+    }
+
     /// Device name as the driver reports it.
     pub fn device_name(&self) -> String {
         self.ctx.name().unwrap_or_else(|_| "?".into())
@@ -1196,19 +1243,23 @@ impl Cuda {
     /// the layouts are at the top of each kernel in kernels/flash_attention.cu.
     fn flash_smem(kind: &str, hd: usize, shape: FlashShape) -> u32 {
         let row = (hd + 8) * 2;
-        (match kind {
-            "fwd" => (shape.rows() + 4 * FLASH_TILE) * row + 2 * FLASH_TILE * 4,
-            "dq" => 4 * FLASH_TILE * row + 2 * FLASH_TILE * 4,
-            _ => 4 * FLASH_TILE * row + 6 * FLASH_TILE * 4,
-        }) as u32
+        // The wgmma backward kernels stage their own rows' two operands in tiles of their own.
+        let staging = if shape.wgmma && kind != "fwd" { 2 * shape.rows() * row } else { 0 };
+        (staging
+            + match kind {
+                "fwd" => (shape.rows() + 4 * FLASH_TILE) * row + 2 * FLASH_TILE * 4,
+                "dq" => 4 * FLASH_TILE * row + 2 * FLASH_TILE * 4,
+                _ => 4 * FLASH_TILE * row + 6 * FLASH_TILE * 4,
+            }) as u32
     }
 
     /// Name of a flash kernel (`kind` fwd | dq | dkdv) as instantiated by `INST_FA_FWD` / `INST_FA_BWD`.
     fn flash_kernel_name(kind: &str, hd: usize, shape: FlashShape) -> String {
-        let (w, t) = (shape.warps, shape.tiles);
+        let w = shape.warps;
+        let path = if shape.wgmma { "wg".to_string() } else { format!("m{}", shape.tiles) };
         match kind {
-            "fwd" => format!("attn_fwd_bf16_d{hd}_w{w}_m{t}"),
-            _ => format!("attn_bwd_{kind}_bf16_d{hd}_w{w}_m{t}"),
+            "fwd" => format!("attn_fwd_bf16_d{hd}_w{w}_{path}"),
+            _ => format!("attn_bwd_{kind}_bf16_d{hd}_w{w}_{path}"),
         }
     }
 

@@ -190,6 +190,165 @@ __device__ __forceinline__ void fa_mm_pt(float (*acc)[4], const float (*p)[4], c
     fa_mm_pt_mt<HD, 1>((float (*)[HD / 8][4])acc, (const float (*)[FA_BN / 8][4])p, t, lane);
 }
 
+// ---- Hopper warpgroup MMA (wgmma, sm_90a) ----------------------------------------------------
+// A warpgroup (4 consecutive warps, 64 rows) multiplies with one instruction per 16-deep step. The
+// A operand is the same register fragment as mma.sync's (each warp its 16 rows, so scores still
+// turn into the next product's A without leaving registers, and every softmax / mask loop is
+// shared with the mma.sync path); the B operand is read by the tensor cores straight from shared
+// memory, once per warpgroup instead of once per warp through ldmatrix (which bounds the mma.sync
+// kernels). Streamed tiles for wgmma are stored as 8 x 8 "core matrices" (8 rows of 16 bytes,
+// contiguous, no swizzle): element (r, c) of a FA_BN-row tile at bf16 index ((c / 8) · FA_BN + r) · 8
+// + c % 8. The same tile is a K-major B (its rows are the output columns: A·Tᵀ) or an MN-major B
+// (its rows are the reduction: A·T). Descriptor: start, LBO = byte stride between core matrices
+// along the reduction (K), SBO = along the output (M/N); WG_MN_SWAP swaps them for MN-major B.
+// The wgmma kernels reload the A fragments of their own rows (q, dout, k, v) from a staging tile
+// for every streamed tile instead of keeping them in registers across the loop: ptxas (CUDA 13.0)
+// reused the registers of a wgmma's A operand after it completed, so fragments kept for the next
+// tile were overwritten (seen in the SASS; the second key tile's scores came out wrong).
+
+// Rows t0..t0+nt of a bf16 matrix (columns col..col+HD) into a FA_BN-row core-matrix tile, rows
+// past nt zero. Eight consecutive threads fill one core matrix (128 contiguous bytes: no bank
+// conflicts) from eight rows.
+template <int HD>
+__device__ __forceinline__ void fa_load_cm(bf16_t* dst, const bf16_t* src, u32 t0, int nt, int stride, int col) {
+    constexpr int CH = HD / 8;
+    for (int e = threadIdx.x; e < FA_BN * CH; e += blockDim.x) {
+        const int r = (e / (8 * CH)) * 8 + (e & 7), c = (e >> 3) % CH;
+        const bool in = r < nt;
+        fa_cp16(dst + (c * FA_BN + r) * 8, src + (i64)(t0 + (in ? r : 0)) * stride + col + c * 8, in);
+    }
+}
+
+__device__ __forceinline__ u64 wg_desc(const bf16_t* p, u32 lbo, u32 sbo) {
+    return (u64)((fa_smem(p) & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// cp.async writes shared memory through the generic proxy, wgmma reads it through the async proxy.
+__device__ __forceinline__ void fa_fence_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Pins registers a wgmma reads or writes at this point of the instruction stream: before the
+// fence (every write by ordinary instructions must precede it, and the compiler does not order
+// register writes against an asm that does not name them) and after the wait.
+__device__ __forceinline__ void wg_pin(float (*d)[4], int n) {
+#pragma unroll
+    for (int i = 0; i < n; ++i) asm volatile("" : "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])::"memory");
+}
+__device__ __forceinline__ void wg_pin(u32 (*a)[4], int n) {
+#pragma unroll
+    for (int i = 0; i < n; ++i) asm volatile("" : "+r"(a[i][0]), "+r"(a[i][1]), "+r"(a[i][2]), "+r"(a[i][3])::"memory");
+}
+
+#define WG_D(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+// d[64 x N] += a[64 x 16] · B[16 x N] (each warp its 16 rows of a and d); TB = 1: B is MN-major.
+template <int TB>
+__device__ __forceinline__ void wg_mma_n64(float (*d)[4], const u32* a, u64 desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+        "{%32,%33,%34,%35}, %36, p, 1, 1, %38;\n}\n"
+        : WG_D(0), WG_D(1), WG_D(2), WG_D(3), WG_D(4), WG_D(5), WG_D(6), WG_D(7)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1), "n"(TB));
+}
+template <int TB>
+__device__ __forceinline__ void wg_mma_n32(float (*d)[4], const u32* a, u64 desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, "
+        "{%16,%17,%18,%19}, %20, p, 1, 1, %22;\n}\n"
+        : WG_D(0), WG_D(1), WG_D(2), WG_D(3)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1), "n"(TB));
+}
+#undef WG_D
+
+template <int N, int TB>
+__device__ __forceinline__ void wg_mma(float (*d)[4], const u32* a, u64 desc) {
+    static_assert(N == 64 || N == 32, "wgmma instantiated for N = 32, 64");
+    if constexpr (N == 64)
+        wg_mma_n64<TB>(d, a, desc);
+    else
+        wg_mma_n32<TB>(d, a, desc);
+}
+
+#ifndef WG_MN_SWAP
+#define WG_MN_SWAP 0
+#endif
+
+// The two products of the kernels, on mma.sync (WG false: the warp's 16 rows, T a padded tile) or
+// on wgmma (the warpgroup's 64 rows, T a core-matrix tile).
+// acc[16 x FA_BN] = A[16 x HD] · Tᵀ.
+template <int HD, bool WG>
+__device__ __forceinline__ void fa_abt(float (*acc)[4], const u32 (*a)[4], const bf16_t* t, int lane) {
+    if constexpr (WG) {
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+        wg_pin(acc, FA_BN / 8);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; ++kk) wg_mma<FA_BN, 0>(acc, a[kk], wg_desc(t + kk * 16 * FA_BN, FA_BN * 16, 128));
+        wg_commit();
+        wg_wait0();
+        wg_pin(acc, FA_BN / 8);
+    } else {
+        fa_mm_abt<HD>(acc, a, t, lane);
+    }
+}
+
+// acc[16 x HD] += P[16 x FA_BN] · T, P held as C fragments (rounded to bf16 here).
+template <int HD, bool WG>
+__device__ __forceinline__ void fa_pt(float (*acc)[4], const float (*p)[4], const bf16_t* t, int lane) {
+    if constexpr (WG) {
+        constexpr u32 LBO = WG_MN_SWAP ? FA_BN * 16 : 128, SBO = WG_MN_SWAP ? 128 : FA_BN * 16;
+        u32 a[FA_BN / 16][4];
+#pragma unroll
+        for (int j = 0; j < FA_BN / 16; ++j) {
+            a[j][0] = fa_pack(p[2 * j][0], p[2 * j][1]);
+            a[j][1] = fa_pack(p[2 * j][2], p[2 * j][3]);
+            a[j][2] = fa_pack(p[2 * j + 1][0], p[2 * j + 1][1]);
+            a[j][3] = fa_pack(p[2 * j + 1][2], p[2 * j + 1][3]);
+        }
+        wg_pin(a, FA_BN / 16);
+        wg_pin(acc, HD / 8);
+        wg_fence();
+#pragma unroll
+        for (int j = 0; j < FA_BN / 16; ++j) wg_mma<HD, 1>(acc, a[j], wg_desc(t + j * 128, LBO, SBO));
+        wg_commit();
+        wg_wait0();
+        wg_pin(acc, HD / 8);
+    } else {
+        fa_mm_pt<HD>(acc, p, t, lane);
+    }
+}
+
+// A streamed tile in the layout its products read (padded rows for ldmatrix, core matrices for
+// wgmma); after the wait for it, wgmma readers need the proxy fence before the barrier.
+template <int HD, bool WG>
+__device__ __forceinline__ void fa_load_tile(bf16_t* dst, const bf16_t* src, u32 t0, int nt, int stride, int col) {
+    if constexpr (WG)
+        fa_load_cm<HD>(dst, src, t0, nt, stride, col);
+    else
+        fa_load<HD, FA_BN>(dst, src, t0, nt, stride, col);
+}
+template <bool WG>
+__device__ __forceinline__ void fa_visible() {
+    if constexpr (WG) fa_fence_async();
+    __syncthreads();
+#ifdef WG_FENCE_TWICE
+    if constexpr (WG) {
+        fa_fence_async();
+        __syncthreads();
+    }
+#endif
+}
+#ifdef WG_WAIT_ALL
+#define FA_WAIT_STREAM(WG) (WG ? fa_wait<0>() : fa_wait<1>())
+#else
+#define FA_WAIT_STREAM(WG) fa_wait<1>()
+#endif
+
 // Min and max position of each tile of `tile` rows (tile table `off` as built by attn_tiles);
 // one warp per tile. The attention kernels skip streamed tiles with these before loading them.
 extern "C" __global__ void attn_tile_range(const u32* cu, const u32* pos, const int* off, int num_seqs, int tile,
@@ -267,23 +426,24 @@ struct FaQueryBlock {
 
 // Asynchronously load key tile t of a query block (k and v rows of kv head column `col`, and the
 // key positions) into buffer `buf` of the double-buffered K, V and P tiles.
-template <int HD, int BM>
+template <int HD, bool WG, int BM>
 __device__ __forceinline__ void fa_issue_kv(bf16_t* Ks, bf16_t* Vs, u32* Pk, int buf, const FaQueryBlock<BM>& qb, int t,
                                             const bf16_t* k, const bf16_t* v, const u32* pos_k, int ks, int col) {
     const u32 t0 = qb.tile_start(t);
     const int nt = qb.tile_rows(t);
-    fa_load<HD, FA_BN>(Ks + buf * FA_BN * (HD + FA_PAD), k, t0, nt, ks, col);
-    fa_load<HD, FA_BN>(Vs + buf * FA_BN * (HD + FA_PAD), v, t0, nt, ks, col);
+    fa_load_tile<HD, WG>(Ks + buf * FA_BN * (HD + FA_PAD), k, t0, nt, ks, col);
+    fa_load_tile<HD, WG>(Vs + buf * FA_BN * (HD + FA_PAD), v, t0, nt, ks, col);
     fa_load_col(Pk + buf * FA_BN, pos_k, t0, nt, 1);
 }
 
 // Each warp owns MT row tiles of 16 queries (rows warp·16·MT + 16·mt ..), so every K / V fragment
 // it loads from shared memory feeds MT matrix products.
-template <int HD, int WARPS, int MT>
+template <int HD, int WARPS, int MT, bool WG>
 __device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
                             const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,
                             const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {
     constexpr int BM = 16 * MT * WARPS, LD = HD + FA_PAD;
+    static_assert(!WG || (MT == 1 && WARPS % 4 == 0), "wgmma: whole warpgroups of one row tile per warp");
     extern __shared__ __align__(16) unsigned char fa_sh[];
     bf16_t* Qs = (bf16_t*)fa_sh;          // [BM][LD]
     bf16_t* Ks = Qs + BM * LD;            // [2][FA_BN][LD]
@@ -318,7 +478,7 @@ __device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q
     fa_block_minmax<WARPS>(lmn, lmx, red, minpq, maxpq);
 
     int t = fa_next_tile(krange, kt0, 0, nkt, maxpq);
-    if (t < nkt) fa_issue_kv<HD>(Ks, Vs, Pk, 0, qb, t, k, v, pos_k, ks, kh * HD);
+    if (t < nkt) fa_issue_kv<HD, WG>(Ks, Vs, Pk, 0, qb, t, k, v, pos_k, ks, kh * HD);
     fa_commit();
     fa_wait<1>();
     __syncthreads();
@@ -338,15 +498,20 @@ __device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q
     const float sl2 = scale * LOG2E_F;
     for (int buf = 0; t < nkt; buf ^= 1) {
         const int tn = fa_next_tile(krange, kt0, t + 1, nkt, maxpq);
-        if (tn < nkt) fa_issue_kv<HD>(Ks, Vs, Pk, buf ^ 1, qb, tn, k, v, pos_k, ks, kh * HD);
+        if (tn < nkt) fa_issue_kv<HD, WG>(Ks, Vs, Pk, buf ^ 1, qb, tn, k, v, pos_k, ks, kh * HD);
         fa_commit();
-        fa_wait<1>();
-        __syncthreads();
+        FA_WAIT_STREAM(WG);
+        fa_visible<WG>();
         const int nt = qb.tile_rows(t);
         const bool masked = !(krange[2 * (kt0 + t) + 1] <= minpq && nt == FA_BN);
         const u32* P = Pk + buf * FA_BN;
         float sc[MT][FA_BN / 8][4];
-        fa_mm_abt_mt<HD, MT>(sc, qa, Ks + buf * FA_BN * LD, lane);
+        if constexpr (WG) {
+            u32 qt[HD / 16][4];
+            fa_frag_a<HD>(qt, Qs, wrow, lane);
+            fa_abt<HD, true>(sc[0], qt, Ks + buf * FA_BN * LD, lane);
+        } else
+            fa_mm_abt_mt<HD, MT>(sc, qa, Ks + buf * FA_BN * LD, lane);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
             float mx0 = F_NINF, mx1 = F_NINF;
@@ -391,7 +556,10 @@ __device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q
             m[mt][0] = n0;
             m[mt][1] = n1;
         }
-        fa_mm_pt_mt<HD, MT>(o, sc, Vs + buf * FA_BN * LD, lane);
+        if constexpr (WG)
+            fa_pt<HD, true>(o[0], sc[0], Vs + buf * FA_BN * LD, lane);
+        else
+            fa_mm_pt_mt<HD, MT>(o, sc, Vs + buf * FA_BN * LD, lane);
         __syncthreads();  // this buffer is refilled two tiles from now
         t = tn;
     }
@@ -422,17 +590,22 @@ __device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q
 }
 
 // dq += scale * Σ_keys dS·k with dS = P ⊙ (dout·vᵀ - delta); blocks over query tiles.
-template <int HD, int WARPS>
+template <int HD, int WARPS, bool WG>
 __device__ void fa_bwd_dq_impl(void* dq, int dq_bf16, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,
                                const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q,
                                const u32* pos_k, const int* qoff, const int* koff, const u32* krange, int num_seqs,
                                int heads, int kv_heads, float scale) {
     constexpr int BM = 16 * WARPS, LD = HD + FA_PAD;
     static_assert(BM <= 2 * FA_BN, "q and dout are staged in the two K (V) buffers");
+    static_assert(!WG || WARPS % 4 == 0, "wgmma: whole warpgroups");
     extern __shared__ __align__(16) unsigned char fa_sh[];
     bf16_t* Ks = (bf16_t*)fa_sh;          // [2][FA_BN][LD]
     bf16_t* Vs = Ks + 2 * FA_BN * LD;     // [2][FA_BN][LD]
     u32* Pk = (u32*)(Vs + 2 * FA_BN * LD);  // [2][FA_BN]
+    // q and dout: staged through the K and V buffers (mma.sync: fragments kept in registers), or
+    // (wgmma) in their own tiles, reloaded per streamed tile.
+    bf16_t* Qst = WG ? (bf16_t*)(Pk + 2 * FA_BN) : Ks;  // [BM][LD]
+    bf16_t* Gst = WG ? Qst + BM * LD : Vs;             // [BM][LD]
     __shared__ u32 red[2 * WARPS];
     if ((int)blockIdx.x >= qoff[num_seqs]) return;
     const FaQueryBlock<BM> qb(blockIdx.x, cu_q, cu_k, qoff, koff, num_seqs, heads, kv_heads);
@@ -442,9 +615,8 @@ __device__ void fa_bwd_dq_impl(void* dq, int dq_bf16, const bf16_t* dout, const 
     const int qs = heads * HD, ks = kv_heads * HD;
     const int r0 = w16 + g, r1 = r0 + 8;
 
-    // q and dout fragments, staged through the K and V buffers.
-    fa_load<HD, BM>(Ks, q, q0, nq, qs, h * HD);
-    fa_load<HD, BM>(Vs, dout, q0, nq, qs, h * HD);
+    fa_load<HD, BM>(Qst, q, q0, nq, qs, h * HD);
+    fa_load<HD, BM>(Gst, dout, q0, nq, qs, h * HD);
     fa_commit();
     const u32 pq0 = r0 < nq ? pos_q[q0 + r0] : 0u, pq1 = r1 < nq ? pos_q[q0 + r1] : 0u;
     const float L0 = r0 < nq ? lse[(i64)(q0 + r0) * heads + h] * LOG2E_F : F_INF;
@@ -456,12 +628,12 @@ __device__ void fa_bwd_dq_impl(void* dq, int dq_bf16, const bf16_t* dout, const 
     fa_wait<0>();
     __syncthreads();
     u32 qa[HD / 16][4], ga[HD / 16][4];
-    fa_frag_a<HD>(qa, Ks, w16, lane);
-    fa_frag_a<HD>(ga, Vs, w16, lane);
+    fa_frag_a<HD>(qa, Qst, w16, lane);
+    fa_frag_a<HD>(ga, Gst, w16, lane);
     __syncthreads();  // the staging buffers are refilled below
 
     int t = fa_next_tile(krange, kt0, 0, nkt, maxpq);
-    if (t < nkt) fa_issue_kv<HD>(Ks, Vs, Pk, 0, qb, t, k, v, pos_k, ks, kh * HD);
+    if (t < nkt) fa_issue_kv<HD, WG>(Ks, Vs, Pk, 0, qb, t, k, v, pos_k, ks, kh * HD);
     fa_commit();
 
     float acc[HD / 8][4];
@@ -470,16 +642,20 @@ __device__ void fa_bwd_dq_impl(void* dq, int dq_bf16, const bf16_t* dout, const 
     const float sl2 = scale * LOG2E_F;
     for (int buf = 0; t < nkt; buf ^= 1) {
         const int tn = fa_next_tile(krange, kt0, t + 1, nkt, maxpq);
-        if (tn < nkt) fa_issue_kv<HD>(Ks, Vs, Pk, buf ^ 1, qb, tn, k, v, pos_k, ks, kh * HD);
+        if (tn < nkt) fa_issue_kv<HD, WG>(Ks, Vs, Pk, buf ^ 1, qb, tn, k, v, pos_k, ks, kh * HD);
         fa_commit();
-        fa_wait<1>();
-        __syncthreads();
+        FA_WAIT_STREAM(WG);
+        fa_visible<WG>();
         const int nt = qb.tile_rows(t);
         const bool masked = !(krange[2 * (kt0 + t) + 1] <= minpq && nt == FA_BN);
         const u32* P = Pk + buf * FA_BN;
         float p[FA_BN / 8][4], dp[FA_BN / 8][4];
-        fa_mm_abt<HD>(p, qa, Ks + buf * FA_BN * LD, lane);
-        fa_mm_abt<HD>(dp, ga, Vs + buf * FA_BN * LD, lane);
+        if constexpr (WG) {
+            fa_frag_a<HD>(qa, Qst, w16, lane);
+            fa_frag_a<HD>(ga, Gst, w16, lane);
+        }
+        fa_abt<HD, WG>(p, qa, Ks + buf * FA_BN * LD, lane);
+        fa_abt<HD, WG>(dp, ga, Vs + buf * FA_BN * LD, lane);
 #pragma unroll
         for (int n = 0; n < FA_BN / 8; ++n) {
 #pragma unroll
@@ -491,7 +667,7 @@ __device__ void fa_bwd_dq_impl(void* dq, int dq_bf16, const bf16_t* dout, const 
                 p[n][e] = x * (dp[n][e] - (hi ? D1 : D0));  // dS
             }
         }
-        fa_mm_pt<HD>(acc, p, Ks + buf * FA_BN * LD, lane);
+        fa_pt<HD, WG>(acc, p, Ks + buf * FA_BN * LD, lane);
         __syncthreads();
         t = tn;
     }
@@ -506,19 +682,23 @@ __device__ void fa_bwd_dq_impl(void* dq, int dq_bf16, const bf16_t* dout, const 
 // dv += Σ_queries Pᵀ·dout, dk += scale * Σ_queries dSᵀ·q over the heads of kv head blockIdx.y;
 // blocks over key tiles. Transposed products: warp rows are keys, tile columns are queries. The
 // stream is the (query tile, head) pairs of the segment, query tiles outermost.
-template <int HD, int WARPS>
+template <int HD, int WARPS, bool WG>
 __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, const bf16_t* dout, const float* lse, const float* delta,
                                  const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k,
                                  const u32* pos_q, const u32* pos_k, const int* koff, const int* qoff,
                                  const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {
     constexpr int BM = 16 * WARPS, LD = HD + FA_PAD;
     static_assert(BM <= 2 * FA_BN, "k and v are staged in the two q (dout) buffers");
+    static_assert(!WG || WARPS % 4 == 0, "wgmma: whole warpgroups");
     extern __shared__ __align__(16) unsigned char fa_sh[];
     bf16_t* Qs = (bf16_t*)fa_sh;            // [2][FA_BN][LD]
     bf16_t* Gs = Qs + 2 * FA_BN * LD;       // [2][FA_BN][LD] (dout)
     u32* Pq = (u32*)(Gs + 2 * FA_BN * LD);  // [2][FA_BN]
     float* Lq = (float*)(Pq + 2 * FA_BN);   // [2][FA_BN] lse (natural log, scaled below)
     float* Dq = Lq + 2 * FA_BN;             // [2][FA_BN]
+    // k and v: staged through the q and dout buffers, or (wgmma) their own tiles (as in dq).
+    bf16_t* Kst = WG ? (bf16_t*)(Dq + 2 * FA_BN) : Qs;  // [BM][LD]
+    bf16_t* Vst = WG ? Kst + BM * LD : Gs;             // [BM][LD]
     __shared__ u32 red[2 * WARPS];
     const int b = blockIdx.x;
     if (b >= koff[num_seqs]) return;
@@ -532,8 +712,8 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, const bf16_t* 
     const u32 qa_ = cu_q[s], qb = cu_q[s + 1];
     const int qt0 = qoff[s], nqt = qoff[s + 1] - qoff[s];
 
-    fa_load<HD, BM>(Qs, k, k0, nk, ks, kh * HD);
-    fa_load<HD, BM>(Gs, v, k0, nk, ks, kh * HD);
+    fa_load<HD, BM>(Kst, k, k0, nk, ks, kh * HD);
+    fa_load<HD, BM>(Vst, v, k0, nk, ks, kh * HD);
     fa_commit();
     const u32 pk0 = r0 < nk ? pos_k[k0 + r0] : U32_MAX, pk1 = r1 < nk ? pos_k[k0 + r1] : U32_MAX;
     u32 minpk, maxpk;
@@ -541,8 +721,8 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, const bf16_t* 
     fa_wait<0>();
     __syncthreads();
     u32 ka[HD / 16][4], va[HD / 16][4];
-    fa_frag_a<HD>(ka, Qs, w16, lane);
-    fa_frag_a<HD>(va, Gs, w16, lane);
+    fa_frag_a<HD>(ka, Kst, w16, lane);
+    fa_frag_a<HD>(va, Vst, w16, lane);
     __syncthreads();
 
     // Stream position `it` = query tile it / group, head kh * group + it % group. A query tile is
@@ -558,8 +738,8 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, const bf16_t* 
         const int t = it / group, h = kh * group + it % group;
         const u32 t0 = qa_ + (u32)t * FA_BN;
         const int nt = (int)min((u32)FA_BN, qb - t0);
-        fa_load<HD, FA_BN>(Qs + buf * FA_BN * LD, q, t0, nt, qs, h * HD);
-        fa_load<HD, FA_BN>(Gs + buf * FA_BN * LD, dout, t0, nt, qs, h * HD);
+        fa_load_tile<HD, WG>(Qs + buf * FA_BN * LD, q, t0, nt, qs, h * HD);
+        fa_load_tile<HD, WG>(Gs + buf * FA_BN * LD, dout, t0, nt, qs, h * HD);
         fa_load_col(Pq + buf * FA_BN, pos_q, t0, nt, 1);
         fa_load_col(Lq + buf * FA_BN, lse + h, t0, nt, heads);
         fa_load_col(Dq + buf * FA_BN, delta + h, t0, nt, heads);
@@ -579,8 +759,8 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, const bf16_t* 
         const int itn = next(it + 1);
         if (itn < nit) issue(itn, buf ^ 1);
         fa_commit();
-        fa_wait<1>();
-        __syncthreads();
+        FA_WAIT_STREAM(WG);
+        fa_visible<WG>();
         const int t = it / group;
         const int nt = (int)min((u32)FA_BN, qb - (qa_ + (u32)t * FA_BN));
         const bool masked = !(maxpk <= qrange[2 * (qt0 + t)] && nt == FA_BN);
@@ -588,8 +768,12 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, const bf16_t* 
         const float* L = Lq + buf * FA_BN;
         const float* D = Dq + buf * FA_BN;
         float p[FA_BN / 8][4], dp[FA_BN / 8][4];
-        fa_mm_abt<HD>(p, ka, Qs + buf * FA_BN * LD, lane);   // Sᵀ: keys x queries
-        fa_mm_abt<HD>(dp, va, Gs + buf * FA_BN * LD, lane);  // dPᵀ = v · doutᵀ
+        if constexpr (WG) {
+            fa_frag_a<HD>(ka, Kst, w16, lane);
+            fa_frag_a<HD>(va, Vst, w16, lane);
+        }
+        fa_abt<HD, WG>(p, ka, Qs + buf * FA_BN * LD, lane);   // Sᵀ: keys x queries
+        fa_abt<HD, WG>(dp, va, Gs + buf * FA_BN * LD, lane);  // dPᵀ = v · doutᵀ
 #pragma unroll
         for (int n = 0; n < FA_BN / 8; ++n) {
 #pragma unroll
@@ -601,8 +785,8 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, const bf16_t* 
                 dp[n][e] = x * (dp[n][e] - D[c]);  // dSᵀ
             }
         }
-        fa_mm_pt<HD>(dva, p, Gs + buf * FA_BN * LD, lane);
-        fa_mm_pt<HD>(dka, dp, Qs + buf * FA_BN * LD, lane);
+        fa_pt<HD, WG>(dva, p, Gs + buf * FA_BN * LD, lane);
+        fa_pt<HD, WG>(dka, dp, Qs + buf * FA_BN * LD, lane);
         __syncthreads();
         it = itn;
     }
@@ -620,39 +804,103 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, const bf16_t* 
     }
 }
 
-// Instantiations: head dim HD, W warps per block; the forward also with M = 2 row tiles per warp
-// (16·W·M rows per block). The host picks the configuration per kernel (FlashConfig in mod.rs).
-#define INST_FA_FWD(HD, W, M)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * W) attn_fwd_bf16_d##HD##_w##W##_m##M(                          \
+// Instantiations: head dim HD, W warps per block, and SUF naming the product path: mM = mma.sync
+// with M row tiles of 16 per warp (the forward also M = 2: 16·W·M rows per block), wg = wgmma
+// (W / 4 warpgroups). The host picks the configuration per kernel (FlashConfig in mod.rs).
+#define INST_FA_FWD(HD, W, M, WG, SUF)                                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * W) attn_fwd_bf16_d##HD##_w##W##_##SUF(                         \
         void* out, int out_bf16, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q,     \
         const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff, const int* koff, const u32* krange,    \
         int num_seqs, int heads, int kv_heads, float scale) {                                                        \
-        fa_fwd_impl<HD, W, M>(out, out_bf16, lse, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange, num_seqs,   \
-                              heads, kv_heads, scale);                                                               \
+        fa_fwd_impl<HD, W, M, WG>(out, out_bf16, lse, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange,         \
+                                  num_seqs, heads, kv_heads, scale);                                                 \
     }
-#define INST_FA_BWD(HD, W)                                                                                           \
-    extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_dq_bf16_d##HD##_w##W##_m1(                         \
+#define INST_FA_BWD(HD, W, WG, SUF)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_dq_bf16_d##HD##_w##W##_##SUF(                      \
         void* dq, int dq_bf16, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,            \
         const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,      \
         const int* qoff, const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {   \
-        fa_bwd_dq_impl<HD, W>(dq, dq_bf16, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange,  \
-                              num_seqs, heads, kv_heads, scale);                                                     \
+        fa_bwd_dq_impl<HD, W, WG>(dq, dq_bf16, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff,      \
+                                  krange, num_seqs, heads, kv_heads, scale);                                         \
     }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_dkdv_bf16_d##HD##_w##W##_m1(                       \
+    extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_dkdv_bf16_d##HD##_w##W##_##SUF(                    \
         void* dk, void* dv, int kv_bf16, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,  \
         const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,      \
         const int* koff, const int* qoff, const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {   \
-        fa_bwd_dkdv_impl<HD, W>(dk, dv, kv_bf16, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, koff, qoff,    \
-                                qrange, num_seqs, heads, kv_heads, scale);                                           \
+        fa_bwd_dkdv_impl<HD, W, WG>(dk, dv, kv_bf16, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, koff,      \
+                                    qoff, qrange, num_seqs, heads, kv_heads, scale);                                 \
     }
 
-INST_FA_FWD(32, 4, 1)
-INST_FA_FWD(32, 8, 1)
-INST_FA_FWD(32, 4, 2)
-INST_FA_FWD(64, 4, 1)
-INST_FA_FWD(64, 8, 1)
-INST_FA_FWD(64, 4, 2)
-INST_FA_BWD(32, 4)
-INST_FA_BWD(32, 8)
-INST_FA_BWD(64, 4)
-INST_FA_BWD(64, 8)
+INST_FA_FWD(32, 4, 1, false, m1)
+INST_FA_FWD(32, 8, 1, false, m1)
+INST_FA_FWD(32, 4, 2, false, m2)
+INST_FA_FWD(64, 4, 1, false, m1)
+INST_FA_FWD(64, 8, 1, false, m1)
+INST_FA_FWD(64, 4, 2, false, m2)
+INST_FA_FWD(32, 4, 1, true, wg)
+INST_FA_FWD(32, 8, 1, true, wg)
+INST_FA_FWD(64, 4, 1, true, wg)
+INST_FA_FWD(64, 8, 1, true, wg)
+INST_FA_BWD(32, 4, false, m1)
+INST_FA_BWD(32, 8, false, m1)
+INST_FA_BWD(64, 4, false, m1)
+INST_FA_BWD(64, 8, false, m1)
+INST_FA_BWD(32, 4, true, wg)
+INST_FA_BWD(32, 8, true, wg)
+INST_FA_BWD(64, 4, true, wg)
+INST_FA_BWD(64, 8, true, wg)
+
+// A check of the wgmma building blocks (cuda_parity --wg-probe): one warpgroup, a [64][HD] and
+// b [FA_BN][HD] bf16 row-major. mode < HD/16: out[64][FA_BN] = a[:, 16·mode..+16] · b[:, same]ᵀ
+// (one k-step); mode = HD/16: out = a · bᵀ (fa_abt); mode = HD/16 + 1: out[64][HD] = bf16(a · bᵀ) · b
+// (fa_abt then fa_pt). The b tile starts `shift` bytes (a multiple of 16) past a 1024-byte boundary.
+template <int HD>
+__device__ void wg_probe(float* out, const bf16_t* a, const bf16_t* b, int mode, int shift) {
+    __shared__ __align__(128) bf16_t As[64 * (HD + FA_PAD)];
+    __shared__ __align__(1024) bf16_t Bbuf[3 * FA_BN * (HD + FA_PAD) + 512];
+    bf16_t* Bs = Bbuf + shift / 2;
+    const int lane = threadIdx.x & 31, w16 = (threadIdx.x >> 5) * 16, g = lane >> 2, tq = lane & 3;
+    fa_load<HD, 64>(As, a, 0, 64, HD, 0);
+    fa_load_cm<HD>(Bs, b, 0, FA_BN, HD, 0);
+    fa_commit();
+    fa_wait<0>();
+    fa_visible<true>();
+    u32 af[HD / 16][4];
+    fa_frag_a<HD>(af, As, w16, lane);
+    float s[FA_BN / 8][4];
+    if (mode < HD / 16) {
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        wg_pin(s, FA_BN / 8);
+        wg_fence();
+        wg_mma<FA_BN, 0>(s, af[mode], wg_desc(Bs + mode * 16 * FA_BN, FA_BN * 16, 128));
+        wg_commit();
+        wg_wait0();
+        wg_pin(s, FA_BN / 8);
+    } else {
+        fa_abt<HD, true>(s, af, Bs, lane);
+    }
+    if (mode <= HD / 16) {
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) out[(w16 + g + 8 * (e >> 1)) * FA_BN + n * 8 + 2 * tq + (e & 1)] = s[n][e];
+        return;
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    fa_pt<HD, true>(o, s, Bs, lane);
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) out[(w16 + g + 8 * (e >> 1)) * HD + n * 8 + 2 * tq + (e & 1)] = o[n][e];
+}
+extern "C" __global__ void __launch_bounds__(128)
+    wg_probe_d32(float* out, const bf16_t* a, const bf16_t* b, int mode, int shift) {
+    wg_probe<32>(out, a, b, mode, shift);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    wg_probe_d64(float* out, const bf16_t* a, const bf16_t* b, int mode, int shift) {
+    wg_probe<64>(out, a, b, mode, shift);
+}
