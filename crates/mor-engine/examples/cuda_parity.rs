@@ -609,6 +609,56 @@ fn loss_ops(e: &mut Env, r: &mut Report) {
         e.g.cross_entropy_bwd(&mut dg, &xg, &tg, 1.0 / n as f32, n, vocab);
         r.check(&format!("{tag} bwd"), "dlogits", &e.g.to_f32(&dg), &dc, TOL);
     }
+    // The fused forward + backward (the LM head in training) against the CPU's fwd, fill 0, bwd:
+    // f32 dlogits (to rounding) and a bf16 activation buffer of them (whole-tensor error); dlogits
+    // start as garbage (the op sets them). Odd vocabularies take the scalar loops, multiples of 4
+    // the 16-byte ones.
+    for (n, vocab) in [(512usize, 1000usize), (16, 50_257), (64, 49_152), (8, 12), (8, 6)] {
+        let (xc, xg) = e.rnd(n * vocab, 5.0);
+        let t: Vec<u32> = (0..n).map(|i| if i % 7 == 3 { u32::MAX } else { e.rng.gen_range(0..vocab as u32) }).collect();
+        let (tc, tg) = e.upi(&t);
+        let scale = 1.0 / n as f32;
+        for bf16 in [false, true] {
+            let tag = format!("ce_fwd_bwd n{n} V{vocab}{}", if bf16 { " bf16" } else { "" });
+            let (mut lc, mut lg) = e.rnd(n, 1.0);
+            let (mut dc, mut dg) = e.rnd_as(bf16, n * vocab, 1.0);
+            e.c.cross_entropy_fwd_bwd(&mut lc, &mut dc, &xc, &tc, scale, n, vocab);
+            e.g.cross_entropy_fwd_bwd(&mut lg, &mut dg, &xg, &tg, scale, n, vocab);
+            r.check(&tag, "loss", &e.g.to_f32(&lg), &lc, TOL);
+            r.check_prec(bf16, &tag, "dlogits", &e.g.to_f32(&dg), &dc, None, TOL);
+        }
+    }
+    // Out-of-range targets (the CPU panics on them): against the GPU's own fwd (NaN loss) and
+    // fill + bwd (the row skipped: zero), ignored rows zero as well.
+    {
+        let (n, vocab) = (6usize, 1000usize);
+        let (_, xg) = e.rnd(n * vocab, 5.0);
+        let t = [3u32, vocab as u32, u32::MAX, 999, vocab as u32 + 5, 0];
+        let (_, tg) = e.upi(&t);
+        let (_, mut l0) = e.rnd(n, 1.0);
+        let (_, mut d0) = e.rnd(n * vocab, 1.0);
+        e.g.cross_entropy_fwd(&mut l0, &xg, &tg, n, vocab);
+        e.g.fill(&mut d0, n * vocab, 0.0);
+        e.g.cross_entropy_bwd(&mut d0, &xg, &tg, 0.5, n, vocab);
+        for bf16 in [false, true] {
+            let tag = format!("ce_fwd_bwd out-of-range{}", if bf16 { " bf16" } else { "" });
+            let (_, mut l1) = e.rnd(n, 1.0);
+            let (_, mut d1) = e.rnd_as(bf16, n * vocab, 1.0);
+            e.g.cross_entropy_fwd_bwd(&mut l1, &mut d1, &xg, &tg, 0.5, n, vocab);
+            let (l0v, l1v) = (e.g.to_f32_prefix(&l0, n), e.g.to_f32_prefix(&l1, n));
+            let nan_ok = [1usize, 4].iter().all(|&i| l1v[i].is_nan()) && l1v[2] == 0.0;
+            r.add(&tag, "loss NaN/0", if nan_ok { 0.0 } else { f64::INFINITY }, TOL);
+            r.check(&tag, "loss", &l1v, &l0v, TOL);
+            let (d0v, d1v) = (e.g.to_f32_prefix(&d0, n * vocab), e.g.to_f32_prefix(&d1, n * vocab));
+            let zero_rows = [1usize, 2, 4].iter().all(|&i| d1v[i * vocab..(i + 1) * vocab].iter().all(|&g| g == 0.0));
+            r.add(&tag, "zero rows", if zero_rows { 0.0 } else { f64::INFINITY }, TOL);
+            if bf16 {
+                r.add(&tag, "dlogits", rel_l2(&d1v, &d0v, None, d0v.len()), TOL_BF16);
+            } else {
+                r.check(&tag, "dlogits", &d1v, &d0v, TOL);
+            }
+        }
+    }
 }
 
 fn adamw_ops(e: &mut Env, r: &mut Report) {
@@ -1334,6 +1384,24 @@ fn bench(g: &Cuda) {
     let mut dl = g.zeros(vn * vocab);
     let ms = time_ms(g, 10, || g.cross_entropy_bwd(&mut dl, &logits, &t, 1.0, vn, vocab));
     println!("  cross_entropy_bwd 4096x49152:                   {:.3} ms, {:.0} GB/s", ms, (3 * vn * vocab * 4) as f64 / ms / 1e6);
+    // Fused forward + backward as training runs it (replacing fwd, fill 0 and bwd): logits read
+    // twice, dlogits written once (f32, or bf16 in the bf16 mode).
+    let ms = time_ms(g, 10, || g.cross_entropy_fwd_bwd(&mut loss, &mut dl, &logits, &t, 1.0, vn, vocab));
+    println!("  cross_entropy_fwd_bwd 4096x49152 (f32 dlogits): {:.3} ms, {:.0} GB/s", ms, (3 * vn * vocab * 4) as f64 / ms / 1e6);
+    let ms = time_ms(g, 10, || {
+        g.cross_entropy_fwd(&mut loss, &logits, &t, vn, vocab);
+        g.fill(&mut dl, vn * vocab, 0.0);
+        g.cross_entropy_bwd(&mut dl, &logits, &t, 1.0, vn, vocab);
+    });
+    println!("  cross_entropy fwd+fill+bwd 4096x49152 (before): {:.3} ms", ms);
+    drop(dl);
+    {
+        g.set_matmul_precision(MatmulPrecision::Bf16);
+        let mut dlb = g.zeros_act(vn * vocab);
+        let ms = time_ms(g, 10, || g.cross_entropy_fwd_bwd(&mut loss, &mut dlb, &logits, &t, 1.0, vn, vocab));
+        println!("  cross_entropy_fwd_bwd 4096x49152 (bf16 dlogits): {:.3} ms, {:.0} GB/s", ms, (vn * vocab * (2 * 4 + 2)) as f64 / ms / 1e6);
+        g.set_matmul_precision(MatmulPrecision::F32);
+    }
     let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % vocab as u32).collect();
     let ids = g.idx_from(&ids);
     let mut table = g.zeros(vocab * d);

@@ -314,6 +314,29 @@ pub trait Backend {
     fn cross_entropy_fwd(&self, loss: &mut Self::Buf, logits: &Self::Buf, targets: &Self::Idx, n: usize, vocab: usize);
     /// `dlogits[i] += scale * (softmax(logits[i]) - onehot(target[i]))` for non-ignored rows.
     fn cross_entropy_bwd(&self, dlogits: &mut Self::Buf, logits: &Self::Buf, targets: &Self::Idx, scale: f32, n: usize, vocab: usize);
+    /// [`Backend::cross_entropy_fwd`] and the gradient in one op: writes `loss[..n]` as the
+    /// forward does and SETS `dlogits[i] = scale * (softmax(logits[i]) - onehot(target[i]))`
+    /// (no accumulation); rows with an ignored (`u32::MAX`) or out-of-range target get a zero
+    /// gradient row (the forward's loss for an out-of-range target is NaN, or a panic where the
+    /// backend checks). `dlogits` may be an activation buffer ([`Backend::zeros_act`]); the
+    /// logits and the losses are [`Backend::zeros`] buffers. The default is
+    /// `cross_entropy_fwd`, `fill(dlogits, 0)`, `cross_entropy_bwd`; a device fuses them into one
+    /// pass pair over the logits (the LM head's memory traffic).
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy_fwd_bwd(
+        &self,
+        loss: &mut Self::Buf,
+        dlogits: &mut Self::Buf,
+        logits: &Self::Buf,
+        targets: &Self::Idx,
+        scale: f32,
+        n: usize,
+        vocab: usize,
+    ) {
+        self.cross_entropy_fwd(loss, logits, targets, n, vocab);
+        self.fill(dlogits, n * vocab, 0.0);
+        self.cross_entropy_bwd(dlogits, logits, targets, scale, n, vocab);
+    }
     /// Elementwise `BCEWithLogits(x, t)`.
     fn bce_logits_fwd(&self, loss: &mut Self::Buf, x: &Self::Buf, targets: &Self::Buf, n: usize);
     /// `dx += scale * (sigmoid(x) - t)`.

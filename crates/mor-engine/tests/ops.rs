@@ -349,6 +349,56 @@ fn cross_entropy_values_and_ignore_index() {
     }
 }
 
+/// `cross_entropy_fwd_bwd` on `b`: the losses and the gradient (dlogits starts as garbage, the op
+/// sets it) equal `cross_entropy_fwd`, `fill(0)`, `cross_entropy_bwd` bit for bit.
+fn check_ce_fwd_bwd<B: Backend<Idx = Vec<u32>>>(b: &B, logits: &[f32], targets: &[u32], n: usize, v: usize, scale: f32) {
+    let x = b.from_f32(logits);
+    let (mut l0, mut d0) = (b.from_f32(&vec![7.0; n]), b.from_f32(&vec![3.0; n * v]));
+    b.cross_entropy_fwd(&mut l0, &x, &targets.to_vec(), n, v);
+    b.fill(&mut d0, n * v, 0.0);
+    b.cross_entropy_bwd(&mut d0, &x, &targets.to_vec(), scale, n, v);
+    let (mut l1, mut d1) = (b.from_f32(&vec![-1.0; n]), b.from_f32(&vec![0.25; n * v]));
+    b.cross_entropy_fwd_bwd(&mut l1, &mut d1, &x, &targets.to_vec(), scale, n, v);
+    let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
+    assert_eq!(bits(b.to_f64_prefix(&l1, n)), bits(b.to_f64_prefix(&l0, n)), "losses");
+    assert_eq!(bits(b.to_f64_prefix(&d1, n * v)), bits(b.to_f64_prefix(&d0, n * v)), "dlogits");
+    // Ignored rows: loss 0 and a zero gradient row (set, not left as it was).
+    for (i, &t) in targets.iter().enumerate() {
+        if t == u32::MAX {
+            assert_eq!(b.to_f64_prefix(&l1, n)[i], 0.0);
+            assert!(b.to_f64_prefix(&d1, n * v)[i * v..(i + 1) * v].iter().all(|&g| g == 0.0));
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_fwd_bwd_equals_fwd_fill_bwd() {
+    let mut r = rng(41);
+    for (n, v) in [(1usize, 1usize), (5, 7), (6, 48), (3, 1000)] {
+        let logits = uniform(&mut r, n * v, 6.0);
+        let targets: Vec<u32> = (0..n).map(|i| if i % 3 == 1 { u32::MAX } else { ((i * 7 + 3) % v) as u32 }).collect();
+        for scale in [1.0 / n as f32, 0.37, -2.0] {
+            check_ce_fwd_bwd(&Cpu::<f32>::new(), &logits, &targets, n, v, scale);
+            check_ce_fwd_bwd(&Cpu::<f64>::new(), &logits, &targets, n, v, scale);
+        }
+    }
+    // All rows ignored.
+    check_ce_fwd_bwd(&Cpu::<f32>::new(), &[1.0, 2.0, 3.0, 4.0], &[u32::MAX, u32::MAX], 2, 2, 0.5);
+    // An out-of-range target fails as in cross_entropy_fwd / _bwd (the CPU checks; CUDA poisons the
+    // loss with NaN and writes a zero gradient row).
+    fn out_of_range<B: Backend<Idx = Vec<u32>> + std::panic::RefUnwindSafe>(b: &B) {
+        let err = std::panic::catch_unwind(|| {
+            let (mut l, mut d, x) = (b.zeros(2), b.zeros(8), b.from_f32(&[0.5; 8]));
+            b.cross_entropy_fwd_bwd(&mut l, &mut d, &x, &vec![1, 4], 1.0, 2, 4);
+        })
+        .expect_err("out-of-range target must panic");
+        let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("target 4 >= vocab 4"), "{msg}");
+    }
+    out_of_range(&Cpu::<f32>::new());
+    out_of_range(&Cpu::<f64>::new());
+}
+
 #[test]
 fn rope_rmsnorm_softmax_bce_known_values() {
     let b = Cpu::<f64>::new();

@@ -130,8 +130,9 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
     let residual = n * (9 * d + 2);
     let vocab = cfg.vocab_size;
     let head_rows = (head_chunk_elems / vocab).clamp(1, n);
-    // head_x, head_dx, logits, dlogits, ce (one chunk).
+    // head_x, head_dx, logits, dlogits, ce (one chunk); dlogits is an activation buffer.
     let head_chunk = head_rows * (2 * d + 2 * vocab + 1);
+    let head_act = head_rows * vocab;
     // Recursion-step buffers (routed models: one per recursion) and router activations.
     let mut steps = 0;
     let mut routers = 0;
@@ -163,6 +164,6 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
         head_chunk,
         tokens: n,
         layer_act_buffers,
-        other_act_buffers: scratch_act,
+        other_act_buffers: scratch_act + head_act,
     })
 }

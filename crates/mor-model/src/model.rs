@@ -909,17 +909,21 @@ impl<B: Backend> Model<B> {
             let targets = b.idx_from(&batch.targets[start..start + rows]);
             b.gather_rows(&mut ws.head_x, &ws.hn, &idx, rows, d);
             b.matmul_fwd(&mut ws.logits, &ws.head_x, self.params.value(head), rows, d, vocab);
-            if rows == n {
-                b.cross_entropy_fwd(&mut ws.ce_all, &ws.logits, &targets, rows, vocab);
+            // Training: losses and their gradient in one op (one pair of passes over the logits;
+            // dlogits is an activation buffer, bf16 in CUDA's bf16 mode, read as is by matmul_bwd).
+            let ce = if rows == n { &mut ws.ce_all } else { &mut ws.ce };
+            if grad {
+                let dlogits = ws.dlogits.get_or_insert_with(|| b.zeros_act(ws.head_rows * vocab));
+                b.cross_entropy_fwd_bwd(ce, dlogits, &ws.logits, &targets, scale, rows, vocab);
             } else {
+                b.cross_entropy_fwd(ce, &ws.logits, &targets, rows, vocab);
+            }
+            if rows != n {
                 // Collect the chunk's losses on the device: one host read per forward, not per chunk.
-                b.cross_entropy_fwd(&mut ws.ce, &ws.logits, &targets, rows, vocab);
                 b.scatter_rows(&mut ws.ce_all, &ws.ce, &idx, rows, 1);
             }
             if grad {
-                let dlogits = ws.dlogits.get_or_insert_with(|| b.zeros(ws.head_rows * vocab));
-                b.fill(dlogits, rows * vocab, 0.0);
-                b.cross_entropy_bwd(dlogits, &ws.logits, &targets, scale, rows, vocab);
+                let dlogits = ws.dlogits.as_ref().unwrap();
                 b.fill(&mut ws.head_dx, rows * d, 0.0);
                 let ParamStore { values, grads, .. } = &mut self.params;
                 b.matmul_bwd(Some(&mut ws.head_dx), &mut grads[head.0], dlogits, &ws.head_x, &values[head.0], rows, d, vocab);

@@ -140,7 +140,7 @@ fn category(op: &str) -> &'static str {
         "rmsnorm_fwd" | "rmsnorm_bwd" => "RMSNorm",
         "rope_fwd" | "rope_bwd" => "RoPE",
         "swiglu_fwd" | "swiglu_bwd" | "gelu_fwd" | "gelu_bwd" => "activations",
-        "cross_entropy_fwd" | "cross_entropy_bwd" | "bce_logits_fwd" | "bce_logits_bwd" => "losses",
+        "cross_entropy_fwd" | "cross_entropy_bwd" | "cross_entropy_fwd_bwd" | "bce_logits_fwd" | "bce_logits_bwd" => "losses",
         "topk_segments" | "gate_fwd" | "gate_bwd" | "softmax_fwd" | "softmax_bwd" | "index_fill" => "routing",
         "gather_rows" | "scatter_add_rows" | "scatter_add_scaled" | "scatter_add_scaled_bwd" | "scatter_rows"
         | "scatter_rows_bwd" | "embedding_fwd" | "embedding_bwd" => "gather/scatter/embedding",

@@ -112,6 +112,8 @@ const KERNELS: &[&str] = &[
     "softmax_bwd_f32",
     "cross_entropy_fwd_f32",
     "cross_entropy_bwd_f32",
+    "cross_entropy_fwd_bwd_f32",
+    "cross_entropy_fwd_bwd_bf16",
     "gather_rows_f32",
     "scatter_add_scaled_bwd_f32",
     "gather_add_rows_f32",
@@ -2204,6 +2206,38 @@ impl Backend for Cuda {
             "cross_entropy_bwd_f32",
             cfg((rows_grid(n), 1, 1), row_threads(vocab, 1024), 0),
             [dp, xp, tp, scale, n as i32, vocab as i32]
+        );
+    }
+
+    /// One kernel: f32 logits and losses, `dlogits` f32 or bf16 (an activation buffer in the
+    /// bf16 mode, which `matmul_bwd` then reads without a conversion).
+    fn cross_entropy_fwd_bwd(
+        &self,
+        loss: &mut CudaBuf,
+        dlogits: &mut CudaBuf,
+        logits: &CudaBuf,
+        targets: &CudaSlice<u32>,
+        scale: f32,
+        n: usize,
+        vocab: usize,
+    ) {
+        let _p = self.prof("cross_entropy_fwd_bwd");
+        Self::f32_only("cross_entropy_fwd_bwd", &[("loss", loss), ("logits", logits)]);
+        if n == 0 {
+            return;
+        }
+        assert!(vocab > 0);
+        check_len("loss", loss.len(), n);
+        check_len("dlogits", dlogits.len(), n * vocab);
+        check_len("logits", logits.len(), n * vocab);
+        check_len("targets", targets.len(), n);
+        let name = if dlogits.is_bf16() { "cross_entropy_fwd_bwd_bf16" } else { "cross_entropy_fwd_bwd_f32" };
+        let (lp, dp, xp, tp) = (self.pm(loss), self.pm(dlogits), self.p(logits), self.p(targets));
+        launch!(
+            self,
+            name,
+            cfg((rows_grid(n), 1, 1), row_threads(vocab, 1024), 0),
+            [lp, dp, xp, tp, scale, n as i32, vocab as i32]
         );
     }
 

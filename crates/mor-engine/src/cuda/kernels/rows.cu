@@ -329,6 +329,83 @@ __device__ void cross_entropy_bwd(T* dlogits, const T* logits, const u32* target
     }
 }
 
+// Forward and backward in one kernel (the LM head in training): per row one pass over the f32
+// logits for (max, Σexp) (online log-sum-exp), the loss as cross_entropy_fwd writes it, then one
+// pass writing dlogits = scale * (softmax - onehot) (set, not accumulated; f32 or bf16). Rows
+// with an ignored or out-of-range target get a zero gradient row (loss 0, or NaN out of range, as
+// cross_entropy_fwd). Rows of vocab % 4 == 0 with 16-byte aligned logits and 4-element aligned
+// dlogits move in 16-byte loads (8- or 16-byte stores); others take the scalar loops. The
+// gradient uses expf(x - m) * inv like cross_entropy_bwd; (m, s) differ from row_lse's only in
+// summation order.
+template <typename TD>
+__device__ void cross_entropy_fwd_bwd(float* loss, TD* dlogits, const float* logits, const u32* targets, float scale,
+                                      int n, int vocab) {
+    __shared__ float shm[32], shs[32];
+    const bool vec = (vocab & 3) == 0 && aligned_to(16, logits) && aligned_to(4 * sizeof(TD), dlogits);
+    const int nq = vocab >> 2;
+    for (int r = blockIdx.x; r < n; r += gridDim.x) {
+        const u32 t = targets[r];
+        const float* row = logits + (i64)r * vocab;
+        TD* d = dlogits + (i64)r * vocab;
+        if (t == U32_MAX || t >= (u32)vocab) {
+            if (threadIdx.x == 0) loss[r] = t == U32_MAX ? 0.f : __int_as_float(0x7fc00000);
+            if (vec) {
+                const float z[4] = {0.f, 0.f, 0.f, 0.f};
+                for (int q = threadIdx.x; q < nq; q += blockDim.x) st4(d + 4 * q, z);
+            } else {
+                for (int j = threadIdx.x; j < vocab; j += blockDim.x) d[j] = from_f<TD>(0.f);
+            }
+            continue;
+        }
+        float m = F_NINF, s = 0.f;
+        if (vec) {
+            for (int q = threadIdx.x; q < nq; q += blockDim.x) {
+                float v[4];
+                ld4(v, row + 4 * q);
+                const float mx = fmaxf(fmaxf(v[0], v[1]), fmaxf(v[2], v[3]));
+                if (mx > m) {
+                    s *= expf(m - mx);
+                    m = mx;
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s += expf(v[e] - m);
+            }
+            block_lse(m, s, shm, shs);
+        } else {
+            row_lse(row, vocab, m, s, shm, shs);
+        }
+        if (threadIdx.x == 0) loss[r] = m + logf(s) - row[t];
+        const float inv = 1.f / s;
+        if (vec) {
+            for (int q = threadIdx.x; q < nq; q += blockDim.x) {
+                float v[4];
+                ld4(v, row + 4 * q);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    v[e] = scale * (expf(v[e] - m) * inv);
+                    if (4 * q + e == (int)t) v[e] -= scale;
+                }
+                st4(d + 4 * q, v);
+            }
+        } else {
+            for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+                float g = scale * (expf(row[j] - m) * inv);
+                if (j == (int)t) g -= scale;
+                d[j] = from_f<TD>(g);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void cross_entropy_fwd_bwd_f32(float* l, float* dx, const float* x, const u32* t, float s, int n,
+                                                     int v) {
+    cross_entropy_fwd_bwd<float>(l, dx, x, t, s, n, v);
+}
+extern "C" __global__ void cross_entropy_fwd_bwd_bf16(float* l, bf16* dx, const float* x, const u32* t, float s, int n,
+                                                      int v) {
+    cross_entropy_fwd_bwd<bf16>(l, dx, x, t, s, n, v);
+}
+
 // ---- row gathers and scatters --------------------------------------------------------------
 
 // out[i] = x[idx[i]], rows of d.
