@@ -70,6 +70,8 @@ python3 -c 'import torch, transformers; print("torch", torch.__version__, "trans
 if [ -z "${SKIP_PARITY:-}" ]; then
   if [ -x "$OPS" ]; then
     step "op-level parity + kernel timings (cuda_parity)" 150 required -- "$OPS"
+    # Every tensor-core attention path (mma.sync default, wgmma opt-in): checks and timings.
+    step "flash-attention configurations (cuda_parity --flash-sweep)" 90 required -- "$OPS" --flash-sweep "8,4,4;8g,4g,4g"
   fi
   step "whole-model parity fp32" 150 required -- "$PARITY"
   step "whole-model parity bf16 GEMMs" 120 required -- "$PARITY" --bf16
