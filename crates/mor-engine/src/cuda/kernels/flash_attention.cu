@@ -200,7 +200,8 @@ __device__ __forceinline__ void fa_mm_pt(float (*acc)[4], const float (*p)[4], c
 // contiguous, no swizzle): element (r, c) of a FA_BN-row tile at bf16 index ((c / 8) · FA_BN + r) · 8
 // + c % 8. The same tile is a K-major B (its rows are the output columns: A·Tᵀ) or an MN-major B
 // (its rows are the reduction: A·T). Descriptor: start, LBO = byte stride between core matrices
-// along the reduction (K), SBO = along the output (M/N); WG_MN_SWAP swaps them for MN-major B.
+// along the reduction (K), SBO = along the output (M/N), for both majors (checked on the H200:
+// cuda_parity --wg-probe).
 // The wgmma kernels reload the A fragments of their own rows (q, dout, k, v) from a staging tile
 // for every streamed tile instead of keeping them in registers across the loop: ptxas (CUDA 13.0)
 // reused the registers of a wgmma's A operand after it completed, so fragments kept for the next
@@ -273,10 +274,6 @@ __device__ __forceinline__ void wg_mma(float (*d)[4], const u32* a, u64 desc) {
         wg_mma_n32<TB>(d, a, desc);
 }
 
-#ifndef WG_MN_SWAP
-#define WG_MN_SWAP 0
-#endif
-
 // The two products of the kernels, on mma.sync (WG false: the warp's 16 rows, T a padded tile) or
 // on wgmma (the warpgroup's 64 rows, T a core-matrix tile).
 // acc[16 x FA_BN] = A[16 x HD] · Tᵀ.
@@ -301,7 +298,7 @@ __device__ __forceinline__ void fa_abt(float (*acc)[4], const u32 (*a)[4], const
 template <int HD, bool WG>
 __device__ __forceinline__ void fa_pt(float (*acc)[4], const float (*p)[4], const bf16_t* t, int lane) {
     if constexpr (WG) {
-        constexpr u32 LBO = WG_MN_SWAP ? FA_BN * 16 : 128, SBO = WG_MN_SWAP ? 128 : FA_BN * 16;
+        constexpr u32 LBO = 128, SBO = FA_BN * 16;  // reduction along rows, output along columns
         u32 a[FA_BN / 16][4];
 #pragma unroll
         for (int j = 0; j < FA_BN / 16; ++j) {
@@ -336,18 +333,7 @@ template <bool WG>
 __device__ __forceinline__ void fa_visible() {
     if constexpr (WG) fa_fence_async();
     __syncthreads();
-#ifdef WG_FENCE_TWICE
-    if constexpr (WG) {
-        fa_fence_async();
-        __syncthreads();
-    }
-#endif
 }
-#ifdef WG_WAIT_ALL
-#define FA_WAIT_STREAM(WG) (WG ? fa_wait<0>() : fa_wait<1>())
-#else
-#define FA_WAIT_STREAM(WG) fa_wait<1>()
-#endif
 
 // Min and max position of each tile of `tile` rows (tile table `off` as built by attn_tiles);
 // one warp per tile. The attention kernels skip streamed tiles with these before loading them.
@@ -500,7 +486,7 @@ __device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q
         const int tn = fa_next_tile(krange, kt0, t + 1, nkt, maxpq);
         if (tn < nkt) fa_issue_kv<HD, WG>(Ks, Vs, Pk, buf ^ 1, qb, tn, k, v, pos_k, ks, kh * HD);
         fa_commit();
-        FA_WAIT_STREAM(WG);
+        fa_wait<1>();
         fa_visible<WG>();
         const int nt = qb.tile_rows(t);
         const bool masked = !(krange[2 * (kt0 + t) + 1] <= minpq && nt == FA_BN);
@@ -644,7 +630,7 @@ __device__ void fa_bwd_dq_impl(void* dq, int dq_bf16, const bf16_t* dout, const 
         const int tn = fa_next_tile(krange, kt0, t + 1, nkt, maxpq);
         if (tn < nkt) fa_issue_kv<HD, WG>(Ks, Vs, Pk, buf ^ 1, qb, tn, k, v, pos_k, ks, kh * HD);
         fa_commit();
-        FA_WAIT_STREAM(WG);
+        fa_wait<1>();
         fa_visible<WG>();
         const int nt = qb.tile_rows(t);
         const bool masked = !(krange[2 * (kt0 + t) + 1] <= minpq && nt == FA_BN);
@@ -759,7 +745,7 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, const bf16_t* 
         const int itn = next(it + 1);
         if (itn < nit) issue(itn, buf ^ 1);
         fa_commit();
-        FA_WAIT_STREAM(WG);
+        fa_wait<1>();
         fa_visible<WG>();
         const int t = it / group;
         const int nt = (int)min((u32)FA_BN, qb - (qa_ + (u32)t * FA_BN));
