@@ -9,7 +9,8 @@
 //! `MOR_PTX_CACHE=file` it also writes the PTX cache that later processes load instead of compiling.
 //! `--no-timings` skips the benchmarks, `--only topk,attention` runs the matching groups only,
 //! `--flash-sweep "8,4,4;8g,4g,4g"` checks and times the tensor-core attention per block configuration,
-//! `--wg-probe` checks the wgmma building blocks of those kernels on one tile,
+//! `--wg-probe` checks the wgmma building blocks of those kernels on one tile, `--gemm-algos` times
+//! cuBLASLt's heuristic algorithms for the training GEMM shapes,
 //! `--kernel-info` lists registers / local memory (spills) / static shared memory per kernel.
 //! Exits non-zero if any check fails.
 //!
@@ -160,6 +161,10 @@ fn main() {
                 std::process::exit(1);
             }
         }
+    }
+    if args.iter().any(|a| a == "--gemm-algos") {
+        gemm_algos();
+        return;
     }
     if args.iter().any(|a| a == "--wg-debug") {
         wg_debug();
@@ -1626,5 +1631,35 @@ fn wg_debug() {
                 }
             }
         }
+    }
+}
+
+/// `--gemm-algos`: for the forward GEMMs of a 360M training step, the time of each of cuBLASLt's
+/// first 8 heuristic algorithms (the heuristic's first is what the backend runs), to see what
+/// timed algorithm selection would gain.
+fn gemm_algos() {
+    let g = Cuda::new(0).unwrap_or_else(|e| {
+        eprintln!("cannot start the CUDA backend: {e}");
+        std::process::exit(2);
+    });
+    println!("cuBLASLt heuristic algorithms, bf16 operands, fp32 accumulation (D = Aᵀ·B + D):");
+    for (label, out, inp, n, bf16_out) in [
+        ("q/o      16384 x 960 -> 960 ", 960usize, 960usize, 16384usize, true),
+        ("k/v      16384 x 960 -> 320 ", 320, 960, 16384, true),
+        ("gate/up  16384 x 960 -> 2560", 2560, 960, 16384, true),
+        ("down     16384 x 2560 -> 960", 960, 2560, 16384, true),
+        ("LM head   4096 x 960 -> 49152", 49152, 960, 4096, false),
+    ] {
+        let t = g.lt_algo_times(out, n, inp, bf16_out, 8, 10);
+        let fl = 2.0 * (out * n * inp) as f64;
+        let (best_i, best) = t.iter().enumerate().fold((0, f64::INFINITY), |b, (i, &x)| if x < b.1 { (i, x) } else { b });
+        let all: Vec<String> = t.iter().map(|x| format!("{x:.3}")).collect();
+        println!(
+            "  {label}: heuristic's first {:.3} ms ({:.0} TFLOP/s), best #{best_i} {best:.3} ms ({:.0} TFLOP/s); all [{}]",
+            t[0],
+            fl / t[0] / 1e9,
+            fl / best / 1e9,
+            all.join(", ")
+        );
     }
 }

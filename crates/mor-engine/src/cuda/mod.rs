@@ -982,59 +982,132 @@ impl Cuda {
         .unwrap_or_else(|e| panic!("cuBLAS sgemm failed: {e:?}"));
     }
 
+    /// The cuBLASLt descriptors of `gemm_lt`'s product and the first `count` algorithms of the
+    /// library's heuristic (best first).
+    #[allow(clippy::type_complexity)]
+    fn lt_plan(&self, transa: bool, m: usize, n: usize, k: usize, cd_bf16: bool, count: usize) -> (lt::cublasLtMatmulDesc_t, [lt::cublasLtMatrixLayout_t; 4], Vec<lt::cublasLtMatmulAlgo_t>) {
+        use lt::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
+        let cd = if cd_bf16 { CUDA_R_16BF } else { CUDA_R_32F };
+        let r = cudarc::cublaslt::result::create_matmul_desc(lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, CUDA_R_32F).and_then(|desc| {
+            let op_a: i32 = if transa { 1 } else { 0 }; // CUBLAS_OP_T / CUBLAS_OP_N
+            unsafe {
+                cudarc::cublaslt::result::set_matmul_desc_attribute(
+                    desc,
+                    lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                    &op_a as *const i32 as *const std::ffi::c_void,
+                    4,
+                )?;
+            }
+            let (ar, ac) = if transa { (k, m) } else { (m, k) };
+            let layouts = [
+                cudarc::cublaslt::result::create_matrix_layout(CUDA_R_16BF, ar as u64, ac as u64, ar as i64)?,
+                cudarc::cublaslt::result::create_matrix_layout(CUDA_R_16BF, k as u64, n as u64, k as i64)?,
+                cudarc::cublaslt::result::create_matrix_layout(cd, m as u64, n as u64, m as i64)?,
+                cudarc::cublaslt::result::create_matrix_layout(cd, m as u64, n as u64, m as i64)?,
+            ];
+            let pref = cudarc::cublaslt::result::create_matmul_pref()?;
+            let ws = LT_WORKSPACE as u64;
+            let mut found: Vec<lt::cublasLtMatmulHeuristicResult_t> = Vec::with_capacity(count);
+            let mut returned = 0i32;
+            let status = unsafe {
+                cudarc::cublaslt::result::set_matmul_pref_attribute(
+                    pref,
+                    lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &ws as *const u64 as *const std::ffi::c_void,
+                    8,
+                )?;
+                let st = lt::cublasLtMatmulAlgoGetHeuristic(
+                    *self.blas_lt.handle(),
+                    desc,
+                    layouts[0],
+                    layouts[1],
+                    layouts[2],
+                    layouts[3],
+                    pref,
+                    count as i32,
+                    found.as_mut_ptr(),
+                    &mut returned,
+                );
+                found.set_len(returned.max(0) as usize);
+                cudarc::cublaslt::result::destroy_matmul_pref(pref)?;
+                st
+            };
+            status.result()?;
+            if found.is_empty() {
+                return Err(cudarc::cublaslt::result::CublasError(lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED));
+            }
+            Ok((desc, layouts, found.iter().map(|h| h.algo).collect()))
+        });
+        r.unwrap_or_else(|e| panic!("cublasLt: no matmul for {m} x {n} x {k}: {e:?}"))
+    }
+
+    /// Times (ms, median of `reps`) of each of the heuristic's first `count` algorithms for the
+    /// bf16 linear-layer product `gemm_lt` runs (`D[m, n] = Aᵀ·B`, A `[k, m]`, B `[k, n]`, C = D), on
+    /// zero-filled operands. A diagnostic for algorithm selection (`cuda_parity --gemm-algos`).
+    pub fn lt_algo_times(&self, m: usize, n: usize, k: usize, cd_bf16: bool, count: usize, reps: usize) -> Vec<f64> {
+        use cudarc::driver::sys::CUevent_flags;
+        let (desc, layouts, algos) = self.lt_plan(true, m, n, k, cd_bf16, count);
+        let a = self.alloc(k * m, Dtype::Bf16);
+        let b = self.alloc(k * n, Dtype::Bf16);
+        let mut d = self.alloc(m * n, if cd_bf16 { Dtype::Bf16 } else { Dtype::F32 });
+        let (ap, bp, dp, ws) = (self.p(&a), self.p(&b), self.pm(&mut d), self.p(&self.lt_workspace));
+        let (alpha, beta) = (1.0f32, 1.0f32);
+        let run = |algo: &lt::cublasLtMatmulAlgo_t| unsafe {
+            cudarc::cublaslt::result::matmul(
+                *self.blas_lt.handle(),
+                desc,
+                &alpha as *const f32 as *const std::ffi::c_void,
+                &beta as *const f32 as *const std::ffi::c_void,
+                ap as *const std::ffi::c_void,
+                layouts[0],
+                bp as *const std::ffi::c_void,
+                layouts[1],
+                dp as *const std::ffi::c_void,
+                layouts[2],
+                dp as *mut std::ffi::c_void,
+                layouts[3],
+                algo,
+                ws as *mut std::ffi::c_void,
+                LT_WORKSPACE,
+                self.stream.cu_stream() as lt::cudaStream_t,
+            )
+            .unwrap_or_else(|e| panic!("cublasLtMatmul failed: {e:?}"))
+        };
+        let times = algos
+            .iter()
+            .map(|algo| {
+                run(algo);
+                let mut ms: Vec<f64> = (0..reps.max(1))
+                    .map(|_| {
+                        let e0 = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+                        run(algo);
+                        let e1 = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+                        e0.elapsed_ms(&e1).unwrap() as f64
+                    })
+                    .collect();
+                ms.sort_by(|x, y| x.partial_cmp(y).unwrap());
+                ms[ms.len() / 2]
+            })
+            .collect();
+        unsafe {
+            let _ = cudarc::cublaslt::result::destroy_matmul_desc(desc);
+            for l in layouts {
+                let _ = cudarc::cublaslt::result::destroy_matrix_layout(l);
+            }
+        }
+        times
+    }
+
     /// Column-major `D[m, n] = op(A)·op(B) + C` through cuBLASLt: A and B bf16 (device pointers,
     /// A `[k, m]` with `transa` else `[m, k]`, B `[k, n]`), C and D f32 or bf16 (`cd_bf16`) with
     /// leading dimension m, fp32 accumulation. C may differ from D (the residual add of a layer).
     #[allow(clippy::too_many_arguments)]
     fn gemm_lt(&self, transa: bool, m: usize, n: usize, k: usize, a: u64, b: u64, c: u64, d: u64, cd_bf16: bool) {
-        use lt::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
         let key: LtKey = (m, n, k, transa, cd_bf16);
         let mut plans = self.lt_plans.lock().unwrap();
         if !plans.contains_key(&key) {
-            let cd = if cd_bf16 { CUDA_R_16BF } else { CUDA_R_32F };
-            let r = cudarc::cublaslt::result::create_matmul_desc(lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, CUDA_R_32F)
-                .and_then(|desc| {
-                    let op_a: i32 = if transa { 1 } else { 0 }; // CUBLAS_OP_T / CUBLAS_OP_N
-                    unsafe {
-                        cudarc::cublaslt::result::set_matmul_desc_attribute(
-                            desc,
-                            lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-                            &op_a as *const i32 as *const std::ffi::c_void,
-                            4,
-                        )?;
-                    }
-                    let (ar, ac) = if transa { (k, m) } else { (m, k) };
-                    let layouts = [
-                        cudarc::cublaslt::result::create_matrix_layout(CUDA_R_16BF, ar as u64, ac as u64, ar as i64)?,
-                        cudarc::cublaslt::result::create_matrix_layout(CUDA_R_16BF, k as u64, n as u64, k as i64)?,
-                        cudarc::cublaslt::result::create_matrix_layout(cd, m as u64, n as u64, m as i64)?,
-                        cudarc::cublaslt::result::create_matrix_layout(cd, m as u64, n as u64, m as i64)?,
-                    ];
-                    let pref = cudarc::cublaslt::result::create_matmul_pref()?;
-                    let ws = LT_WORKSPACE as u64;
-                    let heur = unsafe {
-                        cudarc::cublaslt::result::set_matmul_pref_attribute(
-                            pref,
-                            lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                            &ws as *const u64 as *const std::ffi::c_void,
-                            8,
-                        )?;
-                        let h = cudarc::cublaslt::result::get_matmul_algo_heuristic(
-                            *self.blas_lt.handle(),
-                            desc,
-                            layouts[0],
-                            layouts[1],
-                            layouts[2],
-                            layouts[3],
-                            pref,
-                        );
-                        cudarc::cublaslt::result::destroy_matmul_pref(pref)?;
-                        h?
-                    };
-                    Ok(LtPlan { desc, layouts, algo: heur.algo })
-                })
-                .unwrap_or_else(|e| panic!("cublasLt: no matmul for {m} x {n} x {k}: {e:?}"));
-            plans.insert(key, r);
+            let (desc, layouts, algos) = self.lt_plan(transa, m, n, k, cd_bf16, 1);
+            plans.insert(key, LtPlan { desc, layouts, algo: algos[0] });
         }
         let plan = &plans[&key];
         let (alpha, beta) = (1.0f32, 1.0f32);
