@@ -1105,11 +1105,10 @@ impl Cuda {
     fn gemm_lt(&self, transa: bool, m: usize, n: usize, k: usize, a: u64, b: u64, c: u64, d: u64, cd_bf16: bool) {
         let key: LtKey = (m, n, k, transa, cd_bf16);
         let mut plans = self.lt_plans.lock().unwrap();
-        if !plans.contains_key(&key) {
+        let plan = plans.entry(key).or_insert_with(|| {
             let (desc, layouts, algos) = self.lt_plan(transa, m, n, k, cd_bf16, 1);
-            plans.insert(key, LtPlan { desc, layouts, algo: algos[0] });
-        }
-        let plan = &plans[&key];
+            LtPlan { desc, layouts, algo: algos[0] }
+        });
         let (alpha, beta) = (1.0f32, 1.0f32);
         let ws = self.p(&self.lt_workspace);
         unsafe {
