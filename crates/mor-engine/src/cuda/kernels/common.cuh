@@ -55,6 +55,21 @@ __device__ __forceinline__ double warp_sum_d(double v) {
     return v;
 }
 
+// Σ over the block in double, valid in thread 0 only (one call per kernel: no leading barrier).
+// `sh` is a __shared__ scratch of 32 doubles. A fixed tree: the sum depends on blockDim only.
+__device__ __forceinline__ double block_sum_d_to0(double v, double* sh) {
+    v = warp_sum_d(v);
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    double t = 0.0;
+    if (w == 0) {
+        t = lane < nw ? sh[lane] : 0.0;
+        t = warp_sum_d(t);
+    }
+    return t;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

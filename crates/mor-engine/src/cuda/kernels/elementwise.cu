@@ -21,30 +21,16 @@ extern "C" __global__ void sumsq_partial_f32(const float* x, i64 n, double* part
         const double v = (double)x[i];
         acc += v * v;
     }
-    acc = warp_sum_d(acc);
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    if (lane == 0) sh[w] = acc;
-    __syncthreads();
-    if (w == 0) {
-        double t = lane < nw ? sh[lane] : 0.0;
-        t = warp_sum_d(t);
-        if (lane == 0) partial[blockIdx.x] = t;
-    }
+    acc = block_sum_d_to0(acc, sh);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
 extern "C" __global__ void sumsq_final(const double* partial, int parts, double* out) {
     __shared__ double sh[32];
     double acc = 0.0;
     for (int i = threadIdx.x; i < parts; i += blockDim.x) acc += partial[i];
-    acc = warp_sum_d(acc);
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    if (lane == 0) sh[w] = acc;
-    __syncthreads();
-    if (w == 0) {
-        double t = lane < nw ? sh[lane] : 0.0;
-        t = warp_sum_d(t);
-        if (lane == 0) out[0] = t;
-    }
+    acc = block_sum_d_to0(acc, sh);
+    if (threadIdx.x == 0) out[0] = acc;
 }
 
 // ---- activations ---------------------------------------------------------------------------

@@ -84,15 +84,8 @@ extern "C" __global__ void sumsq_many_partial_f32(const MtSumsq* t, int count, d
         const double v = (double)x[i];
         acc += v * v;
     }
-    acc = warp_sum_d(acc);
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    if (lane == 0) sh[w] = acc;
-    __syncthreads();
-    if (w == 0) {
-        double s = lane < nw ? sh[lane] : 0.0;
-        s = warp_sum_d(s);
-        if (lane == 0) partial[blockIdx.x] = s;
-    }
+    acc = block_sum_d_to0(acc, sh);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
 // sumsq_final of every tensor: block k adds entry k's partials into out[k].
@@ -103,13 +96,6 @@ extern "C" __global__ void sumsq_many_final(const MtSumsq* t, const double* part
     const int parts = (int)e.blocks;
     double acc = 0.0;
     for (int i = threadIdx.x; i < parts; i += blockDim.x) acc += part[i];
-    acc = warp_sum_d(acc);
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    if (lane == 0) sh[w] = acc;
-    __syncthreads();
-    if (w == 0) {
-        double s = lane < nw ? sh[lane] : 0.0;
-        s = warp_sum_d(s);
-        if (lane == 0) out[blockIdx.x] = s;
-    }
+    acc = block_sum_d_to0(acc, sh);
+    if (threadIdx.x == 0) out[blockIdx.x] = acc;
 }
