@@ -2364,14 +2364,8 @@ impl Backend for Cuda {
             check_len(name, len, n);
         }
         // Scalar arithmetic in f64, exactly as the CPU reference.
-        let (lr64, b1, b2, wd) = (lr as f64, beta1 as f64, beta2 as f64, weight_decay as f64);
-        let t = step.min(i32::MAX as u64) as i32;
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2 = 1.0 - b2.powi(t);
-        let decay = (1.0 - lr64 * wd) as f32;
-        let step_size = (lr64 / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let (ob1, ob2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
+        let decay = (1.0 - lr as f64 * weight_decay as f64) as f32;
+        let optim::AdamScalars { step_size, bc2_sqrt, ob1, ob2 } = optim::AdamScalars::new(lr, beta1, beta2, step);
         let (pp, gp, mp, vp) = (self.pm(param), self.p(grad), self.pm(m), self.pm(v));
         launch!(
             self,

@@ -27,6 +27,24 @@ const MT_TABLES_MAX: usize = 64;
 /// Threads per block of `sumsq_many_final` (those of `sumsq_final` in `sum_squares`).
 const SUMSQ_FINAL_THREADS: u32 = 1024;
 
+/// The per-step scalars of the AdamW kernels (`adamw_f32`, `adamw_many_f32`): bias corrections
+/// in f64 from the f32 hyper-parameters, rounded to f32, exactly as the CPU reference.
+pub(super) struct AdamScalars {
+    pub step_size: f32,
+    pub bc2_sqrt: f32,
+    pub ob1: f32,
+    pub ob2: f32,
+}
+
+impl AdamScalars {
+    pub fn new(lr: f32, beta1: f32, beta2: f32, step: u64) -> Self {
+        let (lr64, b1, b2) = (lr as f64, beta1 as f64, beta2 as f64);
+        let t = step.min(i32::MAX as u64) as i32;
+        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        AdamScalars { step_size: (lr64 / bc1) as f32, bc2_sqrt: bc2.sqrt() as f32, ob1: (1.0 - b1) as f32, ob2: (1.0 - b2) as f32 }
+    }
+}
+
 /// Device copies of multi-tensor tables, by content.
 #[derive(Default)]
 pub(super) struct MtTables(Mutex<HashMap<Vec<u64>, CudaSlice<u64>>>);
@@ -94,14 +112,8 @@ impl Cuda {
         if blocks == 0 {
             return;
         }
-        // Scalar arithmetic in f64 as in `adamw` (the decay per tensor, on the device).
-        let (lr64, b1, b2) = (lr as f64, beta1 as f64, beta2 as f64);
-        let t = step.min(i32::MAX as u64) as i32;
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2 = 1.0 - b2.powi(t);
-        let step_size = (lr64 / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let (ob1, ob2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
+        // The decay per tensor is formed on the device (in f64, as `adamw` forms it here).
+        let AdamScalars { step_size, bc2_sqrt, ob1, ob2 } = AdamScalars::new(lr, beta1, beta2, step);
         let count = (words.len() / 7) as i32;
         let table = self.mt_table(words);
         launch!(
