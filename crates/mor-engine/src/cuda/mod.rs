@@ -262,7 +262,7 @@ unsafe impl Sync for LtPlan {}
 
 impl Drop for LtPlan {
     fn drop(&mut self) {
-        // SAFETY: created in `Cuda::gemm_lt`, destroyed once here.
+        // SAFETY: created by `Cuda::lt_plan` for this plan alone, destroyed once here.
         unsafe {
             for l in self.layouts {
                 let _ = cudarc::cublaslt::result::destroy_matrix_layout(l);
@@ -1047,53 +1047,26 @@ impl Cuda {
     pub fn lt_algo_times(&self, m: usize, n: usize, k: usize, cd_bf16: bool, count: usize, reps: usize) -> Vec<f64> {
         use cudarc::driver::sys::CUevent_flags;
         let (desc, layouts, algos) = self.lt_plan(true, m, n, k, cd_bf16, count);
+        // One plan owns the descriptors (destroyed when it drops); only its algorithm changes.
+        let mut plan = LtPlan { desc, layouts, algo: algos[0] };
         let a = self.alloc(k * m, Dtype::Bf16);
         let b = self.alloc(k * n, Dtype::Bf16);
         let mut d = self.alloc(m * n, if cd_bf16 { Dtype::Bf16 } else { Dtype::F32 });
-        let (ap, bp, dp, ws) = (self.p(&a), self.p(&b), self.pm(&mut d), self.p(&self.lt_workspace));
-        let (alpha, beta) = (1.0f32, 1.0f32);
-        let run = |algo: &lt::cublasLtMatmulAlgo_t| unsafe {
-            cudarc::cublaslt::result::matmul(
-                *self.blas_lt.handle(),
-                desc,
-                &alpha as *const f32 as *const std::ffi::c_void,
-                &beta as *const f32 as *const std::ffi::c_void,
-                ap as *const std::ffi::c_void,
-                layouts[0],
-                bp as *const std::ffi::c_void,
-                layouts[1],
-                dp as *const std::ffi::c_void,
-                layouts[2],
-                dp as *mut std::ffi::c_void,
-                layouts[3],
-                algo,
-                ws as *mut std::ffi::c_void,
-                LT_WORKSPACE,
-                self.stream.cu_stream() as lt::cudaStream_t,
-            )
-            .unwrap_or_else(|e| panic!("cublasLtMatmul failed: {e:?}"))
-        };
-        let times = algos
-            .iter()
-            .map(|algo| {
-                run(algo);
-                let mut ms: Vec<f64> = (0..reps.max(1))
-                    .map(|_| {
-                        let e0 = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-                        run(algo);
-                        let e1 = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-                        e0.elapsed_ms(&e1).unwrap() as f64
-                    })
-                    .collect();
-                ms.sort_by(|x, y| x.partial_cmp(y).unwrap());
-                ms[ms.len() / 2]
-            })
-            .collect();
-        unsafe {
-            let _ = cudarc::cublaslt::result::destroy_matmul_desc(desc);
-            for l in layouts {
-                let _ = cudarc::cublaslt::result::destroy_matrix_layout(l);
-            }
+        let (ap, bp, dp) = (self.p(&a), self.p(&b), self.pm(&mut d));
+        let mut times = Vec::with_capacity(algos.len());
+        for algo in algos {
+            plan.algo = algo;
+            self.lt_run(&plan, ap, bp, dp, dp);
+            let mut ms: Vec<f64> = (0..reps.max(1))
+                .map(|_| {
+                    let e0 = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+                    self.lt_run(&plan, ap, bp, dp, dp);
+                    let e1 = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+                    e0.elapsed_ms(&e1).unwrap() as f64
+                })
+                .collect();
+            ms.sort_by(|x, y| x.partial_cmp(y).unwrap());
+            times.push(ms[ms.len() / 2]);
         }
         times
     }
@@ -1109,6 +1082,12 @@ impl Cuda {
             let (desc, layouts, algos) = self.lt_plan(transa, m, n, k, cd_bf16, 1);
             LtPlan { desc, layouts, algo: algos[0] }
         });
+        self.lt_run(plan, a, b, c, d);
+    }
+
+    /// `D = op(A)·B + C` (alpha = beta = 1) of a cuBLASLt plan on the stream, with the backend's
+    /// workspace; a, b, c, d are device pointers in the plan's layouts.
+    fn lt_run(&self, plan: &LtPlan, a: u64, b: u64, c: u64, d: u64) {
         let (alpha, beta) = (1.0f32, 1.0f32);
         let ws = self.p(&self.lt_workspace);
         unsafe {
