@@ -1242,6 +1242,35 @@ fn bench_optimizer(g: &Cuda) {
     );
 }
 
+/// attention_fwd and attention_bwd at the 360M training shape (8 documents x 2048 tokens, causal,
+/// 15 / 5 heads, hd 64) in the backend's current precision, random inputs; with `act`, q, k, v,
+/// dout and dq are activation buffers as the model stores them (bf16 in bf16 mode), else f32.
+/// Returns (forward ms, backward ms, forward FLOPs): causal FLOPs are 2 matmuls of L x L/2 x hd
+/// per head forward and 2.5x that backward (the FlashAttention papers' convention, as
+/// scripts/reference/sdpa_bench.py).
+fn time_attention_360m(g: &Cuda, act: bool) -> (f64, f64, f64) {
+    let (docs, len, heads, kvh, hd) = (8usize, 2048usize, 15usize, 5usize, 64usize);
+    let n = docs * len;
+    let cu: Vec<u32> = (0..=docs as u32).map(|s| s * len as u32).collect();
+    let pos: Vec<u32> = (0..n as u32).map(|i| i % len as u32).collect();
+    let (cu, pos) = (g.idx_from(&cu), g.idx_from(&pos));
+    let shape = AttnShape { cu_q: &cu, cu_k: &cu, pos_q: &pos, pos_k: &pos, num_seqs: docs, nq: n, nk: n, heads, kv_heads: kvh, head_dim: hd };
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut input = |len: usize| {
+        let mut b = if act { g.zeros_act(len) } else { g.zeros(len) };
+        g.write_f32(&mut b, &(0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect::<Vec<_>>());
+        b
+    };
+    let (q, k, v, dout) = (input(n * heads * hd), input(n * kvh * hd), input(n * kvh * hd), input(n * heads * hd));
+    let mut dq = if act { g.zeros_act(n * heads * hd) } else { g.zeros(n * heads * hd) };
+    let (mut o, mut lse) = (g.zeros(n * heads * hd), g.zeros(n * heads));
+    let (mut dk, mut dv) = (g.zeros(n * kvh * hd), g.zeros(n * kvh * hd));
+    let fwd = time_ms(g, 10, || g.attention_fwd(&mut o, &mut lse, &q, &k, &v, &shape));
+    let bwd = time_ms(g, 10, || g.attention_bwd(&mut dq, &mut dk, &mut dv, &dout, &o, &lse, &q, &k, &v, &shape));
+    let f_fwd = docs as f64 * 4.0 * (len as f64) * (len as f64) / 2.0 * hd as f64 * heads as f64;
+    (fwd, bwd, f_fwd)
+}
+
 fn bench(g: &Cuda) {
     println!();
     println!("timings (median of 10, CUDA events, after a warm-up)");
@@ -1314,30 +1343,9 @@ fn bench(g: &Cuda) {
     }
     g.set_matmul_precision(MatmulPrecision::F32);
 
-    // Attention: 8 documents x 2048 tokens, causal, 15 heads / 5 kv heads (SmolLM-360M), hd 64.
-    let (docs, len, heads, kvh, hd) = (8usize, 2048usize, 15usize, 5usize, 64usize);
-    let n = docs * len;
-    let cu: Vec<u32> = (0..=docs as u32).map(|s| s * len as u32).collect();
-    let pos: Vec<u32> = (0..n as u32).map(|i| i % len as u32).collect();
-    let cu = g.idx_from(&cu);
-    let pos = g.idx_from(&pos);
-    let shape = AttnShape { cu_q: &cu, cu_k: &cu, pos_q: &pos, pos_k: &pos, num_seqs: docs, nq: n, nk: n, heads, kv_heads: kvh, head_dim: hd };
-    let q = rnd(n * heads * hd, 1.0);
-    let k = rnd(n * kvh * hd, 1.0);
-    let v = rnd(n * kvh * hd, 1.0);
-    let mut o = g.zeros(n * heads * hd);
-    let mut lse = g.zeros(n * heads);
-    let dout = rnd(n * heads * hd, 1.0);
-    let mut dq = g.zeros(n * heads * hd);
-    let mut dk = g.zeros(n * kvh * hd);
-    let mut dv = g.zeros(n * kvh * hd);
-    // Causal FLOPs: 2 matmuls of (L x L/2 x hd) per head forward, 2.5x that backward (the
-    // convention of the FlashAttention papers and of scripts/reference/sdpa_bench.py).
-    let f_fwd = docs as f64 * 4.0 * (len as f64) * (len as f64) / 2.0 * hd as f64 * heads as f64;
     for (label, p) in [("f32 exact", MatmulPrecision::F32), ("bf16 tensor-core", MatmulPrecision::Bf16)] {
         g.set_matmul_precision(p);
-        let fwd = time_ms(g, 10, || g.attention_fwd(&mut o, &mut lse, &q, &k, &v, &shape));
-        let bwd = time_ms(g, 10, || g.attention_bwd(&mut dq, &mut dk, &mut dv, &dout, &o, &lse, &q, &k, &v, &shape));
+        let (fwd, bwd, f_fwd) = time_attention_360m(g, false);
         println!("  attention {label}, 8x2048 causal, 15/5 heads, hd 64:");
         println!("    fwd {:.3} ms, {:.1} TFLOP/s; bwd {:.3} ms, {:.1} TFLOP/s; fwd+bwd {:.3} ms, {:.1} TFLOP/s",
             fwd, f_fwd / fwd / 1e9, bwd, 2.5 * f_fwd / bwd / 1e9, fwd + bwd, 3.5 * f_fwd / (fwd + bwd) / 1e9);
@@ -1454,25 +1462,7 @@ fn flash_sweep(configs: &str) {
         }
         let failed: Vec<_> = rep.rows.iter().filter(|r| !r.4).collect();
         let worst = rep.rows.iter().map(|r| r.2).fold(0.0f64, f64::max);
-        let g = &env.g;
-        let (docs, len, heads, kvh, hd) = (8usize, 2048usize, 15usize, 5usize, 64usize);
-        let n = docs * len;
-        let cu: Vec<u32> = (0..=docs as u32).map(|s| s * len as u32).collect();
-        let pos: Vec<u32> = (0..n as u32).map(|i| i % len as u32).collect();
-        let (cu, pos) = (g.idx_from(&cu), g.idx_from(&pos));
-        let shape = AttnShape { cu_q: &cu, cu_k: &cu, pos_q: &pos, pos_k: &pos, num_seqs: docs, nq: n, nk: n, heads, kv_heads: kvh, head_dim: hd };
-        let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let mut act = |len: usize| {
-            let mut b = g.zeros_act(len);
-            g.write_f32(&mut b, &(0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect::<Vec<_>>());
-            b
-        };
-        let (q, k, v, dout) = (act(n * heads * hd), act(n * kvh * hd), act(n * kvh * hd), act(n * heads * hd));
-        let (mut o, mut dq) = (g.zeros(n * heads * hd), g.zeros_act(n * heads * hd));
-        let (mut lse, mut dk, mut dv) = (g.zeros(n * heads), g.zeros(n * kvh * hd), g.zeros(n * kvh * hd));
-        let f_fwd = docs as f64 * 4.0 * (len as f64) * (len as f64) / 2.0 * hd as f64 * heads as f64;
-        let fwd = time_ms(g, 10, || g.attention_fwd(&mut o, &mut lse, &q, &k, &v, &shape));
-        let bwd = time_ms(g, 10, || g.attention_bwd(&mut dq, &mut dk, &mut dv, &dout, &o, &lse, &q, &k, &v, &shape));
+        let (fwd, bwd, f_fwd) = time_attention_360m(&env.g, true);
         println!(
             "flash {cfg:<14} checks {}/{} (worst {worst:.1e}) | fwd {fwd:.3} ms {:.1} TFLOP/s | bwd {bwd:.3} ms {:.1} | fwd+bwd {:.3} ms {:.1} TFLOP/s",
             rep.rows.len() - failed.len(),
