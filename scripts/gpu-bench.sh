@@ -70,8 +70,8 @@ python3 -c 'import torch, transformers; print("torch", torch.__version__, "trans
 if [ -z "${SKIP_PARITY:-}" ]; then
   if [ -x "$OPS" ]; then
     step "op-level parity + kernel timings (cuda_parity)" 150 required -- "$OPS"
-    # Every tensor-core attention path (mma.sync default, wgmma opt-in): checks and timings.
-    step "flash-attention configurations (cuda_parity --flash-sweep)" 90 required -- "$OPS" --flash-sweep "8,4,4;8g,4g,4g"
+    # Every tensor-core attention path (fused backward default, two-pass deterministic, wgmma opt-in): checks and timings.
+    step "flash-attention configurations (cuda_parity --flash-sweep)" 90 required -- "$OPS" --flash-sweep "8,fused,4;8,4,4;8g,4g,4g"
   fi
   step "whole-model parity fp32" 150 required -- "$PARITY"
   step "whole-model parity bf16 GEMMs" 120 required -- "$PARITY" --bf16
@@ -106,6 +106,11 @@ for m in $MODELS; do
     --warmup 1 --steps "$STEPS" --gemm "$GEMMS" --profile-steps 1 --json "$RES"
   step "torch $m eager" 75 required -- python3 scripts/bench/torch_reference.py --model "$m" --batch "$B" --seq "$L" \
     --warmup 3 --steps 10 --json "$RES" "${TX[@]}"
+done
+# mor's bit-reproducible mode (two-pass attention backward, heuristic GEMM algorithms): its cost.
+for m in $MODELS; do
+  step "mor bench $SIZE-$m --deterministic" 150 required -- "$BIN" bench train "$SIZE-$m" --device "$DEVICE" --micro-batch "$B" \
+    --seq-len "$L" --warmup 1 --steps "$STEPS" --gemm "$GEMMS" --deterministic --label "$SIZE-$m deterministic" --json "$RES"
 done
 # Peak memory of MoR-E3 at the larger micro-batch, mor and PyTorch (the issue's memory bar).
 if [ -z "${SKIP_MEM:-}" ]; then

@@ -50,7 +50,7 @@ def main():
             prec = "bf16 weights + activations"
             mem = f"{gib(r.get('max_allocated_gib'))} alloc / {gib(r.get('peak_mem_gib'))} device"
         else:
-            impl = "mor (Rust, CUDA)"
+            impl = "mor (Rust, CUDA)" + (", --deterministic" if r.get("deterministic") else "")
             prec = "fp32, SGEMM" if r.get("gemm") == "f32" else "bf16 activations, fp32 weights + residual stream, bf16 GEMM + attention (fp32 acc.)"
             mem = f"{gib(r.get('peak_mem_gib'))} device"
         base = eager.get((m, r["micro_batch"], r["seq_len"]))

@@ -8,9 +8,9 @@
 //! `--compile-only` compiles the kernels with NVRTC and exits (needs libnvrtc only, no GPU); with
 //! `MOR_PTX_CACHE=file` it also writes the PTX cache that later processes load instead of compiling.
 //! `--no-timings` skips the benchmarks, `--only topk,attention` runs the matching groups only,
-//! `--flash-sweep "8,4,4;8g,4g,4g"` checks and times the tensor-core attention per block configuration,
+//! `--flash-sweep "8,fused,4;8,4,4"` checks and times the tensor-core attention per block configuration,
 //! `--wg-probe` checks the wgmma building blocks of those kernels on one tile, `--gemm-algos` times
-//! cuBLASLt's heuristic algorithms for the training GEMM shapes,
+//! cuBLASLt's heuristic algorithms for the training GEMM shapes and shows the one the backend picks,
 //! `--kernel-info` lists registers / local memory (spills) / static shared memory per kernel.
 //! Exits non-zero if any check fails.
 //!
@@ -175,7 +175,7 @@ fn main() {
         return;
     }
     if let Some(i) = args.iter().position(|a| a == "--flash-sweep") {
-        flash_sweep(args.get(i + 1).map_or("8,4,4;4g,4g,4g;8g,8g,8g", String::as_str));
+        flash_sweep(args.get(i + 1).map_or("8,fused,4;8,4,4;8g,4g,4g", String::as_str));
         return;
     }
     let timings = !args.iter().any(|a| a == "--no-timings");
@@ -199,11 +199,12 @@ fn main() {
         .map(|s| s.split(',').map(str::to_string).collect())
         .unwrap_or_default();
     type Group = fn(&mut Env, &mut Report);
-    let groups: [(&str, Group); 15] = [
+    let groups: [(&str, Group); 16] = [
         ("memory", memory_ops),
         ("elementwise", elementwise_ops),
         ("embedding", embedding_ops),
         ("matmul", matmul_ops),
+        ("gemm-bf16", gemm_bf16_ops),
         ("rmsnorm", rmsnorm_ops),
         ("rope", rope_ops),
         ("softmax", softmax_ops),
@@ -438,6 +439,54 @@ fn matmul_many_case(e: &mut Env, r: &mut Report, n: usize) {
         r.check_prec(bf16, &format!("{tag} bwd"), "dx (set)", &e.g.to_f32(&dxg), &dxc, None, TOL_RED);
     }
     e.g.set_matmul_precision(MatmulPrecision::F32);
+}
+
+/// The backend's bf16 GEMM (cuBLASLt, algorithm as `MOR_GEMM_SELECT` says) against a host
+/// reference (f64 sums of the same bf16 operands), for each transpose combination the layers use
+/// (TN forward, NN input gradient, NT weight gradient), β 0 and 1, f32 and bf16 C, on dense and
+/// padded leading dimensions (the gaps between columns must stay untouched). f32 C: element-wise
+/// bar; bf16 C: whole-tensor bar (the output is rounded to bf16).
+fn gemm_bf16_ops(e: &mut Env, r: &mut Report) {
+    use mor_engine::cuda::{Dtype, GemmAdd, GemmShape};
+    for (m, n, k, pad) in [(192usize, 160usize, 96usize, 0usize), (100, 70, 33, 8)] {
+        for (ta, tb) in [(true, false), (false, false), (false, true)] {
+            for add in [GemmAdd::Zero, GemmAdd::Accumulate] {
+                for out in [Dtype::F32, Dtype::Bf16] {
+                    let (ar, ac) = if ta { (k, m) } else { (m, k) };
+                    let (br, bc) = if tb { (n, k) } else { (k, n) };
+                    let (lda, ldb, ldc) = (ar + pad, br + pad, m + pad);
+                    let shape = GemmShape::new(ta, tb, m, n, k, out, add).with_ld(lda, ldb, ldc);
+                    let (a, ag) = e.rnd_act(lda * ac, 1.0);
+                    let (b, bg) = e.rnd_act(ldb * bc, 1.0);
+                    let (c0, mut cg) = e.rnd_as(out == Dtype::Bf16, ldc * n, 1.0);
+                    e.g.gemm_bf16_buf(shape, &ag, &bg, None, &mut cg);
+                    let mut want = c0.clone();
+                    for j in 0..n {
+                        for i in 0..m {
+                            let mut s = if add == GemmAdd::Accumulate { c0[i + j * ldc] as f64 } else { 0.0 };
+                            for p in 0..k {
+                                let av = if ta { a[p + i * lda] } else { a[i + p * lda] };
+                                let bv = if tb { b[j + p * ldb] } else { b[p + j * ldb] };
+                                s += av as f64 * bv as f64;
+                            }
+                            want[i + j * ldc] = s as f32;
+                        }
+                    }
+                    let op = |t: bool| if t { 'T' } else { 'N' };
+                    let beta = if add == GemmAdd::Zero { 0 } else { 1 };
+                    let ld = if pad > 0 { " ld+8" } else { "" };
+                    let tag = format!("gemm_bf16 {}{} m{m} n{n} k{k}{ld} beta{beta} C {:?}", op(ta), op(tb), out);
+                    let got = e.g.to_f32(&cg);
+                    if out == Dtype::F32 {
+                        r.check(&tag, "D", &got, &want, TOL_RED);
+                    } else {
+                        let base = (add == GemmAdd::Accumulate).then_some(&c0[..]);
+                        r.add(&tag, "D", rel_l2(&got, &want, base, ldc * n), TOL_BF16);
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn rmsnorm_ops(e: &mut Env, r: &mut Report) {
@@ -1167,6 +1216,45 @@ fn determinism(e: &mut Env, r: &mut Report) {
     r.add_exact("determinism rmsnorm_bwd dw x2", "bits", same);
     let (s1, s2) = (g.sum_squares(&x, n * d), g.sum_squares(&x, n * d));
     r.add_exact("determinism sum_squares x2", "bits", (s1.to_bits() != s2.to_bits()) as usize);
+    attention_determinism(e, r);
+}
+
+/// The bf16 attention backward twice per mode: deterministic mode (two passes) gives the same bits;
+/// the fused kernel gives the same dk / dv bits (one owner per row) and a dq (float atomics) equal
+/// to the two-pass one up to summation order.
+fn attention_determinism(e: &mut Env, r: &mut Report) {
+    let (ns, len, heads, kvh, hd) = (2usize, 700usize, 15usize, 5usize, 64usize);
+    let n = ns * len;
+    let cu: Vec<u32> = (0..=ns as u32).map(|i| i * len as u32).collect();
+    let pos: Vec<u32> = (0..ns).flat_map(|_| 0..len as u32).collect();
+    let (_, cug) = e.upi(&cu);
+    let (_, posg) = e.upi(&pos);
+    let shape = AttnShape { cu_q: &cug, cu_k: &cug, pos_q: &posg, pos_k: &posg, num_seqs: ns, nq: n, nk: n, heads, kv_heads: kvh, head_dim: hd };
+    e.g.set_matmul_precision(MatmulPrecision::Bf16);
+    let (_, q) = e.rnd_as(true, n * heads * hd, 1.0);
+    let (_, k) = e.rnd_as(true, n * kvh * hd, 1.0);
+    let (_, v) = e.rnd_as(true, n * kvh * hd, 1.0);
+    let (_, dout) = e.rnd_as(true, n * heads * hd, 1.0);
+    let (_, mut out) = e.rnd_as(true, n * heads * hd, 1.0);
+    let (_, mut lse) = e.rnd(n * heads, 1.0);
+    let g = &e.g;
+    g.attention_fwd(&mut out, &mut lse, &q, &k, &v, &shape);
+    let run = |deterministic: bool| -> [Vec<f32>; 3] {
+        g.set_deterministic(deterministic);
+        let (mut dq, mut dk, mut dv) = (g.zeros(n * heads * hd), g.zeros(n * kvh * hd), g.zeros(n * kvh * hd));
+        g.attention_bwd(&mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, &shape);
+        [g.to_f32(&dq), g.to_f32(&dk), g.to_f32(&dv)]
+    };
+    let (d1, d2, f1, f2) = (run(true), run(true), run(false), run(false));
+    g.set_deterministic(false);
+    g.set_matmul_precision(MatmulPrecision::F32);
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+    for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
+        r.add_exact("determinism attention_bwd two-pass x2", name, diff(&d1[i], &d2[i]));
+    }
+    r.add_exact("determinism attention_bwd fused x2", "dk", diff(&f1[1], &f2[1]));
+    r.add_exact("determinism attention_bwd fused x2", "dv", diff(&f1[2], &f2[2]));
+    r.add("attention_bwd fused vs two-pass", "dq", rel_l2(&f1[0], &d1[0], None, n * heads * hd), 1e-5);
 }
 
 // ---- timings ---------------------------------------------------------------------------------
@@ -1624,32 +1712,85 @@ fn wg_debug() {
     }
 }
 
-/// `--gemm-algos`: for the forward GEMMs of a 360M training step, the time of each of cuBLASLt's
-/// first 8 heuristic algorithms (the heuristic's first is what the backend runs), to see what
-/// timed algorithm selection would gain.
+/// `--gemm-algos`: for the GEMMs of a 360M training step (forward, input gradient and weight
+/// gradient of each kind of linear layer, as the backend lays them out), the time of each of
+/// cuBLASLt's first 8 heuristic algorithms on scratch operands, and the algorithm the backend's
+/// tuner picks for the shape (the heuristic's first with `MOR_GEMM_SELECT=heuristic`; with
+/// `MOR_GEMM_ALGOS=file` the stored one when the file has the shape).
 fn gemm_algos() {
+    use mor_engine::cuda::{Dtype, GemmAdd, GemmShape};
     let g = Cuda::new(0).unwrap_or_else(|e| {
         eprintln!("cannot start the CUDA backend: {e}");
         std::process::exit(2);
     });
-    println!("cuBLASLt heuristic algorithms, bf16 operands, fp32 accumulation (D = Aᵀ·B + D):");
-    for (label, out, inp, n, bf16_out) in [
-        ("q/o      16384 x 960 -> 960 ", 960usize, 960usize, 16384usize, true),
-        ("k/v      16384 x 960 -> 320 ", 320, 960, 16384, true),
-        ("gate/up  16384 x 960 -> 2560", 2560, 960, 16384, true),
-        ("down     16384 x 2560 -> 960", 960, 2560, 16384, true),
-        ("LM head   4096 x 960 -> 49152", 49152, 960, 4096, false),
-    ] {
-        let t = g.lt_algo_times(out, n, inp, bf16_out, 8, 10);
-        let fl = 2.0 * (out * n * inp) as f64;
+    println!(
+        "cuBLASLt algorithms of the 360M training GEMMs on {}: bf16 operands, fp32 accumulation; column-major m x n x k, #i = the heuristic's i-th; selection {:?}",
+        g.device_name(),
+        g.options().gemm_select
+    );
+    let (bf, f32) = (Dtype::Bf16, Dtype::F32);
+    // Forward outᵀ[out, rows] = W-as-[in, out]ᵀ · xᵀ (TN), input gradient dxᵀ[in, rows] =
+    // W-as-[in, out] · doutᵀ (NN), weight gradient dWᵀ[in, out] += xᵀ · dout (NT, f32).
+    let fwd = |out, inp, rows, ot, add| GemmShape::new(true, false, out, rows, inp, ot, add);
+    let dx = |out, inp, rows| GemmShape::new(false, false, inp, rows, out, bf, GemmAdd::Zero);
+    let dw = |out, inp, rows| GemmShape::new(false, true, inp, out, rows, f32, GemmAdd::Accumulate);
+    let n = 16384usize;
+    let shapes = [
+        ("q fwd", fwd(960usize, 960usize, n, bf, GemmAdd::Zero)),
+        ("o fwd + residual", fwd(960, 960, n, f32, GemmAdd::Residual)),
+        ("q/o dx", dx(960, 960, n)),
+        ("q/o dW", dw(960, 960, n)),
+        ("k/v fwd", fwd(320, 960, n, bf, GemmAdd::Zero)),
+        ("k/v dx", dx(320, 960, n)),
+        ("k/v dW", dw(320, 960, n)),
+        ("gate/up fwd", fwd(2560, 960, n, bf, GemmAdd::Zero)),
+        ("gate/up dx", dx(2560, 960, n)),
+        ("gate/up dW", dw(2560, 960, n)),
+        ("down fwd + residual", fwd(960, 2560, n, f32, GemmAdd::Residual)),
+        ("down dx", dx(960, 2560, n)),
+        ("down dW", dw(960, 2560, n)),
+        ("LM head fwd (4096 rows)", fwd(49152, 960, 4096, f32, GemmAdd::Zero)),
+        ("LM head dx", dx(49152, 960, 4096)),
+        ("LM head dW", dw(49152, 960, 4096)),
+    ];
+    let (mut sum_first, mut sum_best, mut sum_picked) = (0.0, 0.0, 0.0);
+    for (label, shape) in shapes {
+        let t = g.gemm_algo_times(shape, 8, 10);
+        if t.is_empty() {
+            println!("  {label:<24} {shape}: no memory for the timing scratch");
+            continue;
+        }
         let (best_i, best) = t.iter().enumerate().fold((0, f64::INFINITY), |b, (i, &x)| if x < b.1 { (i, x) } else { b });
+        let choice = g.gemm_algo_choice(shape);
+        let picked = choice.rank.and_then(|r| t.get(r).copied());
+        let tf = |ms: f64| shape.flops() / ms / 1e9;
         let all: Vec<String> = t.iter().map(|x| format!("{x:.3}")).collect();
+        println!("  {label:<24} {shape}");
         println!(
-            "  {label}: heuristic's first {:.3} ms ({:.0} TFLOP/s), best #{best_i} {best:.3} ms ({:.0} TFLOP/s); all [{}]",
+            "  {:<24} heuristic's first {:.3} ms ({:.0} TFLOP/s), best #{best_i} {best:.3} ms ({:.0} TFLOP/s); all [{}]",
+            "",
             t[0],
-            fl / t[0] / 1e9,
-            fl / best / 1e9,
+            tf(t[0]),
+            tf(best),
             all.join(", ")
         );
+        println!(
+            "  {:<24} picked: {} ({:?}, {}){}",
+            "",
+            choice.rank.map_or("not in the list".to_string(), |r| format!("#{r}")),
+            choice.source,
+            choice.config,
+            picked.map_or(String::new(), |p| format!(", {p:.3} ms here ({:+.1}% vs the heuristic's first)", 100.0 * (p / t[0] - 1.0)))
+        );
+        sum_first += t[0];
+        sum_best += best;
+        sum_picked += picked.unwrap_or(t[0]);
+    }
+    println!(
+        "sum over the shapes: heuristic's first {sum_first:.3} ms, best {sum_best:.3} ms, picked {sum_picked:.3} ms ({:+.1}% vs the heuristic's first)",
+        100.0 * (sum_picked / sum_first - 1.0)
+    );
+    if let Some(path) = g.gemm_algos_file() {
+        println!("algorithm table: {}", path.display());
     }
 }

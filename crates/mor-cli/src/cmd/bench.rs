@@ -56,6 +56,10 @@ pub struct TrainArgs {
     /// GEMM precision(s) on CUDA, measured in turn: `f32`, `bf16` or `f32,bf16`.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
     pub gemm: Vec<Gemm>,
+    /// CUDA: bit-reproducible kernels (two-pass attention backward, heuristic GEMM algorithms)
+    /// instead of the fastest (also `MOR_DETERMINISTIC=1`).
+    #[arg(long)]
+    pub deterministic: bool,
     /// Peak FLOP/s for the MFU, in TFLOP/s (default: 989, dense bf16 of an H100/H200 SXM).
     #[arg(long, default_value_t = 989.0)]
     pub peak_tflops: f64,
@@ -106,7 +110,8 @@ fn train(args: TrainArgs) -> Result<()> {
     if args.device == Device::Cpu && args.gemm.iter().any(|g| *g != Gemm::F32) {
         anyhow::bail!("--gemm bf16 needs --device cuda");
     }
-    device::dispatch(args.device, DeviceOptions::default(), Bench { cfg, args })
+    let opts = DeviceOptions { deterministic: args.deterministic, ..DeviceOptions::default() };
+    device::dispatch(args.device, opts, Bench { cfg, args })
 }
 
 struct Bench {
@@ -352,6 +357,7 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
                 "estimate_gib": gib(est_bytes),
                 "init_s": init_s,
                 "losses": losses,
+                "deterministic": args.deterministic,
                 "profile_steps": args.profile_steps,
                 "profile_step_ms": if args.profile_steps > 0 { prof_wall / args.profile_steps as f64 * 1e3 } else { 0.0 },
                 "ops": prof_json,

@@ -1,6 +1,8 @@
 //! `--device cpu|cuda`: which backend a subcommand runs on. CUDA exists only in binaries built
 //! with `--features cuda`; elsewhere asking for it is an error naming the rebuild.
 
+use std::path::PathBuf;
+
 use anyhow::Result;
 use mor_engine::{Backend, Cpu};
 
@@ -27,12 +29,19 @@ pub enum Gemm {
 pub const NO_CUDA: &str = "this binary was built without CUDA support; rebuild with --features cuda";
 
 /// Backend options that only the CUDA backend uses.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub struct DeviceOptions {
     pub gemm: Gemm,
     /// Per-op timings (synchronising around every op).
     pub profile: bool,
+    /// Bit-reproducible GPU results (`--deterministic`): the two-pass attention backward and the
+    /// heuristic's GEMM algorithms, at some speed.
+    pub deterministic: bool,
+    /// File of the tuned cuBLASLt GEMM algorithms: loaded when it exists, rewritten when a new
+    /// GEMM shape is tuned, so that a resumed or repeated run computes with the same algorithms.
+    /// `MOR_GEMM_ALGOS` takes precedence; unused with `MOR_GEMM_SELECT=heuristic`.
+    pub gemm_algos: Option<PathBuf>,
 }
 
 /// Work that runs on whichever backend the user picked.
@@ -64,14 +73,27 @@ pub fn dispatch<W: OnBackend>(device: Device, opts: DeviceOptions, work: W) -> R
 
 #[cfg(feature = "cuda")]
 fn cuda<W: OnBackend>(opts: DeviceOptions, work: W) -> Result<W::Output> {
-    use mor_engine::cuda::{CudaOptions, GemmPrecision};
+    use mor_engine::cuda::{CudaOptions, GemmPrecision, GemmSelect};
     let mut o = CudaOptions::from_env();
     if opts.gemm == Gemm::Bf16 {
         o.gemm = GemmPrecision::Bf16;
     }
     o.profile |= opts.profile;
+    o.deterministic |= opts.deterministic;
     let backend = mor_engine::Cuda::with_options(0, o).map_err(|e| anyhow::anyhow!("cannot start the CUDA backend: {e}"))?;
-    eprintln!("device: {} (CUDA, GEMMs {:?}{})", backend.device_name(), o.gemm, if o.profile { ", profiling" } else { "" });
+    eprintln!(
+        "device: {} (CUDA, GEMMs {:?}{}{})",
+        backend.device_name(),
+        o.gemm,
+        if o.profile { ", profiling" } else { "" },
+        if o.deterministic { ", deterministic" } else { "" }
+    );
+    if let (Some(path), GemmSelect::Tuned, None) = (&opts.gemm_algos, backend.options().gemm_select, backend.gemm_algos_file()) {
+        let n = backend.keep_gemm_algos_in(path).map_err(|e| anyhow::anyhow!("{e} (delete the file to tune the GEMMs afresh)"))?;
+        if n > 0 {
+            eprintln!("GEMM algorithms: {n} shapes from {}", path.display());
+        }
+    }
     work.run(&backend)
 }
 

@@ -26,7 +26,8 @@ pub struct Args {
     /// Overrides `[data] train` of the config.
     #[arg(long)]
     pub data: Option<String>,
-    /// Run directory for checkpoint, metrics and plot (default `runs/<config name>`).
+    /// Run directory for checkpoint, metrics and plot (default `runs/<config name>`); on CUDA also
+    /// `gemm_algos.json`, the GEMM algorithms picked by timing (reused by later runs in it).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Override `train.steps`.
@@ -50,6 +51,10 @@ pub struct Args {
     /// GEMM precision on CUDA: `f32` or `bf16` (bf16 operands, fp32 accumulation and weights).
     #[arg(long, value_enum, default_value = "f32")]
     pub gemm: Gemm,
+    /// CUDA: bit-reproducible kernels (two-pass attention backward, heuristic GEMM algorithms)
+    /// instead of the fastest (also `MOR_DETERMINISTIC=1`); the CPU is always reproducible.
+    #[arg(long)]
+    pub deterministic: bool,
     /// Print parameter, optimizer, activation and peak memory estimates, then exit.
     #[arg(long)]
     pub dry_run: bool,
@@ -173,7 +178,14 @@ pub fn run(args: Args) -> Result<()> {
         cfg.train.micro_batch * cfg.train.seq_len * cfg.train.grad_accum,
         out.display()
     );
-    let opts = DeviceOptions { gemm: args.gemm, profile: false };
+    // The GEMM algorithms chosen by timing live with the run, so that --resume or a rerun in the
+    // same directory computes with the same ones.
+    let opts = DeviceOptions {
+        gemm: args.gemm,
+        profile: false,
+        deterministic: args.deterministic,
+        gemm_algos: Some(out.join("gemm_algos.json")),
+    };
     device::dispatch(args.device, opts, Job { cfg, args, source, tokenizer, val, out, started })
 }
 

@@ -9,24 +9,30 @@
 //! * Two precisions ([`Backend::set_matmul_precision`], `MOR_GEMM=bf16`): fp32 mode is the parity
 //!   reference (cuBLAS SGEMM, default math mode: no TF32 unless `NVIDIA_TF32_OVERRIDE` says so;
 //!   the exact attention kernels of `kernels/attention.cu`); bf16 mode rounds GEMM operands to
-//!   bf16 (tensor-core `cublasGemmEx`, fp32 accumulation) and runs attention with head dim 32/64
+//!   bf16 (tensor-core cuBLASLt matmuls, fp32 accumulation, one plan per shape with its algorithm
+//!   timed or taken from the heuristic, see `cuda/gemm.rs`) and runs attention with head dim 32/64
 //!   on the tensor-core kernels of `kernels/flash_attention.cu`. Parameters, gradients, optimizer
 //!   state and the residual stream are f32 in both. The row-major `[out, in]` weight layout is
 //!   mapped onto column-major calls.
 //! * Element types ([`CudaBuf`], [`Dtype`]): [`Backend::zeros`] makes f32 buffers;
 //!   [`Backend::zeros_act`] makes bf16 ones in bf16 mode (f32 in fp32 mode), for the activations
 //!   the model saves and their gradients. GEMMs take either for `x`, `dout`, `out` and `dx`
-//!   (a bf16 operand needs no conversion pass, a bf16 output is written by cuBLAS directly) and
+//!   (a bf16 operand needs no conversion pass, a bf16 output is written by cuBLASLt directly) and
 //!   round an f32 weight once per change of its contents (a copy kept with the buffer); the
 //!   attention kernels, RMSNorm's output, RoPE, SwiGLU, `fill` and `copy` (converting) have bf16
 //!   variants. Every other op takes f32 buffers only and says so when given a bf16 one.
-//! * Every reduction has a fixed order that depends only on the shapes, so results are
+//! * Every reduction but one has a fixed order that depends only on the shapes, so results are
 //!   reproducible run to run: scatters with repeated destination rows (embedding backward,
 //!   `scatter_add_rows`, `scatter_rows`) group their sources with a stable counting sort on the
 //!   device instead of using float atomics; RMSNorm's weight gradient and `sum_squares` use fixed
-//!   two-pass reductions; attention's backward gives every gradient row one owner.
+//!   two-pass reductions. The exception: the tensor-core attention backward is by default one
+//!   fused kernel (5 products instead of 7) whose dq sums by float atomics; in deterministic mode
+//!   ([`CudaOptions::deterministic`], `MOR_DETERMINISTIC=1`, [`Cuda::set_deterministic`]) it runs
+//!   as two passes (dq, then dk/dv) that give every gradient row one owner.
 //! * Nothing here synchronises with the host except the reads (`to_f32`, `idx_to_vec`,
-//!   `sum_squares`), so a training step can later be captured in a CUDA graph.
+//!   `sum_squares`) and, with tuned GEMM algorithms ([`GemmSelect::Tuned`]), the first bf16 GEMM
+//!   of each new shape (it times the candidates), so a training step after the first can later be
+//!   captured in a CUDA graph.
 //!
 //! Layout conventions are those of the CPU reference ([`crate::cpu`]): `lse` of the attention is
 //! `[nq, heads]`, `+inf` for a query with no visible key.
@@ -38,7 +44,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
-use cudarc::cublaslt::{sys as lt, CudaBlasLT, MatmulShared as _};
+use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{
     result as drv_result, sys as drv_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr,
     DevicePtrMut, LaunchConfig, PushKernelArg,
@@ -80,6 +86,7 @@ const KERNELS: &[&str] = &[
     "rmsnorm_fwd_to_bf16",
     "rope_bf16",
     "attn_delta_bf16",
+    "attn_dq_from_acc",
     "attn_delta_bf16_f32",
     "bce_fwd_f32",
     "bce_bwd_f32",
@@ -172,7 +179,7 @@ impl FlashShape {
 
 /// The instantiated shapes (`INST_FA_FWD` / `INST_FA_BWD` in kernels/flash_attention.cu); the
 /// backward kernels hold too many fragments for two row tiles per warp.
-const FLASH_SHAPES: [(&str, FlashShape); 13] = [
+const FLASH_SHAPES: [(&str, FlashShape); 15] = [
     ("fwd", FlashShape::mma(4, 1)),
     ("fwd", FlashShape::mma(8, 1)),
     ("fwd", FlashShape::mma(4, 2)),
@@ -186,25 +193,30 @@ const FLASH_SHAPES: [(&str, FlashShape); 13] = [
     ("dkdv", FlashShape::mma(8, 1)),
     ("dkdv", FlashShape::wg(4)),
     ("dkdv", FlashShape::wg(8)),
+    ("fused", FlashShape::mma(4, 1)),
+    ("fused", FlashShape::mma(8, 1)),
 ];
 
 /// Block shape per tensor-core attention kernel: the defaults come from tuning on an H200
 /// (docs/benchmarks/); `MOR_FLASH_WARPS=fwd,dq,dkdv` overrides them for experiments, each entry
-/// `W` (W warps of one row tile), `WxT` (T row tiles per warp) or `Wg` (wgmma), e.g. `4x2,4,8g`.
+/// `W` (W warps of one row tile), `WxT` (T row tiles per warp) or `Wg` (wgmma), e.g. `4x2,4,8g`;
+/// dq `fused` selects the fused backward with the dk/dv shape (`8,fused,4`).
 #[derive(Debug, Clone, Copy)]
 struct FlashConfig {
     fwd: FlashShape,
+    /// The dq pass of the two-pass backward.
     dq: FlashShape,
     dkdv: FlashShape,
+    /// The fused backward: dq by float atomics inside the dk/dv kernel (5 products instead of 7;
+    /// dq's summation order then depends on scheduling), unless the backend is deterministic.
+    fused: bool,
 }
 
 impl FlashConfig {
-    const DEFAULT: FlashConfig = FlashConfig {
-        fwd: FlashShape::mma(8, 1),
-        dq: FlashShape::mma(4, 1),
-        dkdv: FlashShape::mma(4, 1),
-    };
+    const DEFAULT: FlashConfig =
+        FlashConfig { fwd: FlashShape::mma(8, 1), dq: FlashShape::mma(4, 1), dkdv: FlashShape::mma(4, 1), fused: true };
 
+    /// The defaults unless `MOR_FLASH_WARPS` names the shapes.
     fn from_env() -> Self {
         let Ok(v) = std::env::var("MOR_FLASH_WARPS") else { return Self::DEFAULT };
         let parse = |x: &str| -> Option<FlashShape> {
@@ -215,14 +227,18 @@ impl FlashConfig {
             let (w, t) = x.split_once('x').unwrap_or((x, "1"));
             Some(FlashShape::mma(w.parse().ok()?, t.parse().ok()?))
         };
-        let shapes: Vec<Option<FlashShape>> = v.split(',').map(parse).collect();
-        let ok = |kind: &str, s: Option<FlashShape>| s.filter(|s| FLASH_SHAPES.contains(&(kind, *s)));
-        match shapes[..] {
-            [f, q, kv] => match (ok("fwd", f), ok("dq", q), ok("dkdv", kv)) {
-                (Some(fwd), Some(dq), Some(dkdv)) => FlashConfig { fwd, dq, dkdv },
-                _ => panic!("MOR_FLASH_WARPS={v}: not an instantiated shape; available: {FLASH_SHAPES:?}"),
+        let ok = |kind: &str, s: &str| parse(s).filter(|s| FLASH_SHAPES.contains(&(kind, *s)));
+        let bad = || panic!("MOR_FLASH_WARPS={v}: not an instantiated shape; available: {FLASH_SHAPES:?}");
+        match v.split(',').collect::<Vec<_>>()[..] {
+            [f, q, kv] if q.trim() == "fused" => match (ok("fwd", f), ok("fused", kv)) {
+                (Some(fwd), Some(dkdv)) => FlashConfig { fwd, dkdv, ..Self::DEFAULT },
+                _ => bad(),
             },
-            _ => panic!("MOR_FLASH_WARPS={v}: expected three shapes (fwd,dq,dkdv), e.g. 4x2,4,4"),
+            [f, q, kv] => match (ok("fwd", f), ok("dq", q), ok("dkdv", kv)) {
+                (Some(fwd), Some(dq), Some(dkdv)) => FlashConfig { fwd, dq, dkdv, fused: false },
+                _ => bad(),
+            },
+            _ => panic!("MOR_FLASH_WARPS={v}: expected three shapes (fwd,dq,dkdv), e.g. 4x2,4,4 or 8,fused,4"),
         }
     }
 }
@@ -248,42 +264,14 @@ const RMS_BWD_PARTS: usize = 512;
 /// Dynamic shared memory the top-k kernel may use (opt-in above 48 KiB).
 const TOPK_SMEM_BYTES: usize = 128 * 1024;
 
-/// A cuBLASLt matmul set up for one shape and element types (descriptors and the heuristic's
-/// algorithm), kept for the life of the backend: `D = op(A)·op(B) + C`.
-struct LtPlan {
-    desc: lt::cublasLtMatmulDesc_t,
-    layouts: [lt::cublasLtMatrixLayout_t; 4],
-    algo: lt::cublasLtMatmulAlgo_t,
-}
-
-// SAFETY: the descriptors are plain host objects, used under the backend's plan lock only.
-unsafe impl Send for LtPlan {}
-unsafe impl Sync for LtPlan {}
-
-impl Drop for LtPlan {
-    fn drop(&mut self) {
-        // SAFETY: created by `Cuda::lt_plan` for this plan alone, destroyed once here.
-        unsafe {
-            for l in self.layouts {
-                let _ = cudarc::cublaslt::result::destroy_matrix_layout(l);
-            }
-            let _ = cudarc::cublaslt::result::destroy_matmul_desc(self.desc);
-        }
-    }
-}
-
-/// Shape and types of an [`LtPlan`]: (m, n, k, transa, C and D bf16).
-type LtKey = (usize, usize, usize, bool, bool);
-
-/// Workspace bytes of cuBLASLt (NVIDIA's recommendation for Hopper).
-const LT_WORKSPACE: usize = 32 << 20;
-
 /// Errors of setting up the backend (op calls panic instead: the interface has no error path).
 #[derive(Debug)]
 pub enum CudaError {
     Driver(String),
     Nvrtc(String),
     Blas(String),
+    /// Reading or writing the GEMM algorithm table ([`Cuda::load_gemm_algos`]).
+    Gemm(String),
 }
 
 impl fmt::Display for CudaError {
@@ -292,6 +280,7 @@ impl fmt::Display for CudaError {
             CudaError::Driver(s) => write!(f, "CUDA driver: {s}"),
             CudaError::Nvrtc(s) => write!(f, "NVRTC: {s}"),
             CudaError::Blas(s) => write!(f, "cuBLAS: {s}"),
+            CudaError::Gemm(s) => write!(f, "GEMM algorithm table {s}"),
         }
     }
 }
@@ -413,6 +402,8 @@ enum Slot {
     AttDq,
     AttDk,
     AttDv,
+    /// f32 dq workspace of the fused attention backward (float atomics).
+    AttDqAcc,
     Topk,
     /// bf16 copies of f32 GEMM operands (bf16 GEMM path); BfC also holds the packed output
     /// gradients of a fused backward.
@@ -421,7 +412,7 @@ enum Slot {
     /// Stacked weight gradients of a fused backward (see [`fuse_gemm`]).
     FusedOut,
 }
-const NUM_SLOTS: usize = 23;
+const NUM_SLOTS: usize = 24;
 
 /// Element type of a [`CudaBuf`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -513,8 +504,8 @@ pub enum GemmPrecision {
     /// cuBLAS SGEMM, fp32 in and out (no TF32): the parity reference.
     F32,
     /// Operands rounded to bf16 on the fly (round to nearest even), tensor-core GEMM with fp32
-    /// accumulation and fp32 output (`cublasGemmEx`, `CUBLAS_COMPUTE_32F`). Parameters,
-    /// gradients and optimizer state stay fp32 (fp32 master weights).
+    /// accumulation and fp32 or bf16 output (cuBLASLt, `CUBLAS_COMPUTE_32F`; algorithm per
+    /// [`GemmSelect`]). Parameters, gradients and optimizer state stay fp32 (fp32 master weights).
     Bf16,
 }
 
@@ -522,19 +513,28 @@ pub enum GemmPrecision {
 #[derive(Debug, Clone, Copy)]
 pub struct CudaOptions {
     pub gemm: GemmPrecision,
+    /// How bf16 GEMMs pick their cuBLASLt algorithm: timed per shape (default) or the
+    /// heuristic's first; see [`GemmSelect`].
+    pub gemm_select: GemmSelect,
     /// Synchronise around every op and accumulate wall time per op
     /// ([`Backend::take_profile`]). Slows everything down; for breakdowns only.
     pub profile: bool,
+    /// Bit-reproducible results: the attention backward in two passes (dq and dk/dv, every
+    /// gradient row with one owner) instead of the fused kernel whose dq sums by float atomics,
+    /// and GEMM algorithms from the heuristic (timed choices can differ between processes).
+    pub deterministic: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        CudaOptions { gemm: GemmPrecision::F32, profile: false }
+        CudaOptions { gemm: GemmPrecision::F32, gemm_select: GemmSelect::default(), profile: false, deterministic: false }
     }
 }
 
 impl CudaOptions {
-    /// Defaults overridden by the environment: `MOR_GEMM=bf16|f32`, `MOR_PROFILE=1`.
+    /// Defaults overridden by the environment: `MOR_GEMM=bf16|f32`,
+    /// `MOR_GEMM_SELECT=tuned|heuristic`, `MOR_PROFILE=1`,
+    /// `MOR_DETERMINISTIC=1`.
     pub fn from_env() -> Self {
         let mut o = CudaOptions::default();
         if let Ok(v) = std::env::var("MOR_GEMM") {
@@ -542,7 +542,15 @@ impl CudaOptions {
                 o.gemm = GemmPrecision::Bf16;
             }
         }
-        o.profile = std::env::var("MOR_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0");
+        if let Ok(v) = std::env::var("MOR_GEMM_SELECT") {
+            match GemmSelect::parse(&v) {
+                Some(g) => o.gemm_select = g,
+                None => eprintln!("mor-engine: warning: MOR_GEMM_SELECT={v} is neither `tuned` nor `heuristic`; using {:?}", o.gemm_select),
+            }
+        }
+        let flag = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0");
+        o.profile = flag("MOR_PROFILE");
+        o.deterministic = flag("MOR_DETERMINISTIC");
         o
     }
 }
@@ -572,10 +580,13 @@ pub struct Cuda {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     funcs: HashMap<&'static str, CudaFunction>,
-    /// cuBLASLt, for GEMMs whose epilogue adds a separate matrix (`matmul_fwd_residual`).
+    /// cuBLASLt: every bf16 GEMM (cuda/gemm.rs), one plan per shape.
     blas_lt: CudaBlasLT,
     lt_workspace: CudaSlice<u8>,
-    lt_plans: Mutex<HashMap<LtKey, LtPlan>>,
+    lt_plans: Mutex<HashMap<GemmShape, gemm::LtPlan>>,
+    gemm_select: GemmSelect,
+    /// The algorithms chosen in `tuned` mode by shape, and the file they are kept in.
+    gemm_table: Mutex<gemm::AlgoTable>,
     /// The tensor-core attention kernels, by name (see [`FLASH_SHAPES`]).
     flash_funcs: HashMap<String, CudaFunction>,
     /// Concatenated bf16 copies of weight sets that share a GEMM input ([`Cuda::weights_bf16_concat`]),
@@ -590,6 +601,8 @@ pub struct Cuda {
     /// bf16 GEMM operands (switchable at run time, see [`Backend::set_matmul_precision`]).
     gemm_bf16: AtomicBool,
     flash: FlashConfig,
+    /// See [`CudaOptions::deterministic`] and [`Cuda::set_deterministic`].
+    deterministic: AtomicBool,
     profiling: AtomicBool,
     prof_depth: AtomicUsize,
     prof: Mutex<HashMap<&'static str, (f64, u64)>>,
@@ -613,7 +626,11 @@ macro_rules! launch {
     }};
 }
 
+mod gemm;
 mod optim;
+
+pub use gemm::{GemmAdd, GemmChoice, GemmSelect, GemmShape, GemmSource, TUNE_CANDIDATES};
+use gemm::LT_WORKSPACE;
 
 fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem }
@@ -694,7 +711,7 @@ impl Cuda {
         unsafe { blas_sys::cublasSetMathMode(*blas.handle(), blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH) }
             .result()
             .map_err(|e| CudaError::Blas(format!("cublasSetMathMode: {e:?}")))?;
-        Ok(Cuda {
+        let cuda = Cuda {
             ctx,
             stream,
             blas,
@@ -702,6 +719,8 @@ impl Cuda {
             blas_lt,
             lt_workspace,
             lt_plans: Mutex::new(HashMap::new()),
+            gemm_select: if opts.deterministic { GemmSelect::Heuristic } else { opts.gemm_select },
+            gemm_table: Mutex::new(Default::default()),
             flash_funcs,
             concat_weights: Mutex::new(HashMap::new()),
             scratch: Mutex::new((0..NUM_SLOTS).map(|_| None).collect()),
@@ -710,18 +729,29 @@ impl Cuda {
             sm_count,
             gemm_bf16: AtomicBool::new(opts.gemm == GemmPrecision::Bf16),
             flash: FlashConfig::from_env(),
+            deterministic: AtomicBool::new(opts.deterministic),
             profiling: AtomicBool::new(opts.profile),
             prof_depth: AtomicUsize::new(0),
             prof: Mutex::new(HashMap::new()),
-        })
+        };
+        cuda.gemm_algos_from_env();
+        Ok(cuda)
     }
 
     /// The options in force now.
     pub fn options(&self) -> CudaOptions {
         CudaOptions {
             gemm: if self.bf16() { GemmPrecision::Bf16 } else { GemmPrecision::F32 },
+            gemm_select: self.gemm_select,
             profile: self.profiling.load(Ordering::Relaxed),
+            deterministic: self.deterministic.load(Ordering::Relaxed),
         }
+    }
+
+    /// Switch the attention backward's bit-reproducible mode ([`CudaOptions::deterministic`]) for
+    /// the ops that follow (the GEMM algorithm selection is fixed when the backend starts).
+    pub fn set_deterministic(&self, on: bool) {
+        self.deterministic.store(on, Ordering::Relaxed);
     }
 
     fn bf16(&self) -> bool {
@@ -895,54 +925,6 @@ impl Cuda {
         }
     }
 
-    /// Column-major `C[m, n] = alpha·op(A)·op(B) + beta·C` with bf16 A and B (device pointers of
-    /// bf16 data), C of type `c_type` (f32 or bf16), fp32 accumulation.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm_bf16(
-        &self,
-        transa: blas_sys::cublasOperation_t,
-        transb: blas_sys::cublasOperation_t,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        lda: usize,
-        b: u64,
-        ldb: usize,
-        beta: f32,
-        c: u64,
-        c_type: Dtype,
-        ldc: usize,
-    ) {
-        let alpha = 1.0f32;
-        use blas_sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
-        let c_type = if c_type == Dtype::Bf16 { CUDA_R_16BF } else { CUDA_R_32F };
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                transa,
-                transb,
-                m as i32,
-                n as i32,
-                k as i32,
-                &alpha as *const f32 as *const std::ffi::c_void,
-                a as *const std::ffi::c_void,
-                CUDA_R_16BF,
-                lda as i32,
-                b as *const std::ffi::c_void,
-                CUDA_R_16BF,
-                ldb as i32,
-                &beta as *const f32 as *const std::ffi::c_void,
-                c as *mut std::ffi::c_void,
-                c_type,
-                ldc as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
-            )
-        }
-        .unwrap_or_else(|e| panic!("cublasGemmEx (bf16) failed: {e:?}"));
-    }
-
     /// Column-major `C[m, n] = op(A)·op(B) + beta·C`, all f32 (cuBLAS SGEMM, the parity path).
     #[allow(clippy::too_many_arguments)]
     fn gemm_f32(
@@ -980,137 +962,6 @@ impl Cuda {
             )
         }
         .unwrap_or_else(|e| panic!("cuBLAS sgemm failed: {e:?}"));
-    }
-
-    /// The cuBLASLt descriptors of `gemm_lt`'s product and the first `count` algorithms of the
-    /// library's heuristic (best first).
-    #[allow(clippy::type_complexity)]
-    fn lt_plan(&self, transa: bool, m: usize, n: usize, k: usize, cd_bf16: bool, count: usize) -> (lt::cublasLtMatmulDesc_t, [lt::cublasLtMatrixLayout_t; 4], Vec<lt::cublasLtMatmulAlgo_t>) {
-        use lt::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
-        let cd = if cd_bf16 { CUDA_R_16BF } else { CUDA_R_32F };
-        let r = cudarc::cublaslt::result::create_matmul_desc(lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, CUDA_R_32F).and_then(|desc| {
-            let op_a: i32 = if transa { 1 } else { 0 }; // CUBLAS_OP_T / CUBLAS_OP_N
-            unsafe {
-                cudarc::cublaslt::result::set_matmul_desc_attribute(
-                    desc,
-                    lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-                    &op_a as *const i32 as *const std::ffi::c_void,
-                    4,
-                )?;
-            }
-            let (ar, ac) = if transa { (k, m) } else { (m, k) };
-            let layouts = [
-                cudarc::cublaslt::result::create_matrix_layout(CUDA_R_16BF, ar as u64, ac as u64, ar as i64)?,
-                cudarc::cublaslt::result::create_matrix_layout(CUDA_R_16BF, k as u64, n as u64, k as i64)?,
-                cudarc::cublaslt::result::create_matrix_layout(cd, m as u64, n as u64, m as i64)?,
-                cudarc::cublaslt::result::create_matrix_layout(cd, m as u64, n as u64, m as i64)?,
-            ];
-            let pref = cudarc::cublaslt::result::create_matmul_pref()?;
-            let ws = LT_WORKSPACE as u64;
-            let mut found: Vec<lt::cublasLtMatmulHeuristicResult_t> = Vec::with_capacity(count);
-            let mut returned = 0i32;
-            let status = unsafe {
-                cudarc::cublaslt::result::set_matmul_pref_attribute(
-                    pref,
-                    lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                    &ws as *const u64 as *const std::ffi::c_void,
-                    8,
-                )?;
-                let st = lt::cublasLtMatmulAlgoGetHeuristic(
-                    *self.blas_lt.handle(),
-                    desc,
-                    layouts[0],
-                    layouts[1],
-                    layouts[2],
-                    layouts[3],
-                    pref,
-                    count as i32,
-                    found.as_mut_ptr(),
-                    &mut returned,
-                );
-                found.set_len(returned.max(0) as usize);
-                cudarc::cublaslt::result::destroy_matmul_pref(pref)?;
-                st
-            };
-            status.result()?;
-            if found.is_empty() {
-                return Err(cudarc::cublaslt::result::CublasError(lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED));
-            }
-            Ok((desc, layouts, found.iter().map(|h| h.algo).collect()))
-        });
-        r.unwrap_or_else(|e| panic!("cublasLt: no matmul for {m} x {n} x {k}: {e:?}"))
-    }
-
-    /// Times (ms, median of `reps`) of each of the heuristic's first `count` algorithms for the
-    /// bf16 linear-layer product `gemm_lt` runs (`D[m, n] = Aᵀ·B`, A `[k, m]`, B `[k, n]`, C = D), on
-    /// zero-filled operands. A diagnostic for algorithm selection (`cuda_parity --gemm-algos`).
-    pub fn lt_algo_times(&self, m: usize, n: usize, k: usize, cd_bf16: bool, count: usize, reps: usize) -> Vec<f64> {
-        use cudarc::driver::sys::CUevent_flags;
-        let (desc, layouts, algos) = self.lt_plan(true, m, n, k, cd_bf16, count);
-        // One plan owns the descriptors (destroyed when it drops); only its algorithm changes.
-        let mut plan = LtPlan { desc, layouts, algo: algos[0] };
-        let a = self.alloc(k * m, Dtype::Bf16);
-        let b = self.alloc(k * n, Dtype::Bf16);
-        let mut d = self.alloc(m * n, if cd_bf16 { Dtype::Bf16 } else { Dtype::F32 });
-        let (ap, bp, dp) = (self.p(&a), self.p(&b), self.pm(&mut d));
-        let mut times = Vec::with_capacity(algos.len());
-        for algo in algos {
-            plan.algo = algo;
-            self.lt_run(&plan, ap, bp, dp, dp);
-            let mut ms: Vec<f64> = (0..reps.max(1))
-                .map(|_| {
-                    let e0 = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-                    self.lt_run(&plan, ap, bp, dp, dp);
-                    let e1 = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-                    e0.elapsed_ms(&e1).unwrap() as f64
-                })
-                .collect();
-            ms.sort_by(|x, y| x.partial_cmp(y).unwrap());
-            times.push(ms[ms.len() / 2]);
-        }
-        times
-    }
-
-    /// Column-major `D[m, n] = op(A)·op(B) + C` through cuBLASLt: A and B bf16 (device pointers,
-    /// A `[k, m]` with `transa` else `[m, k]`, B `[k, n]`), C and D f32 or bf16 (`cd_bf16`) with
-    /// leading dimension m, fp32 accumulation. C may differ from D (the residual add of a layer).
-    #[allow(clippy::too_many_arguments)]
-    fn gemm_lt(&self, transa: bool, m: usize, n: usize, k: usize, a: u64, b: u64, c: u64, d: u64, cd_bf16: bool) {
-        let key: LtKey = (m, n, k, transa, cd_bf16);
-        let mut plans = self.lt_plans.lock().unwrap();
-        let plan = plans.entry(key).or_insert_with(|| {
-            let (desc, layouts, algos) = self.lt_plan(transa, m, n, k, cd_bf16, 1);
-            LtPlan { desc, layouts, algo: algos[0] }
-        });
-        self.lt_run(plan, a, b, c, d);
-    }
-
-    /// `D = op(A)·B + C` (alpha = beta = 1) of a cuBLASLt plan on the stream, with the backend's
-    /// workspace; a, b, c, d are device pointers in the plan's layouts.
-    fn lt_run(&self, plan: &LtPlan, a: u64, b: u64, c: u64, d: u64) {
-        let (alpha, beta) = (1.0f32, 1.0f32);
-        let ws = self.p(&self.lt_workspace);
-        unsafe {
-            cudarc::cublaslt::result::matmul(
-                *self.blas_lt.handle(),
-                plan.desc,
-                &alpha as *const f32 as *const std::ffi::c_void,
-                &beta as *const f32 as *const std::ffi::c_void,
-                a as *const std::ffi::c_void,
-                plan.layouts[0],
-                b as *const std::ffi::c_void,
-                plan.layouts[1],
-                c as *const std::ffi::c_void,
-                plan.layouts[2],
-                d as *mut std::ffi::c_void,
-                plan.layouts[3],
-                &plan.algo,
-                ws as *mut std::ffi::c_void,
-                LT_WORKSPACE,
-                self.stream.cu_stream() as lt::cudaStream_t,
-            )
-        }
-        .unwrap_or_else(|e| panic!("cublasLtMatmul failed: {e:?}"));
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -1302,11 +1153,14 @@ impl Cuda {
             + match kind {
                 "fwd" => (shape.rows() + 4 * FLASH_TILE) * row + 2 * FLASH_TILE * 4,
                 "dq" => 4 * FLASH_TILE * row + 2 * FLASH_TILE * 4,
-                _ => 4 * FLASH_TILE * row + 6 * FLASH_TILE * 4,
+                "dkdv" => 4 * FLASH_TILE * row + 6 * FLASH_TILE * 4,
+                // dk/dv's, plus its own k tile and the dS tile (FLASH_TILE queries x rows keys).
+                _ => 4 * FLASH_TILE * row + 6 * FLASH_TILE * 4 + shape.rows() * row + FLASH_TILE * (shape.rows() + 8) * 2,
             }) as u32
     }
 
-    /// Name of a flash kernel (`kind` fwd | dq | dkdv) as instantiated by `INST_FA_FWD` / `INST_FA_BWD`.
+    /// Name of a flash kernel (`kind` fwd | dq | dkdv | fused) as instantiated by `INST_FA_FWD` /
+    /// `INST_FA_BWD` / `INST_FA_BWD_FUSED`.
     fn flash_kernel_name(kind: &str, hd: usize, shape: FlashShape) -> String {
         let w = shape.warps;
         let path = if shape.wgmma { "wg".to_string() } else { format!("m{}", shape.tiles) };
@@ -1653,9 +1507,10 @@ impl Backend for Cuda {
         // Column-major view as in matmul_fwd: outᵀ[m, n] = w-as-[k, m]ᵀ · xᵀ[k, n] + resᵀ.
         let xb = self.bf16_operand(Slot::BfB, x, n * k);
         let wb = self.weight_bf16(w);
-        let bf = out.is_bf16();
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let dt = out.dtype;
         let (rp, op) = (self.p(res), self.pm(out));
-        self.gemm_lt(true, m, n, k, wb, xb, rp, op, bf);
+        self.gemm_bf16_residual(CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, wb, k, xb, k, rp, op, dt, m);
     }
 
     /// bf16 mode (or bf16 buffers): one bf16 operand of `x` for all weights (no conversion when
@@ -1961,6 +1816,21 @@ impl Backend for Cuda {
             assert!(dk.dtype == dv.dtype, "cuda: attention_bwd needs dk and dv of one element type");
             let kv_bf16 = dk.is_bf16() as i32;
             let (dqp, dkp, dvp) = (self.pm(dq), self.pm(dk), self.pm(dv));
+            if self.flash.fused && !self.deterministic.load(Ordering::Relaxed) {
+                // Fused: dq accumulates in an f32 workspace by atomics, added to dq at the end.
+                let acc = self.scratch(Slot::AttDqAcc, nqe * 4);
+                self.memset0(acc, nqe * 4);
+                let (name, rows, threads, smem) = self.flash_kernel("fused", hd);
+                let (koff, grid, qoff, qrange) = self.flash_tables(shape.cu_k, nk, rows, shape.cu_q, shape.pos_q, nq, shape.num_seqs);
+                launch!(
+                    self,
+                    &name,
+                    cfg((grid, kvh as u32, 1), threads, smem),
+                    [dkp, dvp, kv_bf16, acc, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]
+                );
+                launch!(self, "attn_dq_from_acc", self.ew(nqe / 2), [dqp, dq_bf16, acc, nqe as i64]);
+                return;
+            }
             let (name, rows, threads, smem) = self.flash_kernel("dq", hd);
             let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
             launch!(

@@ -11,9 +11,10 @@
 // fragments come from shared memory through ldmatrix (.trans where the product needs the tile
 // transposed). A streamed tile is skipped when none of its positions is visible to the block
 // (per-tile position ranges from attn_tile_range), and the mask is evaluated only on tiles that
-// are partly visible. Like attention.cu the backward is two passes (dq over key tiles, dk/dv over
-// query tiles and the heads of a kv group), so every gradient row has one owner: deterministic,
-// no atomics.
+// are partly visible. The backward is one fused kernel by default (dk/dv over query tiles and the
+// heads of a kv group, dq added to an f32 workspace by float atomics: 5 products) or, in the
+// deterministic mode, two passes like attention.cu (dq over key tiles, then dk/dv: every gradient
+// row has one owner, no atomics, 7 products).
 //
 // mma.m16n8k16 fragments (g = lane / 4, t = lane % 4; a register holds two bf16, low half first):
 //   A 16x16 (row-major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
@@ -665,26 +666,55 @@ __device__ void fa_bwd_dq_impl(void* dq, int dq_bf16, const bf16_t* dout, const 
     }
 }
 
+// acc[16 x NC] += A[16 x KD] · T[:, c0 .. c0 + NC], A a row-major shared tile (rows row0.., row
+// stride KD + FA_PAD), T a shared [KD][HD] tile (row stride HD + FA_PAD) read transposed.
+template <int HD, int KD, int NC>
+__device__ __forceinline__ void fa_mm_st(float (*acc)[4], const bf16_t* a, int row0, const bf16_t* t, int c0, int lane) {
+#pragma unroll
+    for (int j = 0; j < KD / 16; ++j) {
+        u32 af[4];
+        fa_ldsm(af, a + (row0 + (lane & 15)) * (KD + FA_PAD) + j * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int dp = 0; dp < NC / 16; ++dp) {
+            u32 b[4];
+            fa_ldsm_t(b, t + (j * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * (HD + FA_PAD) + c0 + dp * 16 + (lane >> 4) * 8);
+            fa_mma(acc[2 * dp], af, b[0], b[1]);
+            fa_mma(acc[2 * dp + 1], af, b[2], b[3]);
+        }
+    }
+}
+
+// Two f32 added to global memory at p (8-byte aligned) by one vector reduction (sm_90).
+__device__ __forceinline__ void fa_red2(float* p, float a, float b) {
+    asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+
 // dv += Σ_queries Pᵀ·dout, dk += scale * Σ_queries dSᵀ·q over the heads of kv head blockIdx.y;
 // blocks over key tiles. Transposed products: warp rows are keys, tile columns are queries. The
 // stream is the (query tile, head) pairs of the segment, query tiles outermost.
-template <int HD, int WARPS, bool WG>
-__device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, const bf16_t* dout, const float* lse, const float* delta,
-                                 const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k,
-                                 const u32* pos_q, const u32* pos_k, const int* koff, const int* qoff,
+// DQ (the fused backward, mma.sync only): the block also adds its keys' share of dq, scale ·
+// dS·k, to the f32 workspace dq_acc with float atomics, so the dq pass (which recomputes S and
+// dP) is not needed: 5 products instead of 7, but dq's summation order depends on scheduling.
+template <int HD, int WARPS, bool WG, bool DQ>
+__device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, float* dq_acc, const bf16_t* dout, const float* lse,
+                                 const float* delta, const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q,
+                                 const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* koff, const int* qoff,
                                  const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {
     constexpr int BM = 16 * WARPS, LD = HD + FA_PAD;
     static_assert(BM <= 2 * FA_BN, "k and v are staged in the two q (dout) buffers");
     static_assert(!WG || WARPS % 4 == 0, "wgmma: whole warpgroups");
+    static_assert(!DQ || (!WG && WARPS % 4 == 0 && FA_BN == 64), "fused dq: mma.sync, 4 row groups of 16 queries");
     extern __shared__ __align__(16) unsigned char fa_sh[];
     bf16_t* Qs = (bf16_t*)fa_sh;            // [2][FA_BN][LD]
     bf16_t* Gs = Qs + 2 * FA_BN * LD;       // [2][FA_BN][LD] (dout)
     u32* Pq = (u32*)(Gs + 2 * FA_BN * LD);  // [2][FA_BN]
     float* Lq = (float*)(Pq + 2 * FA_BN);   // [2][FA_BN] lse (natural log, scaled below)
     float* Dq = Lq + 2 * FA_BN;             // [2][FA_BN]
-    // k and v: staged through the q and dout buffers, or (wgmma) their own tiles (as in dq).
-    bf16_t* Kst = WG ? (bf16_t*)(Dq + 2 * FA_BN) : Qs;  // [BM][LD]
-    bf16_t* Vst = WG ? Kst + BM * LD : Gs;             // [BM][LD]
+    // k and v: staged through the q and dout buffers, or (wgmma) their own tiles (as in dq). The
+    // fused dq keeps k in its own tile (the B operand of dS·k) and dS of the current query tile.
+    bf16_t* Kst = (WG || DQ) ? (bf16_t*)(Dq + 2 * FA_BN) : Qs;  // [BM][LD]
+    bf16_t* Vst = WG ? Kst + BM * LD : Gs;                     // [BM][LD]
+    bf16_t* Ss = Kst + BM * LD;                                // DQ: [FA_BN][BM + FA_PAD], queries x keys
     __shared__ u32 red[2 * WARPS];
     const int b = blockIdx.x;
     if (b >= koff[num_seqs]) return;
@@ -773,6 +803,33 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, const bf16_t* 
         }
         fa_pt<HD, WG>(dva, p, Gs + buf * FA_BN * LD, lane);
         fa_pt<HD, WG>(dka, dp, Qs + buf * FA_BN * LD, lane);
+        if constexpr (DQ) {
+            // dS (rounded to bf16 as the dk product rounds it) to shared memory as [query][key];
+            // then warp w computes dq rows 16·(w % 4).. and columns NC·(w / 4).. over the BM keys.
+#pragma unroll
+            for (int n = 0; n < FA_BN / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    Ss[(n * 8 + 2 * tq + (e & 1)) * (BM + FA_PAD) + w16 + g + 8 * (e >> 1)] =
+                        (bf16_t)(fa_pack(dp[n][e], 0.f) & 0xffffu);
+            __syncthreads();
+            constexpr int NC = HD / (WARPS / 4);
+            const int wq = ((threadIdx.x >> 5) & 3) * 16, c0 = (threadIdx.x >> 7) * NC;
+            float dqa[NC / 8][4];
+#pragma unroll
+            for (int n = 0; n < NC / 8; ++n) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.f;
+            fa_mm_st<HD, BM, NC>(dqa, Ss, wq, Kst, c0, lane);
+            const int h = kh * group + it % group;
+            const u32 t0 = qa_ + (u32)t * FA_BN;
+#pragma unroll
+            for (int n = 0; n < NC / 8; ++n) {
+                const int d = h * HD + c0 + n * 8 + 2 * tq;
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+                    if (wq + g + 8 * i < nt)
+                        fa_red2(dq_acc + (i64)(t0 + wq + g + 8 * i) * qs + d, scale * dqa[n][2 * i], scale * dqa[n][2 * i + 1]);
+            }
+        }
         __syncthreads();
         it = itn;
     }
@@ -813,8 +870,18 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, const bf16_t* 
         void* dk, void* dv, int kv_bf16, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,  \
         const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,      \
         const int* koff, const int* qoff, const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {   \
-        fa_bwd_dkdv_impl<HD, W, WG>(dk, dv, kv_bf16, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q, pos_k, koff,      \
-                                    qoff, qrange, num_seqs, heads, kv_heads, scale);                                 \
+        fa_bwd_dkdv_impl<HD, W, WG, false>(dk, dv, kv_bf16, nullptr, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q,   \
+                                           pos_k, koff, qoff, qrange, num_seqs, heads, kv_heads, scale);             \
+    }
+// The fused backward (dk, dv and dq by atomics into the f32 workspace dq_acc; mma.sync).
+#define INST_FA_BWD_FUSED(HD, W)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_fused_bf16_d##HD##_w##W##_m1(                      \
+        void* dk, void* dv, int kv_bf16, float* dq_acc, const bf16_t* dout, const float* lse, const float* delta,    \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q,       \
+        const u32* pos_k, const int* koff, const int* qoff, const u32* qrange, int num_seqs, int heads, int kv_heads, \
+        float scale) {                                                                                               \
+        fa_bwd_dkdv_impl<HD, W, false, true>(dk, dv, kv_bf16, dq_acc, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q,  \
+                                             pos_k, koff, qoff, qrange, num_seqs, heads, kv_heads, scale);           \
     }
 
 INST_FA_FWD(32, 4, 1, false, m1)
@@ -835,6 +902,18 @@ INST_FA_BWD(32, 4, true, wg)
 INST_FA_BWD(32, 8, true, wg)
 INST_FA_BWD(64, 4, true, wg)
 INST_FA_BWD(64, 8, true, wg)
+INST_FA_BWD_FUSED(32, 4)
+INST_FA_BWD_FUSED(32, 8)
+INST_FA_BWD_FUSED(64, 4)
+INST_FA_BWD_FUSED(64, 8)
+
+// dq += dq_acc (the fused backward's f32 workspace) for an f32 or bf16 dq; n even.
+extern "C" __global__ void attn_dq_from_acc(void* dq, int dq_bf16, const float* acc, i64 n) {
+    for (i64 i = 2 * ((i64)blockIdx.x * blockDim.x + threadIdx.x); i < n; i += 2 * (i64)gridDim.x * blockDim.x) {
+        const float2 a = *(const float2*)(acc + i);
+        fa_put2(dq, i, a.x, a.y, dq_bf16, true);
+    }
+}
 
 // A check of the wgmma building blocks (cuda_parity --wg-probe): one warpgroup, a [64][HD] and
 // b [FA_BN][HD] bf16 row-major. mode < HD/16: out[64][FA_BN] = a[:, 16·mode..+16] · b[:, same]ᵀ
