@@ -39,15 +39,15 @@ def main():
 
     eager = {}
     for r in recs:
-        if r["impl"] == "torch" and not r.get("compile"):
+        if r["impl"] == "torch" and not r.get("compile") and r.get("dtype", "bf16") == "bf16":
             eager[(model_of(r), r["micro_batch"], r["seq_len"])] = r["tokens_per_s"]
-    order = sorted(recs, key=lambda r: (model_of(r), r["impl"] != "torch", r.get("compile", False), r.get("gemm", "")))
+    order = sorted(recs, key=lambda r: (model_of(r), r["impl"] != "torch", r.get("dtype", ""), r.get("compile", False), r.get("gemm", "")))
     for r in order:
         m = model_of(r)
         if r["impl"] == "torch":
             impl = f"PyTorch {r.get('torch', '')} {'torch.compile' if r.get('compile') else 'eager'}, SDPA" + (
                 " (HF transformers Llama)" if r["model"] == "vanilla" else " (compact MoR re-implementation)")
-            prec = "bf16 weights + activations"
+            prec = "fp32 weights, bf16 autocast" if r.get("dtype") == "amp" else "bf16 weights + activations"
             mem = f"{gib(r.get('max_allocated_gib'))} alloc / {gib(r.get('peak_mem_gib'))} device"
         else:
             impl = "mor (Rust, CUDA)" + (", --deterministic" if r.get("deterministic") else "")

@@ -12,7 +12,9 @@ Models (same shapes as the mor presets):
            RoPE at their original positions, h[S] += g_k * block(h[S]); BCE aux loss 0.001.
 
 One training step = forward, cross-entropy (+ aux), backward, grad clipping (1.0), fused AdamW.
-Weights and activations in bf16 (as in ../../docs GPU figures), logits upcast to fp32 for the loss.
+Weights and activations in bf16 (as in ../../docs GPU figures), logits upcast to fp32 for the loss;
+--dtype amp: mor's recipe instead, fp32 weights, optimizer state and residual stream with the
+GEMMs and attention in bf16 (torch.autocast).
 Timing: torch.cuda.synchronize() around each step, median over --steps after --warmup steps.
 
   python3 scripts/bench/torch_reference.py --model vanilla --batch 8 --seq 2048 [--compile]
@@ -21,6 +23,7 @@ Timing: torch.cuda.synchronize() around each step, median over --steps after --w
 --json FILE appends one JSON line per run (read by scripts/bench/make_table.py).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -224,7 +227,8 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--dtype", choices=["bf16", "fp32", "amp"], default="bf16",
+                    help="bf16 weights and activations, fp32, or amp (fp32 weights, bf16 autocast)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny dimensions (smoke test)")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
@@ -235,6 +239,7 @@ def main():
     s = SIZES["tiny" if args.tiny else "360m"]
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    amp = args.dtype == "amp"
     torch.manual_seed(0)
     t0 = time.time()
     model, step_loss = build(args, s, dev, dtype)
@@ -258,7 +263,8 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         sync()
         t = time.perf_counter()
-        loss = step_loss(run, x)
+        with torch.autocast(dev.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+            loss = step_loss(run, x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
