@@ -9,7 +9,6 @@ Triton fusions, optimizer, other), per step, to set beside `mor bench train --pr
   python3 scripts/bench/torch_profile.py --model mor-ec3 --tiny --device cpu --batch 2 --seq 64   # smoke test
 """
 import argparse
-import contextlib
 import os
 import sys
 from collections import defaultdict
@@ -18,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_reference import SIZES, build  # noqa: E402
+from torch_reference import model_args, setup  # noqa: E402
 
 
 def category(name):
@@ -40,46 +39,22 @@ def category(name):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["vanilla", "mor-ec3"], default="mor-ec3")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--warmup", type=int, default=3)
+    model_args(ap, model="mor-ec3")
     ap.add_argument("--steps", type=int, default=2, help="profiled steps")
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--dtype", choices=["bf16", "amp"], default="bf16")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--top", type=int, default=30, help="kernels listed")
     args = ap.parse_args()
 
-    s = SIZES["tiny" if args.tiny else "360m"]
-    dev = torch.device(args.device)
-    amp = args.dtype == "amp"
-    torch.manual_seed(0)
-    model, step_loss = build(args, s, dev, torch.float32 if amp else torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                            fused=dev.type == "cuda")
-    run = torch.compile(model) if args.compile else model
-    gen = torch.Generator(device="cpu").manual_seed(1)
-
-    def step():
-        x = torch.randint(0, s["vocab"], (args.batch, args.seq), generator=gen).to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-            loss = step_loss(run, x)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    _, dev, _, next_batch, step = setup(args)
     for _ in range(args.warmup):
-        step()
+        step(next_batch())
     cuda = dev.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
+    batches = [next_batch() for _ in range(args.steps)]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
-        for _ in range(args.steps):
-            step()
+        for x in batches:
+            step(x)
         if cuda:
             torch.cuda.synchronize()
 

@@ -219,34 +219,60 @@ def build(args, s, dev, dtype):
     return m, step_loss
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["vanilla", "mor-ec3"], default="vanilla")
+def model_args(ap, model="vanilla"):
+    """The arguments that choose the model, batch and precision (shared with torch_profile.py)."""
+    ap.add_argument("--model", choices=["vanilla", "mor-ec3"], default=model)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--dtype", choices=["bf16", "fp32", "amp"], default="bf16",
                     help="bf16 weights and activations, fp32, or amp (fp32 weights, bf16 autocast)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny dimensions (smoke test)")
-    ap.add_argument("--peak-tflops", type=float, default=989.0)
-    ap.add_argument("--json", help="append the result as a JSON line")
-    ap.add_argument("--label")
-    args = ap.parse_args()
 
+
+def setup(args):
+    """Model, the next random batch, and one training step on a batch (forward, loss, backward,
+    clipping, AdamW) for args."""
     s = SIZES["tiny" if args.tiny else "360m"]
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     amp = args.dtype == "amp"
     torch.manual_seed(0)
-    t0 = time.time()
     model, step_loss = build(args, s, dev, dtype)
-    params = sum(p.numel() for p in model.parameters())
-    fused = dev.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=fused)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                            fused=dev.type == "cuda")
     run = torch.compile(model) if args.compile else model
+    gen = torch.Generator(device="cpu").manual_seed(1)
+
+    def next_batch():
+        return torch.randint(0, s["vocab"], (args.batch, args.seq), generator=gen).to(dev)
+
+    def step(x):
+        with torch.autocast(dev.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+            loss = step_loss(run, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return s, dev, model, next_batch, step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_args(ap)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--json", help="append the result as a JSON line")
+    ap.add_argument("--label")
+    args = ap.parse_args()
+
+    t0 = time.time()
+    s, dev, model, next_batch, step = setup(args)
+    params = sum(p.numel() for p in model.parameters())
     cuda = dev.type == "cuda"
 
     def sync():
@@ -255,20 +281,14 @@ def main():
 
     label = args.label or f"torch {args.model} {args.dtype} sdpa {'compile' if args.compile else 'eager'}"
     print(f"{label}: {params / 1e6:.2f}M parameters, {args.batch} x {args.seq}, built in {time.time() - t0:.1f}s", flush=True)
-    gen = torch.Generator(device="cpu").manual_seed(1)
     times, losses, used_peak = [], [], 0
     for i in range(args.warmup + args.steps):
-        x = torch.randint(0, s["vocab"], (args.batch, args.seq), generator=gen).to(dev)
+        x = next_batch()
         if cuda and i == args.warmup:
             torch.cuda.reset_peak_memory_stats()
         sync()
         t = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-            loss = step_loss(run, x)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = step(x)
         sync()
         dt = time.perf_counter() - t
         if cuda:

@@ -1,6 +1,7 @@
 //! bf16 GEMMs through cuBLASLt. Every bf16 product of the backend (linear layers forward and
 //! backward, the fused backward on stacked weights, the residual epilogue) goes through
-//! [`Cuda::gemm_bf16`] or [`Cuda::gemm_bf16_residual`]: column-major as in cuBLAS,
+//! one plan-cached call (`lt_gemm`; [`Cuda::gemm_bf16`] wraps it in cuBLAS's argument order):
+//! column-major as in cuBLAS,
 //! `D[m, n] = op(A)·op(B) + β·C` with bf16 A and B, C and D both f32 or both bf16, fp32
 //! accumulation, β 0 or 1. (The fp32 SGEMMs of the parity mode stay on cuBLAS, in mod.rs.)
 //!
@@ -371,33 +372,6 @@ impl Cuda {
         self.lt_gemm(shape, a, b, c, c);
     }
 
-    /// [`Cuda::gemm_bf16`] with a separate addend: `D = op(A)·op(B) + C`, C and D of type
-    /// `cd_type` with leading dimension `ldc` (C may be D).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm_bf16_residual(
-        &self,
-        transa: cublasOperation_t,
-        transb: cublasOperation_t,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        lda: usize,
-        b: u64,
-        ldb: usize,
-        c: u64,
-        d: u64,
-        cd_type: Dtype,
-        ldc: usize,
-    ) {
-        if m == 0 || n == 0 {
-            return;
-        }
-        let t = |op: cublasOperation_t| op == cublasOperation_t::CUBLAS_OP_T;
-        let shape = GemmShape::new(t(transa), t(transb), m, n, k, cd_type, GemmAdd::Residual).with_ld(lda, ldb, ldc);
-        self.lt_gemm(shape, a, b, c, d);
-    }
-
     /// The backend's bf16 GEMM on whole buffers, for checks and benchmarks: `shape` on A = `a`
     /// and B = `b` (bf16 buffers), D = `d` (of the shape's output type), adding `c` for
     /// [`GemmAdd::Residual`] (no `c` otherwise).
@@ -427,7 +401,7 @@ impl Cuda {
     }
 
     /// Run `shape` on these device pointers through its plan (made on first use).
-    fn lt_gemm(&self, shape: GemmShape, a: u64, b: u64, c: u64, d: u64) {
+    pub(super) fn lt_gemm(&self, shape: GemmShape, a: u64, b: u64, c: u64, d: u64) {
         if shape.m == 0 || shape.n == 0 {
             return;
         }

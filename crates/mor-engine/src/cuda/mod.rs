@@ -1507,10 +1507,9 @@ impl Backend for Cuda {
         // Column-major view as in matmul_fwd: outᵀ[m, n] = w-as-[k, m]ᵀ · xᵀ[k, n] + resᵀ.
         let xb = self.bf16_operand(Slot::BfB, x, n * k);
         let wb = self.weight_bf16(w);
-        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-        let dt = out.dtype;
+        let shape = GemmShape::new(true, false, m, n, k, out.dtype, GemmAdd::Residual).with_ld(k, k, m);
         let (rp, op) = (self.p(res), self.pm(out));
-        self.gemm_bf16_residual(CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, wb, k, xb, k, rp, op, dt, m);
+        self.lt_gemm(shape, wb, xb, rp, op);
     }
 
     /// bf16 mode (or bf16 buffers): one bf16 operand of `x` for all weights (no conversion when
