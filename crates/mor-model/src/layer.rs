@@ -174,11 +174,11 @@ pub fn layer_forward<B: Backend>(
     b.matmul_fwd_residual(out, &act.act, p.value(w.w_down), &act.a, n, f, d);
 }
 
-/// Backward of one layer given `dy = ∂L/∂y`: `dx = ∂L/∂x` when `dx_set`, else `dx += ∂L/∂x`;
-/// weight gradients accumulate into `p.grads`; with KV sharing, key/value gradients accumulate
-/// into the source's `dk`/`dv`. `dy` is used up: it holds `∂L/∂a` afterwards (the residual
-/// stream needs no copy). A layer that owns keys/values must see all its sharers' backwards
-/// before its own.
+/// Backward of one layer given `dy = ∂L/∂y`. With `dx`, `dx += ∂L/∂x` and `dy` holds `∂L/∂a`
+/// afterwards; without, `∂L/∂x` replaces `dy` in place (a stack of layers passes one buffer down,
+/// no copy per layer). Weight gradients accumulate into `p.grads`; with KV sharing, key/value
+/// gradients accumulate into the source's `dk`/`dv`. A layer that owns keys/values must see all
+/// its sharers' backwards before its own.
 #[allow(clippy::too_many_arguments)]
 pub fn layer_backward<B: Backend>(
     b: &B,
@@ -190,8 +190,7 @@ pub fn layer_backward<B: Backend>(
     shared: Option<SharedKv<'_, B>>,
     s: &mut LayerScratch<B>,
     dy: &mut B::Buf,
-    dx: &mut B::Buf,
-    dx_set: bool,
+    mut dx: Option<&mut B::Buf>,
 ) {
     let n = set.len();
     let (d, f, qd, kvd) = (dims.d, dims.f, dims.qd(), dims.kvd());
@@ -214,10 +213,8 @@ pub fn layer_backward<B: Backend>(
     b.rmsnorm_bwd(dy, &mut grads[w.mlp_norm.0], &s.dxn, &act.a, v(w.mlp_norm), &act.rstd2, n, d);
     let da = &*dy;
 
-    // Attention branch; dx (+)= da + ∂(attn)/∂x
-    if dx_set {
-        b.copy(dx, da, n * d);
-    } else {
+    // Attention branch: ∂L/∂x = da + ∂(attn)/∂x, added to dx or built in dy (which holds da).
+    if let Some(dx) = dx.as_deref_mut() {
         b.axpy(dx, da, 1.0, n * d);
     }
     b.matmul_bwd_many(Some(&mut s.datt), true, &act.att, n, qd, &mut [grad(&mut grads[w.wo.0], da, v(w.wo), d)]);
@@ -244,5 +241,6 @@ pub fn layer_backward<B: Backend>(
     } else {
         b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn1, n, d, &mut [grad(&mut grads[w.wq.0], &s.dq, v(w.wq), qd)]);
     }
+    let dx = dx.unwrap_or(dy);
     b.rmsnorm_bwd(dx, &mut grads[w.attn_norm.0], &s.dxn, &act.x, v(w.attn_norm), &act.rstd1, n, d);
 }

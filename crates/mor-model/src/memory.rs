@@ -126,8 +126,8 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
     // buffers.
     let scratch = n * (d + 3 * f + 2 * qd);
     let scratch_act = n * (3 * f + 2 * qd);
-    // Residual buffers h, h1, tx, hn, dh, dhn, dtx, g1, g2; rstd; ce_all.
-    let residual = n * (9 * d + 2);
+    // Residual buffers h, h1, tx, hn, dh, dhn, dtx, g; rstd; ce_all.
+    let residual = n * (8 * d + 2);
     let vocab = cfg.vocab_size;
     let head_rows = (head_chunk_elems / vocab).clamp(1, n);
     // head_x, head_dx, logits, dlogits, ce (one chunk); dlogits is an activation buffer.

@@ -206,8 +206,8 @@ pub struct Workspace<B: Backend> {
     dh: B::Buf,
     dhn: B::Buf,
     dtx: B::Buf,
-    g1: B::Buf,
-    g2: B::Buf,
+    /// The gradient carried down a block's layers (in place, see `run_block_backward`).
+    g: B::Buf,
     head_rows: usize,
     head_x: B::Buf,
     head_dx: B::Buf,
@@ -342,8 +342,7 @@ impl<B: Backend> Model<B> {
             dh: b.zeros(n * d),
             dhn: b.zeros(n * d),
             dtx: b.zeros(n * d),
-            g1: b.zeros(n * d),
-            g2: b.zeros(n * d),
+            g: b.zeros(n * d),
             head_rows,
             head_x: b.zeros(head_rows * d),
             head_dx: b.zeros(head_rows * d),
@@ -568,7 +567,7 @@ impl<B: Backend> Model<B> {
                 t += b.len(x);
             }
         }
-        for x in [&ws.h, &ws.h1, &ws.tx, &ws.hn, &ws.rstd, &ws.dh, &ws.dhn, &ws.dtx, &ws.g1, &ws.g2, &ws.head_x, &ws.head_dx, &ws.logits, &ws.ce, &ws.ce_all] {
+        for x in [&ws.h, &ws.h1, &ws.tx, &ws.hn, &ws.rstd, &ws.dh, &ws.dhn, &ws.dtx, &ws.g, &ws.head_x, &ws.head_dx, &ws.logits, &ws.ce, &ws.ce_all] {
             t += b.len(x);
         }
         t + ws.dlogits.as_ref().map_or(0, |x| b.len(x))
@@ -960,10 +959,10 @@ impl<B: Backend> Model<B> {
                 StepTrace::Plain { apps, set } => {
                     let ws = self.ws.as_mut().unwrap();
                     let m = tr.sets[*set].len();
-                    let Workspace { acts, scratch, dh, g1, g2, dtx, .. } = ws;
+                    let Workspace { acts, scratch, dh, g, dtx, .. } = ws;
                     b.copy(dtx, dh, m * d);
                     b.fill(dh, m * d, 0.0);
-                    run_block_backward(b, &self.dims, &mut self.params, &self.weights, &tr, acts, scratch, apps.clone(), dtx, dh, g1, g2);
+                    run_block_backward(b, &self.dims, &mut self.params, &self.weights, &tr, acts, scratch, apps.clone(), dtx, dh, g);
                 }
                 StepTrace::Expert(et) => self.expert_backward(b, &tr, et, scale)?,
                 StepTrace::Token(tt) => self.token_backward(b, &tr, tt, scale)?,
@@ -981,7 +980,7 @@ impl<B: Backend> Model<B> {
         let n_c = tr.sets[et.cand].len();
         let m = tr.sets[et.sel].len();
         let ws = self.ws.as_mut().unwrap();
-        let Workspace { acts, scratch, steps, routers, aux_routers, dh, g1, g2, .. } = ws;
+        let Workspace { acts, scratch, steps, routers, aux_routers, dh, g, .. } = ws;
         let sb = &mut steps[et.buf];
         let sel_idx = &tr.sets[et.sel].idx;
         b.fill(&mut sb.dy, m * d, 0.0);
@@ -991,7 +990,7 @@ impl<B: Backend> Model<B> {
             Combine::Replace => b.scatter_rows_bwd(&mut sb.dy, dh, sel_idx, m, d),
         }
         b.fill(&mut sb.dyin, m * d, 0.0);
-        run_block_backward(b, &self.dims, &mut self.params, &self.weights, tr, acts, scratch, et.apps.clone(), &sb.dy, &mut sb.dyin, g1, g2);
+        run_block_backward(b, &self.dims, &mut self.params, &self.weights, tr, acts, scratch, et.apps.clone(), &sb.dy, &mut sb.dyin, g);
         b.scatter_add_rows(dh, &sb.dyin, sel_idx, m, d);
         if !et.has_router {
             return Ok(());
@@ -1029,7 +1028,7 @@ impl<B: Backend> Model<B> {
         let mut dweight = vec![0.0f64; n];
         {
             let ws = self.ws.as_mut().unwrap();
-            let Workspace { acts, scratch, steps, dh, dtx, g1, g2, .. } = ws;
+            let Workspace { acts, scratch, steps, dh, dtx, g, .. } = ws;
             b.fill(dtx, n * d, 0.0);
             for st in tt.steps.iter().rev() {
                 let sb = &mut steps[st.buf];
@@ -1052,7 +1051,7 @@ impl<B: Backend> Model<B> {
                 b.scatter_add_rows(&mut sb.dy, &sb.dyin, &st.cont_local, st.n_cont, d);
                 // through the block into x
                 b.fill(&mut sb.dx, m * d, 0.0);
-                run_block_backward(b, &self.dims, &mut self.params, &self.weights, tr, acts, scratch, st.apps.clone(), &sb.dy, &mut sb.dx, g1, g2);
+                run_block_backward(b, &self.dims, &mut self.params, &self.weights, tr, acts, scratch, st.apps.clone(), &sb.dy, &mut sb.dx, g);
                 b.scatter_add_rows(dtx, &sb.dx, &tr.sets[st.set].idx, m, d);
             }
             b.axpy(dh, dtx, 1.0, n * d);
@@ -1181,7 +1180,7 @@ fn run_block<B: Backend>(
 }
 
 /// Backward through `apps` given the gradient of the block output `dy`; accumulates the
-/// gradient of the block input into `dx`. `g1`/`g2` are ping-pong scratch buffers.
+/// gradient of the block input into `dx`. `g` carries the gradient down the layers (in place).
 #[allow(clippy::too_many_arguments)]
 fn run_block_backward<B: Backend>(
     b: &B,
@@ -1194,22 +1193,17 @@ fn run_block_backward<B: Backend>(
     apps: Range<usize>,
     dy: &B::Buf,
     dx: &mut B::Buf,
-    g1: &mut B::Buf,
-    g2: &mut B::Buf,
+    g: &mut B::Buf,
 ) {
     let n_rows = |i: usize| tr.sets[tr.apps[i].set].len();
-    b.copy(g1, dy, n_rows(apps.end - 1) * dims.d);
+    b.copy(g, dy, n_rows(apps.end - 1) * dims.d);
     for i in apps.clone().rev() {
         let app = &tr.apps[i];
         let (before, rest) = acts.split_at_mut(i);
         let cur = &mut rest[0];
         let shared = app.kv_src.map(|s| SharedKv { src: &mut before[s], set: &tr.sets[tr.apps[s].set] });
         let set = &tr.sets[app.set];
-        if i == apps.start {
-            layer_backward(b, dims, params, &weights.layers[app.pos], cur, set, shared, scratch, g1, dx, false);
-        } else {
-            layer_backward(b, dims, params, &weights.layers[app.pos], cur, set, shared, scratch, g1, g2, true);
-            std::mem::swap(g1, g2);
-        }
+        let into = if i == apps.start { Some(&mut *dx) } else { None };
+        layer_backward(b, dims, params, &weights.layers[app.pos], cur, set, shared, scratch, g, into);
     }
 }
