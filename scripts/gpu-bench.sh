@@ -17,7 +17,7 @@
 # Environment: MICRO_BATCH (8), SEQ_LEN (2048), STEPS (4 timed steps for mor, 10 for PyTorch),
 # MEM_BATCH (16: the MoR-E3 peak-memory comparison; SKIP_MEM=1 skips it), MOR_OPS_BIN (.gpu/cuda_parity,
 # op-level parity and kernel timings, run when present),
-# BUDGET_S (200: the optional torch.compile runs are skipped once the script has run this long),
+# BUDGET_S (200: the optional steps — torch.compile runs, then the --deterministic runs — are skipped once the script has run this long),
 # SKIP_PARITY=1, SKIP_TRAIN=1, SKIP_COMPILE=1, MODELS ("vanilla mor-ec3"), GEMMS ("f32,bf16"), SIZE (360m),
 # DEVICE (cuda), TORCH_EXTRA (more torch_reference.py arguments). A CPU smoke test of the script:
 #   DEVICE=cpu SIZE=tiny GEMMS=f32 SKIP_PARITY=1 SKIP_COMPILE=1 MICRO_BATCH=2 SEQ_LEN=64 \
@@ -107,11 +107,6 @@ for m in $MODELS; do
   step "torch $m eager" 75 required -- python3 scripts/bench/torch_reference.py --model "$m" --batch "$B" --seq "$L" \
     --warmup 3 --steps 10 --json "$RES" "${TX[@]}"
 done
-# mor's bit-reproducible mode (two-pass attention backward, heuristic GEMM algorithms): its cost.
-for m in $MODELS; do
-  step "mor bench $SIZE-$m --deterministic" 150 required -- "$BIN" bench train "$SIZE-$m" --device "$DEVICE" --micro-batch "$B" \
-    --seq-len "$L" --warmup 1 --steps "$STEPS" --gemm "$GEMMS" --deterministic --label "$SIZE-$m deterministic" --json "$RES"
-done
 # Peak memory of MoR-E3 at the larger micro-batch, mor and PyTorch (the memory bar).
 if [ -z "${SKIP_MEM:-}" ]; then
   step "mor bench $SIZE-mor-ec3 micro-batch $MEM_BATCH" 150 required -- "$BIN" bench train "$SIZE-mor-ec3" --device "$DEVICE" \
@@ -125,6 +120,12 @@ if [ -z "${SKIP_COMPILE:-}" ]; then
       --warmup 3 --steps 10 --compile --json "$RES" "${TX[@]}"
   done
 fi
+
+# mor's bit-reproducible mode (two-pass attention backward, heuristic GEMM algorithms): its cost.
+for m in $MODELS; do
+  step "mor bench $SIZE-$m --deterministic" 150 optional -- "$BIN" bench train "$SIZE-$m" --device "$DEVICE" --micro-batch "$B" \
+    --seq-len "$L" --warmup 1 --steps "$STEPS" --gemm "$GEMMS" --deterministic --label "$SIZE-$m deterministic" --json "$RES"
+done
 
 python3 scripts/bench/make_table.py "$RES" | tee "$OUT/table.md"
 echo "== done in $((SECONDS - START))s"
