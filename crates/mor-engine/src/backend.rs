@@ -399,6 +399,29 @@ pub fn matmul_bwd_each<B: Backend + ?Sized>(b: &B, mut dx: Option<&mut B::Buf>, 
     }
 }
 
+/// The per-step scalars of AdamW, computed in f64 from the f32 hyper-parameters (as PyTorch does
+/// with Python floats) and rounded once to each backend's element type: every backend's update
+/// uses these, so they agree bit for bit.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStepScalars {
+    /// `lr / (1 - beta1^step)`.
+    pub step_size: f64,
+    /// `sqrt(1 - beta2^step)`.
+    pub bc2_sqrt: f64,
+    /// `1 - beta1`, `1 - beta2`.
+    pub ob1: f64,
+    pub ob2: f64,
+}
+
+impl AdamStepScalars {
+    pub fn new(lr: f32, beta1: f32, beta2: f32, step: u64) -> Self {
+        let (lr64, b1, b2) = (lr as f64, beta1 as f64, beta2 as f64);
+        let t = step.min(i32::MAX as u64) as i32;
+        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        AdamStepScalars { step_size: lr64 / bc1, bc2_sqrt: bc2.sqrt(), ob1: 1.0 - b1, ob2: 1.0 - b2 }
+    }
+}
+
 /// [`Backend::adamw_many`] as one [`Backend::adamw`] per tensor, a scaled gradient going through a
 /// temporary copy ([`Backend::copy`], [`Backend::scale`]) so the caller's stays unscaled (the
 /// default, and the reference the fused forms are tested against).

@@ -44,7 +44,7 @@ use std::sync::RwLock;
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::backend::{AdamWItem, AttnShape, Backend, GateFn, MatmulPrecision};
+use crate::backend::{AdamStepScalars, AdamWItem, AttnShape, Backend, GateFn, MatmulPrecision};
 
 use math::{axpy, sigmoid};
 use precision::{AttnRounding, GemmCall, GemmProduct, GemmRule, Operand};
@@ -927,16 +927,11 @@ fn adamw_update<T: CpuFloat>(
     grad_scale: Option<T>,
 ) {
     assert!(step >= 1, "adamw: step is 1-based");
-    // Scalar hyper-parameter arithmetic in f64, as PyTorch does with Python floats.
-    let (lr64, b1, b2, wd) = (lr as f64, beta1 as f64, beta2 as f64, weight_decay as f64);
-    let t = step.min(i32::MAX as u64) as i32;
-    let bc1 = 1.0 - b1.powi(t);
-    let bc2 = 1.0 - b2.powi(t);
-    let decay = T::of_f64(1.0 - lr64 * wd);
-    let step_size = T::of_f64(lr64 / bc1);
-    let bc2_sqrt = T::of_f64(bc2.sqrt());
-    let (tb1, tb2) = (T::of_f64(b1), T::of_f64(b2));
-    let (ob1, ob2) = (T::of_f64(1.0 - b1), T::of_f64(1.0 - b2));
+    let sc = AdamStepScalars::new(lr, beta1, beta2, step);
+    let decay = T::of_f64(1.0 - lr as f64 * weight_decay as f64);
+    let (step_size, bc2_sqrt) = (T::of_f64(sc.step_size), T::of_f64(sc.bc2_sqrt));
+    let (tb1, tb2) = (T::of_f64(beta1 as f64), T::of_f64(beta2 as f64));
+    let (ob1, ob2) = (T::of_f64(sc.ob1), T::of_f64(sc.ob2));
     let teps = T::of_f32(eps);
     param[..n]
         .par_chunks_mut(EW_CHUNK)

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use cudarc::driver::{result as drv_result, CudaSlice, PushKernelArg};
 
 use super::{cfg, check_len, Cuda, CudaBuf, Slot, EW_THREADS, SUMSQ_MAX_BLOCKS};
-use crate::backend::AdamWItem;
+use crate::backend::{AdamStepScalars, AdamWItem};
 
 /// Elements per block of the multi-tensor fill and AdamW kernels.
 const MT_CHUNK: usize = 16 * 1024;
@@ -27,8 +27,8 @@ const MT_TABLES_MAX: usize = 64;
 /// Threads per block of `sumsq_many_final` (those of `sumsq_final` in `sum_squares`).
 const SUMSQ_FINAL_THREADS: u32 = 1024;
 
-/// The per-step scalars of the AdamW kernels (`adamw_f32`, `adamw_many_f32`): bias corrections
-/// in f64 from the f32 hyper-parameters, rounded to f32, exactly as the CPU reference.
+/// The per-step scalars of the AdamW kernels (`adamw_f32`, `adamw_many_f32`): the shared
+/// [`AdamStepScalars`] rounded to f32, as the CPU reference rounds them.
 pub(super) struct AdamScalars {
     pub step_size: f32,
     pub bc2_sqrt: f32,
@@ -38,10 +38,8 @@ pub(super) struct AdamScalars {
 
 impl AdamScalars {
     pub fn new(lr: f32, beta1: f32, beta2: f32, step: u64) -> Self {
-        let (lr64, b1, b2) = (lr as f64, beta1 as f64, beta2 as f64);
-        let t = step.min(i32::MAX as u64) as i32;
-        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        AdamScalars { step_size: (lr64 / bc1) as f32, bc2_sqrt: bc2.sqrt() as f32, ob1: (1.0 - b1) as f32, ob2: (1.0 - b2) as f32 }
+        let s = AdamStepScalars::new(lr, beta1, beta2, step);
+        AdamScalars { step_size: s.step_size as f32, bc2_sqrt: s.bc2_sqrt as f32, ob1: s.ob1 as f32, ob2: s.ob2 as f32 }
     }
 }
 
