@@ -62,20 +62,28 @@ def main():
         ops = r.get("ops") or []
         if not ops:
             continue
+        gemms = sorted((o for o in ops if o["op"].startswith("detail: ")), key=lambda o: -o["ms_per_step"])
+        ops = [o for o in ops if not o["op"].startswith("detail: ")]
         cats = {}
         for o in ops:
             c = cats.setdefault(o["category"], [0.0, 0.0])
             c[0] += o["ms_per_step"]
             c[1] += o["share"]
         print(f"\nTime per op category, {model_of(r)}, {r.get('gemm')} GEMMs "
-              f"({r.get('profile_steps')} profiled steps of {r.get('profile_step_ms', 0):.0f} ms; every op synchronised, "
-              f"so small ops carry their launch latency):\n")
+              f"({r.get('profile_steps')} profiled steps of {r.get('profile_step_ms', 0):.0f} ms; GPU time per op from "
+              f"CUDA events, the GPU's waiting between ops as its own row):\n")
         print("| category | ms/step | share |")
         print("|---|---|---|")
         for k, (ms, share) in sorted(cats.items(), key=lambda kv: -kv[1][0]):
             print(f"| {k} | {ms:.1f} | {100 * share:.1f}% |")
-        top = sorted((o for o in ops if o["op"] != "(outside ops)"), key=lambda o: -o["ms_per_step"])[:8]
-        print("\nTop ops: " + ", ".join(f"{o['op']} {o['ms_per_step']:.0f} ms ({100 * o['share']:.0f}%)" for o in top))
+        top = sorted((o for o in ops if not o["op"].startswith("(")), key=lambda o: -o["ms_per_step"])[:8]
+        print("\nTop ops: " + ", ".join(f"{o['op']} {o['ms_per_step']:.1f} ms ({100 * o['share']:.0f}%)" for o in top))
+        if gemms:
+            print(f"\nbf16 GEMMs by shape (cuBLASLt column-major view), {sum(o['ms_per_step'] for o in gemms):.1f} ms/step:\n")
+            print("| ms/step | calls/step | shape |")
+            print("|---|---|---|")
+            for o in gemms[:16]:
+                print(f"| {o['ms_per_step']:.2f} | {o['calls_per_step']:.0f} | {o['op'][len('detail: '):]} |")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,20 @@ def category(name):
     return "other"
 
 
+def gemm_shapes(prof, steps, top):
+    """GEMMs by operand shapes, to set beside the per-shape table of `mor bench train --profile-steps`."""
+    gemm_ops = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm")
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in gemm_ops:
+            t = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            rows.append((t, e.count, e.key, e.input_shapes))
+    per = steps * 1e3
+    print(f"\nGEMM ops by input shapes (device time), {sum(r[0] for r in rows) / per:.1f} ms per step")
+    for t, n, key, shapes in sorted(rows, key=lambda r: (-r[0], -r[1]))[:top]:
+        print(f"{t / per:8.3f} ms {n / steps:6.0f}x  {key} {shapes}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args(ap, model="mor-ec3")
@@ -52,7 +66,7 @@ def main():
         torch.cuda.synchronize()
     batches = [next_batch() for _ in range(args.steps)]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         for x in batches:
             step(x)
         if cuda:
@@ -65,6 +79,7 @@ def main():
             k = kernels[e.name]
             k[0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
             k[1] += 1
+    gemm_shapes(prof, args.steps, args.top)
     if not kernels:
         print("no device kernels recorded (CPU run: the profile is only a smoke test)")
         return

@@ -2,8 +2,12 @@
 """PyTorch training-throughput reference for `mor bench train` (run on the GPU machine).
 
 Models (same shapes as the mor presets):
-  vanilla  Hugging Face transformers LlamaForCausalLM (360M: SmolLM-360M dims, tied embeddings),
-           attention through SDPA.
+  vanilla  a compact Llama (360M: SmolLM-360M dims, tied embeddings), the layers of mor-ec3 below,
+           causal SDPA (is_causal=True).
+  hf-vanilla  Hugging Face transformers LlamaForCausalLM with attn_implementation="sdpa". Under
+           torch.compile, transformers materialises the causal mask (no is_causal skip while
+           tracing), so SDPA runs masked full attention: about 2.4x the causal attention time
+           (torch.profiler, H200). Kept to show that; `vanilla` is the speed reference.
   mor-ec3  a compact re-implementation of MoR expert-choice, N_r = 3, middle-cycle sharing,
            recursion-wise KV (MOR_SPEC Appendix A): unique first layer, 3 recursion steps over one
            shared 10-layer block, unique last layer; per step a Linear(d->1) router,
@@ -18,7 +22,7 @@ GEMMs and attention in bf16 (torch.autocast).
 Timing: torch.cuda.synchronize() around each step, median over --steps after --warmup steps.
 
   python3 scripts/bench/torch_reference.py --model vanilla --batch 8 --seq 2048 [--compile]
-  python3 scripts/bench/torch_reference.py --model mor-ec3 --tiny --device cpu --steps 2   # smoke test
+  python3 scripts/bench/torch_reference.py --model mor-ec3 --tiny --device cpu --batch 2 --seq 64 --steps 2   # smoke test
 
 --json FILE appends one JSON line per run (read by scripts/bench/make_table.py).
 """
@@ -49,7 +53,7 @@ def layer_flops(d, di, L, c):
 def train_flops_per_token(s, model, L):
     """Same formula as mor_config::accounting::train_flops_per_token (MOR_SPEC 7.3 + LM head)."""
     d, di, n = s["d"], s["inter"], s["layers"]
-    if model == "vanilla":
+    if model in ("vanilla", "hf-vanilla"):
         caps = [1.0] * n
     else:
         base = (n - 2) // 3
@@ -125,20 +129,14 @@ class Layer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class MoRExpertChoice(nn.Module):
-    """MoR expert-choice, middle-cycle, N_r recursions (MOR_SPEC 3.5 / Appendix A)."""
+class CompactLM(nn.Module):
+    """Embedding, RoPE tables, final norm, tied LM head and the loss shared by the compact models."""
 
-    def __init__(self, s, n_r=3, alpha=0.1, aux_coeff=0.001, theta=10000.0):
+    def __init__(self, s, theta=10000.0):
         super().__init__()
-        self.s, self.n_r, self.alpha, self.aux_coeff = s, n_r, alpha, aux_coeff
-        base = (s["layers"] - 2) // n_r
+        self.s = s
         self.embed_tokens = nn.Embedding(s["vocab"], s["d"])
-        self.first = Layer(s)
-        self.block = nn.ModuleList(Layer(s) for _ in range(base))
-        self.last = Layer(s)
-        self.routers = nn.ModuleList(nn.Linear(s["d"], 1, bias=False) for _ in range(n_r))
         self.norm = RMSNorm(s["d"])
-        self.caps = [(n_r - r) / n_r for r in range(n_r)]
         hd = s["hd"]
         inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
         t = torch.arange(s["max_len"], dtype=torch.float32)
@@ -146,17 +144,55 @@ class MoRExpertChoice(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
+
+    def init_weights(self):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
+
+    def rope(self, T, dt):
+        return self.cos_cache[:T].to(dt), self.sin_cache[:T].to(dt)
+
+    def loss(self, h, labels):
+        logits = F.linear(self.norm(h), self.embed_tokens.weight)
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+class Llama(CompactLM):
+    """Llama with tied embeddings: the vanilla baseline."""
+
+    def __init__(self, s):
+        super().__init__(s)
+        self.layers = nn.ModuleList(Layer(s) for _ in range(s["layers"]))
+        self.init_weights()
+
+    def forward(self, ids, labels):
+        h = self.embed_tokens(ids)
+        cos, sin = self.rope(ids.shape[1], h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos[None, None], sin[None, None])
+        return self.loss(h, labels)
+
+
+class MoRExpertChoice(CompactLM):
+    """MoR expert-choice, middle-cycle, N_r recursions (MOR_SPEC 3.5 / Appendix A)."""
+
+    def __init__(self, s, n_r=3, alpha=0.1, aux_coeff=0.001):
+        super().__init__(s)
+        self.n_r, self.alpha, self.aux_coeff = n_r, alpha, aux_coeff
+        base = (s["layers"] - 2) // n_r
+        self.first = Layer(s)
+        self.block = nn.ModuleList(Layer(s) for _ in range(base))
+        self.last = Layer(s)
+        self.routers = nn.ModuleList(nn.Linear(s["d"], 1, bias=False) for _ in range(n_r))
+        self.caps = [(n_r - r) / n_r for r in range(n_r)]
+        self.init_weights()
 
     def forward(self, ids, labels):
         B, T = ids.shape
         d = self.s["d"]
         h = self.embed_tokens(ids)
-        dt = h.dtype
-        cos = self.cos_cache[:T].to(dt)
-        sin = self.sin_cache[:T].to(dt)
+        cos, sin = self.rope(T, h.dtype)
         h = self.first(h, cos[None, None], sin[None, None])
         S = torch.arange(T, device=ids.device).expand(B, T)
         aux = 0.0
@@ -177,13 +213,11 @@ class MoRExpertChoice(nn.Module):
                 Y = layer(Y, cs, sn)
             h = h.scatter_add(1, S[..., None].expand(-1, -1, d), gk[..., None] * Y)
         h = self.last(h, cos[None, None], sin[None, None])
-        logits = F.linear(self.norm(h), self.embed_tokens.weight)
-        ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-        return ce + self.aux_coeff * aux
+        return self.loss(h, labels) + self.aux_coeff * aux
 
 
 def build(args, s, dev, dtype):
-    if args.model == "vanilla":
+    if args.model == "hf-vanilla":
         from transformers import LlamaConfig, LlamaForCausalLM
 
         cfg = LlamaConfig(
@@ -210,7 +244,7 @@ def build(args, s, dev, dtype):
 
         return m, step_loss
     with torch.device(dev):
-        m = MoRExpertChoice(s)
+        m = Llama(s) if args.model == "vanilla" else MoRExpertChoice(s)
     m = m.to(dtype)
 
     def step_loss(model, x):
@@ -221,7 +255,7 @@ def build(args, s, dev, dtype):
 
 def model_args(ap, model="vanilla"):
     """The arguments that choose the model, batch and precision (shared with torch_profile.py)."""
-    ap.add_argument("--model", choices=["vanilla", "mor-ec3"], default=model)
+    ap.add_argument("--model", choices=["vanilla", "hf-vanilla", "mor-ec3"], default=model)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)

@@ -981,6 +981,19 @@ fn attention_case(e: &mut Env, r: &mut Report, case: &AttnCase, bf16: bool, act:
         let tag = format!("attention{mode} {} (nq{nq} nk{nk})", case.name);
         r.check_prec(bf16, &format!("{tag} fwd"), "out", &e.g.to_f32(&og), &oc, None, TOL_RED);
         r.check_prec(bf16, &format!("{tag} fwd"), "lse", &e.g.to_f32(&lg), &lc, None, TOL);
+        if bf16 && !act {
+            // The model's form: f32 output plus its bf16 copy for the output projection.
+            let (_, mut og2) = e.rnd(nq * heads * hd, 1.0);
+            let (_, mut copy) = e.rnd_act(nq * heads * hd, 1.0);
+            let (_, mut lg2) = e.rnd(nq * heads, 1.0);
+            e.g.attention_fwd_mirrored(&mut og2, &mut copy, &mut lg2, &qg, &kg, &vg, &sg);
+            let (o1, o2) = (e.g.to_f32(&og), e.g.to_f32(&og2));
+            let ext = nq * heads * hd;
+            let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            r.add_exact(&format!("{tag} fwd mirrored"), "out", diff(&o2[..ext], &o1[..ext]));
+            let rounded: Vec<f32> = o1[..ext].iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+            r.add_exact(&format!("{tag} fwd mirrored"), "bf16 copy", diff(&e.g.to_f32(&copy)[..ext], &rounded));
+        }
         let (doc, dog) = e.rnd_as(act, nq * heads * hd, 1.0);
         let (mut dqc, mut dqg) = e.rnd_as(act, nq * heads * hd, 1.0);
         if act {
@@ -1095,6 +1108,32 @@ fn bf16_act_ops(e: &mut Env, r: &mut Report) {
         let tag = if d == 1000 { "bf16 rmsnorm_fwd (f32 in)".to_string() } else { format!("bf16 rmsnorm_fwd (f32 in) d{d}") };
         r.check_prec(true, &tag, "out", &e.g.to_f32(&og), &oc, None, TOL);
         r.check(&tag, "rstd", &e.g.to_f32(&rg), &rc, TOL);
+    }
+
+    // RMSNorm backward with the bf16 copy of dx (warp-per-row kernel for 960, block-per-row and a
+    // conversion for 1001): dx as the plain backward's, the copy its exact rounding.
+    for (n, d) in [(130usize, 960usize), (61, 1001)] {
+        let tag = format!("rmsnorm_bwd_mirrored d{d}");
+        let (_, xg) = e.rnd(n * d, 2.0);
+        let wv: Vec<f32> = (0..d + PAD).map(|_| e.rng.gen_range(0.5..1.5)).collect();
+        let (_, wg) = e.up(&wv);
+        let (_, rg) = e.rnd(n, 1.0);
+        let (_, dog) = e.rnd(n * d, 1.0);
+        let (_, mut dx_plain) = e.rnd(n * d, 1.0);
+        let mut dx = e.g.zeros(n * d + PAD);
+        e.g.copy(&mut dx, &dx_plain, n * d + PAD);
+        let (_, mut dw) = e.rnd(d, 1.0);
+        let mut dwm = e.g.zeros(d + PAD);
+        e.g.copy(&mut dwm, &dw, d + PAD);
+        let (_, mut mirror) = e.rnd_act(n * d, 1.0);
+        e.g.rmsnorm_bwd(&mut dx_plain, &mut dw, &dog, &xg, &wg, &rg, n, d);
+        e.g.rmsnorm_bwd_mirrored(&mut dx, &mut mirror, &mut dwm, &dog, &xg, &wg, &rg, n, d);
+        let dx_host = e.g.to_f32(&dx);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let same = |a: &[u32], b: &[u32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
+        r.add_exact(&tag, "dx", same(&bits(&dx_host[..n * d]), &bits(&e.g.to_f32(&dx_plain)[..n * d])));
+        r.add_exact(&tag, "dw", same(&bits(&e.g.to_f32(&dwm)[..d]), &bits(&e.g.to_f32(&dw)[..d])));
+        r.add_exact(&tag, "bf16 copy", same(&bits(&e.g.to_f32(&mirror)[..n * d]), &bits(&round(&dx_host[..n * d]))));
     }
 
     // RoPE in place on bf16 q.

@@ -220,6 +220,24 @@ pub trait Backend {
         n: usize,
         d: usize,
     );
+    /// [`Backend::rmsnorm_bwd`], and the updated `dx` also stored in `dx_act`, an activation
+    /// buffer ([`Backend::zeros_act`]): the next backward GEMM's operand without a conversion pass.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd_mirrored(
+        &self,
+        dx: &mut Self::Buf,
+        dx_act: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        n: usize,
+        d: usize,
+    ) {
+        self.rmsnorm_bwd(dx, dw, dout, x, w, rstd, n, d);
+        self.copy(dx_act, dx, n * d);
+    }
 
     // ---- rotary embedding -----------------------------------------------------------------
     /// In place on `x[n, heads, head_dim]`, non-interleaved halves ("rotate_half"), angle
@@ -241,6 +259,22 @@ pub trait Backend {
         v: &Self::Buf,
         shape: &AttnShape<'_, Self::Idx>,
     );
+    /// [`Backend::attention_fwd`], and the output also stored in `out_act`, an activation buffer
+    /// ([`Backend::zeros_act`]): the output projection's GEMM operand without a conversion pass.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_fwd_mirrored(
+        &self,
+        out: &mut Self::Buf,
+        out_act: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: &AttnShape<'_, Self::Idx>,
+    ) {
+        self.attention_fwd(out, lse, q, k, v, shape);
+        self.copy(out_act, out, shape.nq * shape.heads * shape.head_dim);
+    }
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd(
         &self,

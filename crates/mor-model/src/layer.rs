@@ -59,6 +59,8 @@ pub struct LayerAct<B: Backend> {
     pub k: B::Buf,
     pub v: B::Buf,
     pub att: B::Buf,
+    /// `att` in activation precision: the output projection's operand (forward and backward).
+    pub att_act: B::Buf,
     pub lse: B::Buf,
     pub a: B::Buf,
     pub rstd2: B::Buf,
@@ -90,6 +92,7 @@ impl<B: Backend> LayerAct<B> {
             // f32: the attention backward's D = <dout, att> must match P·V (a bf16 att breaks the
             // row sums of dS; docs/design/bf16-gradient-error.md).
             att: b.zeros(cap * qd),
+            att_act: b.zeros_act(cap * qd),
             lse: b.zeros(cap * dims.heads),
             a: b.zeros(cap * d),
             rstd2: b.zeros(cap),
@@ -106,6 +109,9 @@ impl<B: Backend> LayerAct<B> {
 /// Scratch gradient buffers shared by all layer backwards (sized for the largest token set);
 /// `dxn` (a residual-stream gradient) is full precision, the rest activation buffers.
 pub struct LayerScratch<B: Backend> {
+    /// The residual-stream gradient last written by a layer backward (∂L/∂a, then ∂L/∂x) in
+    /// activation precision: the operand of the next backward GEMM that reads it.
+    pub dres: B::Buf,
     pub dact: B::Buf,
     pub dgate: B::Buf,
     pub dup: B::Buf,
@@ -117,6 +123,7 @@ pub struct LayerScratch<B: Backend> {
 impl<B: Backend> LayerScratch<B> {
     pub fn new(b: &B, dims: &Dims, cap: usize) -> Self {
         LayerScratch {
+            dres: b.zeros_act(cap * dims.d),
             dact: b.zeros_act(cap * dims.f),
             dgate: b.zeros_act(cap * dims.f),
             dup: b.zeros_act(cap * dims.f),
@@ -157,15 +164,15 @@ pub fn layer_forward<B: Backend>(
         None => {
             b.rope_fwd(&mut act.k, &set.pos, n, dims.kv_heads, dims.head_dim, dims.theta);
             let shape = set.attn_shape(set, dims.heads, dims.kv_heads, dims.head_dim);
-            b.attention_fwd(&mut act.att, &mut act.lse, &act.q, &act.k, &act.v, &shape);
+            b.attention_fwd_mirrored(&mut act.att, &mut act.att_act, &mut act.lse, &act.q, &act.k, &act.v, &shape);
         }
         Some(kv) => {
             let shape = set.attn_shape(kv.set, dims.heads, dims.kv_heads, dims.head_dim);
-            b.attention_fwd(&mut act.att, &mut act.lse, &act.q, &kv.src.k, &kv.src.v, &shape);
+            b.attention_fwd_mirrored(&mut act.att, &mut act.att_act, &mut act.lse, &act.q, &kv.src.k, &kv.src.v, &shape);
         }
     }
     // a = x + O(att)
-    b.matmul_fwd_residual(&mut act.a, &act.att, p.value(w.wo), &act.x, n, qd, d);
+    b.matmul_fwd_residual(&mut act.a, &act.att_act, p.value(w.wo), &act.x, n, qd, d);
     b.rmsnorm_fwd(&mut act.xn2, &mut act.rstd2, &act.a, p.value(w.mlp_norm), n, d, dims.eps);
     let (w_gate, w_up) = (p.value(w.w_gate), p.value(w.w_up));
     b.matmul_fwd_many(&act.xn2, n, d, &mut [(&mut act.gate, w_gate, f), (&mut act.up, w_up, f)]);
@@ -174,11 +181,11 @@ pub fn layer_forward<B: Backend>(
     b.matmul_fwd_residual(out, &act.act, p.value(w.w_down), &act.a, n, f, d);
 }
 
-/// Backward of one layer given `dy = ∂L/∂y`. With `dx`, `dx += ∂L/∂x` and `dy` holds `∂L/∂a`
-/// afterwards; without, `∂L/∂x` replaces `dy` in place (a stack of layers passes one buffer down,
-/// no copy per layer). Weight gradients accumulate into `p.grads`; with KV sharing, key/value
-/// gradients accumulate into the source's `dk`/`dv`. A layer that owns keys/values must see all
-/// its sharers' backwards before its own.
+/// Backward of one layer given `dy = ∂L/∂y`; `∂L/∂x` replaces `dy` in place (a stack of layers
+/// passes one buffer down, no copy per layer) and is left in `s.dres` in activation precision.
+/// `dy_in_dres`: `s.dres` holds `dy` already (the layer above wrote it). Weight gradients accumulate into `p.grads`; with
+/// KV sharing, key/value gradients accumulate into the source's `dk`/`dv`. A layer that owns
+/// keys/values must see all its sharers' backwards before its own.
 #[allow(clippy::too_many_arguments)]
 pub fn layer_backward<B: Backend>(
     b: &B,
@@ -190,7 +197,7 @@ pub fn layer_backward<B: Backend>(
     shared: Option<SharedKv<'_, B>>,
     s: &mut LayerScratch<B>,
     dy: &mut B::Buf,
-    mut dx: Option<&mut B::Buf>,
+    dy_in_dres: bool,
 ) {
     let n = set.len();
     let (d, f, qd, kvd) = (dims.d, dims.f, dims.qd(), dims.kvd());
@@ -205,19 +212,17 @@ pub fn layer_backward<B: Backend>(
 
     // MLP branch; da = dy + ∂(mlp)/∂a, accumulated in dy. First contributions overwrite their
     // gradient buffers.
-    b.matmul_bwd_many(Some(&mut s.dact), true, &act.act, n, f, &mut [grad(&mut grads[w.w_down.0], dy, v(w.w_down), d)]);
+    let dy_op = if dy_in_dres { &s.dres } else { &*dy };
+    b.matmul_bwd_many(Some(&mut s.dact), true, &act.act, n, f, &mut [grad(&mut grads[w.w_down.0], dy_op, v(w.w_down), d)]);
     b.swiglu_bwd_set(&mut s.dgate, &mut s.dup, &s.dact, &act.gate, &act.up, n * f);
     let [g_gate, g_up] = grads.get_disjoint_mut([w.w_gate.0, w.w_up.0]).expect(disjoint);
     let items = &mut [grad(g_gate, &s.dgate, v(w.w_gate), f), grad(g_up, &s.dup, v(w.w_up), f)];
     b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn2, n, d, items);
-    b.rmsnorm_bwd(dy, &mut grads[w.mlp_norm.0], &s.dxn, &act.a, v(w.mlp_norm), &act.rstd2, n, d);
-    let da = &*dy;
+    b.rmsnorm_bwd_mirrored(dy, &mut s.dres, &mut grads[w.mlp_norm.0], &s.dxn, &act.a, v(w.mlp_norm), &act.rstd2, n, d);
+    let da = &s.dres;
 
-    // Attention branch: ∂L/∂x = da + ∂(attn)/∂x, added to dx or built in dy (which holds da).
-    if let Some(dx) = dx.as_deref_mut() {
-        b.axpy(dx, da, 1.0, n * d);
-    }
-    b.matmul_bwd_many(Some(&mut s.datt), true, &act.att, n, qd, &mut [grad(&mut grads[w.wo.0], da, v(w.wo), d)]);
+    // Attention branch: ∂L/∂x = da + ∂(attn)/∂x, built in dy (which holds da).
+    b.matmul_bwd_many(Some(&mut s.datt), true, &act.att_act, n, qd, &mut [grad(&mut grads[w.wo.0], da, v(w.wo), d)]);
     b.fill(&mut s.dq, n * qd, 0.0);
     let owns_kv = shared.is_none();
     match shared {
@@ -241,6 +246,5 @@ pub fn layer_backward<B: Backend>(
     } else {
         b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn1, n, d, &mut [grad(&mut grads[w.wq.0], &s.dq, v(w.wq), qd)]);
     }
-    let dx = dx.unwrap_or(dy);
-    b.rmsnorm_bwd(dx, &mut grads[w.attn_norm.0], &s.dxn, &act.x, v(w.attn_norm), &act.rstd1, n, d);
+    b.rmsnorm_bwd_mirrored(dy, &mut s.dres, &mut grads[w.attn_norm.0], &s.dxn, &act.x, v(w.attn_norm), &act.rstd1, n, d);
 }

@@ -109,12 +109,12 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
             app_rows[map.step_positions(r)].iter_mut().for_each(|a| *a = sel);
         }
     }
-    // LayerAct: x, xn1, a, xn2 (d); q, att (qd); k, v, dk, dv (kvd, only where the application
-    // owns its keys/values: with KV sharing, recursions after the first borrow them); gate, up,
-    // act (f); lse (heads); rstd1, rstd2.
-    let per_app = 4 * d + 2 * qd + 3 * f + heads + 2;
-    // Of those, activation buffers: xn1, xn2, q, gate, up, act; and k, v.
-    let per_app_act = 2 * d + qd + 3 * f;
+    // LayerAct: x, xn1, a, xn2 (d); q, att, att_act (qd); k, v, dk, dv (kvd, only where the
+    // application owns its keys/values: with KV sharing, recursions after the first borrow them);
+    // gate, up, act (f); lse (heads); rstd1, rstd2.
+    let per_app = 4 * d + 3 * qd + 3 * f + heads + 2;
+    // Of those, activation buffers: xn1, xn2, q, att_act, gate, up, act; and k, v.
+    let per_app_act = 2 * d + 2 * qd + 3 * f;
     let mut kv_rows: usize = app_rows.iter().sum();
     if cfg.kv_mode() == KvMode::Share && blocks_contiguous(&map) {
         kv_rows -= (1..map.num_recursions).flat_map(|r| map.step_positions(r)).map(|pos| app_rows[pos]).sum::<usize>();
@@ -122,12 +122,12 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
     let layer_rows: usize = app_rows.iter().sum();
     let layer_activations = layer_rows * per_app + kv_rows * 4 * kvd;
     let layer_act_buffers = layer_rows * per_app_act + kv_rows * 2 * kvd;
-    // LayerScratch: dxn (d); dact, dgate, dup (f); datt, dq (qd); all but dxn are activation
-    // buffers.
-    let scratch = n * (d + 3 * f + 2 * qd);
-    let scratch_act = n * (3 * f + 2 * qd);
-    // Residual buffers h, h1, tx, hn, dh, dhn, dtx, g; rstd; ce_all.
-    let residual = n * (8 * d + 2);
+    // LayerScratch: dxn, dres (d); dact, dgate, dup (f); datt, dq (qd); all but dxn are
+    // activation buffers.
+    let scratch = n * (2 * d + 3 * f + 2 * qd);
+    let scratch_act = n * (d + 3 * f + 2 * qd);
+    // Residual buffers h, h1, tx, hn, dh, dhn, dtx; rstd; ce_all.
+    let residual = n * (7 * d + 2);
     let vocab = cfg.vocab_size;
     let head_rows = (head_chunk_elems / vocab).clamp(1, n);
     // head_x, head_dx, logits, dlogits, ce (one chunk); dlogits is an activation buffer.

@@ -97,7 +97,7 @@ struct App {
 
 enum StepTrace<B: Backend> {
     /// Every token of `set` runs the block; the block output replaces the stream.
-    Plain { apps: Range<usize>, set: usize },
+    Plain { apps: Range<usize> },
     Expert(ExpertTrace<B>),
     Token(TokenTrace<B>),
 }
@@ -206,8 +206,6 @@ pub struct Workspace<B: Backend> {
     dh: B::Buf,
     dhn: B::Buf,
     dtx: B::Buf,
-    /// The gradient carried down a block's layers (in place, see `run_block_backward`).
-    g: B::Buf,
     head_rows: usize,
     head_x: B::Buf,
     head_dx: B::Buf,
@@ -243,8 +241,8 @@ pub struct Model<B: Backend> {
     ws: Option<Workspace<B>>,
     trace: Option<Trace<B>>,
     /// When set, `captured` receives the residual stream after the embedding and after every
-    /// step of the forward (prefix layers, recursions, suffix layers): a hook for tests and
-    /// analysis.
+    /// step of the forward (the prefix layers, each recursion, the suffix layers): a hook for
+    /// tests and analysis.
     pub capture: bool,
     pub captured: Vec<Vec<f32>>,
     token_losses: Vec<f64>,
@@ -342,7 +340,6 @@ impl<B: Backend> Model<B> {
             dh: b.zeros(n * d),
             dhn: b.zeros(n * d),
             dtx: b.zeros(n * d),
-            g: b.zeros(n * d),
             head_rows,
             head_x: b.zeros(head_rows * d),
             head_dx: b.zeros(head_rows * d),
@@ -394,8 +391,8 @@ impl<B: Backend> Model<B> {
         let blocks_contiguous = blocks_contiguous(&self.map);
         let prefix_end = if blocks_contiguous { self.map.prefix_len() } else { self.map.num_layers };
         tr.prefix = 0..prefix_end;
-        for pos in 0..prefix_end {
-            self.plain_block(b, &mut tr, pos..pos + 1, 0, None);
+        if prefix_end > 0 {
+            self.plain_block(b, &mut tr, 0..prefix_end, 0, None);
         }
 
         if blocks_contiguous {
@@ -411,8 +408,8 @@ impl<B: Backend> Model<B> {
             }
             let suffix = self.map.suffix_positions();
             tr.suffix = suffix.clone();
-            for pos in suffix {
-                self.plain_block(b, &mut tr, pos..pos + 1, 0, None);
+            if !suffix.is_empty() {
+                self.plain_block(b, &mut tr, suffix, 0, None);
             }
         }
 
@@ -474,7 +471,7 @@ impl<B: Backend> Model<B> {
         b.copy(&mut ws.acts[apps.start].x, &ws.h, n);
         let Workspace { acts, h, .. } = ws;
         run_block(b, &self.dims, &self.params, &self.weights, tr, acts, apps.clone(), h);
-        tr.steps.push(StepTrace::Plain { apps, set });
+        tr.steps.push(StepTrace::Plain { apps });
         self.capture_h(b);
     }
 
@@ -549,12 +546,12 @@ impl<B: Backend> Model<B> {
         let Some(ws) = &self.ws else { return 0 };
         let mut t = 0;
         for a in &ws.acts {
-            for x in [&a.x, &a.rstd1, &a.xn1, &a.q, &a.k, &a.v, &a.att, &a.lse, &a.a, &a.rstd2, &a.xn2, &a.gate, &a.up, &a.act, &a.dk, &a.dv] {
+            for x in [&a.x, &a.rstd1, &a.xn1, &a.q, &a.k, &a.v, &a.att, &a.att_act, &a.lse, &a.a, &a.rstd2, &a.xn2, &a.gate, &a.up, &a.act, &a.dk, &a.dv] {
                 t += b.len(x);
             }
         }
         let s = &ws.scratch;
-        for x in [&s.dact, &s.dgate, &s.dup, &s.dxn, &s.datt, &s.dq] {
+        for x in [&s.dres, &s.dact, &s.dgate, &s.dup, &s.dxn, &s.datt, &s.dq] {
             t += b.len(x);
         }
         for sb in &ws.steps {
@@ -567,7 +564,7 @@ impl<B: Backend> Model<B> {
                 t += b.len(x);
             }
         }
-        for x in [&ws.h, &ws.h1, &ws.tx, &ws.hn, &ws.rstd, &ws.dh, &ws.dhn, &ws.dtx, &ws.g, &ws.head_x, &ws.head_dx, &ws.logits, &ws.ce, &ws.ce_all] {
+        for x in [&ws.h, &ws.h1, &ws.tx, &ws.hn, &ws.rstd, &ws.dh, &ws.dhn, &ws.dtx, &ws.head_x, &ws.head_dx, &ws.logits, &ws.ce, &ws.ce_all] {
             t += b.len(x);
         }
         t + ws.dlogits.as_ref().map_or(0, |x| b.len(x))
@@ -956,13 +953,10 @@ impl<B: Backend> Model<B> {
         }
         for step in tr.steps.iter().rev() {
             match step {
-                StepTrace::Plain { apps, set } => {
-                    let ws = self.ws.as_mut().unwrap();
-                    let m = tr.sets[*set].len();
-                    let Workspace { acts, scratch, dh, g, dtx, .. } = ws;
-                    b.copy(dtx, dh, m * d);
-                    b.fill(dh, m * d, 0.0);
-                    run_block_backward(b, &self.dims, &mut self.params, &self.weights, &tr, acts, scratch, apps.clone(), dtx, dh, g);
+                StepTrace::Plain { apps } => {
+                    // The block replaced h: its input gradient replaces dh.
+                    let Workspace { acts, scratch, dh, .. } = self.ws.as_mut().unwrap();
+                    run_block_backward(b, &self.dims, &mut self.params, &self.weights, &tr, acts, scratch, apps.clone(), dh);
                 }
                 StepTrace::Expert(et) => self.expert_backward(b, &tr, et, scale)?,
                 StepTrace::Token(tt) => self.token_backward(b, &tr, tt, scale)?,
@@ -980,7 +974,7 @@ impl<B: Backend> Model<B> {
         let n_c = tr.sets[et.cand].len();
         let m = tr.sets[et.sel].len();
         let ws = self.ws.as_mut().unwrap();
-        let Workspace { acts, scratch, steps, routers, aux_routers, dh, g, .. } = ws;
+        let Workspace { acts, scratch, steps, routers, aux_routers, dh, .. } = ws;
         let sb = &mut steps[et.buf];
         let sel_idx = &tr.sets[et.sel].idx;
         b.fill(&mut sb.dy, m * d, 0.0);
@@ -989,9 +983,8 @@ impl<B: Backend> Model<B> {
             Combine::Add => b.scatter_add_scaled_bwd(&mut sb.dy, &mut sb.dgk, dh, &sb.y, &sb.gk, sel_idx, m, d),
             Combine::Replace => b.scatter_rows_bwd(&mut sb.dy, dh, sel_idx, m, d),
         }
-        b.fill(&mut sb.dyin, m * d, 0.0);
-        run_block_backward(b, &self.dims, &mut self.params, &self.weights, tr, acts, scratch, et.apps.clone(), &sb.dy, &mut sb.dyin, g);
-        b.scatter_add_rows(dh, &sb.dyin, sel_idx, m, d);
+        run_block_backward(b, &self.dims, &mut self.params, &self.weights, tr, acts, scratch, et.apps.clone(), &mut sb.dy);
+        b.scatter_add_rows(dh, &sb.dy, sel_idx, m, d);
         if !et.has_router {
             return Ok(());
         }
@@ -1028,7 +1021,7 @@ impl<B: Backend> Model<B> {
         let mut dweight = vec![0.0f64; n];
         {
             let ws = self.ws.as_mut().unwrap();
-            let Workspace { acts, scratch, steps, dh, dtx, g, .. } = ws;
+            let Workspace { acts, scratch, steps, dh, dtx, .. } = ws;
             b.fill(dtx, n * d, 0.0);
             for st in tt.steps.iter().rev() {
                 let sb = &mut steps[st.buf];
@@ -1050,9 +1043,8 @@ impl<B: Backend> Model<B> {
                 b.scatter_rows_bwd(&mut sb.dyin, dtx, &st.cont_global, st.n_cont, d);
                 b.scatter_add_rows(&mut sb.dy, &sb.dyin, &st.cont_local, st.n_cont, d);
                 // through the block into x
-                b.fill(&mut sb.dx, m * d, 0.0);
-                run_block_backward(b, &self.dims, &mut self.params, &self.weights, tr, acts, scratch, st.apps.clone(), &sb.dy, &mut sb.dx, g);
-                b.scatter_add_rows(dtx, &sb.dx, &tr.sets[st.set].idx, m, d);
+                run_block_backward(b, &self.dims, &mut self.params, &self.weights, tr, acts, scratch, st.apps.clone(), &mut sb.dy);
+                b.scatter_add_rows(dtx, &sb.dy, &tr.sets[st.set].idx, m, d);
             }
             b.axpy(dh, dtx, 1.0, n * d);
         }
@@ -1179,8 +1171,8 @@ fn run_block<B: Backend>(
     }
 }
 
-/// Backward through `apps` given the gradient of the block output `dy`; accumulates the
-/// gradient of the block input into `dx`. `g` carries the gradient down the layers (in place).
+/// Backward through `apps`: `g` holds the gradient of the block output on entry and that of
+/// the block input on return (in place down the layers, no copy per layer).
 #[allow(clippy::too_many_arguments)]
 fn run_block_backward<B: Backend>(
     b: &B,
@@ -1191,19 +1183,13 @@ fn run_block_backward<B: Backend>(
     acts: &mut [LayerAct<B>],
     scratch: &mut LayerScratch<B>,
     apps: Range<usize>,
-    dy: &B::Buf,
-    dx: &mut B::Buf,
     g: &mut B::Buf,
 ) {
-    let n_rows = |i: usize| tr.sets[tr.apps[i].set].len();
-    b.copy(g, dy, n_rows(apps.end - 1) * dims.d);
-    for i in apps.clone().rev() {
+    let top = apps.end - 1;
+    for i in apps.rev() {
         let app = &tr.apps[i];
         let (before, rest) = acts.split_at_mut(i);
-        let cur = &mut rest[0];
         let shared = app.kv_src.map(|s| SharedKv { src: &mut before[s], set: &tr.sets[tr.apps[s].set] });
-        let set = &tr.sets[app.set];
-        let into = if i == apps.start { Some(&mut *dx) } else { None };
-        layer_backward(b, dims, params, &weights.layers[app.pos], cur, set, shared, scratch, g, into);
+        layer_backward(b, dims, params, &weights.layers[app.pos], &mut rest[0], &tr.sets[app.set], shared, scratch, g, i != top);
     }
 }

@@ -66,9 +66,9 @@ pub struct TrainArgs {
     /// Logits per LM-head chunk [default: 64M on CUDA, the model's 16M on CPU].
     #[arg(long)]
     pub head_chunk: Option<usize>,
-    /// After the timed steps, this many more steps with every op timed (CUDA: synchronises
-    /// around each op, so these steps are slower and not part of the throughput); prints the
-    /// share of each op and op category.
+    /// After the timed steps, this many more steps with every op timed (CUDA: GPU time from
+    /// events around each op, and bf16 GEMMs by shape; not part of the throughput); prints the
+    /// share of each op and op category and how long the GPU waits between ops.
     #[arg(long, default_value_t = 0)]
     pub profile_steps: usize,
     /// Append the result as one JSON line to this file.
@@ -149,8 +149,9 @@ fn category(op: &str) -> &'static str {
         "topk_segments" | "gate_fwd" | "gate_bwd" | "softmax_fwd" | "softmax_bwd" | "index_fill" => "routing",
         "gather_rows" | "scatter_add_rows" | "scatter_add_scaled" | "scatter_add_scaled_bwd" | "scatter_rows"
         | "scatter_rows_bwd" | "embedding_fwd" | "embedding_bwd" => "gather/scatter/embedding",
-        "fill" | "copy" | "axpy" | "scale" => "elementwise (fill/copy/axpy)",
-        "adamw" | "sum_squares" => "optimizer (AdamW, grad norm)",
+        "fill" | "fill_many" | "copy" | "axpy" | "scale" => "elementwise (fill/copy/axpy)",
+        "adamw" | "adamw_many" | "sum_squares" => "optimizer (AdamW, grad norm)",
+        op if op.starts_with("detail: ") => "detail (inside an op above)",
         _ => "transfers and allocation",
     }
 }
@@ -295,14 +296,16 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
         let mut prof_json = Vec::new();
         if !profile.is_empty() {
             let steps = args.profile_steps as f64;
+            // Detail entries (GEMMs by shape) are also inside their op's time.
+            let (details, profile): (Vec<_>, Vec<_>) = profile.into_iter().partition(|p| p.0.starts_with("detail: "));
             let total: f64 = profile.iter().map(|p| p.1).sum();
             let wall = prof_wall;
-            let outside = (wall - total).max(0.0);
+            let idle = (wall - total).max(0.0);
             text.push_str(&format!(
-                "  profile over {} more steps, every op synchronised: per step {:.1} ms in ops + {:.1} ms outside ops = {:.1} ms\n",
+                "  profile over {} more steps, GPU time per op from CUDA events: per step {:.1} ms of ops + {:.1} ms the GPU waits (launches, host reads) = {:.1} ms wall\n",
                 args.profile_steps,
                 total / steps * 1e3,
-                outside / steps * 1e3,
+                idle / steps * 1e3,
                 wall / steps * 1e3
             ));
             let mut cats: Vec<(&'static str, f64, u64)> = Vec::new();
@@ -317,19 +320,30 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
                 }
             }
             cats.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+            let row = |name: &str, t: f64, calls: Option<u64>| match calls {
+                Some(c) => format!("    {name:<32} {:>8.2} {:>6.1}% {:>10.0}\n", t / steps * 1e3, 100.0 * t / wall, c as f64 / steps),
+                None => format!("    {name:<32} {:>8.2} {:>6.1}%\n", t / steps * 1e3, 100.0 * t / wall),
+            };
             text.push_str("    by category                      ms/step   share   calls/step\n");
             for (cat, t, c) in &cats {
-                text.push_str(&format!("    {cat:<32} {:>8.1} {:>6.1}% {:>10.0}\n", t / steps * 1e3, 100.0 * t / wall, *c as f64 / steps));
+                text.push_str(&row(cat, *t, Some(*c)));
             }
-            text.push_str(&format!("    {:<32} {:>8.1} {:>6.1}%\n", "host / outside ops", outside / steps * 1e3, 100.0 * outside / wall));
+            text.push_str(&row("GPU waiting (launches, host)", idle, None));
             text.push_str("    by op\n");
             for (op, t, c) in profile.iter().take(24) {
-                text.push_str(&format!("    {op:<32} {:>8.1} {:>6.1}% {:>10.0}\n", t / steps * 1e3, 100.0 * t / wall, *c as f64 / steps));
+                text.push_str(&row(op, *t, Some(*c)));
             }
-            for (op, t, c) in &profile {
+            if !details.is_empty() {
+                text.push_str("    bf16 GEMMs by shape (cuBLASLt column-major view; inside the GEMM ops above)\n");
+                for (op, t, c) in details.iter().take(32) {
+                    let name = op.trim_start_matches("detail: ");
+                    text.push_str(&format!("      {:>8.3} ms/step {:>5.0} calls  {name}\n", t / steps * 1e3, *c as f64 / steps));
+                }
+            }
+            for (op, t, c) in profile.iter().chain(&details) {
                 prof_json.push(json!({"op": op, "category": category(op), "ms_per_step": t / steps * 1e3, "share": t / wall, "calls_per_step": *c as f64 / steps}));
             }
-            prof_json.push(json!({"op": "(outside ops)", "category": "host / outside ops", "ms_per_step": outside / steps * 1e3, "share": outside / wall, "calls_per_step": 0}));
+            prof_json.push(json!({"op": "(GPU waiting)", "category": "GPU waiting (launches, host)", "ms_per_step": idle / steps * 1e3, "share": idle / wall, "calls_per_step": 0}));
         }
         super::print(&text)?;
         if let Some(path) = &args.json {

@@ -37,16 +37,16 @@
 //! Layout conventions are those of the CPU reference ([`crate::cpu`]): `lse` of the attention is
 //! `[nq, heads]`, `+inf` for a query with no visible key.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{
-    result as drv_result, sys as drv_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr,
+    result as drv_result, sys as drv_sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr,
     DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
@@ -516,8 +516,8 @@ pub struct CudaOptions {
     /// How bf16 GEMMs pick their cuBLASLt algorithm: timed per shape (default) or the
     /// heuristic's first; see [`GemmSelect`].
     pub gemm_select: GemmSelect,
-    /// Synchronise around every op and accumulate wall time per op
-    /// ([`Backend::take_profile`]). Slows everything down; for breakdowns only.
+    /// Time every op on the GPU with CUDA events ([`Backend::take_profile`]); bf16 GEMMs are also
+    /// timed by shape. Adds two event records per op; for breakdowns only.
     pub profile: bool,
     /// Bit-reproducible results: the attention backward in two passes (dq and dk/dv, every
     /// gradient row with one owner) instead of the fused kernel whose dq sums by float atomics,
@@ -555,24 +555,37 @@ impl CudaOptions {
     }
 }
 
-/// Times one op when profiling (synchronises before and after); nested ops are not counted twice.
+/// Times one op on the GPU when profiling: CUDA events recorded before and after its launches,
+/// read when the profile is taken ([`Backend::take_profile`]), so the stream is not synchronised
+/// per op and the times are the GPU's, without launch gaps. Nested ops are not counted twice;
+/// detail entries ([`Cuda::prof_detail`]) are counted besides their op.
 struct ProfGuard<'a> {
     cuda: &'a Cuda,
-    name: &'static str,
-    t0: Instant,
+    name: Cow<'static, str>,
+    start: Option<CudaEvent>,
+    outermost: bool,
 }
 
 impl Drop for ProfGuard<'_> {
     fn drop(&mut self) {
-        self.cuda.stream.synchronize().expect("cuda: stream synchronize failed");
-        let dt = self.t0.elapsed().as_secs_f64();
-        self.cuda.prof_depth.fetch_sub(1, Ordering::SeqCst);
-        let mut p = self.cuda.prof.lock().unwrap();
-        let e = p.entry(self.name).or_insert((0.0, 0));
-        e.0 += dt;
-        e.1 += 1;
+        let end = self.cuda.prof_event();
+        let start = self.start.take().expect("profiled op started");
+        if self.outermost {
+            self.cuda.prof_depth.fetch_sub(1, Ordering::SeqCst);
+        }
+        let mut pending = self.cuda.prof_pending.lock().unwrap();
+        pending.push((std::mem::take(&mut self.name), start, end));
+        let full = pending.len() >= PROF_PENDING_MAX;
+        drop(pending);
+        // Bound the events in flight (one synchronisation per many thousand ops).
+        if full {
+            self.cuda.prof_resolve();
+        }
     }
 }
+
+/// Timed ops kept unresolved before the profiler synchronises and reads their events.
+const PROF_PENDING_MAX: usize = 16384;
 
 /// The CUDA backend. See the module documentation.
 pub struct Cuda {
@@ -605,7 +618,12 @@ pub struct Cuda {
     deterministic: AtomicBool,
     profiling: AtomicBool,
     prof_depth: AtomicUsize,
-    prof: Mutex<HashMap<&'static str, (f64, u64)>>,
+    /// Seconds and calls per op, from resolved events.
+    prof: Mutex<HashMap<Cow<'static, str>, (f64, u64)>>,
+    /// Ops timed but not read yet: (name, start event, end event).
+    prof_pending: Mutex<Vec<(Cow<'static, str>, CudaEvent, CudaEvent)>>,
+    /// Timing events for reuse.
+    prof_events: Mutex<Vec<CudaEvent>>,
 }
 
 impl fmt::Debug for Cuda {
@@ -733,6 +751,8 @@ impl Cuda {
             profiling: AtomicBool::new(opts.profile),
             prof_depth: AtomicUsize::new(0),
             prof: Mutex::new(HashMap::new()),
+            prof_pending: Mutex::new(Vec::new()),
+            prof_events: Mutex::new(Vec::new()),
         };
         cuda.gemm_algos_from_env();
         Ok(cuda)
@@ -778,8 +798,46 @@ impl Cuda {
             self.prof_depth.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
-        self.stream.synchronize().expect("cuda: stream synchronize failed");
-        Some(ProfGuard { cuda: self, name, t0: Instant::now() })
+        Some(ProfGuard { cuda: self, name: Cow::Borrowed(name), start: Some(self.prof_event()), outermost: true })
+    }
+
+    /// Start timing a detail of the op being timed (a GEMM by shape), reported under
+    /// `detail: <name>` besides the op (profiling only).
+    fn prof_detail(&self, name: impl FnOnce() -> String) -> Option<ProfGuard<'_>> {
+        if !self.profiling.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(ProfGuard { cuda: self, name: Cow::Owned(format!("detail: {}", name())), start: Some(self.prof_event()), outermost: false })
+    }
+
+    /// A timing event recorded on the stream now.
+    fn prof_event(&self) -> CudaEvent {
+        let pooled = self.prof_events.lock().unwrap().pop();
+        let ev = match pooled {
+            Some(ev) => ev,
+            None => self.ctx.new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT)).expect("cuda: event creation failed"),
+        };
+        ev.record(&self.stream).expect("cuda: event record failed");
+        ev
+    }
+
+    /// Wait for the timed ops and add their GPU times to the profile.
+    fn prof_resolve(&self) {
+        let pending = std::mem::take(&mut *self.prof_pending.lock().unwrap());
+        if pending.is_empty() {
+            return;
+        }
+        self.synchronize();
+        let mut prof = self.prof.lock().unwrap();
+        let mut pool = self.prof_events.lock().unwrap();
+        for (name, start, end) in pending {
+            let ms = start.elapsed_ms(&end).expect("cuda: event elapsed time failed");
+            let e = prof.entry(name).or_insert((0.0, 0));
+            e.0 += ms as f64 * 1e-3;
+            e.1 += 1;
+            pool.push(start);
+            pool.push(end);
+        }
     }
 
     /// A zeroed buffer of `n` elements.
@@ -1059,6 +1117,117 @@ impl Cuda {
         cfg((blocks as u32, 1, 1), EW_THREADS, 0)
     }
 
+    /// Attention forward (see [`Backend::attention_fwd`]); `out_bf16` also receives the output
+    /// rounded to bf16.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_fwd_into(
+        &self,
+        out: &mut CudaBuf,
+        out_bf16: Option<&mut CudaBuf>,
+        lse: &mut CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        shape: &AttnShape<'_, CudaSlice<u32>>,
+    ) {
+        let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
+        if nq == 0 || heads == 0 || hd == 0 || shape.num_seqs == 0 {
+            return;
+        }
+        Self::check_attn(shape);
+        check_len("out", out.len(), nq * heads * hd);
+        check_len("lse", lse.len(), nq * heads);
+        check_len("q", q.len(), nq * heads * hd);
+        check_len("k", k.len(), nk * kvh * hd);
+        check_len("v", v.len(), nk * kvh * hd);
+        Self::f32_only("attention_fwd", &[("lse", lse)]);
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let (nqe, nke) = (nq * heads * hd, nk * kvh * hd);
+        let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
+        let (ns, hi, kvi) = (shape.num_seqs as i32, heads as i32, kvh as i32);
+        let lp = self.pm(lse);
+        let copy = out_bf16.map(|b| self.pm(b)).unwrap_or(0);
+        if self.use_flash(hd, &[self.p(out)]) {
+            let q16 = self.bf16_operand(Slot::AttQ16, q, nqe);
+            let k16 = self.bf16_operand(Slot::AttK16, k, nke);
+            let v16 = self.bf16_operand(Slot::AttV16, v, nke);
+            let is_bf16 = out.is_bf16() as i32;
+            let op = self.pm(out);
+            let (name, rows, threads, smem) = self.flash_kernel("fwd", hd);
+            let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
+            let c = cfg((grid, heads as u32, 1), threads, smem);
+            launch!(self, &name, c, [op, is_bf16, copy, lp, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
+            return;
+        }
+        // The exact f32 kernels (bf16 buffers are widened into scratch and the output rounded back).
+        let (qp, kp, vp) = (self.f32_operand(Slot::AttQ16, q, nqe), self.f32_operand(Slot::AttK16, k, nke), self.f32_operand(Slot::AttV16, v, nke));
+        let op = self.f32_output(Slot::AttO, out, nqe);
+        let (qoff, grid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, ATT_ROWS);
+        launch!(
+            self,
+            &format!("attn_fwd_f32_{}", Self::exact_variant(hd)),
+            cfg((grid, heads as u32, 1), 128, 0),
+            [op, lp, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hd as i32, scale]
+        );
+        self.f32_output_done(op, out, nqe);
+        if copy != 0 {
+            launch!(self, "f32_to_bf16", self.ew(nqe), [self.p(out), copy, nqe as i64]);
+        }
+    }
+
+    /// RMSNorm backward (see [`Backend::rmsnorm_bwd`]); `dx_bf16` also receives the updated dx
+    /// rounded to bf16.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd_into(
+        &self,
+        dx: &mut CudaBuf,
+        dx_bf16: Option<&mut CudaBuf>,
+        dw: &mut CudaBuf,
+        dout: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        rstd: &CudaBuf,
+        n: usize,
+        d: usize,
+    ) {
+        Self::f32_only("rmsnorm_bwd", &[("dx", dx), ("dw", dw), ("dout", dout), ("x", x), ("w", w), ("rstd", rstd)]);
+        if n == 0 || d == 0 {
+            return;
+        }
+        check_len("dx", dx.len(), n * d);
+        check_len("dw", dw.len(), d);
+        check_len("dout", dout.len(), n * d);
+        check_len("x", x.len(), n * d);
+        check_len("w", w.len(), d);
+        check_len("rstd", rstd.len(), n);
+        let (dxp, dwp, gp, xp, wp, rp) = (self.pm(dx), self.pm(dw), self.p(dout), self.p(x), self.p(w), self.p(rstd));
+        let (ni, di) = (n as i32, d as i32);
+        let mirror = dx_bf16.map(|b| self.pm(b)).unwrap_or(0);
+        if let Some(v) = Self::rms_warp_v(d, &[dxp, gp, xp, wp], mirror, 8) {
+            // One pass, one row per warp: dx and per-block dw partials (kernels/rows.cu), then the
+            // partials in a fixed order. Rows per block depend on n only.
+            let rpb = n.div_ceil(RMS_BWD_PARTS).max(2 * RMS_BWD_WARPS);
+            let parts = n.div_ceil(rpb);
+            let partial = self.scratch(Slot::RmsPartial, parts * d * 4);
+            let inv_d = (1.0f64 / d as f64) as f32;
+            let c = cfg((parts as u32, 1, 1), 32 * RMS_BWD_WARPS as u32, (RMS_BWD_WARPS * d * 4) as u32);
+            launch!(self, &format!("rmsnorm_bwd_v{v}_f32"), c, [dxp, mirror, partial, gp, xp, wp, rp, ni, di, inv_d, rpb as i32]);
+            launch!(self, "rmsnorm_dw_reduce", cfg((d.div_ceil(32) as u32, 1, 1), 1024, 0), [dwp, partial, parts as i32, di]);
+            return;
+        }
+        launch!(self, "rmsnorm_bwd_dx_f32", cfg((rows_grid(n), 1, 1), row_threads(d, 1024), 0), [dxp, gp, xp, wp, rp, ni, di]);
+        // dw: fixed chunks of rows (a function of n only), then a pass over the chunks in order.
+        let rpc = n.div_ceil(256).max(32);
+        let chunks = n.div_ceil(rpc);
+        let partial = self.scratch(Slot::RmsPartial, chunks * d * 4);
+        let col_blocks = d.div_ceil(256) as u32;
+        launch!(self, "rmsnorm_dw_partial_f32", cfg((col_blocks, chunks as u32, 1), 256, 0), [partial, gp, xp, rp, ni, di, rpc as i32]);
+        launch!(self, "rmsnorm_dw_final", cfg((col_blocks, 1, 1), 256, 0), [dwp, partial, chunks as i32, di]);
+        if mirror != 0 {
+            launch!(self, "f32_to_bf16", self.ew(n * d), [dxp, mirror, (n * d) as i64]);
+        }
+    }
+
     /// `V` of the warp-per-row RMSNorm kernels (rows of up to 128 V, in 4-element groups; see
     /// kernels/rows.cu) for rows of `d` at these device addresses, if they can take them: d a
     /// multiple of 4 up to 2048, 16-byte aligned f32 rows, and `out_align`-aligned outputs.
@@ -1231,8 +1400,9 @@ impl Backend for Cuda {
     }
 
     fn take_profile(&self) -> Vec<(String, f64, u64)> {
+        self.prof_resolve();
         let mut p = self.prof.lock().unwrap();
-        let mut v: Vec<(String, f64, u64)> = p.drain().map(|(k, (t, c))| (k.to_string(), t, c)).collect();
+        let mut v: Vec<(String, f64, u64)> = p.drain().map(|(k, (t, c))| (k.into_owned(), t, c)).collect();
         v.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
         v
     }
@@ -1664,38 +1834,28 @@ impl Backend for Cuda {
         d: usize,
     ) {
         let _p = self.prof("rmsnorm_bwd");
-        Self::f32_only("rmsnorm_bwd", &[("dx", dx), ("dw", dw), ("dout", dout), ("x", x), ("w", w), ("rstd", rstd)]);
-        if n == 0 || d == 0 {
-            return;
+        self.rmsnorm_bwd_into(dx, None, dw, dout, x, w, rstd, n, d);
+    }
+
+    fn rmsnorm_bwd_mirrored(
+        &self,
+        dx: &mut CudaBuf,
+        dx_act: &mut CudaBuf,
+        dw: &mut CudaBuf,
+        dout: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        rstd: &CudaBuf,
+        n: usize,
+        d: usize,
+    ) {
+        let _p = self.prof("rmsnorm_bwd");
+        check_len("dx_act", dx_act.len(), n * d);
+        if !dx_act.is_bf16() {
+            self.rmsnorm_bwd_into(dx, None, dw, dout, x, w, rstd, n, d);
+            return self.copy(dx_act, dx, n * d);
         }
-        check_len("dx", dx.len(), n * d);
-        check_len("dw", dw.len(), d);
-        check_len("dout", dout.len(), n * d);
-        check_len("x", x.len(), n * d);
-        check_len("w", w.len(), d);
-        check_len("rstd", rstd.len(), n);
-        let (dxp, dwp, gp, xp, wp, rp) = (self.pm(dx), self.pm(dw), self.p(dout), self.p(x), self.p(w), self.p(rstd));
-        let (ni, di) = (n as i32, d as i32);
-        if let Some(v) = Self::rms_warp_v(d, &[dxp, gp, xp, wp], 0, 1) {
-            // One pass, one row per warp: dx and per-block dw partials (kernels/rows.cu), then the
-            // partials in a fixed order. Rows per block depend on n only.
-            let rpb = n.div_ceil(RMS_BWD_PARTS).max(2 * RMS_BWD_WARPS);
-            let parts = n.div_ceil(rpb);
-            let partial = self.scratch(Slot::RmsPartial, parts * d * 4);
-            let inv_d = (1.0f64 / d as f64) as f32;
-            let c = cfg((parts as u32, 1, 1), 32 * RMS_BWD_WARPS as u32, (RMS_BWD_WARPS * d * 4) as u32);
-            launch!(self, &format!("rmsnorm_bwd_v{v}_f32"), c, [dxp, partial, gp, xp, wp, rp, ni, di, inv_d, rpb as i32]);
-            launch!(self, "rmsnorm_dw_reduce", cfg((d.div_ceil(32) as u32, 1, 1), 1024, 0), [dwp, partial, parts as i32, di]);
-            return;
-        }
-        launch!(self, "rmsnorm_bwd_dx_f32", cfg((rows_grid(n), 1, 1), row_threads(d, 1024), 0), [dxp, gp, xp, wp, rp, ni, di]);
-        // dw: fixed chunks of rows (a function of n only), then a pass over the chunks in order.
-        let rpc = n.div_ceil(256).max(32);
-        let chunks = n.div_ceil(rpc);
-        let partial = self.scratch(Slot::RmsPartial, chunks * d * 4);
-        let col_blocks = d.div_ceil(256) as u32;
-        launch!(self, "rmsnorm_dw_partial_f32", cfg((col_blocks, chunks as u32, 1), 256, 0), [partial, gp, xp, rp, ni, di, rpc as i32]);
-        launch!(self, "rmsnorm_dw_final", cfg((col_blocks, 1, 1), 256, 0), [dwp, partial, chunks as i32, di]);
+        self.rmsnorm_bwd_into(dx, Some(dx_act), dw, dout, x, w, rstd, n, d);
     }
 
     // ---- rotary embedding -----------------------------------------------------------------
@@ -1720,45 +1880,26 @@ impl Backend for Cuda {
         shape: &AttnShape<'_, CudaSlice<u32>>,
     ) {
         let _p = self.prof("attention_fwd");
-        let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
-        if nq == 0 || heads == 0 || hd == 0 || shape.num_seqs == 0 {
-            return;
+        self.attention_fwd_into(out, None, lse, q, k, v, shape);
+    }
+
+    fn attention_fwd_mirrored(
+        &self,
+        out: &mut CudaBuf,
+        out_act: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        shape: &AttnShape<'_, CudaSlice<u32>>,
+    ) {
+        let _p = self.prof("attention_fwd");
+        check_len("out_act", out_act.len(), shape.nq * shape.heads * shape.head_dim);
+        if !out_act.is_bf16() {
+            self.attention_fwd_into(out, None, lse, q, k, v, shape);
+            return self.copy(out_act, out, shape.nq * shape.heads * shape.head_dim);
         }
-        Self::check_attn(shape);
-        check_len("out", out.len(), nq * heads * hd);
-        check_len("lse", lse.len(), nq * heads);
-        check_len("q", q.len(), nq * heads * hd);
-        check_len("k", k.len(), nk * kvh * hd);
-        check_len("v", v.len(), nk * kvh * hd);
-        Self::f32_only("attention_fwd", &[("lse", lse)]);
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let (nqe, nke) = (nq * heads * hd, nk * kvh * hd);
-        let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
-        let (ns, hi, kvi) = (shape.num_seqs as i32, heads as i32, kvh as i32);
-        let lp = self.pm(lse);
-        if self.use_flash(hd, &[self.p(out)]) {
-            let q16 = self.bf16_operand(Slot::AttQ16, q, nqe);
-            let k16 = self.bf16_operand(Slot::AttK16, k, nke);
-            let v16 = self.bf16_operand(Slot::AttV16, v, nke);
-            let out_bf16 = out.is_bf16() as i32;
-            let op = self.pm(out);
-            let (name, rows, threads, smem) = self.flash_kernel("fwd", hd);
-            let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
-            let c = cfg((grid, heads as u32, 1), threads, smem);
-            launch!(self, &name, c, [op, out_bf16, lp, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
-            return;
-        }
-        // The exact f32 kernels (bf16 buffers are widened into scratch and the output rounded back).
-        let (qp, kp, vp) = (self.f32_operand(Slot::AttQ16, q, nqe), self.f32_operand(Slot::AttK16, k, nke), self.f32_operand(Slot::AttV16, v, nke));
-        let op = self.f32_output(Slot::AttO, out, nqe);
-        let (qoff, grid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, ATT_ROWS);
-        launch!(
-            self,
-            &format!("attn_fwd_f32_{}", Self::exact_variant(hd)),
-            cfg((grid, heads as u32, 1), 128, 0),
-            [op, lp, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hd as i32, scale]
-        );
-        self.f32_output_done(op, out, nqe);
+        self.attention_fwd_into(out, Some(out_act), lse, q, k, v, shape);
     }
 
     fn attention_bwd(

@@ -1,11 +1,27 @@
 // Elementwise kernels: memory helpers, activations, losses, AdamW, sum of squares.
 
+// The memory helpers move 4 elements per thread and iteration (16-byte f32 vectors) when the
+// pointers allow it; the elements after the last whole vector take the scalar loop.
+#define VEC4_LOOP(v, nv, ...) \
+    for (i64 v = (i64)blockIdx.x * blockDim.x + threadIdx.x; v < (nv); v += (i64)blockDim.x * gridDim.x) __VA_ARGS__
+#define TAIL_LOOP(i, from, n, ...) \
+    for (i64 i = (from) + (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x) __VA_ARGS__
+
 extern "C" __global__ void fill_f32(float* x, i64 n, float v) {
-    GRID_STRIDE(i, n) x[i] = v;
+    const i64 nv = aligned_to(16, x) ? n / 4 : 0;
+    VEC4_LOOP(j, nv, { ((float4*)x)[j] = make_float4(v, v, v, v); })
+    TAIL_LOOP(i, nv * 4, n, { x[i] = v; })
 }
 
 extern "C" __global__ void axpy_f32(float* y, const float* x, float a, i64 n) {
-    GRID_STRIDE(i, n) y[i] += a * x[i];
+    const i64 nv = aligned_to(16, x, y) ? n / 4 : 0;
+    VEC4_LOOP(j, nv, {
+        const float4 s = ((const float4*)x)[j];
+        float4 d = ((float4*)y)[j];
+        d.x += a * s.x, d.y += a * s.y, d.z += a * s.z, d.w += a * s.w;
+        ((float4*)y)[j] = d;
+    })
+    TAIL_LOOP(i, nv * 4, n, { y[i] += a * x[i]; })
 }
 
 extern "C" __global__ void scale_f32(float* x, float a, i64 n) {
@@ -218,11 +234,23 @@ INST_EW(bf16, bf16)
 
 // f32 -> bf16 (round to nearest even): GEMM and attention operands, bf16 activation buffers.
 extern "C" __global__ void f32_to_bf16(const float* x, unsigned short* y, i64 n) {
-    GRID_STRIDE(i, n) y[i] = bf16_bits(x[i]);
+    const i64 nv = aligned_to(16, x) && aligned_to(8, y) ? n / 4 : 0;
+    VEC4_LOOP(j, nv, {
+        const float4 s = ((const float4*)x)[j];
+        ((uint2*)y)[j] = make_uint2((u32)bf16_bits(s.x) | (u32)bf16_bits(s.y) << 16,
+                                    (u32)bf16_bits(s.z) | (u32)bf16_bits(s.w) << 16);
+    })
+    TAIL_LOOP(i, nv * 4, n, { y[i] = bf16_bits(x[i]); })
 }
 
 extern "C" __global__ void bf16_to_f32(const bf16* x, float* y, i64 n) {
-    GRID_STRIDE(i, n) y[i] = to_f(x[i]);
+    const i64 nv = aligned_to(8, x) && aligned_to(16, y) ? n / 4 : 0;
+    VEC4_LOOP(j, nv, {
+        const uint2 s = ((const uint2*)x)[j];
+        ((float4*)y)[j] = make_float4(__uint_as_float(s.x << 16), __uint_as_float(s.x & 0xffff0000u),
+                                      __uint_as_float(s.y << 16), __uint_as_float(s.y & 0xffff0000u));
+    })
+    TAIL_LOOP(i, nv * 4, n, { y[i] = to_f(x[i]); })
 }
 
 // A rows x cols block between row-major matrices (leading dimensions in elements), each side f32

@@ -57,8 +57,8 @@ __device__ void rmsnorm_fwd_warp(TO* out, float* rstd, const float* x, const flo
 // At the end partial[b, j] = Σ_i acc_i[j] in warp order; rmsnorm_dw_reduce adds the partials in a
 // fixed order. Every sum depends on (n, d, rpb) only: run-to-run identical, no atomics.
 template <int V>
-__device__ void rmsnorm_bwd_warp(float* dx, float* partial, const float* g, const float* x, const float* w,
-                                 const float* rstd, int n, int d, float inv_d, int rpb) {
+__device__ void rmsnorm_bwd_warp(float* dx, unsigned short* dx_bf16, float* partial, const float* g, const float* x,
+                                 const float* w, const float* rstd, int n, int d, float inv_d, int rpb) {
     extern __shared__ float4 rms_acc4[];
     float* rms_acc = (float*)rms_acc4;
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, wpb = blockDim.x >> 5;
@@ -104,6 +104,10 @@ __device__ void rmsnorm_bwd_warp(float* dx, float* partial, const float* g, cons
 #pragma unroll
             for (int e = 0; e < 4; ++e) dv[e] = dv[e] + rs * (gv[k][e] - xv[k][e] * c);
             st4(dx + o + 4 * q, dv);
+            // The bf16 copy of the new dx that the next backward GEMM reads (no conversion pass).
+            if (dx_bf16)
+                *(uint2*)(dx_bf16 + o + 4 * q) = make_uint2((u32)bf16_bits(dv[0]) | (u32)bf16_bits(dv[1]) << 16,
+                                                            (u32)bf16_bits(dv[2]) | (u32)bf16_bits(dv[3]) << 16);
         }
     }
     __syncthreads();
@@ -144,9 +148,9 @@ extern "C" __global__ void rmsnorm_dw_reduce(float* dw, const float* partial, in
         rmsnorm_fwd_warp<V, bf16>(o, rs, x, w, n, d, eps);                                                   \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(32 * RMS_BWD_WARPS)                                         \
-        rmsnorm_bwd_v##V##_f32(float* dx, float* p, const float* g, const float* x, const float* w,          \
-                               const float* rs, int n, int d, float inv_d, int rpb) {                        \
-        rmsnorm_bwd_warp<V>(dx, p, g, x, w, rs, n, d, inv_d, rpb);                                           \
+        rmsnorm_bwd_v##V##_f32(float* dx, unsigned short* dxb, float* p, const float* g, const float* x,      \
+                               const float* w, const float* rs, int n, int d, float inv_d, int rpb) {        \
+        rmsnorm_bwd_warp<V>(dx, dxb, p, g, x, w, rs, n, d, inv_d, rpb);                                      \
     }
 
 INST_RMS_WARP(2)
