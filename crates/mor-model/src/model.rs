@@ -249,13 +249,24 @@ pub struct Model<B: Backend> {
     token_depths: Vec<u8>,
     /// Size (elements) of the logits buffer of one LM-head chunk: the head runs over
     /// `head_chunk_elems / vocab` token rows at a time, so the full logits never exist at once.
-    /// Default 16M (64 MiB); GPU runs use more (fewer, larger GEMMs). Takes effect at the next
-    /// workspace allocation (a new batch shape).
+    /// Default [`default_head_chunk_elems`] of the backend. Takes effect at the next workspace
+    /// allocation (a new batch shape).
     pub head_chunk_elems: usize,
 }
 
-/// Default [`Model::head_chunk_elems`].
+/// Default [`Model::head_chunk_elems`] on the CPU.
 pub const DEFAULT_HEAD_CHUNK_ELEMS: usize = 16 * 1024 * 1024;
+
+/// Default [`Model::head_chunk_elems`] on the backend named `backend` ([`Backend::name`]): 16M on
+/// the CPU; 192M on CUDA, 4096 rows at SmolLM's 49K vocabulary, where the LM-head GEMMs run at
+/// full speed (360M vanilla on the H200: 1.7 ms per 8 x 2048 step faster than 1365 rows, for
+/// 0.8 GiB more logits).
+pub fn default_head_chunk_elems(backend: &str) -> usize {
+    match backend {
+        "cuda" => 192 << 20,
+        _ => DEFAULT_HEAD_CHUNK_ELEMS,
+    }
+}
 
 fn gate_fn(act: RouterActivation) -> GateFn {
     match act {
@@ -308,7 +319,7 @@ impl<B: Backend> Model<B> {
             captured: Vec::new(),
             token_losses: Vec::new(),
             token_depths: Vec::new(),
-            head_chunk_elems: DEFAULT_HEAD_CHUNK_ELEMS,
+            head_chunk_elems: default_head_chunk_elems(backend.name()),
         })
     }
 

@@ -63,7 +63,7 @@ pub struct TrainArgs {
     /// Peak FLOP/s for the MFU, in TFLOP/s (default: 989, dense bf16 of an H100/H200 SXM).
     #[arg(long, default_value_t = 989.0)]
     pub peak_tflops: f64,
-    /// Logits per LM-head chunk [default: 64M on CUDA, the model's 16M on CPU].
+    /// Logits per LM-head chunk [default: 192M on CUDA, 16M on CPU].
     #[arg(long)]
     pub head_chunk: Option<usize>,
     /// After the timed steps, this many more steps with every op timed (CUDA: GPU time from
@@ -177,7 +177,7 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
     let mem_base = b.memory_info().map(|m| m.0);
     let t_init = Instant::now();
     let mut model = Model::new(b, cfg.model.clone(), cfg.train.seed)?;
-    let head_chunk = args.head_chunk.unwrap_or(if b.name() == "cuda" { 64 << 20 } else { mor_model::DEFAULT_HEAD_CHUNK_ELEMS });
+    let head_chunk = args.head_chunk.unwrap_or(mor_model::default_head_chunk_elems(b.name()));
     model.head_chunk_elems = head_chunk;
     let mut main = AdamW::new(b, &model.params, ParamGroup::Main, AdamWConfig::from_train(&cfg.train));
     let aux_mult = cfg

@@ -324,7 +324,8 @@ pub fn gib(bytes: f64) -> String {
 pub fn dry_run_report(cfg: &mor_config::RunConfig, device: Device, gemm: Gemm) -> Result<String> {
     use mor_model::memory::Part;
     let t = &cfg.train;
-    let est = mor_model::memory::estimate(&cfg.model, t.micro_batch, t.seq_len, mor_model::DEFAULT_HEAD_CHUNK_ELEMS)?;
+    let head_chunk = mor_model::default_head_chunk_elems(if device == Device::Cuda { "cuda" } else { "cpu" });
+    let est = mor_model::memory::estimate(&cfg.model, t.micro_batch, t.seq_len, head_chunk)?;
     let counts = cfg.model.param_counts()?;
     let map = cfg.model.sharing_map()?;
     let act_bytes = if device == Device::Cuda && gemm == Gemm::Bf16 { 2 } else { 4 };

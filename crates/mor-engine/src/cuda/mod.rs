@@ -1117,64 +1117,6 @@ impl Cuda {
         cfg((blocks as u32, 1, 1), EW_THREADS, 0)
     }
 
-    /// Attention forward (see [`Backend::attention_fwd`]); `out_bf16` also receives the output
-    /// rounded to bf16.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_fwd_into(
-        &self,
-        out: &mut CudaBuf,
-        out_bf16: Option<&mut CudaBuf>,
-        lse: &mut CudaBuf,
-        q: &CudaBuf,
-        k: &CudaBuf,
-        v: &CudaBuf,
-        shape: &AttnShape<'_, CudaSlice<u32>>,
-    ) {
-        let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
-        if nq == 0 || heads == 0 || hd == 0 || shape.num_seqs == 0 {
-            return;
-        }
-        Self::check_attn(shape);
-        check_len("out", out.len(), nq * heads * hd);
-        check_len("lse", lse.len(), nq * heads);
-        check_len("q", q.len(), nq * heads * hd);
-        check_len("k", k.len(), nk * kvh * hd);
-        check_len("v", v.len(), nk * kvh * hd);
-        Self::f32_only("attention_fwd", &[("lse", lse)]);
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let (nqe, nke) = (nq * heads * hd, nk * kvh * hd);
-        let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
-        let (ns, hi, kvi) = (shape.num_seqs as i32, heads as i32, kvh as i32);
-        let lp = self.pm(lse);
-        let copy = out_bf16.map(|b| self.pm(b)).unwrap_or(0);
-        if self.use_flash(hd, &[self.p(out)]) {
-            let q16 = self.bf16_operand(Slot::AttQ16, q, nqe);
-            let k16 = self.bf16_operand(Slot::AttK16, k, nke);
-            let v16 = self.bf16_operand(Slot::AttV16, v, nke);
-            let is_bf16 = out.is_bf16() as i32;
-            let op = self.pm(out);
-            let (name, rows, threads, smem) = self.flash_kernel("fwd", hd);
-            let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
-            let c = cfg((grid, heads as u32, 1), threads, smem);
-            launch!(self, &name, c, [op, is_bf16, copy, lp, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
-            return;
-        }
-        // The exact f32 kernels (bf16 buffers are widened into scratch and the output rounded back).
-        let (qp, kp, vp) = (self.f32_operand(Slot::AttQ16, q, nqe), self.f32_operand(Slot::AttK16, k, nke), self.f32_operand(Slot::AttV16, v, nke));
-        let op = self.f32_output(Slot::AttO, out, nqe);
-        let (qoff, grid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, ATT_ROWS);
-        launch!(
-            self,
-            &format!("attn_fwd_f32_{}", Self::exact_variant(hd)),
-            cfg((grid, heads as u32, 1), 128, 0),
-            [op, lp, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hd as i32, scale]
-        );
-        self.f32_output_done(op, out, nqe);
-        if copy != 0 {
-            launch!(self, "f32_to_bf16", self.ew(nqe), [self.p(out), copy, nqe as i64]);
-        }
-    }
-
     /// RMSNorm backward (see [`Backend::rmsnorm_bwd`]); `dx_bf16` also receives the updated dx
     /// rounded to bf16.
     #[allow(clippy::too_many_arguments)]
@@ -1880,26 +1822,45 @@ impl Backend for Cuda {
         shape: &AttnShape<'_, CudaSlice<u32>>,
     ) {
         let _p = self.prof("attention_fwd");
-        self.attention_fwd_into(out, None, lse, q, k, v, shape);
-    }
-
-    fn attention_fwd_mirrored(
-        &self,
-        out: &mut CudaBuf,
-        out_act: &mut CudaBuf,
-        lse: &mut CudaBuf,
-        q: &CudaBuf,
-        k: &CudaBuf,
-        v: &CudaBuf,
-        shape: &AttnShape<'_, CudaSlice<u32>>,
-    ) {
-        let _p = self.prof("attention_fwd");
-        check_len("out_act", out_act.len(), shape.nq * shape.heads * shape.head_dim);
-        if !out_act.is_bf16() {
-            self.attention_fwd_into(out, None, lse, q, k, v, shape);
-            return self.copy(out_act, out, shape.nq * shape.heads * shape.head_dim);
+        let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
+        if nq == 0 || heads == 0 || hd == 0 || shape.num_seqs == 0 {
+            return;
         }
-        self.attention_fwd_into(out, Some(out_act), lse, q, k, v, shape);
+        Self::check_attn(shape);
+        check_len("out", out.len(), nq * heads * hd);
+        check_len("lse", lse.len(), nq * heads);
+        check_len("q", q.len(), nq * heads * hd);
+        check_len("k", k.len(), nk * kvh * hd);
+        check_len("v", v.len(), nk * kvh * hd);
+        Self::f32_only("attention_fwd", &[("lse", lse)]);
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let (nqe, nke) = (nq * heads * hd, nk * kvh * hd);
+        let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
+        let (ns, hi, kvi) = (shape.num_seqs as i32, heads as i32, kvh as i32);
+        let lp = self.pm(lse);
+        if self.use_flash(hd, &[self.p(out)]) {
+            let q16 = self.bf16_operand(Slot::AttQ16, q, nqe);
+            let k16 = self.bf16_operand(Slot::AttK16, k, nke);
+            let v16 = self.bf16_operand(Slot::AttV16, v, nke);
+            let out_bf16 = out.is_bf16() as i32;
+            let op = self.pm(out);
+            let (name, rows, threads, smem) = self.flash_kernel("fwd", hd);
+            let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
+            let c = cfg((grid, heads as u32, 1), threads, smem);
+            launch!(self, &name, c, [op, out_bf16, lp, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
+            return;
+        }
+        // The exact f32 kernels (bf16 buffers are widened into scratch and the output rounded back).
+        let (qp, kp, vp) = (self.f32_operand(Slot::AttQ16, q, nqe), self.f32_operand(Slot::AttK16, k, nke), self.f32_operand(Slot::AttV16, v, nke));
+        let op = self.f32_output(Slot::AttO, out, nqe);
+        let (qoff, grid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, ATT_ROWS);
+        launch!(
+            self,
+            &format!("attn_fwd_f32_{}", Self::exact_variant(hd)),
+            cfg((grid, heads as u32, 1), 128, 0),
+            [op, lp, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hd as i32, scale]
+        );
+        self.f32_output_done(op, out, nqe);
     }
 
     fn attention_bwd(

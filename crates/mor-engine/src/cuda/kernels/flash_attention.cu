@@ -426,7 +426,7 @@ __device__ __forceinline__ void fa_issue_kv(bf16_t* Ks, bf16_t* Vs, u32* Pk, int
 // Each warp owns MT row tiles of 16 queries (rows warp·16·MT + 16·mt ..), so every K / V fragment
 // it loads from shared memory feeds MT matrix products.
 template <int HD, int WARPS, int MT, bool WG>
-__device__ void fa_fwd_impl(void* out, int out_bf16, bf16_t* out_copy, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+__device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
                             const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,
                             const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {
     constexpr int BM = 16 * MT * WARPS, LD = HD + FA_PAD;
@@ -564,13 +564,9 @@ __device__ void fa_fwd_impl(void* out, int out_bf16, bf16_t* out_copy, float* ls
             const int d = h * HD + n * 8 + 2 * tq;
 #pragma unroll
             for (int i = 0; i < 2; ++i)
-                if (r[mt][i] < nq) {
-                    const i64 at = (i64)(q0 + r[mt][i]) * qs + d;
-                    const float a = o[mt][n][2 * i] * inv[i], b = o[mt][n][2 * i + 1] * inv[i];
-                    fa_put2(out, at, a, b, out_bf16, false);
-                    // The bf16 copy the output projection's GEMMs read (no conversion pass).
-                    if (out_copy) fa_put2(out_copy, at, a, b, 1, false);
-                }
+                if (r[mt][i] < nq)
+                    fa_put2(out, (i64)(q0 + r[mt][i]) * qs + d, o[mt][n][2 * i] * inv[i], o[mt][n][2 * i + 1] * inv[i],
+                            out_bf16, false);
         }
         if (tq == 0)
 #pragma unroll
@@ -856,11 +852,11 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, float* dq_acc,
 // (W / 4 warpgroups). The host picks the configuration per kernel (FlashConfig in mod.rs).
 #define INST_FA_FWD(HD, W, M, WG, SUF)                                                                               \
     extern "C" __global__ void __launch_bounds__(32 * W) attn_fwd_bf16_d##HD##_w##W##_##SUF(                         \
-        void* out, int out_bf16, bf16_t* out_copy, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,    \
-        const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff, const int* koff,      \
-        const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {                                     \
-        fa_fwd_impl<HD, W, M, WG>(out, out_bf16, out_copy, lse, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff,       \
-                                  krange, num_seqs, heads, kv_heads, scale);                                         \
+        void* out, int out_bf16, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q,     \
+        const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff, const int* koff, const u32* krange,    \
+        int num_seqs, int heads, int kv_heads, float scale) {                                                        \
+        fa_fwd_impl<HD, W, M, WG>(out, out_bf16, lse, q, k, v, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange,         \
+                                  num_seqs, heads, kv_heads, scale);                                                 \
     }
 #define INST_FA_BWD(HD, W, WG, SUF)                                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_dq_bf16_d##HD##_w##W##_##SUF(                      \
