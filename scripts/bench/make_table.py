@@ -33,7 +33,7 @@ def main():
 
     def model_of(r):
         if r["impl"] == "torch":
-            return {"vanilla": "360M vanilla", "mor-ec3": "360M MoR-E3"}.get(r["model"], r["model"])
+            return {"vanilla": "360M vanilla", "hf-vanilla": "360M vanilla", "mor-ec3": "360M MoR-E3"}.get(r["model"], r["model"])
         c = r.get("config", "")
         return {"360m-vanilla": "360M vanilla", "360m-mor-ec3": "360M MoR-E3"}.get(c, c)
 
@@ -45,8 +45,10 @@ def main():
     for r in order:
         m = model_of(r)
         if r["impl"] == "torch":
-            impl = f"PyTorch {r.get('torch', '')} {'torch.compile' if r.get('compile') else 'eager'}, SDPA" + (
-                " (HF transformers Llama)" if r["model"] == "vanilla" else " (compact MoR re-implementation)")
+            impl = f"PyTorch {r.get('torch', '')} {'torch.compile' if r.get('compile') else 'eager'}, SDPA" + {
+                "vanilla": " (compact Llama)",
+                "hf-vanilla": " (HF transformers Llama: masked attention under torch.compile)",
+            }.get(r["model"], " (compact MoR re-implementation)")
             prec = "fp32 weights, bf16 autocast" if r.get("dtype") == "amp" else "bf16 weights + activations"
             mem = f"{gib(r.get('max_allocated_gib'))} alloc / {gib(r.get('peak_mem_gib'))} device"
         else:
