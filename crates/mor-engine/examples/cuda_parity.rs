@@ -9,7 +9,8 @@
 //! `MOR_PTX_CACHE=file` it also writes the PTX cache that later processes load instead of compiling.
 //! `--no-timings` skips the benchmarks, `--only topk,attention` runs the matching groups only,
 //! `--flash-sweep "8,fused,4;8,4,4"` checks and times the tensor-core attention per block configuration,
-//! `--wg-probe` checks the wgmma building blocks of those kernels on one tile, `--gemm-algos` times
+//! `--wg-probe` checks the wgmma building blocks of those kernels on one tile, `--tma-probe` the
+//! TMA loads with 128-byte swizzle and the shared-memory-operand wgmma, `--gemm-algos` times
 //! cuBLASLt's heuristic algorithms for the training GEMM shapes and shows the one the backend picks,
 //! `--kernel-info` lists registers / local memory (spills) / static shared memory per kernel.
 //! Exits non-zero if any check fails.
@@ -172,6 +173,10 @@ fn main() {
     }
     if args.iter().any(|a| a == "--wg-probe") {
         wg_probe();
+        return;
+    }
+    if args.iter().any(|a| a == "--tma-probe") {
+        tma_probe();
         return;
     }
     if let Some(i) = args.iter().position(|a| a == "--flash-sweep") {
@@ -1686,6 +1691,57 @@ fn wg_probe() {
                 }
             }
         }
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}
+
+/// `--tma-probe`: a · bᵀ of one 64 x 64 tile pair loaded by TMA (128-byte swizzle) and multiplied
+/// with both wgmma operands in shared memory (see `Cuda::tma_probe`), at row offsets that are not
+/// multiples of the tile (a packed sequence's tiles start anywhere) and past the end (zero rows).
+fn tma_probe() {
+    let g = Cuda::new(0).unwrap_or_else(|e| {
+        eprintln!("cannot start the CUDA backend: {e}");
+        std::process::exit(2);
+    });
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let bf = |x: f32| half::bf16::from_f32(x).to_f32();
+    let (rows_a, rows_b) = (200usize, 150usize);
+    let a: Vec<f32> = (0..rows_a * 64).map(|_| bf(rng.gen_range(-1.0f32..1.0))).collect();
+    let b: Vec<f32> = (0..rows_b * 64).map(|_| bf(rng.gen_range(-1.0f32..1.0))).collect();
+    let row = |m: &[f32], rows: usize, r: usize| -> Vec<f32> { if r < rows { m[r * 64..(r + 1) * 64].to_vec() } else { vec![0.0; 64] } };
+    let mut failed = false;
+    for (a0, b0) in [(0usize, 0usize), (64, 0), (37, 101), (199, 149), (136, 120)] {
+        let mut s = vec![0.0f32; 64 * 64];
+        for i in 0..64 {
+            let ai = row(&a, rows_a, a0 + i);
+            for j in 0..64 {
+                let bj = row(&b, rows_b, b0 + j);
+                s[i * 64 + j] = ai.iter().zip(&bj).map(|(x, y)| x * y).sum();
+            }
+        }
+        let e = rel_l2(&g.tma_probe(&a, &b, a0, b0, 0, 16, 1024), &s, None, s.len());
+        let ok = e < 1e-5;
+        failed |= !ok;
+        println!("tma-probe a·bᵀ      a rows {a0}.. b rows {b0}.. rel err {e:.2e} {}", if ok { "PASS" } else { "FAIL" });
+        // P·V: bf16(s) times the b tile read as an MN-major operand. Its descriptor's SBO is the
+        // stride between 8-row groups along the reduction (1024 bytes); LBO, the stride between
+        // 64-column atoms, is unused at 64 columns. (Tried on the H200: SBO 16 reads the wrong
+        // rows, 8192 past the tile.)
+        let mut pv = vec![0.0f32; 64 * 64];
+        for i in 0..64 {
+            for j in 0..64 {
+                let p = bf(s[i * 64 + j]);
+                for (d, v) in row(&b, rows_b, b0 + j).iter().enumerate() {
+                    pv[i * 64 + d] += p * v;
+                }
+            }
+        }
+        let e = rel_l2(&g.tma_probe(&a, &b, a0, b0, 1, 16, 1024), &pv, None, pv.len());
+        let ok = e < 1e-2;
+        failed |= !ok;
+        println!("tma-probe bf16(s)·b a rows {a0}.. b rows {b0}.. rel err {e:.2e} {}", if ok { "PASS" } else { "FAIL" });
     }
     if failed {
         std::process::exit(1);

@@ -143,6 +143,7 @@ const KERNELS: &[&str] = &[
     "attn_tile_range",
     "wg_probe_d32",
     "wg_probe_d64",
+    "tma_probe_d64",
     "fill_many_f32",
     "adamw_many_f32",
     "sumsq_many_partial_f32",
@@ -586,6 +587,47 @@ impl Drop for ProfGuard<'_> {
 
 /// Timed ops kept unresolved before the profiler synchronises and reads their events.
 const PROF_PENDING_MAX: usize = 16384;
+
+/// A TMA tensor map (`CUtensorMap`, 128 opaque bytes) passed to a kernel by value
+/// (`const __grid_constant__ TmaMap` in kernels/flash_attention.cu).
+#[repr(transparent)]
+struct TmaMap(drv_sys::CUtensorMap);
+
+// SAFETY: a plain 128-byte value the kernel receives as its parameter of the same layout.
+unsafe impl cudarc::driver::DeviceRepr for TmaMap {}
+
+impl TmaMap {
+    /// A 2-d map over a row-major bf16 matrix `[rows][64]` at device address `ptr`, read in boxes
+    /// of 64 x 64 with 128-byte swizzle (a row is 128 bytes); rows past the end read as zero.
+    fn rows_of_64_bf16(ptr: u64, rows: usize) -> Self {
+        use drv_sys::*;
+        let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
+        let dims: [cuuint64_t; 2] = [64, rows as cuuint64_t];
+        let strides: [cuuint64_t; 1] = [64 * 2];
+        let boxes: [cuuint32_t; 2] = [64, 64];
+        let elem: [cuuint32_t; 2] = [1, 1];
+        // SAFETY: every pointer refers to a live local array of the rank the call is told.
+        let r = unsafe {
+            cuTensorMapEncodeTiled(
+                map.as_mut_ptr(),
+                CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                2,
+                ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                elem.as_ptr(),
+                CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        assert!(r == CUresult::CUDA_SUCCESS, "cuTensorMapEncodeTiled failed: {r:?}");
+        // SAFETY: initialised by the successful call.
+        TmaMap(unsafe { map.assume_init() })
+    }
+}
 
 /// The CUDA backend. See the module documentation.
 pub struct Cuda {
@@ -1045,6 +1087,29 @@ impl Cuda {
         let out = self.stream.alloc_zeros::<f32>(64 * 64).expect("cuda: alloc failed");
         let (op, ap, bp) = (self.p(&out), self.p(&a), self.p(&b));
         launch!(self, &format!("wg_probe_d{hd}"), cfg((1, 1, 1), 128, 0), [op, ap, bp, mode, shift]);
+        let v = self.stream.clone_dtoh(&out).expect("cuda: device-to-host copy failed");
+        self.synchronize();
+        v
+    }
+
+    /// A check of the TMA and shared-memory wgmma building blocks (kernels/flash_attention.cu,
+    /// `tma_probe_d64`; `cuda_parity --tma-probe`): `s[64][64] = a[a0..a0+64] · b[b0..b0+64]ᵀ` for
+    /// row-major bf16 `a [rows_a][64]` and `b [rows_b][64]`, each tile loaded by TMA with 128-byte
+    /// swizzle (rows past the tensor read as zero) and both wgmma operands read from shared memory;
+    /// `mode` 0 returns s, 1 returns `bf16(s) · b-tile` with the b tile as a swizzled MN-major
+    /// operand described by strides `lbo` / `sbo` (bytes).
+    pub fn tma_probe(&self, a: &[f32], b: &[f32], a0: usize, b0: usize, mode: i32, lbo: i32, sbo: i32) -> Vec<f32> {
+        assert!(a.len() % 64 == 0 && b.len() % 64 == 0 && a0 < a.len() / 64 && b0 < b.len() / 64);
+        let up = |x: &[f32]| {
+            let v: Vec<half::bf16> = x.iter().map(|&f| half::bf16::from_f32(f)).collect();
+            self.stream.clone_htod(&v).expect("cuda: host-to-device copy failed")
+        };
+        let (a_dev, b_dev) = (up(a), up(b));
+        let map = |buf: &CudaSlice<half::bf16>, rows: usize| TmaMap::rows_of_64_bf16(self.p(buf), rows);
+        let (ta, tb) = (map(&a_dev, a.len() / 64), map(&b_dev, b.len() / 64));
+        let out = self.stream.alloc_zeros::<f32>(64 * 64).expect("cuda: alloc failed");
+        let op = self.p(&out);
+        launch!(self, "tma_probe_d64", cfg((1, 1, 1), 128, 0), [ta, tb, op, a0 as i32, b0 as i32, mode, lbo, sbo]);
         let v = self.stream.clone_dtoh(&out).expect("cuda: device-to-host copy failed");
         self.synchronize();
         v

@@ -264,6 +264,17 @@ __device__ __forceinline__ void wg_mma_n32(float (*d)[4], const u32* a, u64 desc
         : WG_D(0), WG_D(1), WG_D(2), WG_D(3)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1), "n"(TB));
 }
+// d[64 x 64] += A[64 x 16] · B[64 x 16]ᵀ, both from shared memory.
+__device__ __forceinline__ void wg_mma_ss_n64(float (*d)[4], u64 da, u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        : WG_D(0), WG_D(1), WG_D(2), WG_D(3), WG_D(4), WG_D(5), WG_D(6), WG_D(7)
+        : "l"(da), "l"(db), "r"(1));
+}
 #undef WG_D
 
 template <int N, int TB>
@@ -961,6 +972,102 @@ __device__ void wg_probe(float* out, const bf16_t* a, const bf16_t* b, int mode,
 #pragma unroll
         for (int e = 0; e < 4; ++e) out[(w16 + g + 8 * (e >> 1)) * HD + n * 8 + 2 * tq + (e & 1)] = o[n][e];
 }
+// ---- TMA and shared-memory-operand wgmma (building blocks of the Hopper kernels) ---------------
+// cuda_parity --tma-probe checks them on one tile: a warpgroup loads a [64][64] bf16 tile of a and
+// one of b by TMA (2-d tensor maps with 128-byte swizzle, rows a0.. and b0.., rows past the tensor
+// read as zero) into 1024-byte aligned shared memory, waits on an mbarrier for the bytes, and
+// computes s[64][64] = a · bᵀ with both wgmma operands read from shared memory (K-major,
+// SWIZZLE_128B descriptors; the 16-deep k-steps advance the start address by 32 bytes). mode 0
+// writes s; mode 1 writes bf16(s) · b, the forward's P·V: s as register A fragments and the b tile
+// as an MN-major B (its rows the reduction) with 128-byte swizzle, descriptor strides lbo / sbo
+// (verified on the H200: sbo = 1024 between 8-row groups of the reduction, lbo unused at 64
+// columns; a k-step of 16 rows advances the start by 2048 bytes).
+// CUtensorMap is an opaque 128-byte, 128-aligned parameter (cuTensorMapEncodeTiled on the host).
+struct __align__(64) TmaMap {
+    unsigned long long opaque[16];
+};
+
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(fa_smem(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(fa_smem(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 phase) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n}\n" ::"r"(fa_smem(bar)),
+        "r"(phase)
+        : "memory");
+}
+// Rows row.. (64 by the map's box) and columns col.. of the map's tensor into dst, completing on bar.
+__device__ __forceinline__ void tma_load_2d(void* dst, const TmaMap* map, int col, int row, u64* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+            fa_smem(dst)),
+        "l"(map), "r"(col), "r"(row), "r"(fa_smem(bar))
+        : "memory");
+}
+// Operand in a 128-byte-swizzled tile (rows of 128 bytes, 8-row atoms of 1024 bytes); K-major:
+// lbo unused (1), sbo = 1024 (from one 8-row group to the next).
+__device__ __forceinline__ u64 wg_desc_sw128(const void* p, u32 lbo = 16, u32 sbo = 1024) {
+    return (u64)((fa_smem(p) & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) | ((u64)1 << 62);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    tma_probe_d64(const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb, float* out, int a0, int b0,
+                  int mode, int lbo, int sbo) {
+    __shared__ __align__(1024) bf16_t As[64 * 64];
+    __shared__ __align__(1024) bf16_t Bs[64 * 64];
+    __shared__ __align__(8) u64 bar;
+    const int lane = threadIdx.x & 31, w16 = (threadIdx.x >> 5) * 16, g = lane >> 2, tq = lane & 3;
+    if (threadIdx.x == 0) {
+        mbar_init(&bar, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        mbar_expect_tx(&bar, 2 * 64 * 64 * 2);
+        tma_load_2d(As, &ta, 0, a0, &bar);
+        tma_load_2d(Bs, &tb, 0, b0, &bar);
+    }
+    mbar_wait(&bar, 0);
+    float s[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    wg_pin(s, 8);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wg_mma_ss_n64(s, wg_desc_sw128(As + kk * 16), wg_desc_sw128(Bs + kk * 16));
+    wg_commit();
+    wg_wait0();
+    wg_pin(s, 8);
+    if (mode == 1) {
+        u32 a[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            a[j][0] = fa_pack(s[2 * j][0], s[2 * j][1]);
+            a[j][1] = fa_pack(s[2 * j][2], s[2 * j][3]);
+            a[j][2] = fa_pack(s[2 * j + 1][0], s[2 * j + 1][1]);
+            a[j][3] = fa_pack(s[2 * j + 1][2], s[2 * j + 1][3]);
+        }
+#pragma unroll
+        for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        wg_pin(a, 4);
+        wg_pin(s, 8);
+        wg_fence();
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wg_mma_n64<1>(s, a[j], wg_desc_sw128(Bs + j * 16 * 64, lbo, sbo));
+        wg_commit();
+        wg_wait0();
+        wg_pin(s, 8);
+    }
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) out[(w16 + g + 8 * (e >> 1)) * 64 + n * 8 + 2 * tq + (e & 1)] = s[n][e];
+}
+
 extern "C" __global__ void __launch_bounds__(128)
     wg_probe_d32(float* out, const bf16_t* a, const bf16_t* b, int mode, int shift) {
     wg_probe<32>(out, a, b, mode, shift);
