@@ -183,9 +183,9 @@ pub fn layer_forward<B: Backend>(
 
 /// Backward of one layer given `dy = ∂L/∂y`; `∂L/∂x` replaces `dy` in place (a stack of layers
 /// passes one buffer down, no copy per layer) and is left in `s.dres` in activation precision.
-/// `dy_in_dres`: `s.dres` holds `dy` already (the layer above wrote it). Weight gradients accumulate into `p.grads`; with
-/// KV sharing, key/value gradients accumulate into the source's `dk`/`dv`. A layer that owns
-/// keys/values must see all its sharers' backwards before its own.
+/// `dy_in_dres`: `s.dres` holds `dy` already (the layer above wrote it). Weight gradients
+/// accumulate into `p.grads`; with KV sharing, key/value gradients accumulate into the source's
+/// `dk`/`dv`. A layer that owns keys/values must see all its sharers' backwards before its own.
 #[allow(clippy::too_many_arguments)]
 pub fn layer_backward<B: Backend>(
     b: &B,
