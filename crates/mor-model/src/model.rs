@@ -687,6 +687,9 @@ impl<B: Backend> Model<B> {
                     (0..n_c as u32).filter(|&i| scores[i as usize] >= 0.0).collect()
                 }
             };
+            // The router's logits for its statistics, read while the queue is drained by the
+            // selection's read (no wait of their own).
+            let logits_host = if has_router { b.to_f64_prefix(&self.ws.as_ref().unwrap().routers[r].logits, n_c) } else { Vec::new() };
             let m = sel_local_host.len();
             let sel_set = tr.sets[cand].subset(b, &tr.segs, &sel_local_host);
             let sel_local = b.idx_from(&sel_local_host);
@@ -696,26 +699,28 @@ impl<B: Backend> Model<B> {
             let apps = self.push_apps(b, tr, self.map.step_positions(r), sel, kv_src, sel_rows);
 
             let ws = self.ws.as_mut().unwrap();
-            let Workspace { acts, steps, routers, aux_routers, h, .. } = ws;
+            let Workspace { acts, steps, aux_routers, h, .. } = ws;
             let sb = &mut steps[r];
             // Auxiliary objectives on the candidates' logits.
             if has_router {
                 b.fill(&mut sb.targets, n_c, 0.0);
                 b.index_fill(&mut sb.targets, &sel_local, m, 1.0);
-                let logits = &routers[r].logits;
                 let mut rs = RecursionStats { selected_fraction: m as f64 / (bsz * len) as f64, ..Default::default() };
-                b.bce_logits_fwd(&mut sb.bce, logits, &sb.targets, n_c);
-                let bce = b.to_f64_prefix(&sb.bce, n_c).iter().sum::<f64>() / n_c as f64;
-                let lg = b.to_f64_prefix(logits, n_c);
-                let tg = b.to_f64_prefix(&sb.targets, n_c);
-                let agree = lg.iter().zip(&tg).filter(|(l, t)| (**l >= 0.0) == (**t > 0.5)).count();
+                // BCE of the logits against the selection, sampling accuracy and z-loss, on the
+                // host (f64) from the logits read with the selection.
+                let mut selected = vec![false; n_c];
+                sel_local_host.iter().for_each(|&i| selected[i as usize] = true);
+                let lg = &logits_host;
+                let bce_of = |x: f64, t: bool| x.max(0.0) - if t { x } else { 0.0 } + (-x.abs()).exp().ln_1p();
+                let bce = lg.iter().zip(&selected).map(|(&x, &t)| bce_of(x, t)).sum::<f64>() / n_c as f64;
+                let agree = lg.iter().zip(&selected).filter(|(l, t)| (**l >= 0.0) == **t).count();
                 rs.sampling_accuracy = Some(agree as f64 / n_c as f64);
                 rs.bce = Some(bce);
                 stats.aux_bce += bce;
                 if rc.sampling == Sampling::AuxLoss {
                     stats.loss += rc.aux_coeff * bce;
                 }
-                let z = b.sum_squares(logits, n_c) / n_c as f64;
+                let z = lg.iter().map(|x| x * x).sum::<f64>() / n_c as f64;
                 stats.z_loss += z;
                 stats.loss += rc.z_coeff() * z;
                 if rc.sampling == Sampling::AuxRouter {
