@@ -186,10 +186,7 @@ fn main() {
     let timings = !args.iter().any(|a| a == "--no-timings");
 
     let t0 = Instant::now();
-    let g = Cuda::new(0).unwrap_or_else(|e| {
-        eprintln!("cannot start the CUDA backend: {e}");
-        std::process::exit(2);
-    });
+    let g = open_gpu();
     println!("device: {} (backend ready in {:.2}s, NVRTC included)", g.device_name(), t0.elapsed().as_secs_f64());
     let mut env = Env { c: Cpu::<f32>::new(), g, rng: ChaCha8Rng::seed_from_u64(0x5eed) };
     let mut rep = Report { rows: Vec::new() };
@@ -738,6 +735,14 @@ fn adamw_ops(e: &mut Env, r: &mut Report) {
 
 // ---- multi-tensor optimizer ops ------------------------------------------------------------
 
+/// The CUDA backend on device 0 (options from the environment), or exit 2 saying why not.
+fn open_gpu() -> Cuda {
+    Cuda::new(0).unwrap_or_else(|e| {
+        eprintln!("cannot start the CUDA backend: {e}");
+        std::process::exit(2);
+    })
+}
+
 /// Bit mismatches between two equally long vectors (a length difference counts as all).
 fn bit_diffs(a: &[f32], b: &[f32]) -> usize {
     if a.len() != b.len() {
@@ -994,10 +999,9 @@ fn attention_case(e: &mut Env, r: &mut Report, case: &AttnCase, bf16: bool, act:
             e.g.attention_fwd_mirrored(&mut og2, &mut copy, &mut lg2, &qg, &kg, &vg, &sg);
             let (o1, o2) = (e.g.to_f32(&og), e.g.to_f32(&og2));
             let ext = nq * heads * hd;
-            let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-            r.add_exact(&format!("{tag} fwd mirrored"), "out", diff(&o2[..ext], &o1[..ext]));
+            r.add_exact(&format!("{tag} fwd mirrored"), "out", bit_diffs(&o2[..ext], &o1[..ext]));
             let rounded: Vec<f32> = o1[..ext].iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
-            r.add_exact(&format!("{tag} fwd mirrored"), "bf16 copy", diff(&e.g.to_f32(&copy)[..ext], &rounded));
+            r.add_exact(&format!("{tag} fwd mirrored"), "bf16 copy", bit_diffs(&e.g.to_f32(&copy)[..ext], &rounded));
         }
         let (doc, dog) = e.rnd_as(act, nq * heads * hd, 1.0);
         let (mut dqc, mut dqg) = e.rnd_as(act, nq * heads * hd, 1.0);
@@ -1134,11 +1138,9 @@ fn bf16_act_ops(e: &mut Env, r: &mut Report) {
         e.g.rmsnorm_bwd(&mut dx_plain, &mut dw, &dog, &xg, &wg, &rg, n, d);
         e.g.rmsnorm_bwd_mirrored(&mut dx, &mut mirror, &mut dwm, &dog, &xg, &wg, &rg, n, d);
         let dx_host = e.g.to_f32(&dx);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let same = |a: &[u32], b: &[u32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
-        r.add_exact(&tag, "dx", same(&bits(&dx_host[..n * d]), &bits(&e.g.to_f32(&dx_plain)[..n * d])));
-        r.add_exact(&tag, "dw", same(&bits(&e.g.to_f32(&dwm)[..d]), &bits(&e.g.to_f32(&dw)[..d])));
-        r.add_exact(&tag, "bf16 copy", same(&bits(&e.g.to_f32(&mirror)[..n * d]), &bits(&round(&dx_host[..n * d]))));
+        r.add_exact(&tag, "dx", bit_diffs(&dx_host[..n * d], &e.g.to_f32(&dx_plain)[..n * d]));
+        r.add_exact(&tag, "dw", bit_diffs(&e.g.to_f32(&dwm)[..d], &e.g.to_f32(&dw)[..d]));
+        r.add_exact(&tag, "bf16 copy", bit_diffs(&e.g.to_f32(&mirror)[..n * d], &round(&dx_host[..n * d])));
     }
 
     // RoPE in place on bf16 q.
@@ -1242,8 +1244,7 @@ fn determinism(e: &mut Env, r: &mut Report) {
         g.to_f32(&t)
     };
     let (a, b) = (run(), run());
-    let same = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-    r.add_exact("determinism embedding_bwd x2", "bits", same);
+    r.add_exact("determinism embedding_bwd x2", "bits", bit_diffs(&a, &b));
     let x = g.from_f32(&(0..n * d).map(|_| e.rng.gen_range(-1.0f32..1.0)).collect::<Vec<_>>());
     let w = g.from_f32(&vec![1.0f32; d]);
     let mut rs = g.zeros(n);
@@ -1256,8 +1257,7 @@ fn determinism(e: &mut Env, r: &mut Report) {
         g.to_f32(&dw)
     };
     let (a, b) = (run(), run());
-    let same = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-    r.add_exact("determinism rmsnorm_bwd dw x2", "bits", same);
+    r.add_exact("determinism rmsnorm_bwd dw x2", "bits", bit_diffs(&a, &b));
     let (s1, s2) = (g.sum_squares(&x, n * d), g.sum_squares(&x, n * d));
     r.add_exact("determinism sum_squares x2", "bits", (s1.to_bits() != s2.to_bits()) as usize);
     attention_determinism(e, r);
@@ -1292,12 +1292,11 @@ fn attention_determinism(e: &mut Env, r: &mut Report) {
     let (d1, d2, f1, f2) = (run(true), run(true), run(false), run(false));
     g.set_deterministic(false);
     g.set_matmul_precision(MatmulPrecision::F32);
-    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
     for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
-        r.add_exact("determinism attention_bwd two-pass x2", name, diff(&d1[i], &d2[i]));
+        r.add_exact("determinism attention_bwd two-pass x2", name, bit_diffs(&d1[i], &d2[i]));
     }
-    r.add_exact("determinism attention_bwd fused x2", "dk", diff(&f1[1], &f2[1]));
-    r.add_exact("determinism attention_bwd fused x2", "dv", diff(&f1[2], &f2[2]));
+    r.add_exact("determinism attention_bwd fused x2", "dk", bit_diffs(&f1[1], &f2[1]));
+    r.add_exact("determinism attention_bwd fused x2", "dv", bit_diffs(&f1[2], &f2[2]));
     r.add("attention_bwd fused vs two-pass", "dq", rel_l2(&f1[0], &d1[0], None, n * heads * hd), 1e-5);
 }
 
@@ -1579,10 +1578,7 @@ fn flash_sweep(configs: &str) {
     let mut failed_any = false;
     for cfg in configs.split(';').filter(|c| !c.trim().is_empty()) {
         std::env::set_var("MOR_FLASH_WARPS", cfg.trim());
-        let g = Cuda::new(0).unwrap_or_else(|e| {
-            eprintln!("cannot start the CUDA backend: {e}");
-            std::process::exit(2);
-        });
+        let g = open_gpu();
         g.set_matmul_precision(MatmulPrecision::Bf16);
         let mut env = Env { c: Cpu::<f32>::new(), g, rng: ChaCha8Rng::seed_from_u64(0x5eed) };
         let mut rep = Report { rows: Vec::new() };
@@ -1618,10 +1614,7 @@ fn flash_sweep(configs: &str) {
 /// A failing single k-step is matched against every choice of source column groups (8 wide) of a
 /// and b, to show which data the tensor cores read instead.
 fn wg_probe() {
-    let g = Cuda::new(0).unwrap_or_else(|e| {
-        eprintln!("cannot start the CUDA backend: {e}");
-        std::process::exit(2);
-    });
+    let g = open_gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let bf = |x: f32| half::bf16::from_f32(x).to_f32();
     let mut failed = false;
@@ -1701,10 +1694,7 @@ fn wg_probe() {
 /// with both wgmma operands in shared memory (see `Cuda::tma_probe`), at row offsets that are not
 /// multiples of the tile (a packed sequence's tiles start anywhere) and past the end (zero rows).
 fn tma_probe() {
-    let g = Cuda::new(0).unwrap_or_else(|e| {
-        eprintln!("cannot start the CUDA backend: {e}");
-        std::process::exit(2);
-    });
+    let g = open_gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let bf = |x: f32| half::bf16::from_f32(x).to_f32();
     let (rows_a, rows_b) = (200usize, 150usize);
@@ -1754,10 +1744,7 @@ fn tma_probe() {
 /// it fails, the largest error per 8 x 8 block (query groups x key groups).
 fn wg_debug() {
     let cfg = std::env::var("MOR_FLASH_WARPS").unwrap_or_default();
-    let g = Cuda::new(0).unwrap_or_else(|e| {
-        eprintln!("cannot start the CUDA backend: {e}");
-        std::process::exit(2);
-    });
+    let g = open_gpu();
     g.set_matmul_precision(MatmulPrecision::Bf16);
     let hd = 64usize;
     let bf = |x: f32| half::bf16::from_f32(x).to_f32();
@@ -1814,10 +1801,7 @@ fn wg_debug() {
 /// `MOR_GEMM_ALGOS=file` the stored one when the file has the shape).
 fn gemm_algos() {
     use mor_engine::cuda::{Dtype, GemmAdd, GemmShape};
-    let g = Cuda::new(0).unwrap_or_else(|e| {
-        eprintln!("cannot start the CUDA backend: {e}");
-        std::process::exit(2);
-    });
+    let g = open_gpu();
     println!(
         "cuBLASLt algorithms of the 360M training GEMMs on {}: bf16 operands, fp32 accumulation; column-major m x n x k, #i = the heuristic's i-th; selection {:?}",
         g.device_name(),

@@ -1079,17 +1079,19 @@ impl Cuda {
     pub fn wgmma_probe(&self, hd: usize, mode: i32, shift: i32, a: &[f32], b: &[f32]) -> Vec<f32> {
         assert!(matches!(hd, 32 | 64) && a.len() == 64 * hd && b.len() == FLASH_TILE * hd);
         assert!(shift >= 0 && shift % 16 == 0 && shift as usize <= 2 * FLASH_TILE * (hd + 8) * 2 + 1024, "wgmma_probe: shift {shift}");
-        let up = |x: &[f32]| {
-            let v: Vec<half::bf16> = x.iter().map(|&f| half::bf16::from_f32(f)).collect();
-            self.stream.clone_htod(&v).expect("cuda: host-to-device copy failed")
-        };
-        let (a, b) = (up(a), up(b));
+        let (a, b) = (self.upload_bf16(a), self.upload_bf16(b));
         let out = self.stream.alloc_zeros::<f32>(64 * 64).expect("cuda: alloc failed");
         let (op, ap, bp) = (self.p(&out), self.p(&a), self.p(&b));
         launch!(self, &format!("wg_probe_d{hd}"), cfg((1, 1, 1), 128, 0), [op, ap, bp, mode, shift]);
         let v = self.stream.clone_dtoh(&out).expect("cuda: device-to-host copy failed");
         self.synchronize();
         v
+    }
+
+    /// `x` rounded to bf16 in a new device buffer (the probes' operands).
+    fn upload_bf16(&self, x: &[f32]) -> CudaSlice<half::bf16> {
+        let v: Vec<half::bf16> = x.iter().map(|&f| half::bf16::from_f32(f)).collect();
+        self.stream.clone_htod(&v).expect("cuda: host-to-device copy failed")
     }
 
     /// A check of the TMA and shared-memory wgmma building blocks (kernels/flash_attention.cu,
@@ -1100,11 +1102,7 @@ impl Cuda {
     /// operand described by strides `lbo` / `sbo` (bytes).
     pub fn tma_probe(&self, a: &[f32], b: &[f32], a0: usize, b0: usize, mode: i32, lbo: i32, sbo: i32) -> Vec<f32> {
         assert!(a.len() % 64 == 0 && b.len() % 64 == 0 && a0 < a.len() / 64 && b0 < b.len() / 64);
-        let up = |x: &[f32]| {
-            let v: Vec<half::bf16> = x.iter().map(|&f| half::bf16::from_f32(f)).collect();
-            self.stream.clone_htod(&v).expect("cuda: host-to-device copy failed")
-        };
-        let (a_dev, b_dev) = (up(a), up(b));
+        let (a_dev, b_dev) = (self.upload_bf16(a), self.upload_bf16(b));
         let map = |buf: &CudaSlice<half::bf16>, rows: usize| TmaMap::rows_of_64_bf16(self.p(buf), rows);
         let (ta, tb) = (map(&a_dev, a.len() / 64), map(&b_dev, b.len() / 64));
         let out = self.stream.alloc_zeros::<f32>(64 * 64).expect("cuda: alloc failed");
