@@ -667,29 +667,29 @@ impl<B: Backend> Model<B> {
                     b.write_f32(&mut sb.g, &g);
                 }
             }
-            // Selection.
-            let sel_local_host: Vec<u32> = match routing {
+            // Selection, and the router's logits for its statistics (read while the queue is
+            // drained by the selection's read: no wait of their own).
+            let ws = self.ws.as_ref().unwrap();
+            let read_logits = || if has_router { b.to_f64_prefix(&ws.routers[r].logits, n_c) } else { Vec::new() };
+            let (sel_local_host, logits_host): (Vec<u32>, Vec<f64>) = match routing {
                 Routing::TopK => {
                     let row_cu = b.idx_from(&tr.sets[cand].row_cu_host);
                     let mut out = b.idx_from(&vec![0u32; bsz * k]);
-                    let ws = self.ws.as_ref().unwrap();
                     b.topk_segments(&mut out, &ws.steps[r].g, &row_cu, bsz, k);
-                    b.idx_to_vec(&out)
+                    let sel = b.idx_to_vec(&out);
+                    (sel, read_logits())
                 }
                 Routing::Threshold => {
-                    let ws = self.ws.as_ref().unwrap();
-                    let scores = if has_router {
-                        b.to_f32_prefix(&ws.routers[r].logits, n_c)
+                    let logits = read_logits();
+                    let scores: Vec<f64> = if has_router {
+                        logits.clone()
                     } else {
                         // Random router: continue with probability 1/2 relative to its scale.
-                        b.to_f32_prefix(&ws.steps[r].g, n_c).iter().map(|g| g - alpha / 2.0).collect()
+                        b.to_f32_prefix(&ws.steps[r].g, n_c).iter().map(|g| (g - alpha / 2.0) as f64).collect()
                     };
-                    (0..n_c as u32).filter(|&i| scores[i as usize] >= 0.0).collect()
+                    ((0..n_c as u32).filter(|&i| scores[i as usize] >= 0.0).collect(), logits)
                 }
             };
-            // The router's logits for its statistics, read while the queue is drained by the
-            // selection's read (no wait of their own).
-            let logits_host = if has_router { b.to_f64_prefix(&self.ws.as_ref().unwrap().routers[r].logits, n_c) } else { Vec::new() };
             let m = sel_local_host.len();
             let sel_set = tr.sets[cand].subset(b, &tr.segs, &sel_local_host);
             let sel_local = b.idx_from(&sel_local_host);
