@@ -162,30 +162,45 @@ struct FlashShape {
     warps: usize,
     tiles: usize,
     wgmma: bool,
+    /// The warp-specialised TMA forward (`attn_fwd_bf16_d64_w12_tma`; hd 64; work in progress).
+    tma: bool,
 }
 
 impl FlashShape {
     const fn mma(warps: usize, tiles: usize) -> Self {
-        FlashShape { warps, tiles, wgmma: false }
+        FlashShape { warps, tiles, wgmma: false, tma: false }
     }
 
     const fn wg(warps: usize) -> Self {
-        FlashShape { warps, tiles: 1, wgmma: true }
+        FlashShape { warps, tiles: 1, wgmma: true, tma: false }
+    }
+
+    /// A producer warpgroup and two consumer warpgroups of 64 rows.
+    const fn tma() -> Self {
+        FlashShape { warps: 12, tiles: 1, wgmma: true, tma: true }
     }
 
     fn rows(self) -> usize {
-        16 * self.warps * self.tiles
+        if self.tma {
+            128
+        } else {
+            16 * self.warps * self.tiles
+        }
     }
 }
 
+/// K/V buffers of the TMA forward's ring (`TMA_STAGES` in kernels/flash_attention.cu).
+const TMA_STAGES: usize = 2;
+
 /// The instantiated shapes (`INST_FA_FWD` / `INST_FA_BWD` in kernels/flash_attention.cu); the
 /// backward kernels hold too many fragments for two row tiles per warp.
-const FLASH_SHAPES: [(&str, FlashShape); 15] = [
+const FLASH_SHAPES: [(&str, FlashShape); 16] = [
     ("fwd", FlashShape::mma(4, 1)),
     ("fwd", FlashShape::mma(8, 1)),
     ("fwd", FlashShape::mma(4, 2)),
     ("fwd", FlashShape::wg(4)),
     ("fwd", FlashShape::wg(8)),
+    ("fwd", FlashShape::tma()),
     ("dq", FlashShape::mma(4, 1)),
     ("dq", FlashShape::mma(8, 1)),
     ("dq", FlashShape::wg(4)),
@@ -222,6 +237,9 @@ impl FlashConfig {
         let Ok(v) = std::env::var("MOR_FLASH_WARPS") else { return Self::DEFAULT };
         let parse = |x: &str| -> Option<FlashShape> {
             let x = x.trim();
+            if x == "tma" {
+                return Some(FlashShape::tma());
+            }
             if let Some(w) = x.strip_suffix('g') {
                 return Some(FlashShape::wg(w.parse().ok()?));
             }
@@ -597,13 +615,15 @@ struct TmaMap(drv_sys::CUtensorMap);
 unsafe impl cudarc::driver::DeviceRepr for TmaMap {}
 
 impl TmaMap {
-    /// A 2-d map over a row-major bf16 matrix `[rows][64]` at device address `ptr`, read in boxes
-    /// of 64 x 64 with 128-byte swizzle (a row is 128 bytes); rows past the end read as zero.
-    fn rows_of_64_bf16(ptr: u64, rows: usize) -> Self {
+    /// A 2-d map over a row-major bf16 matrix `[rows][cols]` at device address `ptr` (16-byte
+    /// aligned, `cols` a multiple of 64), read in boxes of 64 rows x 64 columns with 128-byte
+    /// swizzle (a box row is 128 bytes); rows past the end read as zero.
+    fn bf16_tiles(ptr: u64, rows: usize, cols: usize) -> Self {
         use drv_sys::*;
+        assert!(ptr % 16 == 0 && cols % 64 == 0 && rows > 0, "TmaMap: pointer {ptr:#x}, {rows} x {cols}");
         let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
-        let dims: [cuuint64_t; 2] = [64, rows as cuuint64_t];
-        let strides: [cuuint64_t; 1] = [64 * 2];
+        let dims: [cuuint64_t; 2] = [cols as cuuint64_t, rows as cuuint64_t];
+        let strides: [cuuint64_t; 1] = [(cols * 2) as cuuint64_t];
         let boxes: [cuuint32_t; 2] = [64, 64];
         let elem: [cuuint32_t; 2] = [1, 1];
         // SAFETY: every pointer refers to a live local array of the rank the call is told.
@@ -750,7 +770,7 @@ impl Cuda {
         let topk_bytes = if topk_ok { topk_bytes } else { 48 * 1024 };
         // The flash attention kernels use more than the default 48 KiB of dynamic shared memory.
         for hd in FLASH_HEAD_DIMS {
-            for (kind, shape) in FLASH_SHAPES {
+            for (kind, shape) in FLASH_SHAPES.into_iter().filter(|(_, s)| !s.tma || hd == 64) {
                 let name = Self::flash_kernel_name(kind, hd, shape);
                 let f = module.load_function(&name).map_err(|e| CudaError::Driver(format!("loading kernel {name}: {e:?}")))?;
                 f.set_attribute(
@@ -1103,7 +1123,7 @@ impl Cuda {
     pub fn tma_probe(&self, a: &[f32], b: &[f32], a0: usize, b0: usize, mode: i32, lbo: i32, sbo: i32) -> Vec<f32> {
         assert!(a.len() % 64 == 0 && b.len() % 64 == 0 && a0 < a.len() / 64 && b0 < b.len() / 64);
         let (a_dev, b_dev) = (self.upload_bf16(a), self.upload_bf16(b));
-        let map = |buf: &CudaSlice<half::bf16>, rows: usize| TmaMap::rows_of_64_bf16(self.p(buf), rows);
+        let map = |buf: &CudaSlice<half::bf16>, rows: usize| TmaMap::bf16_tiles(self.p(buf), rows, 64);
         let (ta, tb) = (map(&a_dev, a.len() / 64), map(&b_dev, b.len() / 64));
         let out = self.stream.alloc_zeros::<f32>(64 * 64).expect("cuda: alloc failed");
         let op = self.p(&out);
@@ -1320,6 +1340,10 @@ impl Cuda {
     /// Dynamic shared memory of a flash kernel (`kind` fwd | dq | dkdv) of block shape `shape`;
     /// the layouts are at the top of each kernel in kernels/flash_attention.cu.
     fn flash_smem(kind: &str, hd: usize, shape: FlashShape) -> u32 {
+        if shape.tma {
+            // 1024 bytes of alignment slack, Q (two tiles), the K and V ring, the mbarriers.
+            return (1024 + (2 + 2 * TMA_STAGES) * FLASH_TILE * hd * 2 + 8 * (2 * TMA_STAGES + 1)) as u32;
+        }
         let row = (hd + 8) * 2;
         // The wgmma backward kernels stage their own rows' two operands in tiles of their own.
         let staging = if shape.wgmma && kind != "fwd" { 2 * shape.rows() * row } else { 0 };
@@ -1337,7 +1361,13 @@ impl Cuda {
     /// `INST_FA_BWD` / `INST_FA_BWD_FUSED`.
     fn flash_kernel_name(kind: &str, hd: usize, shape: FlashShape) -> String {
         let w = shape.warps;
-        let path = if shape.wgmma { "wg".to_string() } else { format!("m{}", shape.tiles) };
+        let path = if shape.tma {
+            "tma".to_string()
+        } else if shape.wgmma {
+            "wg".to_string()
+        } else {
+            format!("m{}", shape.tiles)
+        };
         match kind {
             "fwd" => format!("attn_fwd_bf16_d{hd}_w{w}_{path}"),
             _ => format!("attn_bwd_{kind}_bf16_d{hd}_w{w}_{path}"),
@@ -1352,6 +1382,13 @@ impl Cuda {
             "dq" => self.flash.dq,
             _ => self.flash.dkdv,
         };
+        Self::flash_kernel_of(kind, hd, shape)
+    }
+
+    /// [`Cuda::flash_kernel`] for a given shape; the TMA forward exists for hd 64 only (other
+    /// head dims take the default forward).
+    fn flash_kernel_of(kind: &str, hd: usize, shape: FlashShape) -> (String, usize, u32, u32) {
+        let shape = if shape.tma && hd != 64 { FlashConfig::DEFAULT.fwd } else { shape };
         (Self::flash_kernel_name(kind, hd, shape), shape.rows(), 32 * shape.warps as u32, Self::flash_smem(kind, hd, shape))
     }
 
@@ -1907,9 +1944,16 @@ impl Backend for Cuda {
             let v16 = self.bf16_operand(Slot::AttV16, v, nke);
             let out_bf16 = out.is_bf16() as i32;
             let op = self.pm(out);
-            let (name, rows, threads, smem) = self.flash_kernel("fwd", hd);
+            // The TMA forward needs keys to map (none: every query sees nothing, the default kernel).
+            let fwd = if self.flash.fwd.tma && nk == 0 { FlashConfig::DEFAULT.fwd } else { self.flash.fwd };
+            let (name, rows, threads, smem) = Self::flash_kernel_of("fwd", hd, fwd);
             let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
             let c = cfg((grid, heads as u32, 1), threads, smem);
+            if name.ends_with("_tma") {
+                let (tq, tk, tv) = (TmaMap::bf16_tiles(q16, nq, heads * hd), TmaMap::bf16_tiles(k16, nk, kvh * hd), TmaMap::bf16_tiles(v16, nk, kvh * hd));
+                launch!(self, &name, c, [tq, tk, tv, op, out_bf16, lp, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
+                return;
+            }
             launch!(self, &name, c, [op, out_bf16, lp, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
             return;
         }

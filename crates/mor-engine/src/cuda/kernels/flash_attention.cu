@@ -1068,6 +1068,191 @@ extern "C" __global__ void __launch_bounds__(128)
         for (int e = 0; e < 4; ++e) out[(w16 + g + 8 * (e >> 1)) * 64 + n * 8 + 2 * tq + (e & 1)] = s[n][e];
 }
 
+// ---- Forward with TMA and warp specialisation (opt-in: MOR_FLASH_WARPS=tma,fused,4; hd 64) -------
+// WORK IN PROGRESS (session 6): compiled, not yet run on a GPU. Built from the blocks that
+// cuda_parity --tma-probe verified. Block = 3 warpgroups, 128 query rows:
+//  - warpgroup 0 produces: thread 0 loads the block's Q (two 64-row tiles) once, then the K and V
+//    tiles of every visible key tile (the same order the consumers use) into a ring of TMA_STAGES
+//    buffers; `full[s]` completes on the tiles' bytes, `empty[s]` when the 8 consumer warps have
+//    finished with the buffer.
+//  - warpgroups 1 and 2 consume 64 query rows each: S = Q·Kᵀ with both operands in shared memory,
+//    the online softmax of fa_fwd_impl in registers, O += P·V with P from registers and the V
+//    tile as an MN-major operand.
+// Key rows past the segment (TMA reads the next segment's, or zeros past the tensor) are masked by
+// the tile's row count as in fa_fwd_impl; their positions are read from global memory on the
+// partly visible tiles only.
+#define TMA_STAGES 2
+#define TMA_TILE (64 * 64)
+extern "C" __global__ void __launch_bounds__(384, 1)
+    attn_fwd_bf16_d64_w12_tma(const __grid_constant__ TmaMap tmq, const __grid_constant__ TmaMap tmk,
+                              const __grid_constant__ TmaMap tmv, void* out, int out_bf16, float* lse,
+                              const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,
+                              const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {
+    constexpr int HD = 64, BM = 128;
+    extern __shared__ __align__(16) unsigned char tma_sh[];
+    // Swizzled tiles need 1024-byte alignment (the host adds 1024 bytes of slack).
+    unsigned char* base = tma_sh + ((1024u - (fa_smem(tma_sh) & 1023u)) & 1023u);
+    bf16_t* Qs = (bf16_t*)base;               // [2][64][64]
+    bf16_t* Ks = Qs + 2 * TMA_TILE;           // [TMA_STAGES][64][64]
+    bf16_t* Vs = Ks + TMA_STAGES * TMA_TILE;  // [TMA_STAGES][64][64]
+    u64* full = (u64*)(Vs + TMA_STAGES * TMA_TILE);
+    u64* empty = full + TMA_STAGES;
+    u64* qbar = empty + TMA_STAGES;
+    __shared__ u32 red[2 * 12];
+    if ((int)blockIdx.x >= qoff[num_seqs]) return;
+    const FaQueryBlock<BM> qb(blockIdx.x, cu_q, cu_k, qoff, koff, num_seqs, heads, kv_heads);
+    const int h = qb.h, kh = qb.kh, nq = qb.nq, kt0 = qb.kt0, nkt = qb.nkt;
+    const u32 q0 = qb.q0;
+    const int wg = threadIdx.x >> 7, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    // The block's position range (every thread takes part; the producer needs the maximum to skip
+    // invisible key tiles in the consumers' order).
+    const int own = threadIdx.x;
+    const bool has = own < BM && own < nq;
+    const u32 pown = has ? pos_q[q0 + own] : 0u;
+    u32 minpq, maxpq;
+    fa_block_minmax<12>(has ? pown : U32_MAX, has ? pown : 0u, red, minpq, maxpq);
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < TMA_STAGES; ++i) {
+            mbar_init(&full[i], 1);
+            mbar_init(&empty[i], 8);
+        }
+        mbar_init(qbar, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        if (threadIdx.x != 0) return;
+        mbar_expect_tx(qbar, 2 * TMA_TILE * 2);
+        tma_load_2d(Qs, &tmq, h * HD, (int)q0, qbar);
+        tma_load_2d(Qs + TMA_TILE, &tmq, h * HD, (int)q0 + 64, qbar);
+        int i = 0;
+        for (int t = fa_next_tile(krange, kt0, 0, nkt, maxpq); t < nkt; t = fa_next_tile(krange, kt0, t + 1, nkt, maxpq), ++i) {
+            const int st = i % TMA_STAGES;
+            if (i >= TMA_STAGES) mbar_wait(&empty[st], ((i / TMA_STAGES) - 1) & 1);
+            mbar_expect_tx(&full[st], 2 * TMA_TILE * 2);
+            const int row = (int)qb.tile_start(t);
+            tma_load_2d(Ks + st * TMA_TILE, &tmk, kh * HD, row, &full[st]);
+            tma_load_2d(Vs + st * TMA_TILE, &tmv, kh * HD, row, &full[st]);
+        }
+        return;
+    }
+
+    // Consumers: warpgroup cw = wg - 1 owns rows 64·cw ..; warp w16 its 16 of them.
+    const int cw = wg - 1, w16 = ((threadIdx.x >> 5) & 3) * 16;
+    int r[2];
+    u32 pq[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        r[i] = 64 * cw + w16 + g + 8 * i;
+        pq[i] = r[i] < nq ? pos_q[q0 + r[i]] : 0u;
+    }
+    float o[HD / 8][4];
+    float m[2] = {F_NINF, F_NINF}, l[2] = {0.f, 0.f};
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    const float sl2 = scale * LOG2E_F;
+    const bf16_t* Qw = Qs + cw * TMA_TILE;
+    mbar_wait(qbar, 0);
+    int i = 0;
+    for (int t = fa_next_tile(krange, kt0, 0, nkt, maxpq); t < nkt; t = fa_next_tile(krange, kt0, t + 1, nkt, maxpq), ++i) {
+        const int st = i % TMA_STAGES;
+        mbar_wait(&full[st], (i / TMA_STAGES) & 1);
+        const bf16_t* Kt = Ks + st * TMA_TILE;
+        const bf16_t* Vt = Vs + st * TMA_TILE;
+        float sc[FA_BN / 8][4];
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+        wg_pin(sc, FA_BN / 8);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; ++kk) wg_mma_ss_n64(sc, wg_desc_sw128(Qw + kk * 16), wg_desc_sw128(Kt + kk * 16));
+        wg_commit();
+        wg_wait0();
+        wg_pin(sc, FA_BN / 8);
+        const int nt = qb.tile_rows(t);
+        const bool masked = !(krange[2 * (kt0 + t) + 1] <= minpq && nt == FA_BN);
+        const u32 t0 = qb.tile_start(t);
+        float mx0 = F_NINF, mx1 = F_NINF;
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = n * 8 + 2 * tq + (e & 1);
+                float x = sc[n][e] * sl2;
+                if (masked && (c >= nt || pos_k[t0 + c] > pq[e >> 1])) x = F_NINF;
+                sc[n][e] = x;
+            }
+            mx0 = fmaxf(mx0, fmaxf(sc[n][0], sc[n][1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[n][2], sc[n][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
+        const float n0 = fmaxf(m[0], mx0), n1 = fmaxf(m[1], mx1);
+        const float s0 = n0 == F_NINF ? 0.f : n0, s1 = n1 == F_NINF ? 0.f : n1;
+        const float c0 = fa_exp2(m[0] - s0), c1 = fa_exp2(m[1] - s1);
+        l[0] *= c0;
+        l[1] *= c1;
+#pragma unroll
+        for (int n = 0; n < HD / 8; ++n) {
+            o[n][0] *= c0;
+            o[n][1] *= c0;
+            o[n][2] *= c1;
+            o[n][3] *= c1;
+        }
+        u32 a[FA_BN / 16][4];
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; ++n) {
+            sc[n][0] = fa_exp2(sc[n][0] - s0);
+            sc[n][1] = fa_exp2(sc[n][1] - s0);
+            sc[n][2] = fa_exp2(sc[n][2] - s1);
+            sc[n][3] = fa_exp2(sc[n][3] - s1);
+            l[0] += sc[n][0] + sc[n][1];
+            l[1] += sc[n][2] + sc[n][3];
+        }
+        m[0] = n0;
+        m[1] = n1;
+#pragma unroll
+        for (int j = 0; j < FA_BN / 16; ++j) {
+            a[j][0] = fa_pack(sc[2 * j][0], sc[2 * j][1]);
+            a[j][1] = fa_pack(sc[2 * j][2], sc[2 * j][3]);
+            a[j][2] = fa_pack(sc[2 * j + 1][0], sc[2 * j + 1][1]);
+            a[j][3] = fa_pack(sc[2 * j + 1][2], sc[2 * j + 1][3]);
+        }
+        wg_pin(a, FA_BN / 16);
+        wg_pin(o, HD / 8);
+        wg_fence();
+#pragma unroll
+        for (int j = 0; j < FA_BN / 16; ++j) wg_mma_n64<1>(o, a[j], wg_desc_sw128(Vt + j * 16 * HD, 16, 1024));
+        wg_commit();
+        wg_wait0();
+        wg_pin(o, HD / 8);
+        // This warp is done with the stage's K and V.
+        if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(&empty[st])) : "memory");
+    }
+    const int qs = heads * HD;
+    float inv[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        l[k] += __shfl_xor_sync(FULL_MASK, l[k], 1);
+        l[k] += __shfl_xor_sync(FULL_MASK, l[k], 2);
+        inv[k] = l[k] > 0.f ? 1.f / l[k] : 0.f;
+    }
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+        const int d = h * HD + n * 8 + 2 * tq;
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+            if (r[k] < nq) fa_put2(out, (i64)(q0 + r[k]) * qs + d, o[n][2 * k] * inv[k], o[n][2 * k + 1] * inv[k], out_bf16, false);
+    }
+    if (tq == 0)
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+            if (r[k] < nq) lse[(i64)(q0 + r[k]) * heads + h] = l[k] > 0.f ? (m[k] + log2f(l[k])) * LN2_F : F_INF;
+}
+
 extern "C" __global__ void __launch_bounds__(128)
     wg_probe_d32(float* out, const bf16_t* a, const bf16_t* b, int mode, int shift) {
     wg_probe<32>(out, a, b, mode, shift);
