@@ -164,20 +164,22 @@ struct FlashShape {
     wgmma: bool,
     /// The warp-specialised TMA forward (`attn_fwd_bf16_d64_w12_tma`; hd 64; work in progress).
     tma: bool,
+    /// With FlashAttention-3's overlap of the next scores and the previous P·V (`..._tmap`).
+    pipe: bool,
 }
 
 impl FlashShape {
     const fn mma(warps: usize, tiles: usize) -> Self {
-        FlashShape { warps, tiles, wgmma: false, tma: false }
+        FlashShape { warps, tiles, wgmma: false, tma: false, pipe: false }
     }
 
     const fn wg(warps: usize) -> Self {
-        FlashShape { warps, tiles: 1, wgmma: true, tma: false }
+        FlashShape { warps, tiles: 1, wgmma: true, tma: false, pipe: false }
     }
 
-    /// A producer warpgroup and two consumer warpgroups of 64 rows.
-    const fn tma() -> Self {
-        FlashShape { warps: 12, tiles: 1, wgmma: true, tma: true }
+    /// A producer warpgroup and two consumer warpgroups of 64 rows (`pipe`: see the field).
+    const fn tma(pipe: bool) -> Self {
+        FlashShape { warps: 12, tiles: 1, wgmma: true, tma: true, pipe }
     }
 
     fn rows(self) -> usize {
@@ -194,13 +196,14 @@ const TMA_STAGES: usize = 2;
 
 /// The instantiated shapes (`INST_FA_FWD` / `INST_FA_BWD` in kernels/flash_attention.cu); the
 /// backward kernels hold too many fragments for two row tiles per warp.
-const FLASH_SHAPES: [(&str, FlashShape); 16] = [
+const FLASH_SHAPES: [(&str, FlashShape); 17] = [
     ("fwd", FlashShape::mma(4, 1)),
     ("fwd", FlashShape::mma(8, 1)),
     ("fwd", FlashShape::mma(4, 2)),
     ("fwd", FlashShape::wg(4)),
     ("fwd", FlashShape::wg(8)),
-    ("fwd", FlashShape::tma()),
+    ("fwd", FlashShape::tma(false)),
+    ("fwd", FlashShape::tma(true)),
     ("dq", FlashShape::mma(4, 1)),
     ("dq", FlashShape::mma(8, 1)),
     ("dq", FlashShape::wg(4)),
@@ -237,8 +240,8 @@ impl FlashConfig {
         let Ok(v) = std::env::var("MOR_FLASH_WARPS") else { return Self::DEFAULT };
         let parse = |x: &str| -> Option<FlashShape> {
             let x = x.trim();
-            if x == "tma" {
-                return Some(FlashShape::tma());
+            if x == "tma" || x == "tmap" {
+                return Some(FlashShape::tma(x == "tmap"));
             }
             if let Some(w) = x.strip_suffix('g') {
                 return Some(FlashShape::wg(w.parse().ok()?));
@@ -1362,7 +1365,7 @@ impl Cuda {
     fn flash_kernel_name(kind: &str, hd: usize, shape: FlashShape) -> String {
         let w = shape.warps;
         let path = if shape.tma {
-            "tma".to_string()
+            if shape.pipe { "tmap" } else { "tma" }.to_string()
         } else if shape.wgmma {
             "wg".to_string()
         } else {
@@ -1949,7 +1952,7 @@ impl Backend for Cuda {
             let (name, rows, threads, smem) = Self::flash_kernel_of("fwd", hd, fwd);
             let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
             let c = cfg((grid, heads as u32, 1), threads, smem);
-            if name.ends_with("_tma") {
+            if fwd.tma && name.contains("_tma") {
                 let (tq, tk, tv) = (TmaMap::bf16_tiles(q16, nq, heads * hd), TmaMap::bf16_tiles(k16, nk, kvh * hd), TmaMap::bf16_tiles(v16, nk, kvh * hd));
                 launch!(self, &name, c, [tq, tk, tv, op, out_bf16, lp, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
                 return;

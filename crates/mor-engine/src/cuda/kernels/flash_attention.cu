@@ -1068,7 +1068,7 @@ extern "C" __global__ void __launch_bounds__(128)
         for (int e = 0; e < 4; ++e) out[(w16 + g + 8 * (e >> 1)) * 64 + n * 8 + 2 * tq + (e & 1)] = s[n][e];
 }
 
-// ---- Forward with TMA and warp specialisation (opt-in: MOR_FLASH_WARPS=tma,fused,4; hd 64) -------
+// ---- Forward with TMA and warp specialisation (opt-in: MOR_FLASH_WARPS=tma,fused,4 or tmap,...; hd 64)
 // WORK IN PROGRESS (session 6): compiled, not yet run on a GPU. Built from the blocks that
 // cuda_parity --tma-probe verified. Block = 3 warpgroups, 128 query rows:
 //  - warpgroup 0 produces: thread 0 loads the block's Q (two 64-row tiles) once, then the K and V
@@ -1077,17 +1077,101 @@ extern "C" __global__ void __launch_bounds__(128)
 //    finished with the buffer.
 //  - warpgroups 1 and 2 consume 64 query rows each: S = Q·Kᵀ with both operands in shared memory,
 //    the online softmax of fa_fwd_impl in registers, O += P·V with P from registers and the V
-//    tile as an MN-major operand.
+//    tile as an MN-major operand. PIPE (the `tmap` shape): FlashAttention-3's overlap inside a
+//    warpgroup — the next tile's S and the previous tile's P·V are in flight together and the
+//    softmax runs while P·V does (wait_group 1), O is rescaled after it completes.
 // Key rows past the segment (TMA reads the next segment's, or zeros past the tensor) are masked by
 // the tile's row count as in fa_fwd_impl; their positions are read from global memory on the
 // partly visible tiles only.
 #define TMA_STAGES 2
 #define TMA_TILE (64 * 64)
-extern "C" __global__ void __launch_bounds__(384, 1)
-    attn_fwd_bf16_d64_w12_tma(const __grid_constant__ TmaMap tmq, const __grid_constant__ TmaMap tmk,
-                              const __grid_constant__ TmaMap tmv, void* out, int out_bf16, float* lse,
-                              const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,
-                              const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {
+
+// Issue S = Q·Kᵀ for a warpgroup's 64 rows (both operands swizzled tiles in shared memory).
+__device__ __forceinline__ void tma_scores(float (*sc)[4], const bf16_t* Qw, const bf16_t* Kt) {
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+    wg_pin(sc, FA_BN / 8);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wg_mma_ss_n64(sc, wg_desc_sw128(Qw + kk * 16), wg_desc_sw128(Kt + kk * 16));
+}
+
+// Issue O += P·V (P as register A fragments, V an MN-major swizzled tile); the caller fences.
+__device__ __forceinline__ void tma_pv(float (*o)[4], const u32 (*a)[4], const bf16_t* Vt) {
+#pragma unroll
+    for (int j = 0; j < FA_BN / 16; ++j) wg_mma_n64<1>(o, a[j], wg_desc_sw128(Vt + j * 16 * 64, 16, 1024));
+}
+
+// The online softmax of one score tile (as fa_fwd_impl): masks, scales to log2, updates the running
+// max m and sum l, leaves P = exp2(S - m) in sc and the correction of the previous O in c.
+__device__ __forceinline__ void tma_softmax(float (*sc)[4], float* m, float* l, float* c, bool masked, int nt,
+                                            const u32* pk, const u32* pq, float sl2, int tq) {
+    float mx0 = F_NINF, mx1 = F_NINF;
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int col = n * 8 + 2 * tq + (e & 1);
+            float x = sc[n][e] * sl2;
+            if (masked && (col >= nt || pk[col] > pq[e >> 1])) x = F_NINF;
+            sc[n][e] = x;
+        }
+        mx0 = fmaxf(mx0, fmaxf(sc[n][0], sc[n][1]));
+        mx1 = fmaxf(mx1, fmaxf(sc[n][2], sc[n][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
+    const float n0 = fmaxf(m[0], mx0), n1 = fmaxf(m[1], mx1);
+    // A row with nothing visible yet keeps m = -inf; subtract 0 then (exp2(-inf) = 0, no NaN).
+    const float s0 = n0 == F_NINF ? 0.f : n0, s1 = n1 == F_NINF ? 0.f : n1;
+    c[0] = fa_exp2(m[0] - s0);
+    c[1] = fa_exp2(m[1] - s1);
+    l[0] *= c[0];
+    l[1] *= c[1];
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; ++n) {
+        sc[n][0] = fa_exp2(sc[n][0] - s0);
+        sc[n][1] = fa_exp2(sc[n][1] - s0);
+        sc[n][2] = fa_exp2(sc[n][2] - s1);
+        sc[n][3] = fa_exp2(sc[n][3] - s1);
+        l[0] += sc[n][0] + sc[n][1];
+        l[1] += sc[n][2] + sc[n][3];
+    }
+    m[0] = n0;
+    m[1] = n1;
+}
+
+__device__ __forceinline__ void tma_rescale(float (*o)[4], const float* c) {
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+        o[n][0] *= c[0];
+        o[n][1] *= c[0];
+        o[n][2] *= c[1];
+        o[n][3] *= c[1];
+    }
+}
+
+__device__ __forceinline__ void tma_pack(u32 (*a)[4], const float (*sc)[4]) {
+#pragma unroll
+    for (int j = 0; j < FA_BN / 16; ++j) {
+        a[j][0] = fa_pack(sc[2 * j][0], sc[2 * j][1]);
+        a[j][1] = fa_pack(sc[2 * j][2], sc[2 * j][3]);
+        a[j][2] = fa_pack(sc[2 * j + 1][0], sc[2 * j + 1][1]);
+        a[j][3] = fa_pack(sc[2 * j + 1][2], sc[2 * j + 1][3]);
+    }
+}
+
+// This warp is done with a stage's K and V.
+__device__ __forceinline__ void tma_release(u64* bar, int lane) {
+    if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(bar)) : "memory");
+}
+
+template <bool PIPE>
+__device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* tmv, void* out, int out_bf16, float* lse,
+                           const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,
+                           const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {
     constexpr int HD = 64, BM = 128;
     extern __shared__ __align__(16) unsigned char tma_sh[];
     // Swizzled tiles need 1024-byte alignment (the host adds 1024 bytes of slack).
@@ -1124,16 +1208,16 @@ extern "C" __global__ void __launch_bounds__(384, 1)
     if (wg == 0) {
         if (threadIdx.x != 0) return;
         mbar_expect_tx(qbar, 2 * TMA_TILE * 2);
-        tma_load_2d(Qs, &tmq, h * HD, (int)q0, qbar);
-        tma_load_2d(Qs + TMA_TILE, &tmq, h * HD, (int)q0 + 64, qbar);
+        tma_load_2d(Qs, tmq, h * HD, (int)q0, qbar);
+        tma_load_2d(Qs + TMA_TILE, tmq, h * HD, (int)q0 + 64, qbar);
         int i = 0;
         for (int t = fa_next_tile(krange, kt0, 0, nkt, maxpq); t < nkt; t = fa_next_tile(krange, kt0, t + 1, nkt, maxpq), ++i) {
             const int st = i % TMA_STAGES;
             if (i >= TMA_STAGES) mbar_wait(&empty[st], ((i / TMA_STAGES) - 1) & 1);
             mbar_expect_tx(&full[st], 2 * TMA_TILE * 2);
             const int row = (int)qb.tile_start(t);
-            tma_load_2d(Ks + st * TMA_TILE, &tmk, kh * HD, row, &full[st]);
-            tma_load_2d(Vs + st * TMA_TILE, &tmv, kh * HD, row, &full[st]);
+            tma_load_2d(Ks + st * TMA_TILE, tmk, kh * HD, row, &full[st]);
+            tma_load_2d(Vs + st * TMA_TILE, tmv, kh * HD, row, &full[st]);
         }
         return;
     }
@@ -1148,89 +1232,81 @@ extern "C" __global__ void __launch_bounds__(384, 1)
         pq[i] = r[i] < nq ? pos_q[q0 + r[i]] : 0u;
     }
     float o[HD / 8][4];
-    float m[2] = {F_NINF, F_NINF}, l[2] = {0.f, 0.f};
+    float m[2] = {F_NINF, F_NINF}, l[2] = {0.f, 0.f}, c[2];
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     const float sl2 = scale * LOG2E_F;
     const bf16_t* Qw = Qs + cw * TMA_TILE;
     mbar_wait(qbar, 0);
-    int i = 0;
-    for (int t = fa_next_tile(krange, kt0, 0, nkt, maxpq); t < nkt; t = fa_next_tile(krange, kt0, t + 1, nkt, maxpq), ++i) {
-        const int st = i % TMA_STAGES;
-        mbar_wait(&full[st], (i / TMA_STAGES) & 1);
-        const bf16_t* Kt = Ks + st * TMA_TILE;
-        const bf16_t* Vt = Vs + st * TMA_TILE;
-        float sc[FA_BN / 8][4];
-#pragma unroll
-        for (int n = 0; n < FA_BN / 8; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
-        wg_pin(sc, FA_BN / 8);
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; ++kk) wg_mma_ss_n64(sc, wg_desc_sw128(Qw + kk * 16), wg_desc_sw128(Kt + kk * 16));
-        wg_commit();
-        wg_wait0();
-        wg_pin(sc, FA_BN / 8);
-        const int nt = qb.tile_rows(t);
-        const bool masked = !(krange[2 * (kt0 + t) + 1] <= minpq && nt == FA_BN);
-        const u32 t0 = qb.tile_start(t);
-        float mx0 = F_NINF, mx1 = F_NINF;
-#pragma unroll
-        for (int n = 0; n < FA_BN / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = n * 8 + 2 * tq + (e & 1);
-                float x = sc[n][e] * sl2;
-                if (masked && (c >= nt || pos_k[t0 + c] > pq[e >> 1])) x = F_NINF;
-                sc[n][e] = x;
+    float sc[FA_BN / 8][4];
+    u32 a[FA_BN / 16][4];
+    // Whether tile t needs the mask, and its key positions (global memory) when it does.
+    auto masked_of = [&](int t) { return !(krange[2 * (kt0 + t) + 1] <= minpq && qb.tile_rows(t) == FA_BN); };
+    auto next = [&](int t) { return fa_next_tile(krange, kt0, t, nkt, maxpq); };
+    auto softmax = [&](int t) {
+        tma_softmax(sc, m, l, c, masked_of(t), qb.tile_rows(t), pos_k + qb.tile_start(t), pq, sl2, tq);
+    };
+    if constexpr (!PIPE) {
+        int i = 0;
+        for (int t = next(0); t < nkt; t = next(t + 1), ++i) {
+            const int st = i % TMA_STAGES;
+            mbar_wait(&full[st], (i / TMA_STAGES) & 1);
+            tma_scores(sc, Qw, Ks + st * TMA_TILE);
+            wg_commit();
+            wg_wait0();
+            wg_pin(sc, FA_BN / 8);
+            softmax(t);
+            tma_rescale(o, c);
+            tma_pack(a, sc);
+            wg_pin(a, FA_BN / 16);
+            wg_pin(o, HD / 8);
+            wg_fence();
+            tma_pv(o, a, Vs + st * TMA_TILE);
+            wg_commit();
+            wg_wait0();
+            wg_pin(o, HD / 8);
+            tma_release(&empty[st], lane);
+        }
+    } else {
+        // The first tile alone; then per tile the next S and the previous P·V in flight together
+        // (no branch around a wgmma: ptxas serialises wgmma on divergent paths).
+        int t = next(0);
+        if (t < nkt) {
+            mbar_wait(&full[0], 0);
+            tma_scores(sc, Qw, Ks);
+            wg_commit();
+            wg_wait0();
+            wg_pin(sc, FA_BN / 8);
+            softmax(t);
+            tma_pack(a, sc);
+            int prev = 0, i = 1;
+            for (t = next(t + 1); t < nkt; t = next(t + 1), ++i) {
+                const int st = i % TMA_STAGES;
+                mbar_wait(&full[st], (i / TMA_STAGES) & 1);
+                tma_scores(sc, Qw, Ks + st * TMA_TILE);
+                wg_commit();  // group: S
+                tma_pv(o, a, Vs + prev * TMA_TILE);
+                wg_commit();  // group: the previous P·V
+                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // S is ready
+                wg_pin(sc, FA_BN / 8);
+                softmax(t);
+                wg_wait0();  // the previous P·V has run
+                wg_pin(o, HD / 8);
+                wg_pin(a, FA_BN / 16);  // its P stayed live until here
+                tma_release(&empty[prev], lane);
+                tma_rescale(o, c);
+                tma_pack(a, sc);
+                prev = st;
             }
-            mx0 = fmaxf(mx0, fmaxf(sc[n][0], sc[n][1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[n][2], sc[n][3]));
+            wg_pin(a, FA_BN / 16);
+            wg_pin(o, HD / 8);
+            wg_fence();
+            tma_pv(o, a, Vs + prev * TMA_TILE);
+            wg_commit();
+            wg_wait0();
+            wg_pin(o, HD / 8);
+            tma_release(&empty[prev], lane);
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
-        const float n0 = fmaxf(m[0], mx0), n1 = fmaxf(m[1], mx1);
-        const float s0 = n0 == F_NINF ? 0.f : n0, s1 = n1 == F_NINF ? 0.f : n1;
-        const float c0 = fa_exp2(m[0] - s0), c1 = fa_exp2(m[1] - s1);
-        l[0] *= c0;
-        l[1] *= c1;
-#pragma unroll
-        for (int n = 0; n < HD / 8; ++n) {
-            o[n][0] *= c0;
-            o[n][1] *= c0;
-            o[n][2] *= c1;
-            o[n][3] *= c1;
-        }
-        u32 a[FA_BN / 16][4];
-#pragma unroll
-        for (int n = 0; n < FA_BN / 8; ++n) {
-            sc[n][0] = fa_exp2(sc[n][0] - s0);
-            sc[n][1] = fa_exp2(sc[n][1] - s0);
-            sc[n][2] = fa_exp2(sc[n][2] - s1);
-            sc[n][3] = fa_exp2(sc[n][3] - s1);
-            l[0] += sc[n][0] + sc[n][1];
-            l[1] += sc[n][2] + sc[n][3];
-        }
-        m[0] = n0;
-        m[1] = n1;
-#pragma unroll
-        for (int j = 0; j < FA_BN / 16; ++j) {
-            a[j][0] = fa_pack(sc[2 * j][0], sc[2 * j][1]);
-            a[j][1] = fa_pack(sc[2 * j][2], sc[2 * j][3]);
-            a[j][2] = fa_pack(sc[2 * j + 1][0], sc[2 * j + 1][1]);
-            a[j][3] = fa_pack(sc[2 * j + 1][2], sc[2 * j + 1][3]);
-        }
-        wg_pin(a, FA_BN / 16);
-        wg_pin(o, HD / 8);
-        wg_fence();
-#pragma unroll
-        for (int j = 0; j < FA_BN / 16; ++j) wg_mma_n64<1>(o, a[j], wg_desc_sw128(Vt + j * 16 * HD, 16, 1024));
-        wg_commit();
-        wg_wait0();
-        wg_pin(o, HD / 8);
-        // This warp is done with the stage's K and V.
-        if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(&empty[st])) : "memory");
     }
     const int qs = heads * HD;
     float inv[2];
@@ -1252,6 +1328,17 @@ extern "C" __global__ void __launch_bounds__(384, 1)
         for (int k = 0; k < 2; ++k)
             if (r[k] < nq) lse[(i64)(q0 + r[k]) * heads + h] = l[k] > 0.f ? (m[k] + log2f(l[k])) * LN2_F : F_INF;
 }
+
+#define INST_FA_FWD_TMA(PIPE, SUF)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(384, 1) attn_fwd_bf16_d64_w12_##SUF(                                \
+        const __grid_constant__ TmaMap tmq, const __grid_constant__ TmaMap tmk, const __grid_constant__ TmaMap tmv, \
+        void* out, int out_bf16, float* lse, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,   \
+        const int* qoff, const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {   \
+        fa_fwd_tma<PIPE>(&tmq, &tmk, &tmv, out, out_bf16, lse, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange,         \
+                         num_seqs, heads, kv_heads, scale);                                                          \
+    }
+INST_FA_FWD_TMA(false, tma)
+INST_FA_FWD_TMA(true, tmap)
 
 extern "C" __global__ void __launch_bounds__(128)
     wg_probe_d32(float* out, const bf16_t* a, const bf16_t* b, int mode, int shift) {
