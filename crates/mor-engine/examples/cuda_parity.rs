@@ -1019,6 +1019,14 @@ fn attention_case(e: &mut Env, r: &mut Report, case: &AttnCase, bf16: bool, act:
         r.check_prec(bf16, &format!("{tag} bwd"), "dq", &e.g.to_f32(&dqg), &dqc, Some(&dq0), TOL_RED);
         r.check_prec(bf16, &format!("{tag} bwd"), "dk", &e.g.to_f32(&dkg), &dkc, Some(&dk0), TOL_RED);
         r.check_prec(bf16, &format!("{tag} bwd"), "dv", &e.g.to_f32(&dvg), &dvc, Some(&dv0), TOL_RED);
+        // The layer's form: dq overwritten and through the inverse RoPE (the fused kernel rotates
+        // its f32 workspace; the CPU composes fill, backward and rope_bwd).
+        let (mut dqc, mut dqg) = e.rnd_as(act, nq * heads * hd, 1.0);
+        let (mut dkc, mut dkg) = e.rnd(nk * kvh * hd, 1.0);
+        let (mut dvc, mut dvg) = e.rnd(nk * kvh * hd, 1.0);
+        e.c.attention_bwd_rope_dq(&mut dqc, &mut dkc, &mut dvc, &doc, &oc, &lc, &qc, &kc, &vc, &sc, 10000.0);
+        e.g.attention_bwd_rope_dq(&mut dqg, &mut dkg, &mut dvg, &dog, &og, &lg, &qg, &kg, &vg, &sg, 10000.0);
+        r.check_prec(bf16, &format!("{tag} bwd rope dq"), "dq", &e.g.to_f32(&dqg), &dqc, None, TOL_RED);
     }
 }
 

@@ -291,6 +291,29 @@ pub trait Backend {
         v: &Self::Buf,
         shape: &AttnShape<'_, Self::Idx>,
     );
+    /// The backward of attention followed by RoPE on the queries: `dq` is overwritten with
+    /// `rope_bwd(∂L/∂q)` at the queries' positions (`shape.pos_q`, base `theta`); `dk` and `dv`
+    /// accumulate as in [`Backend::attention_bwd`]. (CUDA: one pass over dq instead of a zero fill,
+    /// the workspace conversion and rope_bwd.)
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd_rope_dq(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: &AttnShape<'_, Self::Idx>,
+        theta: f32,
+    ) {
+        self.fill(dq, shape.nq * shape.heads * shape.head_dim, 0.0);
+        self.attention_bwd(dq, dk, dv, dout, out, lse, q, k, v, shape);
+        self.rope_bwd(dq, shape.pos_q, shape.nq, shape.heads, shape.head_dim, theta);
+    }
 
     // ---- activations ----------------------------------------------------------------------
     /// `out = silu(gate) * up`, `n` elements.

@@ -223,21 +223,20 @@ pub fn layer_backward<B: Backend>(
 
     // Attention branch: ∂L/∂x = da + ∂(attn)/∂x, built in dy (which holds da).
     b.matmul_bwd_many(Some(&mut s.datt), true, &act.att_act, n, qd, &mut [grad(&mut grads[w.wo.0], da, v(w.wo), d)]);
-    b.fill(&mut s.dq, n * qd, 0.0);
+    // dq: the gradient of the rotated queries, through the inverse rotation (one op).
     let owns_kv = shared.is_none();
     match shared {
         None => {
             let shape = set.attn_shape(set, dims.heads, dims.kv_heads, dims.head_dim);
-            b.attention_bwd(&mut s.dq, &mut act.dk, &mut act.dv, &s.datt, &act.att, &act.lse, &act.q, &act.k, &act.v, &shape);
+            b.attention_bwd_rope_dq(&mut s.dq, &mut act.dk, &mut act.dv, &s.datt, &act.att, &act.lse, &act.q, &act.k, &act.v, &shape, dims.theta);
             b.rope_bwd(&mut act.dk, &set.pos, n, dims.kv_heads, dims.head_dim, dims.theta);
         }
         Some(kv) => {
             let shape = set.attn_shape(kv.set, dims.heads, dims.kv_heads, dims.head_dim);
             let src = kv.src;
-            b.attention_bwd(&mut s.dq, &mut src.dk, &mut src.dv, &s.datt, &act.att, &act.lse, &act.q, &src.k, &src.v, &shape);
+            b.attention_bwd_rope_dq(&mut s.dq, &mut src.dk, &mut src.dv, &s.datt, &act.att, &act.lse, &act.q, &src.k, &src.v, &shape, dims.theta);
         }
     }
-    b.rope_bwd(&mut s.dq, &set.pos, n, dims.heads, dims.head_dim, dims.theta);
     // dxn = Σ over this layer's k, v (when it owns them) and q projections.
     if owns_kv {
         let [g_k, g_v, g_q] = grads.get_disjoint_mut([w.wk.0, w.wv.0, w.wq.0]).expect(disjoint);

@@ -87,6 +87,7 @@ const KERNELS: &[&str] = &[
     "rope_bf16",
     "attn_delta_bf16",
     "attn_dq_from_acc",
+    "attn_dq_from_acc_rope",
     "attn_delta_bf16_f32",
     "bce_fwd_f32",
     "bce_bwd_f32",
@@ -1203,6 +1204,134 @@ impl Cuda {
         cfg((blocks as u32, 1, 1), EW_THREADS, 0)
     }
 
+    /// Whether the attention backward takes the fused flash kernel (dq by atomics into an f32
+    /// workspace) for these outputs.
+    fn attention_bwd_fused(&self, hd: usize, outs: &[u64]) -> bool {
+        self.use_flash(hd, outs) && self.flash.fused && !self.deterministic.load(Ordering::Relaxed)
+    }
+
+    /// Attention backward (see [`Backend::attention_bwd`]). With `dq_rope = Some(theta)` (the
+    /// fused kernel only, see [`Backend::attention_bwd_rope_dq`]) dq is overwritten with the
+    /// inverse rotary embedding of its gradient in the pass that converts the f32 workspace.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd_into(
+        &self,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        dout: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        shape: &AttnShape<'_, CudaSlice<u32>>,
+        dq_rope: Option<f32>,
+    ) {
+        let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
+        if nq == 0 || nk == 0 || heads == 0 || hd == 0 || shape.num_seqs == 0 {
+            return;
+        }
+        Self::check_attn(shape);
+        for (name, len, need) in [
+            ("dq", dq.len(), nq * heads * hd),
+            ("dout", dout.len(), nq * heads * hd),
+            ("out", out.len(), nq * heads * hd),
+            ("q", q.len(), nq * heads * hd),
+            ("lse", lse.len(), nq * heads),
+            ("dk", dk.len(), nk * kvh * hd),
+            ("dv", dv.len(), nk * kvh * hd),
+            ("k", k.len(), nk * kvh * hd),
+            ("v", v.len(), nk * kvh * hd),
+        ] {
+            check_len(name, len, need);
+        }
+        Self::f32_only("attention_bwd", &[("lse", lse)]);
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let (nqe, nke) = (nq * heads * hd, nk * kvh * hd);
+        let delta = self.scratch(Slot::AttDelta, nq * heads * 4);
+        let delta_cfg = cfg(((nq * heads).div_ceil(8) as u32, 1, 1), 256, 0);
+        let lp = self.p(lse);
+        let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
+        let (ns, hi, kvi, hdi) = (shape.num_seqs as i32, heads as i32, kvh as i32, hd as i32);
+        if self.use_flash(hd, &[self.p(dq), self.p(dk), self.p(dv)]) {
+            let q16 = self.bf16_operand(Slot::AttQ16, q, nqe);
+            let g16 = self.bf16_operand(Slot::AttG16, dout, nqe);
+            let k16 = self.bf16_operand(Slot::AttK16, k, nke);
+            let v16 = self.bf16_operand(Slot::AttV16, v, nke);
+            // D = <dout, out> from the bf16 dout of the dP products and out as stored (f32 keeps
+            // D consistent with P·V; docs/design/bf16-gradient-error.md).
+            let delta_kernel = if out.is_bf16() { "attn_delta_bf16" } else { "attn_delta_bf16_f32" };
+            let op = self.p(out);
+            launch!(self, delta_kernel, delta_cfg, [delta, g16, op, nq as i32, hi, hdi]);
+            let dq_bf16 = dq.is_bf16() as i32;
+            assert!(dk.dtype == dv.dtype, "cuda: attention_bwd needs dk and dv of one element type");
+            let kv_bf16 = dk.is_bf16() as i32;
+            let (dqp, dkp, dvp) = (self.pm(dq), self.pm(dk), self.pm(dv));
+            if self.attention_bwd_fused(hd, &[dqp, dkp, dvp]) {
+                // Fused: dq accumulates in an f32 workspace by atomics, added to dq at the end.
+                let acc = self.scratch(Slot::AttDqAcc, nqe * 4);
+                self.memset0(acc, nqe * 4);
+                let (name, rows, threads, smem) = self.flash_kernel("fused", hd);
+                let (koff, grid, qoff, qrange) = self.flash_tables(shape.cu_k, nk, rows, shape.cu_q, shape.pos_q, nq, shape.num_seqs);
+                launch!(
+                    self,
+                    &name,
+                    cfg((grid, kvh as u32, 1), threads, smem),
+                    [dkp, dvp, kv_bf16, acc, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]
+                );
+                match dq_rope {
+                    Some(theta) => launch!(self, "attn_dq_from_acc_rope", self.ew(nq * hd / 2), [dqp, dq_bf16, acc, pq, nq as i32, hi, hdi, theta]),
+                    None => launch!(self, "attn_dq_from_acc", self.ew(nqe / 2), [dqp, dq_bf16, acc, nqe as i64]),
+                }
+                return;
+            }
+            let (name, rows, threads, smem) = self.flash_kernel("dq", hd);
+            let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
+            launch!(
+                self,
+                &name,
+                cfg((grid, heads as u32, 1), threads, smem),
+                [dqp, dq_bf16, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]
+            );
+            let (name, rows, threads, smem) = self.flash_kernel("dkdv", hd);
+            let (koff, grid, qoff, qrange) = self.flash_tables(shape.cu_k, nk, rows, shape.cu_q, shape.pos_q, nq, shape.num_seqs);
+            launch!(
+                self,
+                &name,
+                cfg((grid, kvh as u32, 1), threads, smem),
+                [dkp, dvp, kv_bf16, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]
+            );
+            return;
+        }
+        // The exact f32 kernels (bf16 buffers are widened into scratch, outputs rounded back).
+        let gp = self.f32_operand(Slot::AttG16, dout, nqe);
+        let op = self.f32_operand(Slot::AttO, out, nqe);
+        launch!(self, "attn_delta_f32", delta_cfg, [delta, gp, op, nq as i32, hi, hdi]);
+        let (qp, kp, vp) = (self.f32_operand(Slot::AttQ16, q, nqe), self.f32_operand(Slot::AttK16, k, nke), self.f32_operand(Slot::AttV16, v, nke));
+        let dqp = self.f32_output(Slot::AttDq, dq, nqe);
+        let dkp = self.f32_output(Slot::AttDk, dk, nke);
+        let dvp = self.f32_output(Slot::AttDv, dv, nke);
+        let var = Self::exact_variant(hd);
+        let (qoff, qgrid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, ATT_ROWS);
+        launch!(
+            self,
+            &format!("attn_bwd_dq_f32_{var}"),
+            cfg((qgrid, heads as u32, 1), 128, 0),
+            [dqp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hdi, scale]
+        );
+        let (koff, kgrid) = self.attn_tiles(Slot::AttKOff, shape.cu_k, shape.num_seqs, nk, ATT_ROWS);
+        launch!(
+            self,
+            &format!("attn_bwd_dkdv_f32_{var}"),
+            cfg((kgrid, kvh as u32, 1), 128, 0),
+            [dkp, dvp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, koff, ns, hi, kvi, hdi, scale]
+        );
+        self.f32_output_done(dqp, dq, nqe);
+        self.f32_output_done(dkp, dk, nke);
+        self.f32_output_done(dvp, dv, nke);
+    }
+
     /// RMSNorm backward (see [`Backend::rmsnorm_bwd`]); `dx_bf16` also receives the updated dx
     /// rounded to bf16.
     #[allow(clippy::too_many_arguments)]
@@ -1987,105 +2116,32 @@ impl Backend for Cuda {
         shape: &AttnShape<'_, CudaSlice<u32>>,
     ) {
         let _p = self.prof("attention_bwd");
-        let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
-        if nq == 0 || nk == 0 || heads == 0 || hd == 0 || shape.num_seqs == 0 {
-            return;
+        self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, None);
+    }
+
+    fn attention_bwd_rope_dq(
+        &self,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        dout: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        shape: &AttnShape<'_, CudaSlice<u32>>,
+        theta: f32,
+    ) {
+        let _p = self.prof("attention_bwd");
+        let empty = shape.nq == 0 || shape.nk == 0 || shape.heads == 0 || shape.head_dim == 0 || shape.num_seqs == 0;
+        if !empty && self.attention_bwd_fused(shape.head_dim, &[self.p(dq), self.p(dk), self.p(dv)]) {
+            return self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, Some(theta));
         }
-        Self::check_attn(shape);
-        for (name, len, need) in [
-            ("dq", dq.len(), nq * heads * hd),
-            ("dout", dout.len(), nq * heads * hd),
-            ("out", out.len(), nq * heads * hd),
-            ("q", q.len(), nq * heads * hd),
-            ("lse", lse.len(), nq * heads),
-            ("dk", dk.len(), nk * kvh * hd),
-            ("dv", dv.len(), nk * kvh * hd),
-            ("k", k.len(), nk * kvh * hd),
-            ("v", v.len(), nk * kvh * hd),
-        ] {
-            check_len(name, len, need);
-        }
-        Self::f32_only("attention_bwd", &[("lse", lse)]);
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let (nqe, nke) = (nq * heads * hd, nk * kvh * hd);
-        let delta = self.scratch(Slot::AttDelta, nq * heads * 4);
-        let delta_cfg = cfg(((nq * heads).div_ceil(8) as u32, 1, 1), 256, 0);
-        let lp = self.p(lse);
-        let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
-        let (ns, hi, kvi, hdi) = (shape.num_seqs as i32, heads as i32, kvh as i32, hd as i32);
-        if self.use_flash(hd, &[self.p(dq), self.p(dk), self.p(dv)]) {
-            let q16 = self.bf16_operand(Slot::AttQ16, q, nqe);
-            let g16 = self.bf16_operand(Slot::AttG16, dout, nqe);
-            let k16 = self.bf16_operand(Slot::AttK16, k, nke);
-            let v16 = self.bf16_operand(Slot::AttV16, v, nke);
-            // D = <dout, out> from the bf16 dout of the dP products and out as stored (f32 keeps
-            // D consistent with P·V; docs/design/bf16-gradient-error.md).
-            let delta_kernel = if out.is_bf16() { "attn_delta_bf16" } else { "attn_delta_bf16_f32" };
-            let op = self.p(out);
-            launch!(self, delta_kernel, delta_cfg, [delta, g16, op, nq as i32, hi, hdi]);
-            let dq_bf16 = dq.is_bf16() as i32;
-            assert!(dk.dtype == dv.dtype, "cuda: attention_bwd needs dk and dv of one element type");
-            let kv_bf16 = dk.is_bf16() as i32;
-            let (dqp, dkp, dvp) = (self.pm(dq), self.pm(dk), self.pm(dv));
-            if self.flash.fused && !self.deterministic.load(Ordering::Relaxed) {
-                // Fused: dq accumulates in an f32 workspace by atomics, added to dq at the end.
-                let acc = self.scratch(Slot::AttDqAcc, nqe * 4);
-                self.memset0(acc, nqe * 4);
-                let (name, rows, threads, smem) = self.flash_kernel("fused", hd);
-                let (koff, grid, qoff, qrange) = self.flash_tables(shape.cu_k, nk, rows, shape.cu_q, shape.pos_q, nq, shape.num_seqs);
-                launch!(
-                    self,
-                    &name,
-                    cfg((grid, kvh as u32, 1), threads, smem),
-                    [dkp, dvp, kv_bf16, acc, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]
-                );
-                launch!(self, "attn_dq_from_acc", self.ew(nqe / 2), [dqp, dq_bf16, acc, nqe as i64]);
-                return;
-            }
-            let (name, rows, threads, smem) = self.flash_kernel("dq", hd);
-            let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
-            launch!(
-                self,
-                &name,
-                cfg((grid, heads as u32, 1), threads, smem),
-                [dqp, dq_bf16, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]
-            );
-            let (name, rows, threads, smem) = self.flash_kernel("dkdv", hd);
-            let (koff, grid, qoff, qrange) = self.flash_tables(shape.cu_k, nk, rows, shape.cu_q, shape.pos_q, nq, shape.num_seqs);
-            launch!(
-                self,
-                &name,
-                cfg((grid, kvh as u32, 1), threads, smem),
-                [dkp, dvp, kv_bf16, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]
-            );
-            return;
-        }
-        // The exact f32 kernels (bf16 buffers are widened into scratch, outputs rounded back).
-        let gp = self.f32_operand(Slot::AttG16, dout, nqe);
-        let op = self.f32_operand(Slot::AttO, out, nqe);
-        launch!(self, "attn_delta_f32", delta_cfg, [delta, gp, op, nq as i32, hi, hdi]);
-        let (qp, kp, vp) = (self.f32_operand(Slot::AttQ16, q, nqe), self.f32_operand(Slot::AttK16, k, nke), self.f32_operand(Slot::AttV16, v, nke));
-        let dqp = self.f32_output(Slot::AttDq, dq, nqe);
-        let dkp = self.f32_output(Slot::AttDk, dk, nke);
-        let dvp = self.f32_output(Slot::AttDv, dv, nke);
-        let var = Self::exact_variant(hd);
-        let (qoff, qgrid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, ATT_ROWS);
-        launch!(
-            self,
-            &format!("attn_bwd_dq_f32_{var}"),
-            cfg((qgrid, heads as u32, 1), 128, 0),
-            [dqp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hdi, scale]
-        );
-        let (koff, kgrid) = self.attn_tiles(Slot::AttKOff, shape.cu_k, shape.num_seqs, nk, ATT_ROWS);
-        launch!(
-            self,
-            &format!("attn_bwd_dkdv_f32_{var}"),
-            cfg((kgrid, kvh as u32, 1), 128, 0),
-            [dkp, dvp, gp, lp, delta, qp, kp, vp, cq, ck, pq, pk, koff, ns, hi, kvi, hdi, scale]
-        );
-        self.f32_output_done(dqp, dq, nqe);
-        self.f32_output_done(dkp, dk, nke);
-        self.f32_output_done(dvp, dv, nke);
+        let n = shape.nq * shape.heads * shape.head_dim;
+        self.fill(dq, n, 0.0);
+        self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, None);
+        self.rope_bwd(dq, shape.pos_q, shape.nq, shape.heads, shape.head_dim, theta);
     }
 
     // ---- activations ----------------------------------------------------------------------

@@ -213,3 +213,13 @@ __device__ __forceinline__ void adamw_elem(float& p, float& m, float& v, float g
     m = mi;
     v = vi;
 }
+
+// Rotary embedding of pair j (of hd / 2) at position `pos`: cos and sign · sin of
+// pos · theta^(-2j/hd), in double precision (positions reach thousands of radians).
+__device__ __forceinline__ void rope_cs(u32 pos, int j, int hd, float theta, float sign, float& cf, float& sf) {
+    const double f = pow((double)theta, -(double)(2 * j) / (double)hd);
+    double s, c;
+    sincos((double)pos * f, &s, &c);
+    sf = (float)s * sign;
+    cf = (float)c;
+}

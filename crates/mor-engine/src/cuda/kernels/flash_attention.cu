@@ -918,6 +918,31 @@ INST_FA_BWD_FUSED(32, 8)
 INST_FA_BWD_FUSED(64, 4)
 INST_FA_BWD_FUSED(64, 8)
 
+// dq = the inverse rotary embedding of dq_acc (the fused backward's f32 workspace), overwritten:
+// the conversion, the zero fill before the backward and rope_bwd on dq in one pass (the rotation
+// on the f32 sums, one rounding). One thread per (row, pair j < hd/2), as rows.cu's rope.
+extern "C" __global__ void attn_dq_from_acc_rope(void* dq, int dq_bf16, const float* acc, const u32* pos, int n, int heads,
+                                                 int hd, float theta) {
+    const int half = hd / 2;
+    GRID_STRIDE(e, (i64)n * half) {
+        const int r = (int)(e / half), j = (int)(e % half);
+        float cf, sf;
+        rope_cs(pos[r], j, hd, theta, -1.f, cf, sf);
+        for (int h = 0; h < heads; ++h) {
+            const i64 i1 = ((i64)r * heads + h) * hd + j, i2 = i1 + half;
+            const float x1 = acc[i1], x2 = acc[i2];
+            const float y1 = x1 * cf - x2 * sf, y2 = x2 * cf + x1 * sf;
+            if (dq_bf16) {
+                ((bf16*)dq)[i1] = from_f<bf16>(y1);
+                ((bf16*)dq)[i2] = from_f<bf16>(y2);
+            } else {
+                ((float*)dq)[i1] = y1;
+                ((float*)dq)[i2] = y2;
+            }
+        }
+    }
+}
+
 // dq += dq_acc (the fused backward's f32 workspace) for an f32 or bf16 dq; n even.
 extern "C" __global__ void attn_dq_from_acc(void* dq, int dq_bf16, const float* acc, i64 n) {
     for (i64 i = 2 * ((i64)blockIdx.x * blockDim.x + threadIdx.x); i < n; i += 2 * (i64)gridDim.x * blockDim.x) {

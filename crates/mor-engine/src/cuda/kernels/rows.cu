@@ -225,17 +225,15 @@ extern "C" __global__ void rmsnorm_dw_final(float* dw, const float* partial, int
 
 // ---- rotary embedding ----------------------------------------------------------------------
 
-// In place on x[n, heads, hd] (rotate_half layout); one thread per (row, j < hd/2), angles in
-// double precision (positions reach thousands of radians). sign = -1 applies the inverse.
+// In place on x[n, heads, hd] (rotate_half layout); one thread per (row, j < hd/2), angles by
+// rope_cs. sign = -1 applies the inverse.
 template <typename T>
 __device__ void rope(T* x, const u32* pos, int n, int heads, int hd, float theta, float sign) {
     const int half = hd / 2;
     GRID_STRIDE(e, (i64)n * half) {
         const int r = (int)(e / half), j = (int)(e % half);
-        const double f = pow((double)theta, -(double)(2 * j) / (double)hd);
-        double s, c;
-        sincos((double)pos[r] * f, &s, &c);
-        const float sf = (float)s * sign, cf = (float)c;
+        float cf, sf;
+        rope_cs(pos[r], j, hd, theta, sign, cf, sf);
         T* xr = x + (i64)r * heads * hd;
         for (int h = 0; h < heads; ++h) {
             const float x1 = to_f(xr[h * hd + j]), x2 = to_f(xr[h * hd + half + j]);
