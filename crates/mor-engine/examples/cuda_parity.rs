@@ -180,7 +180,7 @@ fn main() {
         return;
     }
     if let Some(i) = args.iter().position(|a| a == "--flash-sweep") {
-        flash_sweep(args.get(i + 1).map_or("8,fused,4;8,4,4;8g,4g,4g", String::as_str));
+        flash_sweep(args.get(i + 1).map_or("tmapp,fused,4;8,fused,4;8,4,4;8g,4g,4g", String::as_str));
         return;
     }
     let timings = !args.iter().any(|a| a == "--no-timings");
@@ -1578,6 +1578,30 @@ fn bench(g: &Cuda) {
 
 // ---- flash-attention configurations ------------------------------------------------------------
 
+/// The TMA forward's cycles per phase (kernels compiled with `MOR_NVRTC_DEFINES=FA_TRACE`; slots as
+/// `fa_trace` in kernels/flash_attention.cu), per key tile and per block of the timed calls.
+fn print_flash_trace(t: &[u64; 16]) {
+    let (tiles, blocks) = (t[7], t[8]);
+    if tiles == 0 || blocks == 0 {
+        return;
+    }
+    let per = |x: u64, n: u64| x as f64 / n as f64;
+    println!(
+        "  trace: {blocks} blocks, {:.1} tiles/block | per tile: full wait {:.0}, S {:.0}, softmax {:.0}, P·V {:.0} cycles \
+         | per block: Q wait {:.0}, epilogue {:.0}, total {:.0}; producer empty waits {:.0}, total {:.0}",
+        per(tiles, blocks),
+        per(t[1], tiles),
+        per(t[2], tiles),
+        per(t[3], tiles),
+        per(t[4], tiles),
+        per(t[0], blocks),
+        per(t[5], blocks),
+        per(t[6], blocks),
+        per(t[9], blocks),
+        per(t[10], blocks)
+    );
+}
+
 /// `--flash-sweep [fwd,dq,dkdv;...]`: for each block configuration (`MOR_FLASH_WARPS` syntax,
 /// e.g. `8,4,4;8g,4g,4g`), a fresh backend runs the tensor-core attention checks (f32 and bf16
 /// activation buffers) and times the 360M shape (8 x 2048 causal, 15/5 heads, hd 64) on bf16
@@ -1598,7 +1622,9 @@ fn flash_sweep(configs: &str) {
         }
         let failed: Vec<_> = rep.rows.iter().filter(|r| !r.4).collect();
         let worst = rep.rows.iter().map(|r| r.2).fold(0.0f64, f64::max);
+        env.g.take_flash_trace();
         let (fwd, bwd, f_fwd) = time_attention_360m(&env.g, true);
+        print_flash_trace(&env.g.take_flash_trace());
         println!(
             "flash {cfg:<14} checks {}/{} (worst {worst:.1e}) | fwd {fwd:.3} ms {:.1} TFLOP/s | bwd {bwd:.3} ms {:.1} | fwd+bwd {:.3} ms {:.1} TFLOP/s",
             rep.rows.len() - failed.len(),

@@ -145,6 +145,7 @@ const KERNELS: &[&str] = &[
     "wg_probe_d32",
     "wg_probe_d64",
     "tma_probe_d64",
+    "fa_trace_take",
     "fill_many_f32",
     "adamw_many_f32",
     "sumsq_many_partial_f32",
@@ -163,24 +164,36 @@ struct FlashShape {
     warps: usize,
     tiles: usize,
     wgmma: bool,
-    /// The warp-specialised TMA forward (`attn_fwd_bf16_d64_w12_tma`; hd 64; work in progress).
+    /// The warp-specialised TMA forward (`attn_fwd_bf16_d64_w12_tma*`; hd 64).
     tma: bool,
     /// With FlashAttention-3's overlap of the next scores and the previous P·V (`..._tmap`).
     pipe: bool,
+    /// The consumer warpgroups' products in turns (ping-pong; `..._tmas`, `..._tmapp` with `pipe`).
+    pingpong: bool,
 }
 
 impl FlashShape {
     const fn mma(warps: usize, tiles: usize) -> Self {
-        FlashShape { warps, tiles, wgmma: false, tma: false, pipe: false }
+        FlashShape { warps, tiles, wgmma: false, tma: false, pipe: false, pingpong: false }
     }
 
     const fn wg(warps: usize) -> Self {
-        FlashShape { warps, tiles: 1, wgmma: true, tma: false, pipe: false }
+        FlashShape { warps, tiles: 1, wgmma: true, tma: false, pipe: false, pingpong: false }
     }
 
-    /// A producer warpgroup and two consumer warpgroups of 64 rows (`pipe`: see the field).
-    const fn tma(pipe: bool) -> Self {
-        FlashShape { warps: 12, tiles: 1, wgmma: true, tma: true, pipe }
+    /// A producer warpgroup and two consumer warpgroups of 64 rows (`pipe`, `pingpong`: see the fields).
+    const fn tma(pipe: bool, pingpong: bool) -> Self {
+        FlashShape { warps: 12, tiles: 1, wgmma: true, tma: true, pipe, pingpong }
+    }
+
+    /// The TMA forward's kernel suffix (`INST_FA_FWD_TMA`), which `MOR_FLASH_WARPS` also takes.
+    fn tma_name(self) -> &'static str {
+        match (self.pipe, self.pingpong) {
+            (false, false) => "tma",
+            (true, false) => "tmap",
+            (false, true) => "tmas",
+            (true, true) => "tmapp",
+        }
     }
 
     fn rows(self) -> usize {
@@ -192,19 +205,23 @@ impl FlashShape {
     }
 }
 
-/// K/V buffers of the TMA forward's ring (`TMA_STAGES` in kernels/flash_attention.cu).
-const TMA_STAGES: usize = 2;
+/// K/V buffers of the TMA forward's ring (`TMA_STAGES` in kernels/flash_attention.cu; experiments may
+/// set fewer with `MOR_NVRTC_DEFINES=TMA_STAGES=n`). Four: the overlapped kernels hold two stages at a
+/// time (this tile's K for S, the previous tile's V for P·V), so two left the producer no room ahead
+/// (H200: 0.451 ms at 2 stages, 0.330 at 4, 360M shape).
+const TMA_STAGES: usize = 4;
 
 /// The instantiated shapes (`INST_FA_FWD` / `INST_FA_BWD` in kernels/flash_attention.cu); the
 /// backward kernels hold too many fragments for two row tiles per warp.
-const FLASH_SHAPES: [(&str, FlashShape); 17] = [
+const FLASH_SHAPES: [(&str, FlashShape); 18] = [
     ("fwd", FlashShape::mma(4, 1)),
     ("fwd", FlashShape::mma(8, 1)),
     ("fwd", FlashShape::mma(4, 2)),
     ("fwd", FlashShape::wg(4)),
     ("fwd", FlashShape::wg(8)),
-    ("fwd", FlashShape::tma(false)),
-    ("fwd", FlashShape::tma(true)),
+    ("fwd", FlashShape::tma(false, false)),
+    ("fwd", FlashShape::tma(true, false)),
+    ("fwd", FlashShape::tma(true, true)),
     ("dq", FlashShape::mma(4, 1)),
     ("dq", FlashShape::mma(8, 1)),
     ("dq", FlashShape::wg(4)),
@@ -219,8 +236,9 @@ const FLASH_SHAPES: [(&str, FlashShape); 17] = [
 
 /// Block shape per tensor-core attention kernel: the defaults come from tuning on an H200
 /// (docs/benchmarks/); `MOR_FLASH_WARPS=fwd,dq,dkdv` overrides them for experiments, each entry
-/// `W` (W warps of one row tile), `WxT` (T row tiles per warp) or `Wg` (wgmma), e.g. `4x2,4,8g`;
-/// dq `fused` selects the fused backward with the dk/dv shape (`8,fused,4`).
+/// `W` (W warps of one row tile), `WxT` (T row tiles per warp), `Wg` (wgmma) or, for the forward,
+/// `tma` / `tmap` / `tmapp` (the TMA kernels), e.g. `4x2,4,8g`; dq `fused` selects the fused
+/// backward with the dk/dv shape (`tmapp,fused,4`, the default).
 #[derive(Debug, Clone, Copy)]
 struct FlashConfig {
     fwd: FlashShape,
@@ -234,15 +252,17 @@ struct FlashConfig {
 
 impl FlashConfig {
     const DEFAULT: FlashConfig =
-        FlashConfig { fwd: FlashShape::mma(8, 1), dq: FlashShape::mma(4, 1), dkdv: FlashShape::mma(4, 1), fused: true };
+        FlashConfig { fwd: FlashShape::tma(true, true), dq: FlashShape::mma(4, 1), dkdv: FlashShape::mma(4, 1), fused: true };
+    /// The forward where the TMA kernel does not apply (head dims other than 64, calls without keys).
+    const MMA_FWD: FlashShape = FlashShape::mma(8, 1);
 
     /// The defaults unless `MOR_FLASH_WARPS` names the shapes.
     fn from_env() -> Self {
         let Ok(v) = std::env::var("MOR_FLASH_WARPS") else { return Self::DEFAULT };
         let parse = |x: &str| -> Option<FlashShape> {
             let x = x.trim();
-            if x == "tma" || x == "tmap" {
-                return Some(FlashShape::tma(x == "tmap"));
+            if let Some(s) = FLASH_SHAPES.iter().map(|(_, s)| *s).find(|s| s.tma && s.tma_name() == x) {
+                return Some(s);
             }
             if let Some(w) = x.strip_suffix('g') {
                 return Some(FlashShape::wg(w.parse().ok()?));
@@ -1137,6 +1157,18 @@ impl Cuda {
         v
     }
 
+    /// The TMA forward's phase cycle sums since the last call (`fa_trace` in
+    /// kernels/flash_attention.cu; zero unless the kernels were compiled with
+    /// `MOR_NVRTC_DEFINES=FA_TRACE`), then cleared.
+    pub fn take_flash_trace(&self) -> [u64; 16] {
+        let out = self.stream.alloc_zeros::<u32>(32).expect("cuda: alloc failed");
+        let op = self.p(&out);
+        launch!(self, "fa_trace_take", cfg((1, 1, 1), 32, 0), [op]);
+        let v = self.stream.clone_dtoh(&out).expect("cuda: device-to-host copy failed");
+        self.synchronize();
+        std::array::from_fn(|i| v[2 * i] as u64 | (v[2 * i + 1] as u64) << 32)
+    }
+
     /// Device name as the driver reports it.
     pub fn device_name(&self) -> String {
         self.ctx.name().unwrap_or_else(|_| "?".into())
@@ -1494,7 +1526,7 @@ impl Cuda {
     fn flash_kernel_name(kind: &str, hd: usize, shape: FlashShape) -> String {
         let w = shape.warps;
         let path = if shape.tma {
-            if shape.pipe { "tmap" } else { "tma" }.to_string()
+            shape.tma_name().to_string()
         } else if shape.wgmma {
             "wg".to_string()
         } else {
@@ -1520,7 +1552,7 @@ impl Cuda {
     /// [`Cuda::flash_kernel`] for a given shape; the TMA forward exists for hd 64 only (other
     /// head dims take the default forward).
     fn flash_kernel_of(kind: &str, hd: usize, shape: FlashShape) -> (String, usize, u32, u32) {
-        let shape = if shape.tma && hd != 64 { FlashConfig::DEFAULT.fwd } else { shape };
+        let shape = if shape.tma && hd != 64 { FlashConfig::MMA_FWD } else { shape };
         (Self::flash_kernel_name(kind, hd, shape), shape.rows(), 32 * shape.warps as u32, Self::flash_smem(kind, hd, shape))
     }
 
@@ -2077,7 +2109,7 @@ impl Backend for Cuda {
             let out_bf16 = out.is_bf16() as i32;
             let op = self.pm(out);
             // The TMA forward needs keys to map (none: every query sees nothing, the default kernel).
-            let fwd = if self.flash.fwd.tma && nk == 0 { FlashConfig::DEFAULT.fwd } else { self.flash.fwd };
+            let fwd = if self.flash.fwd.tma && nk == 0 { FlashConfig::MMA_FWD } else { self.flash.fwd };
             let (name, rows, threads, smem) = Self::flash_kernel_of("fwd", hd, fwd);
             let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
             let c = cfg((grid, heads as u32, 1), threads, smem);

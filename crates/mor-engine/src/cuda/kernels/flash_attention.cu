@@ -436,6 +436,74 @@ __device__ __forceinline__ void fa_issue_kv(bf16_t* Ks, bf16_t* Vs, u32* Pk, int
 
 // Each warp owns MT row tiles of 16 queries (rows warp·16·MT + 16·mt ..), so every K / V fragment
 // it loads from shared memory feeds MT matrix products.
+// The online softmax of one 16-row score tile (m16n8 fragments over FA_BN keys): masks (MASKED:
+// keys from nt on, or at positions after the row's pq), scales to log2, updates the running max m
+// and sum l, leaves P = exp2(S - m) in sc and the correction of the previous O in c (fa_rescale).
+// Masked and unmasked tiles are separate instantiations: with the mask test inside the loop ptxas
+// branched around every element's position load, on the unmasked tiles too.
+template <bool MASKED>
+__device__ __forceinline__ void fa_softmax_tile(float (*sc)[4], float* m, float* l, float* c, int nt, const u32* pk,
+                                                const u32* pq, float sl2, int tq) {
+    float mx0 = F_NINF, mx1 = F_NINF;
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float x = sc[n][e] * sl2;
+            if constexpr (MASKED) {
+                const int col = n * 8 + 2 * tq + (e & 1);
+                if (col >= nt || pk[col] > pq[e >> 1]) x = F_NINF;
+            }
+            sc[n][e] = x;
+        }
+        mx0 = fmaxf(mx0, fmaxf(sc[n][0], sc[n][1]));
+        mx1 = fmaxf(mx1, fmaxf(sc[n][2], sc[n][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
+    const float n0 = fmaxf(m[0], mx0), n1 = fmaxf(m[1], mx1);
+    // A row with nothing visible yet keeps m = -inf; subtract 0 then (exp2(-inf) = 0, no NaN).
+    const float s0 = n0 == F_NINF ? 0.f : n0, s1 = n1 == F_NINF ? 0.f : n1;
+    c[0] = fa_exp2(m[0] - s0);
+    c[1] = fa_exp2(m[1] - s1);
+    l[0] *= c[0];
+    l[1] *= c[1];
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; ++n) {
+        sc[n][0] = fa_exp2(sc[n][0] - s0);
+        sc[n][1] = fa_exp2(sc[n][1] - s0);
+        sc[n][2] = fa_exp2(sc[n][2] - s1);
+        sc[n][3] = fa_exp2(sc[n][3] - s1);
+        l[0] += sc[n][0] + sc[n][1];
+        l[1] += sc[n][2] + sc[n][3];
+    }
+    m[0] = n0;
+    m[1] = n1;
+}
+
+// fa_softmax_tile on a tile that needs the mask or not.
+__device__ __forceinline__ void fa_softmax_tile(bool masked, float (*sc)[4], float* m, float* l, float* c, int nt,
+                                                const u32* pk, const u32* pq, float sl2, int tq) {
+    if (masked)
+        fa_softmax_tile<true>(sc, m, l, c, nt, pk, pq, sl2, tq);
+    else
+        fa_softmax_tile<false>(sc, m, l, c, nt, pk, pq, sl2, tq);
+}
+
+// O rows scaled by the softmax's correction c (16 rows x HD of m16n8 fragments).
+template <int HD>
+__device__ __forceinline__ void fa_rescale(float (*o)[4], const float* c) {
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+        o[n][0] *= c[0];
+        o[n][1] *= c[0];
+        o[n][2] *= c[1];
+        o[n][3] *= c[1];
+    }
+}
+
 template <int HD, int WARPS, int MT, bool WG>
 __device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
                             const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,
@@ -512,47 +580,9 @@ __device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q
             fa_mm_abt_mt<HD, MT>(sc, qa, Ks + buf * FA_BN * LD, lane);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-            float mx0 = F_NINF, mx1 = F_NINF;
-#pragma unroll
-            for (int n = 0; n < FA_BN / 8; ++n) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int c = n * 8 + 2 * tq + (e & 1);
-                    float x = sc[mt][n][e] * sl2;
-                    if (masked && (c >= nt || P[c] > pq[mt][e >> 1])) x = F_NINF;
-                    sc[mt][n][e] = x;
-                }
-                mx0 = fmaxf(mx0, fmaxf(sc[mt][n][0], sc[mt][n][1]));
-                mx1 = fmaxf(mx1, fmaxf(sc[mt][n][2], sc[mt][n][3]));
-            }
-            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
-            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
-            const float n0 = fmaxf(m[mt][0], mx0), n1 = fmaxf(m[mt][1], mx1);
-            // A row with nothing visible yet keeps m = -inf; subtract 0 then (exp2(-inf) = 0, no NaN).
-            const float s0 = n0 == F_NINF ? 0.f : n0, s1 = n1 == F_NINF ? 0.f : n1;
-            const float c0 = fa_exp2(m[mt][0] - s0), c1 = fa_exp2(m[mt][1] - s1);
-            l[mt][0] *= c0;
-            l[mt][1] *= c1;
-#pragma unroll
-            for (int n = 0; n < HD / 8; ++n) {
-                o[mt][n][0] *= c0;
-                o[mt][n][1] *= c0;
-                o[mt][n][2] *= c1;
-                o[mt][n][3] *= c1;
-            }
-#pragma unroll
-            for (int n = 0; n < FA_BN / 8; ++n) {
-                sc[mt][n][0] = fa_exp2(sc[mt][n][0] - s0);
-                sc[mt][n][1] = fa_exp2(sc[mt][n][1] - s0);
-                sc[mt][n][2] = fa_exp2(sc[mt][n][2] - s1);
-                sc[mt][n][3] = fa_exp2(sc[mt][n][3] - s1);
-                l[mt][0] += sc[mt][n][0] + sc[mt][n][1];
-                l[mt][1] += sc[mt][n][2] + sc[mt][n][3];
-            }
-            m[mt][0] = n0;
-            m[mt][1] = n1;
+            float c[2];
+            fa_softmax_tile(masked, sc[mt], m[mt], l[mt], c, nt, P, pq[mt], sl2, tq);
+            fa_rescale<HD>(o[mt], c);
         }
         if constexpr (WG)
             fa_pt<HD, true>(o[0], sc[0], Vs + buf * FA_BN * LD, lane);
@@ -1093,22 +1123,61 @@ extern "C" __global__ void __launch_bounds__(128)
         for (int e = 0; e < 4; ++e) out[(w16 + g + 8 * (e >> 1)) * 64 + n * 8 + 2 * tq + (e & 1)] = s[n][e];
 }
 
-// ---- Forward with TMA and warp specialisation (opt-in: MOR_FLASH_WARPS=tma,fused,4 or tmap,...; hd 64)
-// WORK IN PROGRESS (session 6): compiled, not yet run on a GPU. Built from the blocks that
-// cuda_parity --tma-probe verified. Block = 3 warpgroups, 128 query rows:
+// ---- Forward with TMA and warp specialisation (hd 64; the default forward: `tmapp`) ------------
+// Block = 3 warpgroups, 128 query rows:
 //  - warpgroup 0 produces: thread 0 loads the block's Q (two 64-row tiles) once, then the K and V
-//    tiles of every visible key tile (the same order the consumers use) into a ring of TMA_STAGES
-//    buffers; `full[s]` completes on the tiles' bytes, `empty[s]` when the 8 consumer warps have
-//    finished with the buffer.
+//    tiles of every visible key tile into a ring of TMA_STAGES buffers, with the tile's index (and
+//    whether it needs the mask) in `stage_tile`, so the consumers read no tables from global
+//    memory in their loop (that cost 0.63 -> 0.44 ms); `full[s]` completes on the tiles' bytes,
+//    `empty[s]` when the 8 consumer warps have finished with the buffer.
 //  - warpgroups 1 and 2 consume 64 query rows each: S = Q·Kᵀ with both operands in shared memory,
-//    the online softmax of fa_fwd_impl in registers, O += P·V with P from registers and the V
-//    tile as an MN-major operand. PIPE (the `tmap` shape): FlashAttention-3's overlap inside a
-//    warpgroup — the next tile's S and the previous tile's P·V are in flight together and the
-//    softmax runs while P·V does (wait_group 1), O is rescaled after it completes.
+//    the online softmax (fa_softmax_tile) in registers, O += P·V with P from registers and the V
+//    tile as an MN-major operand.
+// Schedules (template flags; MOR_FLASH_WARPS=tma|tmap|tmapp,fused,4): PIPE (`tmap`) is
+// FlashAttention-3's overlap inside a warpgroup — the next tile's S and the previous tile's P·V in
+// flight together, the softmax under P·V (wait_group 1), O rescaled after it completes; PP
+// (`tmapp`, with PIPE) adds the ping-pong of the two consumer warpgroups (tma_turn_wait / _pass).
+// H200, 360M shape (8 x 2048 causal, 15/5 heads): tma 0.368 ms, tmap 0.330, tmapp 0.323; the
+// mma.sync forward 0.396.
 // Key rows past the segment (TMA reads the next segment's, or zeros past the tensor) are masked by
 // the tile's row count as in fa_fwd_impl; their positions are read from global memory on the
 // partly visible tiles only.
-#define TMA_STAGES 2
+
+// Cycle counts of the TMA forward's phases, summed over blocks (kernel experiments: the marks exist
+// only under MOR_NVRTC_DEFINES=FA_TRACE; `cuda_parity --flash-sweep` prints them; the phases are the
+// serial `tma` kernel's, the overlapped ones count their whole loop as P·V).
+// Consumer thread 128 (first of warpgroup 1) of every block: 0 Q wait, 1 full waits, 2 S, 3 softmax,
+// 4 P·V, 5 epilogue, 6 block total, 7 tiles, 8 blocks; producer thread 0: 9 empty waits, 10 total.
+__device__ unsigned long long fa_trace[16];
+extern "C" __global__ void fa_trace_take(u32* out) {
+    const int i = threadIdx.x;
+    if (i < 16) {
+        out[2 * i] = (u32)fa_trace[i];
+        out[2 * i + 1] = (u32)(fa_trace[i] >> 32);
+        fa_trace[i] = 0;
+    }
+}
+#ifdef FA_TRACE
+#define FA_MARK(cond, slot, t0)                                       \
+    if (cond) {                                                       \
+        const long long now_ = clock64();                             \
+        atomicAdd(&fa_trace[slot], (unsigned long long)(now_ - (t0))); \
+        t0 = now_;                                                    \
+    }
+#define FA_COUNT(cond, slot) \
+    if (cond) atomicAdd(&fa_trace[slot], 1ull);
+#define FA_RESTART(t0) t0 = clock64();
+#define FA_FROM(t, t0) t = t0;
+#else
+#define FA_RESTART(t0)
+#define FA_FROM(t, t0)
+#define FA_MARK(cond, slot, t0)
+#define FA_COUNT(cond, slot)
+#endif
+#ifndef TMA_STAGES
+#define TMA_STAGES 4
+#endif
+#define TMA_MASKED (1 << 30)
 #define TMA_TILE (64 * 64)
 
 // Issue S = Q·Kᵀ for a warpgroup's 64 rows (both operands swizzled tiles in shared memory).
@@ -1127,57 +1196,6 @@ __device__ __forceinline__ void tma_pv(float (*o)[4], const u32 (*a)[4], const b
     for (int j = 0; j < FA_BN / 16; ++j) wg_mma_n64<1>(o, a[j], wg_desc_sw128(Vt + j * 16 * 64, 16, 1024));
 }
 
-// The online softmax of one score tile (as fa_fwd_impl): masks, scales to log2, updates the running
-// max m and sum l, leaves P = exp2(S - m) in sc and the correction of the previous O in c.
-__device__ __forceinline__ void tma_softmax(float (*sc)[4], float* m, float* l, float* c, bool masked, int nt,
-                                            const u32* pk, const u32* pq, float sl2, int tq) {
-    float mx0 = F_NINF, mx1 = F_NINF;
-#pragma unroll
-    for (int n = 0; n < FA_BN / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int col = n * 8 + 2 * tq + (e & 1);
-            float x = sc[n][e] * sl2;
-            if (masked && (col >= nt || pk[col] > pq[e >> 1])) x = F_NINF;
-            sc[n][e] = x;
-        }
-        mx0 = fmaxf(mx0, fmaxf(sc[n][0], sc[n][1]));
-        mx1 = fmaxf(mx1, fmaxf(sc[n][2], sc[n][3]));
-    }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
-    const float n0 = fmaxf(m[0], mx0), n1 = fmaxf(m[1], mx1);
-    // A row with nothing visible yet keeps m = -inf; subtract 0 then (exp2(-inf) = 0, no NaN).
-    const float s0 = n0 == F_NINF ? 0.f : n0, s1 = n1 == F_NINF ? 0.f : n1;
-    c[0] = fa_exp2(m[0] - s0);
-    c[1] = fa_exp2(m[1] - s1);
-    l[0] *= c[0];
-    l[1] *= c[1];
-#pragma unroll
-    for (int n = 0; n < FA_BN / 8; ++n) {
-        sc[n][0] = fa_exp2(sc[n][0] - s0);
-        sc[n][1] = fa_exp2(sc[n][1] - s0);
-        sc[n][2] = fa_exp2(sc[n][2] - s1);
-        sc[n][3] = fa_exp2(sc[n][3] - s1);
-        l[0] += sc[n][0] + sc[n][1];
-        l[1] += sc[n][2] + sc[n][3];
-    }
-    m[0] = n0;
-    m[1] = n1;
-}
-
-__device__ __forceinline__ void tma_rescale(float (*o)[4], const float* c) {
-#pragma unroll
-    for (int n = 0; n < 8; ++n) {
-        o[n][0] *= c[0];
-        o[n][1] *= c[0];
-        o[n][2] *= c[1];
-        o[n][3] *= c[1];
-    }
-}
-
 __device__ __forceinline__ void tma_pack(u32 (*a)[4], const float (*sc)[4]) {
 #pragma unroll
     for (int j = 0; j < FA_BN / 16; ++j) {
@@ -1188,12 +1206,23 @@ __device__ __forceinline__ void tma_pack(u32 (*a)[4], const float (*sc)[4]) {
     }
 }
 
+// Named barriers 1 and 2 order the two consumer warpgroups' products (ping-pong, as FlashAttention-3's
+// warp scheduler barriers): warpgroup cw waits on barrier 1 + cw before issuing its products and
+// arrives on the other's after, so the tensor cores alternate between them and one warpgroup's
+// softmax runs under the other's products.
+__device__ __forceinline__ void tma_turn_wait(int cw) {
+    asm volatile("bar.sync %0, 256;\n" ::"r"(1 + cw) : "memory");
+}
+__device__ __forceinline__ void tma_turn_pass(int cw) {
+    asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - cw) : "memory");
+}
+
 // This warp is done with a stage's K and V.
 __device__ __forceinline__ void tma_release(u64* bar, int lane) {
     if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(bar)) : "memory");
 }
 
-template <bool PIPE>
+template <bool PIPE, bool PP>
 __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* tmv, void* out, int out_bf16, float* lse,
                            const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,
                            const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {
@@ -1208,6 +1237,9 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
     u64* empty = full + TMA_STAGES;
     u64* qbar = empty + TMA_STAGES;
     __shared__ u32 red[2 * 12];
+    // Per stage, from the producer: the key tile it holds (TMA_MASKED when partly visible), or -1
+    // after the last one; published by the stage's full barrier (release / acquire).
+    __shared__ int stage_tile[TMA_STAGES];
     if ((int)blockIdx.x >= qoff[num_seqs]) return;
     const FaQueryBlock<BM> qb(blockIdx.x, cu_q, cu_k, qoff, koff, num_seqs, heads, kv_heads);
     const int h = qb.h, kh = qb.kh, nq = qb.nq, kt0 = qb.kt0, nkt = qb.nkt;
@@ -1229,6 +1261,11 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
+#ifdef FA_TRACE
+    long long tr = clock64();
+    const long long tr0 = tr;
+    const bool trc = threadIdx.x == 128;
+#endif
 
     if (wg == 0) {
         if (threadIdx.x != 0) return;
@@ -1236,14 +1273,25 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
         tma_load_2d(Qs, tmq, h * HD, (int)q0, qbar);
         tma_load_2d(Qs + TMA_TILE, tmq, h * HD, (int)q0 + 64, qbar);
         int i = 0;
-        for (int t = fa_next_tile(krange, kt0, 0, nkt, maxpq); t < nkt; t = fa_next_tile(krange, kt0, t + 1, nkt, maxpq), ++i) {
+        for (int t = fa_next_tile(krange, kt0, 0, nkt, maxpq);; t = fa_next_tile(krange, kt0, t + 1, nkt, maxpq), ++i) {
             const int st = i % TMA_STAGES;
+            FA_RESTART(tr)
             if (i >= TMA_STAGES) mbar_wait(&empty[st], ((i / TMA_STAGES) - 1) & 1);
+            FA_MARK(true, 9, tr)
+            if (t >= nkt) {
+                stage_tile[st] = -1;
+                asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(&full[st])) : "memory");
+                break;
+            }
+            const bool masked = !(krange[2 * (kt0 + t) + 1] <= minpq && qb.tile_rows(t) == FA_BN);
+            stage_tile[st] = t | (masked ? TMA_MASKED : 0);
             mbar_expect_tx(&full[st], 2 * TMA_TILE * 2);
             const int row = (int)qb.tile_start(t);
             tma_load_2d(Ks + st * TMA_TILE, tmk, kh * HD, row, &full[st]);
             tma_load_2d(Vs + st * TMA_TILE, tmv, kh * HD, row, &full[st]);
         }
+        FA_FROM(tr, tr0)
+        FA_MARK(true, 10, tr)
         return;
     }
 
@@ -1263,55 +1311,75 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
     const float sl2 = scale * LOG2E_F;
     const bf16_t* Qw = Qs + cw * TMA_TILE;
     mbar_wait(qbar, 0);
+    FA_MARK(trc, 0, tr)
     float sc[FA_BN / 8][4];
     u32 a[FA_BN / 16][4];
-    // Whether tile t needs the mask, and its key positions (global memory) when it does.
-    auto masked_of = [&](int t) { return !(krange[2 * (kt0 + t) + 1] <= minpq && qb.tile_rows(t) == FA_BN); };
-    auto next = [&](int t) { return fa_next_tile(krange, kt0, t, nkt, maxpq); };
-    auto softmax = [&](int t) {
-        tma_softmax(sc, m, l, c, masked_of(t), qb.tile_rows(t), pos_k + qb.tile_start(t), pq, sl2, tq);
+    // The key tile of stage st once it is full (with TMA_MASKED), -1 after the last.
+    auto wait_tile = [&](int i) {
+        mbar_wait(&full[i % TMA_STAGES], (i / TMA_STAGES) & 1);
+        return stage_tile[i % TMA_STAGES];
     };
+    // The softmax of tile tm (the tile index with its TMA_MASKED flag); key positions from global
+    // memory on partly visible tiles only.
+    auto softmax = [&](int tm) {
+        const int t = tm & ~TMA_MASKED;
+        fa_softmax_tile(tm & TMA_MASKED, sc, m, l, c, qb.tile_rows(t), pos_k + qb.tile_start(t), pq, sl2, tq);
+    };
+    // Ping-pong: warpgroup 0 takes the first turn; each turn is passed once per issue, and warpgroup 0
+    // takes the one left over at the end (every bar.arrive matched by a bar.sync).
+    if (PP && cw == 1) tma_turn_pass(cw);
     if constexpr (!PIPE) {
-        int i = 0;
-        for (int t = next(0); t < nkt; t = next(t + 1), ++i) {
-            const int st = i % TMA_STAGES;
-            mbar_wait(&full[st], (i / TMA_STAGES) & 1);
+        for (int i = 0;; ++i) {
+            const int st = i % TMA_STAGES, t = wait_tile(i);
+            if (t < 0) break;
+            FA_MARK(trc, 1, tr)
+            if (PP) tma_turn_wait(cw);
             tma_scores(sc, Qw, Ks + st * TMA_TILE);
             wg_commit();
+            if (PP) tma_turn_pass(cw);
             wg_wait0();
             wg_pin(sc, FA_BN / 8);
+            FA_MARK(trc, 2, tr)
             softmax(t);
-            tma_rescale(o, c);
+            fa_rescale<HD>(o, c);
             tma_pack(a, sc);
             wg_pin(a, FA_BN / 16);
             wg_pin(o, HD / 8);
+            FA_MARK(trc, 3, tr)
             wg_fence();
             tma_pv(o, a, Vs + st * TMA_TILE);
             wg_commit();
             wg_wait0();
             wg_pin(o, HD / 8);
             tma_release(&empty[st], lane);
+            FA_MARK(trc, 4, tr)
+            FA_COUNT(trc, 7)
         }
     } else {
         // The first tile alone; then per tile the next S and the previous P·V in flight together
         // (no branch around a wgmma: ptxas serialises wgmma on divergent paths).
-        int t = next(0);
-        if (t < nkt) {
-            mbar_wait(&full[0], 0);
+        int t = wait_tile(0);
+        if (t >= 0) {
+            if (PP) tma_turn_wait(cw);
             tma_scores(sc, Qw, Ks);
             wg_commit();
+            if (PP) tma_turn_pass(cw);
             wg_wait0();
             wg_pin(sc, FA_BN / 8);
             softmax(t);
             tma_pack(a, sc);
             int prev = 0, i = 1;
-            for (t = next(t + 1); t < nkt; t = next(t + 1), ++i) {
+            for (;; ++i) {
                 const int st = i % TMA_STAGES;
-                mbar_wait(&full[st], (i / TMA_STAGES) & 1);
+                t = wait_tile(i);
+                if (t < 0) break;
+                FA_COUNT(trc, 7)
+                if (PP) tma_turn_wait(cw);
                 tma_scores(sc, Qw, Ks + st * TMA_TILE);
                 wg_commit();  // group: S
                 tma_pv(o, a, Vs + prev * TMA_TILE);
                 wg_commit();  // group: the previous P·V
+                if (PP) tma_turn_pass(cw);
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // S is ready
                 wg_pin(sc, FA_BN / 8);
                 softmax(t);
@@ -1319,7 +1387,7 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
                 wg_pin(o, HD / 8);
                 wg_pin(a, FA_BN / 16);  // its P stayed live until here
                 tma_release(&empty[prev], lane);
-                tma_rescale(o, c);
+                fa_rescale<HD>(o, c);
                 tma_pack(a, sc);
                 prev = st;
             }
@@ -1333,6 +1401,8 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
             tma_release(&empty[prev], lane);
         }
     }
+    if (PP && cw == 0) tma_turn_wait(cw);
+    FA_MARK(trc, 4, tr)
     const int qs = heads * HD;
     float inv[2];
 #pragma unroll
@@ -1352,18 +1422,23 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
 #pragma unroll
         for (int k = 0; k < 2; ++k)
             if (r[k] < nq) lse[(i64)(q0 + r[k]) * heads + h] = l[k] > 0.f ? (m[k] + log2f(l[k])) * LN2_F : F_INF;
+    FA_MARK(trc, 5, tr)
+    FA_FROM(tr, tr0)
+    FA_MARK(trc, 6, tr)
+    FA_COUNT(trc, 8)
 }
 
-#define INST_FA_FWD_TMA(PIPE, SUF)                                                                                   \
+#define INST_FA_FWD_TMA(PIPE, PP, SUF)                                                                                  \
     extern "C" __global__ void __launch_bounds__(384, 1) attn_fwd_bf16_d64_w12_##SUF(                                \
         const __grid_constant__ TmaMap tmq, const __grid_constant__ TmaMap tmk, const __grid_constant__ TmaMap tmv, \
         void* out, int out_bf16, float* lse, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,   \
         const int* qoff, const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {   \
-        fa_fwd_tma<PIPE>(&tmq, &tmk, &tmv, out, out_bf16, lse, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange,         \
+        fa_fwd_tma<PIPE, PP>(&tmq, &tmk, &tmv, out, out_bf16, lse, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange,         \
                          num_seqs, heads, kv_heads, scale);                                                          \
     }
-INST_FA_FWD_TMA(false, tma)
-INST_FA_FWD_TMA(true, tmap)
+INST_FA_FWD_TMA(false, false, tma)
+INST_FA_FWD_TMA(true, false, tmap)
+INST_FA_FWD_TMA(true, true, tmapp)
 
 extern "C" __global__ void __launch_bounds__(128)
     wg_probe_d32(float* out, const bf16_t* a, const bf16_t* b, int mode, int shift) {
