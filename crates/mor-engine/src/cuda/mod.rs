@@ -210,10 +210,12 @@ impl FlashShape {
 /// time (this tile's K for S, the previous tile's V for P·V), so two left the producer no room ahead
 /// (H200: 0.451 ms at 2 stages, 0.330 at 4, 360M shape).
 const TMA_STAGES: usize = 4;
+/// Q / dout stages of the TMA backward's ring (`TMA_BWD_STAGES` in kernels/flash_attention.cu).
+const TMA_BWD_STAGES: usize = 2;
 
 /// The instantiated shapes (`INST_FA_FWD` / `INST_FA_BWD` in kernels/flash_attention.cu); the
 /// backward kernels hold too many fragments for two row tiles per warp.
-const FLASH_SHAPES: [(&str, FlashShape); 18] = [
+const FLASH_SHAPES: [(&str, FlashShape); 19] = [
     ("fwd", FlashShape::mma(4, 1)),
     ("fwd", FlashShape::mma(8, 1)),
     ("fwd", FlashShape::mma(4, 2)),
@@ -232,6 +234,7 @@ const FLASH_SHAPES: [(&str, FlashShape); 18] = [
     ("dkdv", FlashShape::wg(8)),
     ("fused", FlashShape::mma(4, 1)),
     ("fused", FlashShape::mma(8, 1)),
+    ("fused", FlashShape::tma(false, false)),
 ];
 
 /// Block shape per tensor-core attention kernel: the defaults come from tuning on an H200
@@ -1306,12 +1309,14 @@ impl Cuda {
                 self.memset0(acc, nqe * 4);
                 let (name, rows, threads, smem) = self.flash_kernel("fused", hd);
                 let (koff, grid, qoff, qrange) = self.flash_tables(shape.cu_k, nk, rows, shape.cu_q, shape.pos_q, nq, shape.num_seqs);
-                launch!(
-                    self,
-                    &name,
-                    cfg((grid, kvh as u32, 1), threads, smem),
-                    [dkp, dvp, kv_bf16, acc, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]
-                );
+                let c = cfg((grid, kvh as u32, 1), threads, smem);
+                if name.ends_with("_tma") {
+                    let (tq, tg) = (TmaMap::bf16_tiles(q16, nq, heads * hd), TmaMap::bf16_tiles(g16, nq, heads * hd));
+                    let (tk, tv) = (TmaMap::bf16_tiles(k16, nk, kvh * hd), TmaMap::bf16_tiles(v16, nk, kvh * hd));
+                    launch!(self, &name, c, [tq, tg, tk, tv, dkp, dvp, kv_bf16, acc, lp, delta, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]);
+                } else {
+                    launch!(self, &name, c, [dkp, dvp, kv_bf16, acc, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]);
+                }
                 match dq_rope {
                     Some(theta) => launch!(self, "attn_dq_from_acc_rope", self.ew(nq * hd / 2), [dqp, dq_bf16, acc, pq, nq as i32, hi, hdi, theta]),
                     None => launch!(self, "attn_dq_from_acc", self.ew(nqe / 2), [dqp, dq_bf16, acc, nqe as i64]),
@@ -1505,8 +1510,14 @@ impl Cuda {
     /// the layouts are at the top of each kernel in kernels/flash_attention.cu.
     fn flash_smem(kind: &str, hd: usize, shape: FlashShape) -> u32 {
         if shape.tma {
-            // 1024 bytes of alignment slack, Q (two tiles), the K and V ring, the mbarriers.
-            return (1024 + (2 + 2 * TMA_STAGES) * FLASH_TILE * hd * 2 + 8 * (2 * TMA_STAGES + 1)) as u32;
+            let tile = FLASH_TILE * hd * 2;
+            // 1024 bytes of alignment slack, then the tiles and the mbarriers: forward Q (two tiles)
+            // and the K / V ring; backward K, V and dSᵀ (two tiles each) and the Q / dout ring.
+            return if kind == "fwd" {
+                1024 + (2 + 2 * TMA_STAGES) * tile + 8 * (2 * TMA_STAGES + 1)
+            } else {
+                1024 + (6 + 2 * TMA_BWD_STAGES) * tile + 8 * (2 * TMA_BWD_STAGES + 1)
+            } as u32;
         }
         let row = (hd + 8) * 2;
         // The wgmma backward kernels stage their own rows' two operands in tiles of their own.
@@ -1552,7 +1563,11 @@ impl Cuda {
     /// [`Cuda::flash_kernel`] for a given shape; the TMA forward exists for hd 64 only (other
     /// head dims take the default forward).
     fn flash_kernel_of(kind: &str, hd: usize, shape: FlashShape) -> (String, usize, u32, u32) {
-        let shape = if shape.tma && hd != 64 { FlashConfig::MMA_FWD } else { shape };
+        let shape = match kind {
+            _ if !shape.tma || hd == 64 => shape,
+            "fwd" => FlashConfig::MMA_FWD,
+            _ => FlashConfig::DEFAULT.dkdv,
+        };
         (Self::flash_kernel_name(kind, hd, shape), shape.rows(), 32 * shape.warps as u32, Self::flash_smem(kind, hd, shape))
     }
 

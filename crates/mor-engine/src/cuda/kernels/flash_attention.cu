@@ -264,16 +264,18 @@ __device__ __forceinline__ void wg_mma_n32(float (*d)[4], const u32* a, u64 desc
         : WG_D(0), WG_D(1), WG_D(2), WG_D(3)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1), "n"(TB));
 }
-// d[64 x 64] += A[64 x 16] · B[64 x 16]ᵀ, both from shared memory.
+// d[64 x 64] += A[64 x 16] · B[16 x 64], both from shared memory; K-major unless TA / TB = 1
+// (MN-major A / B).
+template <int TA = 0, int TB = 0>
 __device__ __forceinline__ void wg_mma_ss_n64(float (*d)[4], u64 da, u64 db) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
         "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
         "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        "%32, %33, p, 1, 1, %35, %36;\n}\n"
         : WG_D(0), WG_D(1), WG_D(2), WG_D(3), WG_D(4), WG_D(5), WG_D(6), WG_D(7)
-        : "l"(da), "l"(db), "r"(1));
+        : "l"(da), "l"(db), "r"(1), "n"(TA), "n"(TB));
 }
 #undef WG_D
 
@@ -1439,6 +1441,249 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
 INST_FA_FWD_TMA(false, false, tma)
 INST_FA_FWD_TMA(true, false, tmap)
 INST_FA_FWD_TMA(true, true, tmapp)
+
+// ---- Backward with TMA and warp specialisation (hd 64; opt-in: MOR_FLASH_WARPS=tmapp,fused,tma) -----
+// The fused backward (dk, dv, and dq by atomics into the f32 workspace) on the TMA / wgmma blocks of
+// the forward. Block = 3 warpgroups over 128 keys of kv head blockIdx.y; consumer warpgroup c owns
+// keys 64c.. of the block. The stream is the mma.sync fused kernel's: (query tile, head of the
+// group) positions, query tiles outermost, tiles no key of the block can see skipped.
+//  - producer (warp 0 of warpgroup 0): K and V of the block once by TMA, then per stream position
+//    a ring stage: the Q and dout tiles by TMA, the tile's query positions, lse (log2 domain; +inf
+//    past the segment, so those columns get P = 0) and D by the warp's lanes (every lane arrives on
+//    `full`, lane 0 with the bytes); `bstage` = position | TMA_MASKED, -1 after the last.
+//  - consumers: Sᵀ = K·Qᵀ and dPᵀ = V·doutᵀ (SS wgmma, K-major), Pᵀ = exp2(Sᵀ·scale·log2 e - lse),
+//    dSᵀ = Pᵀ ⊙ (dPᵀ - D); dV += Pᵀ·dout and dK += dSᵀ·Q (RS wgmma, the tiles as MN-major B); dSᵀ
+//    to the warpgroup's swizzled [key][query] tile, then dQ = dS·K over its 64 keys (SS wgmma,
+//    both operands MN-major) added to the workspace with red.global.add.v2.
+#ifndef TMA_BWD_STAGES
+#define TMA_BWD_STAGES 2
+#endif
+
+// Pᵀ and dSᵀ of a 64-key x 64-query tile from Sᵀ (in p) and dPᵀ (in dp), in place; key positions
+// per row (pk0 rows g, pk1 rows g + 8), query positions / lse / D per column from shared memory.
+template <bool MASKED>
+__device__ __forceinline__ void fa_bwd_tile_p(float (*p)[4], float (*dp)[4], const u32* pq, const float* L,
+                                              const float* D, u32 pk0, u32 pk1, float sl2, int tq) {
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int c = n * 8 + 2 * tq + (e & 1);
+            float x = fa_exp2(p[n][e] * sl2 - L[c]);
+            if constexpr (MASKED)
+                if ((e < 2 ? pk0 : pk1) > pq[c]) x = 0.f;
+            p[n][e] = x;
+            dp[n][e] = x * (dp[n][e] - D[c]);
+        }
+}
+
+// Row r (0..63), bf16 columns c, c + 1 (c even) of a 128-byte-swizzled [64][64] tile.
+__device__ __forceinline__ u32* sw128_pair(bf16_t* tile, int r, int c) {
+    return (u32*)((unsigned char*)tile + r * 128 + (((c >> 3) ^ (r & 7)) << 4) + (c & 7) * 2);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12_tma(
+    const __grid_constant__ TmaMap tmq, const __grid_constant__ TmaMap tmg, const __grid_constant__ TmaMap tmk,
+    const __grid_constant__ TmaMap tmv, void* dk, void* dv, int kv_bf16, float* dq_acc, const float* lse,
+    const float* delta, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* koff,
+    const int* qoff, const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {
+    constexpr int HD = 64, BM = 128, ST = TMA_BWD_STAGES;
+    extern __shared__ __align__(16) unsigned char tmb_sh[];
+    unsigned char* base = tmb_sh + ((1024u - (fa_smem(tmb_sh) & 1023u)) & 1023u);
+    bf16_t* Ks = (bf16_t*)base;        // [2][64][64] keys 0-63, 64-127 of the block
+    bf16_t* Vs = Ks + 2 * TMA_TILE;    // [2][64][64]
+    bf16_t* Qs = Vs + 2 * TMA_TILE;    // [ST][64][64]
+    bf16_t* Gs = Qs + ST * TMA_TILE;   // [ST][64][64] dout
+    bf16_t* Ds = Gs + ST * TMA_TILE;   // [2][64][64] dSᵀ per consumer warpgroup
+    u64* full = (u64*)(Ds + 2 * TMA_TILE);
+    u64* empty = full + ST;
+    u64* kvbar = empty + ST;
+    __shared__ u32 red[2 * 12];
+    __shared__ int bstage[ST];
+    __shared__ u32 spq[ST][64];
+    __shared__ float slse[ST][64], sdel[ST][64];
+    const int b = blockIdx.x;
+    if (b >= koff[num_seqs]) return;
+    const int s = att_find_seg(koff, num_seqs, b);
+    const int kh = blockIdx.y, group = heads / kv_heads;
+    const int wg = threadIdx.x >> 7, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const u32 k0 = cu_k[s] + (u32)(b - koff[s]) * BM;
+    const int nk = (int)min((u32)BM, cu_k[s + 1] - k0);
+    const u32 qa_ = cu_q[s], qb = cu_q[s + 1];
+    const int qt0 = qoff[s], nqt = qoff[s + 1] - qoff[s], nit = nqt * group;
+    // The block's key position range (every thread takes part).
+    const int own = threadIdx.x;
+    const bool has = own < nk;
+    const u32 pown = has ? pos_k[k0 + own] : 0u;
+    u32 minpk, maxpk;
+    fa_block_minmax<12>(has ? pown : U32_MAX, has ? pown : 0u, red, minpk, maxpk);
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < ST; ++i) {
+            mbar_init(&full[i], 32);
+            mbar_init(&empty[i], 8);
+        }
+        mbar_init(kvbar, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        if (threadIdx.x >= 32) return;
+        if (lane == 0) {
+            mbar_expect_tx(kvbar, 4 * TMA_TILE * 2);
+            for (int j = 0; j < 2; ++j) {
+                tma_load_2d(Ks + j * TMA_TILE, &tmk, kh * HD, (int)k0 + 64 * j, kvbar);
+                tma_load_2d(Vs + j * TMA_TILE, &tmv, kh * HD, (int)k0 + 64 * j, kvbar);
+            }
+        }
+        // A query tile is skipped when its largest position precedes every key of the block.
+        auto next = [&](int it) {
+            if (it >= nit || it % group != 0) return it;
+            int t = it / group;
+            while (t < nqt && qrange[2 * (qt0 + t) + 1] < minpk) ++t;
+            return t * group;
+        };
+        int i = 0;
+        for (int it = next(0);; it = next(it + 1), ++i) {
+            const int st = i % ST;
+            if (i >= ST) mbar_wait(&empty[st], ((i / ST) - 1) & 1);
+            if (it >= nit) {
+                if (lane == 0) bstage[st] = -1;
+                asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(&full[st])) : "memory");
+                break;
+            }
+            const int t = it / group, h = kh * group + it % group;
+            const u32 t0 = qa_ + (u32)t * FA_BN;
+            const int nt = (int)min((u32)FA_BN, qb - t0);
+            for (int j = lane; j < FA_BN; j += 32) {
+                const bool in = j < nt;
+                spq[st][j] = in ? pos_q[t0 + j] : 0u;
+                slse[st][j] = in ? lse[(i64)(t0 + j) * heads + h] * LOG2E_F : F_INF;
+                sdel[st][j] = in ? delta[(i64)(t0 + j) * heads + h] : 0.f;
+            }
+            // Keys past the segment (rows of the next one) need the mask on every tile.
+            const bool masked = nk < BM || !(maxpk <= qrange[2 * (qt0 + t)]);
+            if (lane == 0) {
+                bstage[st] = it | (masked ? TMA_MASKED : 0);
+                mbar_expect_tx(&full[st], 2 * TMA_TILE * 2);
+                tma_load_2d(Qs + st * TMA_TILE, &tmq, h * HD, (int)t0, &full[st]);
+                tma_load_2d(Gs + st * TMA_TILE, &tmg, h * HD, (int)t0, &full[st]);
+            } else {
+                asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(&full[st])) : "memory");
+            }
+        }
+        return;
+    }
+
+    // Consumers: warpgroup cw owns keys 64·cw.. of the block; warp w16 its 16 of them.
+    const int cw = wg - 1, w16 = ((threadIdx.x >> 5) & 3) * 16;
+    const int r0 = 64 * cw + w16 + g, r1 = r0 + 8;
+    const u32 pk0 = r0 < nk ? pos_k[k0 + r0] : U32_MAX, pk1 = r1 < nk ? pos_k[k0 + r1] : U32_MAX;
+    const bf16_t* Kw = Ks + cw * TMA_TILE;
+    const bf16_t* Vw = Vs + cw * TMA_TILE;
+    bf16_t* Dw = Ds + cw * TMA_TILE;
+    const int qs = heads * HD, ks = kv_heads * HD;
+    const float sl2 = scale * LOG2E_F;
+    float dka[8][4], dva[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+        dka[n][0] = dka[n][1] = dka[n][2] = dka[n][3] = 0.f;
+        dva[n][0] = dva[n][1] = dva[n][2] = dva[n][3] = 0.f;
+    }
+    mbar_wait(kvbar, 0);
+    for (int i = 0;; ++i) {
+        const int st = i % ST;
+        mbar_wait(&full[st], (i / ST) & 1);
+        const int info = bstage[st];
+        if (info < 0) break;
+        const int it = info & ~TMA_MASKED;
+        const bf16_t* Qt = Qs + st * TMA_TILE;
+        const bf16_t* Gt = Gs + st * TMA_TILE;
+        float p[8][4], dp[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+            p[n][0] = p[n][1] = p[n][2] = p[n][3] = 0.f;
+            dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
+        }
+        wg_pin(p, 8);
+        wg_pin(dp, 8);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wg_mma_ss_n64(p, wg_desc_sw128(Kw + kk * 16), wg_desc_sw128(Qt + kk * 16));
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wg_mma_ss_n64(dp, wg_desc_sw128(Vw + kk * 16), wg_desc_sw128(Gt + kk * 16));
+        wg_commit();
+        wg_wait0();
+        wg_pin(p, 8);
+        wg_pin(dp, 8);
+        if (info & TMA_MASKED)
+            fa_bwd_tile_p<true>(p, dp, spq[st], slse[st], sdel[st], pk0, pk1, sl2, tq);
+        else
+            fa_bwd_tile_p<false>(p, dp, spq[st], slse[st], sdel[st], pk0, pk1, sl2, tq);
+        u32 pa[4][4], dsa[4][4];
+        tma_pack(pa, p);
+        tma_pack(dsa, dp);
+        // dSᵀ rows w16 + g (+ 8), query columns 8n + 2tq (+ 1), as the dq product's A.
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int c = 16 * j + 2 * tq;
+            *sw128_pair(Dw, w16 + g, c) = dsa[j][0];
+            *sw128_pair(Dw, w16 + g + 8, c) = dsa[j][1];
+            *sw128_pair(Dw, w16 + g, c + 8) = dsa[j][2];
+            *sw128_pair(Dw, w16 + g + 8, c + 8) = dsa[j][3];
+        }
+        wg_pin(pa, 4);
+        wg_pin(dsa, 4);
+        wg_pin(dva, 8);
+        wg_pin(dka, 8);
+        wg_fence();
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wg_mma_n64<1>(dva, pa[j], wg_desc_sw128(Gt + j * 16 * 64, 16, 1024));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wg_mma_n64<1>(dka, dsa[j], wg_desc_sw128(Qt + j * 16 * 64, 16, 1024));
+        wg_commit();
+        // The warpgroup's dSᵀ tile complete and visible to the tensor cores' (async) proxy.
+        fa_fence_async();
+        asm volatile("bar.sync %0, 128;\n" ::"r"(3 + cw) : "memory");
+        float dq[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+        wg_pin(dq, 8);
+        wg_fence();
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            wg_mma_ss_n64<1, 1>(dq, wg_desc_sw128(Dw + j * 16 * 64, 16, 1024), wg_desc_sw128(Kw + j * 16 * 64, 16, 1024));
+        wg_commit();
+        wg_wait0();
+        wg_pin(dq, 8);
+        wg_pin(dva, 8);
+        wg_pin(dka, 8);
+        tma_release(&empty[st], lane);
+        const int t = it / group, h = kh * group + it % group;
+        const u32 t0 = qa_ + (u32)t * FA_BN;
+        const int nt = (int)min((u32)FA_BN, qb - t0);
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+            const int d = h * HD + n * 8 + 2 * tq;
+#pragma unroll
+            for (int k = 0; k < 2; ++k)
+                if (w16 + g + 8 * k < nt)
+                    fa_red2(dq_acc + (i64)(t0 + w16 + g + 8 * k) * qs + d, scale * dq[n][2 * k], scale * dq[n][2 * k + 1]);
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+        const int d = kh * HD + n * 8 + 2 * tq;
+        if (r0 < nk) {
+            fa_put2(dk, (i64)(k0 + r0) * ks + d, scale * dka[n][0], scale * dka[n][1], kv_bf16, true);
+            fa_put2(dv, (i64)(k0 + r0) * ks + d, dva[n][0], dva[n][1], kv_bf16, true);
+        }
+        if (r1 < nk) {
+            fa_put2(dk, (i64)(k0 + r1) * ks + d, scale * dka[n][2], scale * dka[n][3], kv_bf16, true);
+            fa_put2(dv, (i64)(k0 + r1) * ks + d, dva[n][2], dva[n][3], kv_bf16, true);
+        }
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(128)
     wg_probe_d32(float* out, const bf16_t* a, const bf16_t* b, int mode, int shift) {
