@@ -71,7 +71,7 @@ if [ -z "${SKIP_PARITY:-}" ]; then
   if [ -x "$OPS" ]; then
     step "op-level parity + kernel timings (cuda_parity)" 150 required -- "$OPS"
     # Every tensor-core attention path (fused backward default, two-pass deterministic, wgmma opt-in): checks and timings.
-    step "flash-attention configurations (cuda_parity --flash-sweep)" 90 required -- "$OPS" --flash-sweep "tmapp,fused,4;8,fused,4;8,4,4;8g,4g,4g"
+    step "flash-attention configurations (cuda_parity --flash-sweep)" 90 required -- "$OPS" --flash-sweep "tmapp,fused,tma;8,fused,4;8,4,4;8g,4g,4g"
     # The Hopper building blocks (TMA with 128-byte swizzle, shared-memory wgmma operands).
     step "TMA / wgmma building blocks (cuda_parity --tma-probe)" 30 required -- "$OPS" --tma-probe
   fi

@@ -180,7 +180,7 @@ fn main() {
         return;
     }
     if let Some(i) = args.iter().position(|a| a == "--flash-sweep") {
-        flash_sweep(args.get(i + 1).map_or("tmapp,fused,4;8,fused,4;8,4,4;8g,4g,4g", String::as_str));
+        flash_sweep(args.get(i + 1).map_or("tmapp,fused,tma;8,fused,4;8,4,4;8g,4g,4g", String::as_str));
         return;
     }
     let timings = !args.iter().any(|a| a == "--no-timings");
@@ -1580,12 +1580,28 @@ fn bench(g: &Cuda) {
 
 /// The TMA forward's cycles per phase (kernels compiled with `MOR_NVRTC_DEFINES=FA_TRACE`; slots as
 /// `fa_trace` in kernels/flash_attention.cu), per key tile and per block of the timed calls.
-fn print_flash_trace(t: &[u64; 16]) {
+fn print_flash_trace(t: &[u64; 32]) {
+    let per = |x: u64, n: u64| x as f64 / n as f64;
+    let (its, bblocks) = (t[21], t[22]);
+    if its > 0 && bblocks > 0 {
+        println!(
+            "  trace bwd: {bblocks} blocks, {:.1} stream positions/block | per position: full wait {:.0}, Sᵀ/dPᵀ {:.0}, \
+             P/dS {:.0}, dV/dK/dQ {:.0}, dq atomics {:.0} cycles | per block: total {:.0}; producer empty waits {:.0}, total {:.0}",
+            per(its, bblocks),
+            per(t[16], its),
+            per(t[17], its),
+            per(t[18], its),
+            per(t[19], its),
+            per(t[20], its),
+            per(t[25], bblocks),
+            per(t[23], bblocks),
+            per(t[24], bblocks)
+        );
+    }
     let (tiles, blocks) = (t[7], t[8]);
     if tiles == 0 || blocks == 0 {
         return;
     }
-    let per = |x: u64, n: u64| x as f64 / n as f64;
     println!(
         "  trace: {blocks} blocks, {:.1} tiles/block | per tile: full wait {:.0}, S {:.0}, softmax {:.0}, P·V {:.0} cycles \
          | per block: Q wait {:.0}, epilogue {:.0}, total {:.0}; producer empty waits {:.0}, total {:.0}",

@@ -211,7 +211,7 @@ impl FlashShape {
 /// (H200: 0.451 ms at 2 stages, 0.330 at 4, 360M shape).
 const TMA_STAGES: usize = 4;
 /// Q / dout stages of the TMA backward's ring (`TMA_BWD_STAGES` in kernels/flash_attention.cu).
-const TMA_BWD_STAGES: usize = 2;
+const TMA_BWD_STAGES: usize = 3;
 
 /// The instantiated shapes (`INST_FA_FWD` / `INST_FA_BWD` in kernels/flash_attention.cu); the
 /// backward kernels hold too many fragments for two row tiles per warp.
@@ -241,7 +241,7 @@ const FLASH_SHAPES: [(&str, FlashShape); 19] = [
 /// (docs/benchmarks/); `MOR_FLASH_WARPS=fwd,dq,dkdv` overrides them for experiments, each entry
 /// `W` (W warps of one row tile), `WxT` (T row tiles per warp), `Wg` (wgmma) or, for the forward,
 /// `tma` / `tmap` / `tmapp` (the TMA kernels), e.g. `4x2,4,8g`; dq `fused` selects the fused
-/// backward with the dk/dv shape (`tmapp,fused,4`, the default).
+/// backward with the dk/dv shape, `tma` for the TMA backward (`tmapp,fused,tma`, the default).
 #[derive(Debug, Clone, Copy)]
 struct FlashConfig {
     fwd: FlashShape,
@@ -255,9 +255,12 @@ struct FlashConfig {
 
 impl FlashConfig {
     const DEFAULT: FlashConfig =
-        FlashConfig { fwd: FlashShape::tma(true, true), dq: FlashShape::mma(4, 1), dkdv: FlashShape::mma(4, 1), fused: true };
+        FlashConfig { fwd: FlashShape::tma(true, true), dq: FlashShape::mma(4, 1), dkdv: FlashShape::tma(false, false), fused: true };
     /// The forward where the TMA kernel does not apply (head dims other than 64, calls without keys).
     const MMA_FWD: FlashShape = FlashShape::mma(8, 1);
+    /// The backward kernels where the TMA backward does not apply (head dims other than 64, the
+    /// deterministic two passes).
+    const MMA_BWD: FlashShape = FlashShape::mma(4, 1);
 
     /// The defaults unless `MOR_FLASH_WARPS` names the shapes.
     fn from_env() -> Self {
@@ -646,18 +649,30 @@ impl TmaMap {
     /// aligned, `cols` a multiple of 64), read in boxes of 64 rows x 64 columns with 128-byte
     /// swizzle (a box row is 128 bytes); rows past the end read as zero.
     fn bf16_tiles(ptr: u64, rows: usize, cols: usize) -> Self {
+        Self::tiles(ptr, rows, cols, 2, 64, drv_sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16)
+    }
+
+    /// As [`TmaMap::bf16_tiles`] over an f32 matrix, in boxes of 64 rows x 32 columns (128-byte
+    /// rows, swizzled): the TMA backward's dq reductions (`cp.reduce.async.bulk.tensor`).
+    fn f32_tiles(ptr: u64, rows: usize, cols: usize) -> Self {
+        Self::tiles(ptr, rows, cols, 4, 64, drv_sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32)
+    }
+
+    /// Boxes of `box_rows` rows x 128 bytes of `elem_bytes` elements, 128-byte swizzle.
+    fn tiles(ptr: u64, rows: usize, cols: usize, elem_bytes: usize, box_rows: u32, dtype: drv_sys::CUtensorMapDataType) -> Self {
         use drv_sys::*;
-        assert!(ptr % 16 == 0 && cols % 64 == 0 && rows > 0, "TmaMap: pointer {ptr:#x}, {rows} x {cols}");
+        let box_cols = 128 / elem_bytes;
+        assert!(ptr % 16 == 0 && cols % box_cols == 0 && rows > 0, "TmaMap: pointer {ptr:#x}, {rows} x {cols}");
         let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
         let dims: [cuuint64_t; 2] = [cols as cuuint64_t, rows as cuuint64_t];
-        let strides: [cuuint64_t; 1] = [(cols * 2) as cuuint64_t];
-        let boxes: [cuuint32_t; 2] = [64, 64];
+        let strides: [cuuint64_t; 1] = [(cols * elem_bytes) as cuuint64_t];
+        let boxes: [cuuint32_t; 2] = [box_cols as cuuint32_t, box_rows];
         let elem: [cuuint32_t; 2] = [1, 1];
         // SAFETY: every pointer refers to a live local array of the rank the call is told.
         let r = unsafe {
             cuTensorMapEncodeTiled(
                 map.as_mut_ptr(),
-                CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                dtype,
                 2,
                 ptr as *mut std::ffi::c_void,
                 dims.as_ptr(),
@@ -1163,8 +1178,8 @@ impl Cuda {
     /// The TMA forward's phase cycle sums since the last call (`fa_trace` in
     /// kernels/flash_attention.cu; zero unless the kernels were compiled with
     /// `MOR_NVRTC_DEFINES=FA_TRACE`), then cleared.
-    pub fn take_flash_trace(&self) -> [u64; 16] {
-        let out = self.stream.alloc_zeros::<u32>(32).expect("cuda: alloc failed");
+    pub fn take_flash_trace(&self) -> [u64; 32] {
+        let out = self.stream.alloc_zeros::<u32>(64).expect("cuda: alloc failed");
         let op = self.p(&out);
         launch!(self, "fa_trace_take", cfg((1, 1, 1), 32, 0), [op]);
         let v = self.stream.clone_dtoh(&out).expect("cuda: device-to-host copy failed");
@@ -1310,10 +1325,11 @@ impl Cuda {
                 let (name, rows, threads, smem) = self.flash_kernel("fused", hd);
                 let (koff, grid, qoff, qrange) = self.flash_tables(shape.cu_k, nk, rows, shape.cu_q, shape.pos_q, nq, shape.num_seqs);
                 let c = cfg((grid, kvh as u32, 1), threads, smem);
-                if name.ends_with("_tma") {
+                if name.contains("_tma") {
                     let (tq, tg) = (TmaMap::bf16_tiles(q16, nq, heads * hd), TmaMap::bf16_tiles(g16, nq, heads * hd));
                     let (tk, tv) = (TmaMap::bf16_tiles(k16, nk, kvh * hd), TmaMap::bf16_tiles(v16, nk, kvh * hd));
-                    launch!(self, &name, c, [tq, tg, tk, tv, dkp, dvp, kv_bf16, acc, lp, delta, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]);
+                    let tacc = TmaMap::f32_tiles(acc, nq, heads * hd);
+                    launch!(self, &name, c, [tq, tg, tk, tv, tacc, dkp, dvp, kv_bf16, lp, delta, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]);
                 } else {
                     launch!(self, &name, c, [dkp, dvp, kv_bf16, acc, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]);
                 }
@@ -1512,11 +1528,12 @@ impl Cuda {
         if shape.tma {
             let tile = FLASH_TILE * hd * 2;
             // 1024 bytes of alignment slack, then the tiles and the mbarriers: forward Q (two tiles)
-            // and the K / V ring; backward K, V and dSᵀ (two tiles each) and the Q / dout ring.
+            // and the K / V ring; backward K and V (two tiles each), dSᵀ (two buffers of two), the
+            // Q / dout ring and two f32 [64][32] dQ staging tiles per consumer warpgroup.
             return if kind == "fwd" {
                 1024 + (2 + 2 * TMA_STAGES) * tile + 8 * (2 * TMA_STAGES + 1)
             } else {
-                1024 + (6 + 2 * TMA_BWD_STAGES) * tile + 8 * (2 * TMA_BWD_STAGES + 1)
+                1024 + (8 + 2 * TMA_BWD_STAGES) * tile + 4 * FLASH_TILE * 32 * 4 + 8 * (2 * TMA_BWD_STAGES + 1)
             } as u32;
         }
         let row = (hd + 8) * 2;
@@ -1564,9 +1581,10 @@ impl Cuda {
     /// head dims take the default forward).
     fn flash_kernel_of(kind: &str, hd: usize, shape: FlashShape) -> (String, usize, u32, u32) {
         let shape = match kind {
-            _ if !shape.tma || hd == 64 => shape,
+            _ if !shape.tma => shape,
+            "fwd" | "fused" if hd == 64 => shape,
             "fwd" => FlashConfig::MMA_FWD,
-            _ => FlashConfig::DEFAULT.dkdv,
+            _ => FlashConfig::MMA_BWD,
         };
         (Self::flash_kernel_name(kind, hd, shape), shape.rows(), 32 * shape.warps as u32, Self::flash_smem(kind, hd, shape))
     }

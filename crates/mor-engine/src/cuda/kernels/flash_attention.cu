@@ -277,6 +277,17 @@ __device__ __forceinline__ void wg_mma_ss_n64(float (*d)[4], u64 da, u64 db) {
         : WG_D(0), WG_D(1), WG_D(2), WG_D(3), WG_D(4), WG_D(5), WG_D(6), WG_D(7)
         : "l"(da), "l"(db), "r"(1), "n"(TA), "n"(TB));
 }
+// d[64 x 32] += A[64 x 16] · B[16 x 32], both from shared memory (majors as wg_mma_ss_n64).
+template <int TA = 0, int TB = 0>
+__device__ __forceinline__ void wg_mma_ss_n32(float (*d)[4], u64 da, u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, "
+        "%16, %17, p, 1, 1, %19, %20;\n}\n"
+        : WG_D(0), WG_D(1), WG_D(2), WG_D(3)
+        : "l"(da), "l"(db), "r"(1), "n"(TA), "n"(TB));
+}
 #undef WG_D
 
 template <int N, int TB>
@@ -1148,12 +1159,15 @@ extern "C" __global__ void __launch_bounds__(128)
 // Cycle counts of the TMA forward's phases, summed over blocks (kernel experiments: the marks exist
 // only under MOR_NVRTC_DEFINES=FA_TRACE; `cuda_parity --flash-sweep` prints them; the phases are the
 // serial `tma` kernel's, the overlapped ones count their whole loop as P·V).
-// Consumer thread 128 (first of warpgroup 1) of every block: 0 Q wait, 1 full waits, 2 S, 3 softmax,
-// 4 P·V, 5 epilogue, 6 block total, 7 tiles, 8 blocks; producer thread 0: 9 empty waits, 10 total.
-__device__ unsigned long long fa_trace[16];
+// Forward, consumer thread 128 (first of warpgroup 1) of every block: 0 Q wait, 1 full waits, 2 S,
+// 3 softmax, 4 P·V, 5 epilogue, 6 block total, 7 tiles, 8 blocks; producer thread 0: 9 empty waits,
+// 10 total. Backward (fa_bwd_tma), consumer thread 128: 16 full waits, 17 Sᵀ / dPᵀ, 18 P / dS, 19 dV /
+// dK / dQ (with the barriers before), 20 dq atomics, 21 stream positions, 22 blocks, 25 block total;
+// producer lane 0: 23 empty waits, 24 total.
+__device__ unsigned long long fa_trace[32];
 extern "C" __global__ void fa_trace_take(u32* out) {
     const int i = threadIdx.x;
-    if (i < 16) {
+    if (i < 32) {
         out[2 * i] = (u32)fa_trace[i];
         out[2 * i + 1] = (u32)(fa_trace[i] >> 32);
         fa_trace[i] = 0;
@@ -1453,10 +1467,11 @@ INST_FA_FWD_TMA(true, true, tmapp)
 //    `full`, lane 0 with the bytes); `bstage` = position | TMA_MASKED, -1 after the last.
 //  - consumers: Sᵀ = K·Qᵀ and dPᵀ = V·doutᵀ (SS wgmma, K-major), Pᵀ = exp2(Sᵀ·scale·log2 e - lse),
 //    dSᵀ = Pᵀ ⊙ (dPᵀ - D); dV += Pᵀ·dout and dK += dSᵀ·Q (RS wgmma, the tiles as MN-major B); dSᵀ
-//    to the warpgroup's swizzled [key][query] tile, then dQ = dS·K over its 64 keys (SS wgmma,
-//    both operands MN-major) added to the workspace with red.global.add.v2.
+//    to the warpgroup's swizzled [key][query] tile (two buffers), then, once both warpgroups' tiles
+//    are there, dQ = dS·K over the block's 128 keys (SS wgmma, both operands MN-major), warpgroup c
+//    head-dim columns 32c.. — so each dQ value is reduced into the workspace once per 128 keys.
 #ifndef TMA_BWD_STAGES
-#define TMA_BWD_STAGES 2
+#define TMA_BWD_STAGES 3
 #endif
 
 // Pᵀ and dSᵀ of a 64-key x 64-query tile from Sᵀ (in p) and dPᵀ (in dp), in place; key positions
@@ -1482,11 +1497,25 @@ __device__ __forceinline__ u32* sw128_pair(bf16_t* tile, int r, int c) {
     return (u32*)((unsigned char*)tile + r * 128 + (((c >> 3) ^ (r & 7)) << 4) + (c & 7) * 2);
 }
 
-extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12_tma(
-    const __grid_constant__ TmaMap tmq, const __grid_constant__ TmaMap tmg, const __grid_constant__ TmaMap tmk,
-    const __grid_constant__ TmaMap tmv, void* dk, void* dv, int kv_bf16, float* dq_acc, const float* lse,
-    const float* delta, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* koff,
-    const int* qoff, const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {
+// dQ partials are reduced into the f32 workspace by TMA (cp.reduce.async.bulk.tensor, add): a
+// warpgroup writes its [64][32] part into one of two swizzled staging buffers (the map's box), one
+// thread issues the reduction; the buffer is written again two stream positions later, after
+// `wait_group.read 1`. Per-thread red.global.add of the same values stalled the consumers (~2500
+// cycles per position; 0.907 ms with them, 0.579 without, at the 360M shape).
+__device__ __forceinline__ float* sw128_f32_pair(float* half, int r, int c) {
+    return (float*)((unsigned char*)half + r * 128 + ((((c * 4) >> 4) ^ (r & 7)) << 4) + ((c * 4) & 15));
+}
+__device__ __forceinline__ void tma_reduce_add_2d(const float* src, const TmaMap* map, int col, int row) {
+    asm volatile(
+        "cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(map),
+        "r"(col), "r"(row), "r"(fa_smem(src))
+        : "memory");
+}
+
+__device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* tmk, const TmaMap* tmv,
+                           const TmaMap* tmacc, void* dk, void* dv, int kv_bf16, const float* lse, const float* delta, const u32* cu_q,
+                           const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* koff, const int* qoff,
+                           const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {
     constexpr int HD = 64, BM = 128, ST = TMA_BWD_STAGES;
     extern __shared__ __align__(16) unsigned char tmb_sh[];
     unsigned char* base = tmb_sh + ((1024u - (fa_smem(tmb_sh) & 1023u)) & 1023u);
@@ -1494,8 +1523,9 @@ extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12
     bf16_t* Vs = Ks + 2 * TMA_TILE;    // [2][64][64]
     bf16_t* Qs = Vs + 2 * TMA_TILE;    // [ST][64][64]
     bf16_t* Gs = Qs + ST * TMA_TILE;   // [ST][64][64] dout
-    bf16_t* Ds = Gs + ST * TMA_TILE;   // [2][64][64] dSᵀ per consumer warpgroup
-    u64* full = (u64*)(Ds + 2 * TMA_TILE);
+    bf16_t* Ds = Gs + ST * TMA_TILE;   // [2 buffers][2 warpgroups][64][64] dSᵀ
+    float* Qacc = (float*)(Ds + 4 * TMA_TILE);  // [2 warpgroups][2 buffers][64][32] dQ
+    u64* full = (u64*)(Qacc + 4 * 64 * 32);
     u64* empty = full + ST;
     u64* kvbar = empty + ST;
     __shared__ u32 red[2 * 12];
@@ -1526,14 +1556,19 @@ extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
+#ifdef FA_TRACE
+    long long tr = clock64();
+    const long long tr0 = tr;
+    const bool trc = threadIdx.x == 128;
+#endif
 
     if (wg == 0) {
         if (threadIdx.x >= 32) return;
         if (lane == 0) {
             mbar_expect_tx(kvbar, 4 * TMA_TILE * 2);
             for (int j = 0; j < 2; ++j) {
-                tma_load_2d(Ks + j * TMA_TILE, &tmk, kh * HD, (int)k0 + 64 * j, kvbar);
-                tma_load_2d(Vs + j * TMA_TILE, &tmv, kh * HD, (int)k0 + 64 * j, kvbar);
+                tma_load_2d(Ks + j * TMA_TILE, tmk, kh * HD, (int)k0 + 64 * j, kvbar);
+                tma_load_2d(Vs + j * TMA_TILE, tmv, kh * HD, (int)k0 + 64 * j, kvbar);
             }
         }
         // A query tile is skipped when its largest position precedes every key of the block.
@@ -1546,32 +1581,48 @@ extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12
         int i = 0;
         for (int it = next(0);; it = next(it + 1), ++i) {
             const int st = i % ST;
+            // The position's columns are read into registers before the wait for the free stage,
+            // so their latency overlaps it.
+            const int t = it / group, h = kh * group + it % group;
+            const u32 t0 = qa_ + (u32)t * FA_BN;
+            const int nt = it < nit ? (int)min((u32)FA_BN, qb - t0) : 0;
+            u32 cpq[2];
+            float clse[2], cdel[2];
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                const int j = lane + 32 * k;
+                const bool in = j < nt;
+                cpq[k] = in ? pos_q[t0 + j] : 0u;
+                clse[k] = in ? lse[(i64)(t0 + j) * heads + h] * LOG2E_F : F_INF;
+                cdel[k] = in ? delta[(i64)(t0 + j) * heads + h] : 0.f;
+            }
+            // Keys past the segment (rows of the next one) need the mask on every tile.
+            const bool masked = it < nit && (nk < BM || !(maxpk <= qrange[2 * (qt0 + t)]));
+            FA_RESTART(tr)
             if (i >= ST) mbar_wait(&empty[st], ((i / ST) - 1) & 1);
+            FA_MARK(lane == 0, 23, tr)
             if (it >= nit) {
                 if (lane == 0) bstage[st] = -1;
                 asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(&full[st])) : "memory");
                 break;
             }
-            const int t = it / group, h = kh * group + it % group;
-            const u32 t0 = qa_ + (u32)t * FA_BN;
-            const int nt = (int)min((u32)FA_BN, qb - t0);
-            for (int j = lane; j < FA_BN; j += 32) {
-                const bool in = j < nt;
-                spq[st][j] = in ? pos_q[t0 + j] : 0u;
-                slse[st][j] = in ? lse[(i64)(t0 + j) * heads + h] * LOG2E_F : F_INF;
-                sdel[st][j] = in ? delta[(i64)(t0 + j) * heads + h] : 0.f;
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                spq[st][lane + 32 * k] = cpq[k];
+                slse[st][lane + 32 * k] = clse[k];
+                sdel[st][lane + 32 * k] = cdel[k];
             }
-            // Keys past the segment (rows of the next one) need the mask on every tile.
-            const bool masked = nk < BM || !(maxpk <= qrange[2 * (qt0 + t)]);
             if (lane == 0) {
                 bstage[st] = it | (masked ? TMA_MASKED : 0);
                 mbar_expect_tx(&full[st], 2 * TMA_TILE * 2);
-                tma_load_2d(Qs + st * TMA_TILE, &tmq, h * HD, (int)t0, &full[st]);
-                tma_load_2d(Gs + st * TMA_TILE, &tmg, h * HD, (int)t0, &full[st]);
+                tma_load_2d(Qs + st * TMA_TILE, tmq, h * HD, (int)t0, &full[st]);
+                tma_load_2d(Gs + st * TMA_TILE, tmg, h * HD, (int)t0, &full[st]);
             } else {
                 asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(&full[st])) : "memory");
             }
         }
+        FA_FROM(tr, tr0)
+        FA_MARK(lane == 0, 24, tr)
         return;
     }
 
@@ -1581,8 +1632,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12
     const u32 pk0 = r0 < nk ? pos_k[k0 + r0] : U32_MAX, pk1 = r1 < nk ? pos_k[k0 + r1] : U32_MAX;
     const bf16_t* Kw = Ks + cw * TMA_TILE;
     const bf16_t* Vw = Vs + cw * TMA_TILE;
-    bf16_t* Dw = Ds + cw * TMA_TILE;
-    const int qs = heads * HD, ks = kv_heads * HD;
+    const int ks = kv_heads * HD;
     const float sl2 = scale * LOG2E_F;
     float dka[8][4], dva[8][4];
 #pragma unroll
@@ -1596,6 +1646,8 @@ extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12
         mbar_wait(&full[st], (i / ST) & 1);
         const int info = bstage[st];
         if (info < 0) break;
+        FA_MARK(trc, 16, tr)
+        FA_COUNT(trc, 21)
         const int it = info & ~TMA_MASKED;
         const bf16_t* Qt = Qs + st * TMA_TILE;
         const bf16_t* Gt = Gs + st * TMA_TILE;
@@ -1616,6 +1668,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12
         wg_wait0();
         wg_pin(p, 8);
         wg_pin(dp, 8);
+        FA_MARK(trc, 17, tr)
         if (info & TMA_MASKED)
             fa_bwd_tile_p<true>(p, dp, spq[st], slse[st], sdel[st], pk0, pk1, sl2, tq);
         else
@@ -1624,6 +1677,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12
         tma_pack(pa, p);
         tma_pack(dsa, dp);
         // dSᵀ rows w16 + g (+ 8), query columns 8n + 2tq (+ 1), as the dq product's A.
+        bf16_t* Dw = Ds + (2 * (i & 1) + cw) * TMA_TILE;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int c = 16 * j + 2 * tq;
@@ -1636,41 +1690,56 @@ extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12
         wg_pin(dsa, 4);
         wg_pin(dva, 8);
         wg_pin(dka, 8);
+        FA_MARK(trc, 18, tr)
+        // Both warpgroups' dSᵀ tiles complete and visible to the tensor cores' (async) proxy; and
+        // this warpgroup's dQ staging buffer of this position read by its reduction two positions ago.
+        fa_fence_async();
+        if (threadIdx.x % 128 == 0) asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
+        asm volatile("bar.sync 3, 256;\n" ::: "memory");
+        float dq[4][4];
+#pragma unroll
+        for (int n = 0; n < 4; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+        wg_pin(dq, 4);
         wg_fence();
 #pragma unroll
         for (int j = 0; j < 4; ++j) wg_mma_n64<1>(dva, pa[j], wg_desc_sw128(Gt + j * 16 * 64, 16, 1024));
 #pragma unroll
         for (int j = 0; j < 4; ++j) wg_mma_n64<1>(dka, dsa[j], wg_desc_sw128(Qt + j * 16 * 64, 16, 1024));
-        wg_commit();
-        // The warpgroup's dSᵀ tile complete and visible to the tensor cores' (async) proxy.
-        fa_fence_async();
-        asm volatile("bar.sync %0, 128;\n" ::"r"(3 + cw) : "memory");
-        float dq[8][4];
+        // dQ[:, 32cw..] over the 128 keys: 16 keys per step, from both warpgroups' dSᵀ and K tiles
+        // (the B columns 64 bytes into the swizzled rows).
 #pragma unroll
-        for (int n = 0; n < 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
-        wg_pin(dq, 8);
-        wg_fence();
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-            wg_mma_ss_n64<1, 1>(dq, wg_desc_sw128(Dw + j * 16 * 64, 16, 1024), wg_desc_sw128(Kw + j * 16 * 64, 16, 1024));
+        for (int j = 0; j < 8; ++j) {
+            const bf16_t* Dj = Ds + (2 * (i & 1) + (j >> 2)) * TMA_TILE + (j & 3) * 16 * 64;
+            const bf16_t* Kj = Ks + (j >> 2) * TMA_TILE + (j & 3) * 16 * 64 + 32 * cw;
+            wg_mma_ss_n32<1, 1>(dq, wg_desc_sw128(Dj, 16, 1024), wg_desc_sw128(Kj, 16, 1024));
+        }
         wg_commit();
         wg_wait0();
-        wg_pin(dq, 8);
+        wg_pin(dq, 4);
         wg_pin(dva, 8);
         wg_pin(dka, 8);
+        FA_MARK(trc, 19, tr)
         tma_release(&empty[st], lane);
         const int t = it / group, h = kh * group + it % group;
-        const u32 t0 = qa_ + (u32)t * FA_BN;
-        const int nt = (int)min((u32)FA_BN, qb - t0);
+        float* Bq = Qacc + (2 * cw + (i & 1)) * 64 * 32;
 #pragma unroll
-        for (int n = 0; n < 8; ++n) {
-            const int d = h * HD + n * 8 + 2 * tq;
+        for (int n = 0; n < 4; ++n)
 #pragma unroll
             for (int k = 0; k < 2; ++k)
-                if (w16 + g + 8 * k < nt)
-                    fa_red2(dq_acc + (i64)(t0 + w16 + g + 8 * k) * qs + d, scale * dq[n][2 * k], scale * dq[n][2 * k + 1]);
+                *(float2*)sw128_f32_pair(Bq, w16 + g + 8 * k, n * 8 + 2 * tq) = make_float2(scale * dq[n][2 * k], scale * dq[n][2 * k + 1]);
+        fa_fence_async();
+        asm volatile("bar.sync %0, 128;\n" ::"r"(4 + cw) : "memory");
+        if (threadIdx.x % 128 == 0) {
+            // Rows past the segment hold zeros (their dS is 0): adding them changes nothing.
+            tma_reduce_add_2d(Bq, tmacc, h * HD + 32 * cw, (int)(qa_ + (u32)t * FA_BN));
+            asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
         }
+        FA_MARK(trc, 20, tr)
     }
+    if (threadIdx.x % 128 == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+    FA_FROM(tr, tr0)
+    FA_MARK(trc, 25, tr)
+    FA_COUNT(trc, 22)
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
         const int d = kh * HD + n * 8 + 2 * tq;
@@ -1683,6 +1752,15 @@ extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12
             fa_put2(dv, (i64)(k0 + r1) * ks + d, dva[n][2], dva[n][3], kv_bf16, true);
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12_tma(
+    const __grid_constant__ TmaMap tmq, const __grid_constant__ TmaMap tmg, const __grid_constant__ TmaMap tmk,
+    const __grid_constant__ TmaMap tmv, const __grid_constant__ TmaMap tmacc, void* dk, void* dv, int kv_bf16,
+    const float* lse, const float* delta, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,
+    const int* koff, const int* qoff, const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {
+    fa_bwd_tma(&tmq, &tmg, &tmk, &tmv, &tmacc, dk, dv, kv_bf16, lse, delta, cu_q, cu_k, pos_q, pos_k, koff, qoff, qrange,
+               num_seqs, heads, kv_heads, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
