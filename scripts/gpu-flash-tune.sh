@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/flash-tune.log") 2>&1
 source scripts/gpu-env.sh >/dev/null
 export MOR_PTX_CACHE="${MOR_PTX_CACHE:-.gpu/kernels.ptx}" PYTHONUNBUFFERED=1
-SHAPES="${SHAPES:-8,4,4 4x2,4,4}"
+SHAPES="${SHAPES:-tmapp,fused,tma 8,fused,4 8,4,4}"
 RES="$OUT/results.jsonl"
 echo "== cuda_parity, default shapes"
 timeout 150 .gpu/cuda_parity --no-timings | grep -E "FAIL|checks,"
