@@ -1456,8 +1456,8 @@ INST_FA_FWD_TMA(false, false, tma)
 INST_FA_FWD_TMA(true, false, tmap)
 INST_FA_FWD_TMA(true, true, tmapp)
 
-// ---- Backward with TMA and warp specialisation (hd 64; opt-in: MOR_FLASH_WARPS=tmapp,fused,tma) -----
-// The fused backward (dk, dv, and dq by atomics into the f32 workspace) on the TMA / wgmma blocks of
+// ---- Backward with TMA and warp specialisation (hd 64; the default fused backward: `tmapp,fused,tma`) -
+// The fused backward (dk, dv, and dq reduced into the f32 workspace) on the TMA / wgmma blocks of
 // the forward. Block = 3 warpgroups over 128 keys of kv head blockIdx.y; consumer warpgroup c owns
 // keys 64c.. of the block. The stream is the mma.sync fused kernel's: (query tile, head of the
 // group) positions, query tiles outermost, tiles no key of the block can see skipped.
@@ -1492,9 +1492,10 @@ __device__ __forceinline__ void fa_bwd_tile_p(float (*p)[4], float (*dp)[4], con
         }
 }
 
-// Row r (0..63), bf16 columns c, c + 1 (c even) of a 128-byte-swizzled [64][64] tile.
-__device__ __forceinline__ u32* sw128_pair(bf16_t* tile, int r, int c) {
-    return (u32*)((unsigned char*)tile + r * 128 + (((c >> 3) ^ (r & 7)) << 4) + (c & 7) * 2);
+// Byte `col` of row r of a 128-byte-swizzled tile (1024-byte aligned, rows of 128 bytes): the
+// 16-byte chunk index is XORed with the row's index in its 8-row group, as TMA and wgmma read it.
+__device__ __forceinline__ unsigned char* sw128_at(void* tile, int r, int col) {
+    return (unsigned char*)tile + r * 128 + (((col >> 4) ^ (r & 7)) << 4) + (col & 15);
 }
 
 // dQ partials are reduced into the f32 workspace by TMA (cp.reduce.async.bulk.tensor, add): a
@@ -1502,9 +1503,6 @@ __device__ __forceinline__ u32* sw128_pair(bf16_t* tile, int r, int c) {
 // thread issues the reduction; the buffer is written again two stream positions later, after
 // `wait_group.read 1`. Per-thread red.global.add of the same values stalled the consumers (~2500
 // cycles per position; 0.907 ms with them, 0.579 without, at the 360M shape).
-__device__ __forceinline__ float* sw128_f32_pair(float* half, int r, int c) {
-    return (float*)((unsigned char*)half + r * 128 + ((((c * 4) >> 4) ^ (r & 7)) << 4) + ((c * 4) & 15));
-}
 __device__ __forceinline__ void tma_reduce_add_2d(const float* src, const TmaMap* map, int col, int row) {
     asm volatile(
         "cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(map),
@@ -1681,10 +1679,10 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int c = 16 * j + 2 * tq;
-            *sw128_pair(Dw, w16 + g, c) = dsa[j][0];
-            *sw128_pair(Dw, w16 + g + 8, c) = dsa[j][1];
-            *sw128_pair(Dw, w16 + g, c + 8) = dsa[j][2];
-            *sw128_pair(Dw, w16 + g + 8, c + 8) = dsa[j][3];
+            *(u32*)sw128_at(Dw, w16 + g, 2 * c) = dsa[j][0];
+            *(u32*)sw128_at(Dw, w16 + g + 8, 2 * c) = dsa[j][1];
+            *(u32*)sw128_at(Dw, w16 + g, 2 * (c + 8)) = dsa[j][2];
+            *(u32*)sw128_at(Dw, w16 + g + 8, 2 * (c + 8)) = dsa[j][3];
         }
         wg_pin(pa, 4);
         wg_pin(dsa, 4);
@@ -1726,7 +1724,8 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
         for (int n = 0; n < 4; ++n)
 #pragma unroll
             for (int k = 0; k < 2; ++k)
-                *(float2*)sw128_f32_pair(Bq, w16 + g + 8 * k, n * 8 + 2 * tq) = make_float2(scale * dq[n][2 * k], scale * dq[n][2 * k + 1]);
+                *(float2*)sw128_at(Bq, w16 + g + 8 * k, 4 * (n * 8 + 2 * tq)) =
+                    make_float2(scale * dq[n][2 * k], scale * dq[n][2 * k + 1]);
         fa_fence_async();
         asm volatile("bar.sync %0, 128;\n" ::"r"(4 + cw) : "memory");
         if (threadIdx.x % 128 == 0) {
