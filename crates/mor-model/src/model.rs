@@ -701,13 +701,31 @@ impl<B: Backend> Model<B> {
             let ws = self.ws.as_mut().unwrap();
             let Workspace { acts, steps, aux_routers, h, .. } = ws;
             let sb = &mut steps[r];
-            // Auxiliary objectives on the candidates' logits.
+            // The auxiliary router's objective on the candidates (device work, before the block).
             if has_router {
                 b.fill(&mut sb.targets, n_c, 0.0);
                 b.index_fill(&mut sb.targets, &sel_local, m, 1.0);
-                let mut rs = RecursionStats { selected_fraction: m as f64 / (bsz * len) as f64, ..Default::default() };
-                // BCE of the logits against the selection, sampling accuracy and z-loss, on the
-                // host (f64) from the logits read with the selection.
+                if rc.sampling == Sampling::AuxRouter {
+                    let aw = &self.weights.aux_routers[r];
+                    let ar = &mut aux_routers[r];
+                    router_forward(b, &self.params, aw, ar, &sb.x, n_c, d, rc.temperature as f32);
+                    b.bce_logits_fwd(&mut sb.bce, &ar.logits, &sb.targets, n_c);
+                    stats.aux_router_bce += b.to_f64_prefix(&sb.bce, n_c).iter().sum::<f64>() / n_c as f64;
+                }
+            }
+            // Run the block on the selected tokens and combine.
+            b.gather_rows(&mut sb.gk, &sb.g, &sel_local, m, 1);
+            let sel_idx = &tr.sets[sel].idx;
+            b.gather_rows(&mut acts[apps.start].x, h, sel_idx, m, d);
+            run_block(b, &self.dims, &self.params, &self.weights, tr, acts, apps.clone(), &mut sb.y);
+            match rc.combine {
+                Combine::Add => b.scatter_add_scaled(h, &sb.y, &sb.gk, &tr.sets[sel].idx, m, d),
+                Combine::Replace => b.scatter_rows(h, &sb.y, &tr.sets[sel].idx, m, d),
+            }
+            // The router's statistics (BCE against the selection, sampling accuracy, z-loss) on the
+            // host, from the logits read with the selection, while the device runs the block.
+            let mut rs = RecursionStats { selected_fraction: m as f64 / (bsz * len) as f64, ..Default::default() };
+            if has_router {
                 let mut selected = vec![false; n_c];
                 sel_local_host.iter().for_each(|&i| selected[i as usize] = true);
                 let lg = &logits_host;
@@ -723,26 +741,8 @@ impl<B: Backend> Model<B> {
                 let z = lg.iter().map(|x| x * x).sum::<f64>() / n_c as f64;
                 stats.z_loss += z;
                 stats.loss += rc.z_coeff() * z;
-                if rc.sampling == Sampling::AuxRouter {
-                    let aw = &self.weights.aux_routers[r];
-                    let ar = &mut aux_routers[r];
-                    router_forward(b, &self.params, aw, ar, &sb.x, n_c, d, rc.temperature as f32);
-                    b.bce_logits_fwd(&mut sb.bce, &ar.logits, &sb.targets, n_c);
-                    stats.aux_router_bce += b.to_f64_prefix(&sb.bce, n_c).iter().sum::<f64>() / n_c as f64;
-                }
-                stats.recursions.push(rs);
-            } else {
-                stats.recursions.push(RecursionStats { selected_fraction: m as f64 / (bsz * len) as f64, ..Default::default() });
             }
-            // Run the block on the selected tokens and combine.
-            b.gather_rows(&mut sb.gk, &sb.g, &sel_local, m, 1);
-            let sel_idx = &tr.sets[sel].idx;
-            b.gather_rows(&mut acts[apps.start].x, h, sel_idx, m, d);
-            run_block(b, &self.dims, &self.params, &self.weights, tr, acts, apps.clone(), &mut sb.y);
-            match rc.combine {
-                Combine::Add => b.scatter_add_scaled(h, &sb.y, &sb.gk, &tr.sets[sel].idx, m, d),
-                Combine::Replace => b.scatter_rows(h, &sb.y, &tr.sets[sel].idx, m, d),
-            }
+            stats.recursions.push(rs);
             if r == n_r - 1 {
                 let mut seen = vec![false; len];
                 for &i in &tr.sets[sel].idx_host {
