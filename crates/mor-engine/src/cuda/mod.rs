@@ -168,7 +168,7 @@ struct FlashShape {
     tma: bool,
     /// With FlashAttention-3's overlap of the next scores and the previous P·V (`..._tmap`).
     pipe: bool,
-    /// The consumer warpgroups' products in turns (ping-pong; `..._tmas`, `..._tmapp` with `pipe`).
+    /// The consumer warpgroups' products in turns (ping-pong; instantiated with `pipe`: `..._tmapp`).
     pingpong: bool,
 }
 
@@ -191,7 +191,7 @@ impl FlashShape {
         match (self.pipe, self.pingpong) {
             (false, false) => "tma",
             (true, false) => "tmap",
-            (false, true) => "tmas",
+            (false, true) => "tmas", // not instantiated (no faster than `tma`)
             (true, true) => "tmapp",
         }
     }
@@ -1175,7 +1175,7 @@ impl Cuda {
         v
     }
 
-    /// The TMA forward's phase cycle sums since the last call (`fa_trace` in
+    /// The TMA kernels' phase cycle sums since the last call (`fa_trace` in
     /// kernels/flash_attention.cu; zero unless the kernels were compiled with
     /// `MOR_NVRTC_DEFINES=FA_TRACE`), then cleared.
     pub fn take_flash_trace(&self) -> [u64; 32] {
@@ -1254,8 +1254,8 @@ impl Cuda {
         cfg((blocks as u32, 1, 1), EW_THREADS, 0)
     }
 
-    /// Whether the attention backward takes the fused flash kernel (dq by atomics into an f32
-    /// workspace) for these outputs.
+    /// Whether the attention backward takes the fused flash kernel (dq summed into an f32 workspace
+    /// by float atomics or TMA reductions) for these outputs.
     fn attention_bwd_fused(&self, hd: usize, outs: &[u64]) -> bool {
         self.use_flash(hd, outs) && self.flash.fused && !self.deterministic.load(Ordering::Relaxed)
     }
@@ -1319,7 +1319,8 @@ impl Cuda {
             let kv_bf16 = dk.is_bf16() as i32;
             let (dqp, dkp, dvp) = (self.pm(dq), self.pm(dk), self.pm(dv));
             if self.attention_bwd_fused(hd, &[dqp, dkp, dvp]) {
-                // Fused: dq accumulates in an f32 workspace by atomics, added to dq at the end.
+                // Fused: dq accumulates in an f32 workspace (float atomics, or TMA reductions in the
+                // TMA kernel), converted into dq at the end.
                 let acc = self.scratch(Slot::AttDqAcc, nqe * 4);
                 self.memset0(acc, nqe * 4);
                 let (name, rows, threads, smem) = self.flash_kernel("fused", hd);
@@ -1577,8 +1578,8 @@ impl Cuda {
         Self::flash_kernel_of(kind, hd, shape)
     }
 
-    /// [`Cuda::flash_kernel`] for a given shape; the TMA forward exists for hd 64 only (other
-    /// head dims take the default forward).
+    /// [`Cuda::flash_kernel`] for a given shape; the TMA kernels exist for hd 64 only (other head
+    /// dims, and the two-pass backward, take the mma.sync kernels).
     fn flash_kernel_of(kind: &str, hd: usize, shape: FlashShape) -> (String, usize, u32, u32) {
         let shape = match kind {
             _ if !shape.tma => shape,
@@ -2146,7 +2147,7 @@ impl Backend for Cuda {
             let (name, rows, threads, smem) = Self::flash_kernel_of("fwd", hd, fwd);
             let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
             let c = cfg((grid, heads as u32, 1), threads, smem);
-            if fwd.tma && name.contains("_tma") {
+            if name.contains("_tma") {
                 let (tq, tk, tv) = (TmaMap::bf16_tiles(q16, nq, heads * hd), TmaMap::bf16_tiles(k16, nk, kvh * hd), TmaMap::bf16_tiles(v16, nk, kvh * hd));
                 launch!(self, &name, c, [tq, tk, tv, op, out_bf16, lp, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
                 return;
