@@ -662,7 +662,7 @@ impl TmaMap {
     fn tiles(ptr: u64, rows: usize, cols: usize, elem_bytes: usize, box_rows: u32, dtype: drv_sys::CUtensorMapDataType) -> Self {
         use drv_sys::*;
         let box_cols = 128 / elem_bytes;
-        assert!(ptr % 16 == 0 && cols % box_cols == 0 && rows > 0, "TmaMap: pointer {ptr:#x}, {rows} x {cols}");
+        assert!(ptr.is_multiple_of(16) && cols.is_multiple_of(box_cols) && rows > 0, "TmaMap: pointer {ptr:#x}, {rows} x {cols}");
         let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
         let dims: [cuuint64_t; 2] = [cols as cuuint64_t, rows as cuuint64_t];
         let strides: [cuuint64_t; 1] = [(cols * elem_bytes) as cuuint64_t];
