@@ -1578,44 +1578,44 @@ fn bench(g: &Cuda) {
 
 // ---- flash-attention configurations ------------------------------------------------------------
 
-/// The TMA forward's cycles per phase (kernels compiled with `MOR_NVRTC_DEFINES=FA_TRACE`; slots as
-/// `fa_trace` in kernels/flash_attention.cu), per key tile and per block of the timed calls.
+/// The TMA kernels' cycles per phase (kernels compiled with `MOR_NVRTC_DEFINES=FA_TRACE`; slots as
+/// `fa_trace` in kernels/flash_attention.cu), per streamed tile and per block of the timed calls.
 fn print_flash_trace(t: &[u64; 32]) {
-    let per = |x: u64, n: u64| x as f64 / n as f64;
-    let (its, bblocks) = (t[21], t[22]);
-    if its > 0 && bblocks > 0 {
+    type Phases = &'static [(&'static str, usize)];
+    // (kernel, streamed unit, its count's slot, the blocks' slot, phases per unit, phases per block)
+    let kernels: [(&str, &str, usize, usize, Phases, Phases); 2] = [
+        (
+            "fwd",
+            "key tile",
+            7,
+            8,
+            &[("full wait", 1), ("S", 2), ("softmax", 3), ("P·V", 4)],
+            &[("Q wait", 0), ("epilogue", 5), ("total", 6), ("producer empty waits", 9), ("producer total", 10)],
+        ),
+        (
+            "bwd",
+            "stream position",
+            21,
+            22,
+            &[("full wait", 16), ("Sᵀ/dPᵀ", 17), ("P/dS", 18), ("dV/dK/dQ", 19), ("dQ staging", 20)],
+            &[("total", 25), ("producer empty waits", 23), ("producer total", 24)],
+        ),
+    ];
+    for (kernel, unit, units, blocks, per_unit, per_block) in kernels {
+        let (n, nb) = (t[units], t[blocks]);
+        if n == 0 || nb == 0 {
+            continue;
+        }
+        let cycles = |phases: Phases, per: u64| {
+            phases.iter().map(|&(name, slot)| format!("{name} {:.0}", t[slot] as f64 / per as f64)).collect::<Vec<_>>().join(", ")
+        };
         println!(
-            "  trace bwd: {bblocks} blocks, {:.1} stream positions/block | per position: full wait {:.0}, Sᵀ/dPᵀ {:.0}, \
-             P/dS {:.0}, dV/dK/dQ {:.0}, dq atomics {:.0} cycles | per block: total {:.0}; producer empty waits {:.0}, total {:.0}",
-            per(its, bblocks),
-            per(t[16], its),
-            per(t[17], its),
-            per(t[18], its),
-            per(t[19], its),
-            per(t[20], its),
-            per(t[25], bblocks),
-            per(t[23], bblocks),
-            per(t[24], bblocks)
+            "  trace {kernel}: {nb} blocks, {:.1} {unit}s/block | cycles per {unit}: {} | per block: {}",
+            n as f64 / nb as f64,
+            cycles(per_unit, n),
+            cycles(per_block, nb)
         );
     }
-    let (tiles, blocks) = (t[7], t[8]);
-    if tiles == 0 || blocks == 0 {
-        return;
-    }
-    println!(
-        "  trace: {blocks} blocks, {:.1} tiles/block | per tile: full wait {:.0}, S {:.0}, softmax {:.0}, P·V {:.0} cycles \
-         | per block: Q wait {:.0}, epilogue {:.0}, total {:.0}; producer empty waits {:.0}, total {:.0}",
-        per(tiles, blocks),
-        per(t[1], tiles),
-        per(t[2], tiles),
-        per(t[3], tiles),
-        per(t[4], tiles),
-        per(t[0], blocks),
-        per(t[5], blocks),
-        per(t[6], blocks),
-        per(t[9], blocks),
-        per(t[10], blocks)
-    );
 }
 
 /// `--flash-sweep [fwd,dq,dkdv;...]`: for each block configuration (`MOR_FLASH_WARPS` syntax,

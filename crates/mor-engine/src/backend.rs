@@ -34,6 +34,13 @@ pub struct AttnShape<'a, I> {
     pub head_dim: usize,
 }
 
+impl<I> AttnShape<'_, I> {
+    /// No query or no key (or no head, no dimension, no segment): attention has nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.nq == 0 || self.nk == 0 || self.heads == 0 || self.head_dim == 0 || self.num_seqs == 0
+    }
+}
+
 /// One weight of [`Backend::matmul_bwd_many`]: `dw += doutᵀ · x` and `w`'s share of `dx`.
 pub struct MatmulGrad<'a, B: Backend + ?Sized> {
     pub dw: &'a mut B::Buf,

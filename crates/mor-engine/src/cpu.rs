@@ -46,7 +46,7 @@ use rayon::prelude::*;
 
 use crate::backend::{AdamStepScalars, AdamWItem, AttnShape, Backend, GateFn, MatmulPrecision};
 
-use math::{axpy, sigmoid};
+use math::{axpy, bce_with_logits, sigmoid};
 use precision::{AttnRounding, GemmCall, GemmProduct, GemmRule, Operand};
 
 mod sealed {
@@ -872,7 +872,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
 
     fn bce_logits_fwd(&self, loss: &mut Vec<T>, x: &Vec<T>, targets: &Vec<T>, n: usize) {
         ew3(&mut loss[..n], &x[..n], &targets[..n], |l, xi, t| {
-            *l = xi.max(T::zero()) - xi * t + (-xi.abs()).exp().ln_1p();
+            *l = bce_with_logits(xi, t);
         });
     }
 

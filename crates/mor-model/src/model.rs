@@ -13,6 +13,7 @@ use mor_config::{
     capacity_tokens, warmed_capacity, Balancing, Combine, KvMode, ModelConfig, RouterActivation, RouterConfig,
     RouterKind, Sampling, SharingMap,
 };
+use mor_engine::cpu::math::bce_with_logits;
 use mor_engine::{Backend, GateFn, ParamStore};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -729,8 +730,8 @@ impl<B: Backend> Model<B> {
                 let mut selected = vec![false; n_c];
                 sel_local_host.iter().for_each(|&i| selected[i as usize] = true);
                 let lg = &logits_host;
-                let bce_of = |x: f64, t: bool| x.max(0.0) - if t { x } else { 0.0 } + (-x.abs()).exp().ln_1p();
-                let bce = lg.iter().zip(&selected).map(|(&x, &t)| bce_of(x, t)).sum::<f64>() / n_c as f64;
+                let bce = lg.iter().zip(&selected).map(|(&x, &t)| bce_with_logits(x, if t { 1.0 } else { 0.0 })).sum::<f64>()
+                    / n_c as f64;
                 let agree = lg.iter().zip(&selected).filter(|(l, t)| (**l >= 0.0) == **t).count();
                 rs.sampling_accuracy = Some(agree as f64 / n_c as f64);
                 rs.bce = Some(bce);

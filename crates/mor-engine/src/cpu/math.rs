@@ -122,6 +122,13 @@ pub fn axpy<T: CpuFloat>(y: &mut [T], alpha: T, x: &[T]) {
     }
 }
 
+/// Binary cross-entropy of a logit `x` against a target probability `t`, in the stable form
+/// `max(x, 0) - x·t + ln(1 + e^-|x|)`.
+#[inline]
+pub fn bce_with_logits<T: CpuFloat>(x: T, t: T) -> T {
+    x.max(T::zero()) - x * t + (-x.abs()).exp().ln_1p()
+}
+
 /// Numerically stable logistic sigmoid.
 #[inline]
 pub fn sigmoid<T: CpuFloat>(x: T) -> T {

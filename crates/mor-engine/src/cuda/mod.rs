@@ -1278,10 +1278,10 @@ impl Cuda {
         shape: &AttnShape<'_, CudaSlice<u32>>,
         dq_rope: Option<f32>,
     ) {
-        let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
-        if nq == 0 || nk == 0 || heads == 0 || hd == 0 || shape.num_seqs == 0 {
+        if shape.is_empty() {
             return;
         }
+        let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
         Self::check_attn(shape);
         for (name, len, need) in [
             ("dq", dq.len(), nq * heads * hd),
@@ -2200,8 +2200,7 @@ impl Backend for Cuda {
         theta: f32,
     ) {
         let _p = self.prof("attention_bwd");
-        let empty = shape.nq == 0 || shape.nk == 0 || shape.heads == 0 || shape.head_dim == 0 || shape.num_seqs == 0;
-        if !empty && self.attention_bwd_fused(shape.head_dim, &[self.p(dq), self.p(dk), self.p(dv)]) {
+        if !shape.is_empty() && self.attention_bwd_fused(shape.head_dim, &[self.p(dq), self.p(dk), self.p(dv)]) {
             return self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, Some(theta));
         }
         let n = shape.nq * shape.heads * shape.head_dim;
