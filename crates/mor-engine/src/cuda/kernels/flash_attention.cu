@@ -1061,6 +1061,9 @@ __device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
 __device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(fa_smem(bar)), "r"(bytes) : "memory");
 }
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(bar)) : "memory");
+}
 __device__ __forceinline__ void mbar_wait(u64* bar, u32 phase) {
     asm volatile(
         "{\n.reg .pred done;\nWAIT_%=:\n"
@@ -1068,6 +1071,24 @@ __device__ __forceinline__ void mbar_wait(u64* bar, u32 phase) {
         "@!done bra WAIT_%=;\n}\n" ::"r"(fa_smem(bar)),
         "r"(phase)
         : "memory");
+}
+// Named barrier `id` (1..15; 0 is __syncthreads) over THREADS threads of the block.
+template <int THREADS>
+__device__ __forceinline__ void fa_bar_sync(int id) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(THREADS) : "memory");
+}
+// A producer / consumer ring of `stages` buffers: `full[i]` completes on `full_count` arrivals and
+// the bytes announced with them, `empty[i]` on the 8 consumer warps' releases; `once` (count 1)
+// guards a one-off load. Thread 0 initialises; the caller's __syncthreads publishes them.
+__device__ __forceinline__ void tma_ring_init(u64* full, u32 full_count, u64* empty, int stages, u64* once) {
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < stages; ++i) {
+            mbar_init(&full[i], full_count);
+            mbar_init(&empty[i], 8);
+        }
+        mbar_init(once, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
 }
 // Rows row.. (64 by the map's box) and columns col.. of the map's tensor into dst, completing on bar.
 __device__ __forceinline__ void tma_load_2d(void* dst, const TmaMap* map, int col, int row, u64* bar) {
@@ -1162,7 +1183,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // Forward, consumer thread 128 (first of warpgroup 1) of every block: 0 Q wait, 1 full waits, 2 S,
 // 3 softmax, 4 P·V, 5 epilogue, 6 block total, 7 tiles, 8 blocks; producer thread 0: 9 empty waits,
 // 10 total. Backward (fa_bwd_tma), consumer thread 128: 16 full waits, 17 Sᵀ / dPᵀ, 18 P / dS, 19 dV /
-// dK / dQ (with the barriers before), 20 dq atomics, 21 stream positions, 22 blocks, 25 block total;
+// dK / dQ (with the barriers before), 20 dQ staging and its reduction's issue, 21 stream positions, 22 blocks, 25 block total;
 // producer lane 0: 23 empty waits, 24 total.
 __device__ unsigned long long fa_trace[32];
 extern "C" __global__ void fa_trace_take(u32* out) {
@@ -1184,7 +1205,13 @@ extern "C" __global__ void fa_trace_take(u32* out) {
     if (cond) atomicAdd(&fa_trace[slot], 1ull);
 #define FA_RESTART(t0) t0 = clock64();
 #define FA_FROM(t, t0) t = t0;
+// The clocks of a TMA kernel's trace, started after its set-up; thread 128 marks the consumers.
+#define FA_TRACE_BEGIN                \
+    long long tr = clock64();         \
+    const long long tr0 = tr;         \
+    const bool trc = threadIdx.x == 128;
 #else
+#define FA_TRACE_BEGIN
 #define FA_RESTART(t0)
 #define FA_FROM(t, t0)
 #define FA_MARK(cond, slot, t0)
@@ -1226,16 +1253,22 @@ __device__ __forceinline__ void tma_pack(u32 (*a)[4], const float (*sc)[4]) {
 // warp scheduler barriers): warpgroup cw waits on barrier 1 + cw before issuing its products and
 // arrives on the other's after, so the tensor cores alternate between them and one warpgroup's
 // softmax runs under the other's products.
-__device__ __forceinline__ void tma_turn_wait(int cw) {
-    asm volatile("bar.sync %0, 256;\n" ::"r"(1 + cw) : "memory");
-}
+__device__ __forceinline__ void tma_turn_wait(int cw) { fa_bar_sync<256>(1 + cw); }
 __device__ __forceinline__ void tma_turn_pass(int cw) {
     asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - cw) : "memory");
 }
 
+// Minimum and maximum of pos[row0 + i] over the block's first n (≤ blockDim.x) rows; every thread
+// of the 12-warp block takes part.
+__device__ __forceinline__ void tma_block_pos_range(const u32* pos, u32 row0, int n, u32* red, u32& mn, u32& mx) {
+    const bool has = (int)threadIdx.x < n;
+    const u32 p = has ? pos[row0 + threadIdx.x] : 0u;
+    fa_block_minmax<12>(has ? p : U32_MAX, has ? p : 0u, red, mn, mx);
+}
+
 // This warp is done with a stage's K and V.
 __device__ __forceinline__ void tma_release(u64* bar, int lane) {
-    if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(bar)) : "memory");
+    if (lane == 0) mbar_arrive(bar);
 }
 
 template <bool PIPE, bool PP>
@@ -1261,27 +1294,13 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
     const int h = qb.h, kh = qb.kh, nq = qb.nq, kt0 = qb.kt0, nkt = qb.nkt;
     const u32 q0 = qb.q0;
     const int wg = threadIdx.x >> 7, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    // The block's position range (every thread takes part; the producer needs the maximum to skip
-    // invisible key tiles in the consumers' order).
-    const int own = threadIdx.x;
-    const bool has = own < BM && own < nq;
-    const u32 pown = has ? pos_q[q0 + own] : 0u;
+    // The block's query position range (the producer needs the maximum to skip invisible key
+    // tiles in the consumers' order).
     u32 minpq, maxpq;
-    fa_block_minmax<12>(has ? pown : U32_MAX, has ? pown : 0u, red, minpq, maxpq);
-    if (threadIdx.x == 0) {
-        for (int i = 0; i < TMA_STAGES; ++i) {
-            mbar_init(&full[i], 1);
-            mbar_init(&empty[i], 8);
-        }
-        mbar_init(qbar, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+    tma_block_pos_range(pos_q, q0, min(BM, nq), red, minpq, maxpq);
+    tma_ring_init(full, 1, empty, TMA_STAGES, qbar);
     __syncthreads();
-#ifdef FA_TRACE
-    long long tr = clock64();
-    const long long tr0 = tr;
-    const bool trc = threadIdx.x == 128;
-#endif
+    FA_TRACE_BEGIN
 
     if (wg == 0) {
         if (threadIdx.x != 0) return;
@@ -1296,7 +1315,7 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
             FA_MARK(true, 9, tr)
             if (t >= nkt) {
                 stage_tile[st] = -1;
-                asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(&full[st])) : "memory");
+                mbar_arrive(&full[st]);
                 break;
             }
             const bool masked = !(krange[2 * (kt0 + t) + 1] <= minpq && qb.tile_rows(t) == FA_BN);
@@ -1539,26 +1558,12 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
     const int nk = (int)min((u32)BM, cu_k[s + 1] - k0);
     const u32 qa_ = cu_q[s], qb = cu_q[s + 1];
     const int qt0 = qoff[s], nqt = qoff[s + 1] - qoff[s], nit = nqt * group;
-    // The block's key position range (every thread takes part).
-    const int own = threadIdx.x;
-    const bool has = own < nk;
-    const u32 pown = has ? pos_k[k0 + own] : 0u;
+    // The block's key position range.
     u32 minpk, maxpk;
-    fa_block_minmax<12>(has ? pown : U32_MAX, has ? pown : 0u, red, minpk, maxpk);
-    if (threadIdx.x == 0) {
-        for (int i = 0; i < ST; ++i) {
-            mbar_init(&full[i], 32);
-            mbar_init(&empty[i], 8);
-        }
-        mbar_init(kvbar, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+    tma_block_pos_range(pos_k, k0, nk, red, minpk, maxpk);
+    tma_ring_init(full, 32, empty, ST, kvbar);
     __syncthreads();
-#ifdef FA_TRACE
-    long long tr = clock64();
-    const long long tr0 = tr;
-    const bool trc = threadIdx.x == 128;
-#endif
+    FA_TRACE_BEGIN
 
     if (wg == 0) {
         if (threadIdx.x >= 32) return;
@@ -1601,7 +1606,7 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
             FA_MARK(lane == 0, 23, tr)
             if (it >= nit) {
                 if (lane == 0) bstage[st] = -1;
-                asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(&full[st])) : "memory");
+                mbar_arrive(&full[st]);
                 break;
             }
 #pragma unroll
@@ -1616,7 +1621,7 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
                 tma_load_2d(Qs + st * TMA_TILE, tmq, h * HD, (int)t0, &full[st]);
                 tma_load_2d(Gs + st * TMA_TILE, tmg, h * HD, (int)t0, &full[st]);
             } else {
-                asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(&full[st])) : "memory");
+                mbar_arrive(&full[st]);
             }
         }
         FA_FROM(tr, tr0)
@@ -1693,7 +1698,7 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
         // this warpgroup's dQ staging buffer of this position read by its reduction two positions ago.
         fa_fence_async();
         if (threadIdx.x % 128 == 0) asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
-        asm volatile("bar.sync 3, 256;\n" ::: "memory");
+        fa_bar_sync<256>(3);
         float dq[4][4];
 #pragma unroll
         for (int n = 0; n < 4; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
@@ -1727,7 +1732,7 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
                 *(float2*)sw128_at(Bq, w16 + g + 8 * k, 4 * (n * 8 + 2 * tq)) =
                     make_float2(scale * dq[n][2 * k], scale * dq[n][2 * k + 1]);
         fa_fence_async();
-        asm volatile("bar.sync %0, 128;\n" ::"r"(4 + cw) : "memory");
+        fa_bar_sync<128>(4 + cw);
         if (threadIdx.x % 128 == 0) {
             // Rows past the segment hold zeros (their dS is 0): adding them changes nothing.
             tma_reduce_add_2d(Bq, tmacc, h * HD + 32 * cw, (int)(qa_ + (u32)t * FA_BN));
