@@ -743,6 +743,25 @@ __device__ __forceinline__ void fa_red2(float* p, float a, float b) {
     asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
 }
 
+// Add a warp's dk (times scale) and dv rows r0, r1 (of the block's keys from k0; rows from nk on
+// are past the segment) into dk / dv at kv head kh.
+template <int HD>
+__device__ __forceinline__ void fa_add_dkdv(void* dk, void* dv, int kv_bf16, const float (*dka)[4], const float (*dva)[4],
+                                            u32 k0, int r0, int r1, int nk, int ks, int kh, int tq, float scale) {
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+        const int d = kh * HD + n * 8 + 2 * tq;
+        if (r0 < nk) {
+            fa_put2(dk, (i64)(k0 + r0) * ks + d, scale * dka[n][0], scale * dka[n][1], kv_bf16, true);
+            fa_put2(dv, (i64)(k0 + r0) * ks + d, dva[n][0], dva[n][1], kv_bf16, true);
+        }
+        if (r1 < nk) {
+            fa_put2(dk, (i64)(k0 + r1) * ks + d, scale * dka[n][2], scale * dka[n][3], kv_bf16, true);
+            fa_put2(dv, (i64)(k0 + r1) * ks + d, dva[n][2], dva[n][3], kv_bf16, true);
+        }
+    }
+}
+
 // dv += Σ_queries Pᵀ·dout, dk += scale * Σ_queries dSᵀ·q over the heads of kv head blockIdx.y;
 // blocks over key tiles. Transposed products: warp rows are keys, tile columns are queries. The
 // stream is the (query tile, head) pairs of the segment, query tiles outermost.
@@ -887,18 +906,7 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, float* dq_acc,
         __syncthreads();
         it = itn;
     }
-#pragma unroll
-    for (int n = 0; n < HD / 8; ++n) {
-        const int d = kh * HD + n * 8 + 2 * tq;
-        if (r0 < nk) {
-            fa_put2(dk, (i64)(k0 + r0) * ks + d, scale * dka[n][0], scale * dka[n][1], kv_bf16, true);
-            fa_put2(dv, (i64)(k0 + r0) * ks + d, dva[n][0], dva[n][1], kv_bf16, true);
-        }
-        if (r1 < nk) {
-            fa_put2(dk, (i64)(k0 + r1) * ks + d, scale * dka[n][2], scale * dka[n][3], kv_bf16, true);
-            fa_put2(dv, (i64)(k0 + r1) * ks + d, dva[n][2], dva[n][3], kv_bf16, true);
-        }
-    }
+    fa_add_dkdv<HD>(dk, dv, kv_bf16, dka, dva, k0, r0, r1, nk, ks, kh, tq, scale);
 }
 
 // Instantiations: head dim HD, W warps per block, and SUF naming the product path: mM = mma.sync
@@ -1744,18 +1752,7 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
     FA_FROM(tr, tr0)
     FA_MARK(trc, 25, tr)
     FA_COUNT(trc, 22)
-#pragma unroll
-    for (int n = 0; n < 8; ++n) {
-        const int d = kh * HD + n * 8 + 2 * tq;
-        if (r0 < nk) {
-            fa_put2(dk, (i64)(k0 + r0) * ks + d, scale * dka[n][0], scale * dka[n][1], kv_bf16, true);
-            fa_put2(dv, (i64)(k0 + r0) * ks + d, dva[n][0], dva[n][1], kv_bf16, true);
-        }
-        if (r1 < nk) {
-            fa_put2(dk, (i64)(k0 + r1) * ks + d, scale * dka[n][2], scale * dka[n][3], kv_bf16, true);
-            fa_put2(dv, (i64)(k0 + r1) * ks + d, dva[n][2], dva[n][3], kv_bf16, true);
-        }
-    }
+    fa_add_dkdv<HD>(dk, dv, kv_bf16, dka, dva, k0, r0, r1, nk, ks, kh, tq, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12_tma(
