@@ -211,7 +211,7 @@ impl FlashShape {
 /// (H200: 0.451 ms at 2 stages, 0.330 at 4, 360M shape).
 const TMA_STAGES: usize = 4;
 /// Q / dout stages of the TMA backward's ring (`TMA_BWD_STAGES` in kernels/flash_attention.cu).
-const TMA_BWD_STAGES: usize = 3;
+const TMA_BWD_STAGES: usize = 2;
 
 /// The instantiated shapes (`INST_FA_FWD` / `INST_FA_BWD` in kernels/flash_attention.cu); the
 /// backward kernels hold too many fragments for two row tiles per warp.
@@ -1529,12 +1529,13 @@ impl Cuda {
         if shape.tma {
             let tile = FLASH_TILE * hd * 2;
             // 1024 bytes of alignment slack, then the tiles and the mbarriers: forward Q (two tiles)
-            // and the K / V ring; backward K and V (two tiles each), dSᵀ (two buffers of two), the
-            // Q / dout ring and two f32 [64][32] dQ staging tiles per consumer warpgroup.
+            // and the K / V ring; backward K and V (two tiles each), the Q / dout ring (128-row
+            // stages: two tiles each), dSᵀ (two buffers of 128 x 128) and an f32 [64][64] dQ staging
+            // buffer per consumer warpgroup.
             return if kind == "fwd" {
                 1024 + (2 + 2 * TMA_STAGES) * tile + 8 * (2 * TMA_STAGES + 1)
             } else {
-                1024 + (8 + 2 * TMA_BWD_STAGES) * tile + 4 * FLASH_TILE * 32 * 4 + 8 * (2 * TMA_BWD_STAGES + 1)
+                1024 + (4 + 4 * TMA_BWD_STAGES + 8) * tile + 2 * FLASH_TILE * hd * 4 + 8 * (2 * TMA_BWD_STAGES + 1)
             } as u32;
         }
         let row = (hd + 8) * 2;

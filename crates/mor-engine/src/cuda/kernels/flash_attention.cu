@@ -288,6 +288,21 @@ __device__ __forceinline__ void wg_mma_ss_n32(float (*d)[4], u64 da, u64 db) {
         : WG_D(0), WG_D(1), WG_D(2), WG_D(3)
         : "l"(da), "l"(db), "r"(1), "n"(TA), "n"(TB));
 }
+// d[64 x 128] += A[64 x 16] · B[16 x 128], both from shared memory (majors as wg_mma_ss_n64).
+template <int TA = 0, int TB = 0>
+__device__ __forceinline__ void wg_mma_ss_n128(float (*d)[4], u64 da, u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+        "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+        "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+        "%64, %65, p, 1, 1, %67, %68;\n}\n"
+        : WG_D(0), WG_D(1), WG_D(2), WG_D(3), WG_D(4), WG_D(5), WG_D(6), WG_D(7), WG_D(8), WG_D(9), WG_D(10),
+          WG_D(11), WG_D(12), WG_D(13), WG_D(14), WG_D(15)
+        : "l"(da), "l"(db), "r"(1), "n"(TA), "n"(TB));
+}
 #undef WG_D
 
 template <int N, int TB>
@@ -1247,9 +1262,11 @@ __device__ __forceinline__ void tma_pv(float (*o)[4], const u32 (*a)[4], const b
     for (int j = 0; j < FA_BN / 16; ++j) wg_mma_n64<1>(o, a[j], wg_desc_sw128(Vt + j * 16 * 64, 16, 1024));
 }
 
+// bf16 A fragments of NJ 16-column k-steps from an accumulator of 8-column groups.
+template <int NJ = FA_BN / 16>
 __device__ __forceinline__ void tma_pack(u32 (*a)[4], const float (*sc)[4]) {
 #pragma unroll
-    for (int j = 0; j < FA_BN / 16; ++j) {
+    for (int j = 0; j < NJ; ++j) {
         a[j][0] = fa_pack(sc[2 * j][0], sc[2 * j][1]);
         a[j][1] = fa_pack(sc[2 * j][2], sc[2 * j][3]);
         a[j][2] = fa_pack(sc[2 * j + 1][0], sc[2 * j + 1][1]);
@@ -1485,29 +1502,39 @@ INST_FA_FWD_TMA(true, true, tmapp)
 
 // ---- Backward with TMA and warp specialisation (hd 64; the default fused backward: `tmapp,fused,tma`) -
 // The fused backward (dk, dv, and dq reduced into the f32 workspace) on the TMA / wgmma blocks of
-// the forward. Block = 3 warpgroups over 128 keys of kv head blockIdx.y; consumer warpgroup c owns
-// keys 64c.. of the block. The stream is the mma.sync fused kernel's: (query tile, head of the
-// group) positions, query tiles outermost, tiles no key of the block can see skipped.
-//  - producer (warp 0 of warpgroup 0): K and V of the block once by TMA, then per stream position
-//    a ring stage: the Q and dout tiles by TMA, the tile's query positions, lse (log2 domain; +inf
-//    past the segment, so those columns get P = 0) and D by the warp's lanes (every lane arrives on
-//    `full`, lane 0 with the bytes); `bstage` = position | TMA_MASKED, -1 after the last.
-//  - consumers: Sᵀ = K·Qᵀ and dPᵀ = V·doutᵀ (SS wgmma, K-major), Pᵀ = exp2(Sᵀ·scale·log2 e - lse),
-//    dSᵀ = Pᵀ ⊙ (dPᵀ - D); dV += Pᵀ·dout and dK += dSᵀ·Q (RS wgmma, the tiles as MN-major B); dSᵀ
-//    to the warpgroup's swizzled [key][query] tile (two buffers), then, once both warpgroups' tiles
-//    are there, dQ = dS·K over the block's 128 keys (SS wgmma, both operands MN-major), warpgroup c
-//    head-dim columns 32c.. — so each dQ value is reduced into the workspace once per 128 keys.
+// the forward, in FlashAttention-3's 128 x 128 shape. Block = 3 warpgroups over 128 keys of kv head
+// blockIdx.y; consumer warpgroup c owns keys 64c.. of the block. The stream is the mma.sync fused
+// kernel's with 128-query tiles: (query tile, head of the group) positions, query tiles outermost,
+// tiles no key of the block can see skipped.
+//  - producer (warp 0 of warpgroup 0; setmaxnreg gives the warpgroup's registers to the
+//    consumers): K and V of the block once by TMA, then per stream position a ring stage: the Q
+//    and dout tiles (two 64-row boxes each) by TMA, the tile's query positions, lse (log2 domain;
+//    +inf past the segment, so those columns get P = 0) and D by the warp's lanes (every lane
+//    arrives on `full`, lane 0 with the bytes); `bstage` = position | TMA_MASKED, -1 after the last.
+//  - consumers: Sᵀ = K·Qᵀ and dPᵀ = V·doutᵀ (SS wgmma, 64 keys x 128 queries, K-major),
+//    Pᵀ = exp2(Sᵀ·scale·log2 e - lse), dSᵀ = Pᵀ ⊙ (dPᵀ - D); dV += Pᵀ·dout and dK += dSᵀ·Q (RS
+//    wgmma, the tiles as MN-major B); dSᵀ to the swizzled [key][query] buffer (two of them), then,
+//    once both warpgroups' halves are there, dQ = dS·K over the block's 128 keys (SS wgmma, both
+//    operands MN-major) for queries 64c.. — so each dQ value is reduced into the workspace once
+//    per 128 keys. 128 queries per position halve the positions (and their waits, barriers and
+//    reduction issues) of the 64-query version: 0.82 -> see docs/design/attention-hopper.md.
 #ifndef TMA_BWD_STAGES
-#define TMA_BWD_STAGES 3
+#define TMA_BWD_STAGES 2
 #endif
+// Registers per thread after the role split: the 384-thread block starts at 168 each; the
+// consumers hold Sᵀ and dPᵀ (128) besides dK and dV (64). 128·24 + 256·240 = 64512 (no spills;
+// 40 / 232 spilled 12 bytes in the consumers).
+#define TMA_BWD_PRODUCER_REGS 24
+#define TMA_BWD_CONSUMER_REGS 240
 
-// Pᵀ and dSᵀ of a 64-key x 64-query tile from Sᵀ (in p) and dPᵀ (in dp), in place; key positions
-// per row (pk0 rows g, pk1 rows g + 8), query positions / lse / D per column from shared memory.
-template <bool MASKED>
+// Pᵀ and dSᵀ of a 64-key x (8·NG)-query tile from Sᵀ (in p) and dPᵀ (in dp), in place; key
+// positions per row (pk0 rows g, pk1 rows g + 8), query positions / lse / D per column from shared
+// memory.
+template <int NG, bool MASKED>
 __device__ __forceinline__ void fa_bwd_tile_p(float (*p)[4], float (*dp)[4], const u32* pq, const float* L,
                                               const float* D, u32 pk0, u32 pk1, float sl2, int tq) {
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
+    for (int n = 0; n < NG; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int c = n * 8 + 2 * tq + (e & 1);
@@ -1526,10 +1553,10 @@ __device__ __forceinline__ unsigned char* sw128_at(void* tile, int r, int col) {
 }
 
 // dQ partials are reduced into the f32 workspace by TMA (cp.reduce.async.bulk.tensor, add): a
-// warpgroup writes its [64][32] part into one of two swizzled staging buffers (the map's box), one
-// thread issues the reduction; the buffer is written again two stream positions later, after
-// `wait_group.read 1`. Per-thread red.global.add of the same values stalled the consumers (~2500
-// cycles per position; 0.907 ms with them, 0.579 without, at the 360M shape).
+// warpgroup writes its [64][64] part into its swizzled staging buffer (two [64][32] boxes of the
+// map), one thread issues the reductions; the buffer is written again one stream position later,
+// after `wait_group.read 0`. Per-thread red.global.add of the same values stalled the consumers
+// (~2500 cycles per position; 0.907 ms with them, 0.579 without, at the 360M shape).
 __device__ __forceinline__ void tma_reduce_add_2d(const float* src, const TmaMap* map, int col, int row) {
     asm volatile(
         "cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(map),
@@ -1541,22 +1568,23 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
                            const TmaMap* tmacc, void* dk, void* dv, int kv_bf16, const float* lse, const float* delta, const u32* cu_q,
                            const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* koff, const int* qoff,
                            const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {
-    constexpr int HD = 64, BM = 128, ST = TMA_BWD_STAGES;
+    constexpr int HD = 64, BM = 128, BQ = 128, ST = TMA_BWD_STAGES;
+    constexpr int QT = 2 * TMA_TILE;  // a stage's Q (or dout) tile: 128 rows, two TMA boxes
     extern __shared__ __align__(16) unsigned char tmb_sh[];
     unsigned char* base = tmb_sh + ((1024u - (fa_smem(tmb_sh) & 1023u)) & 1023u);
-    bf16_t* Ks = (bf16_t*)base;        // [2][64][64] keys 0-63, 64-127 of the block
-    bf16_t* Vs = Ks + 2 * TMA_TILE;    // [2][64][64]
-    bf16_t* Qs = Vs + 2 * TMA_TILE;    // [ST][64][64]
-    bf16_t* Gs = Qs + ST * TMA_TILE;   // [ST][64][64] dout
-    bf16_t* Ds = Gs + ST * TMA_TILE;   // [2 buffers][2 warpgroups][64][64] dSᵀ
-    float* Qacc = (float*)(Ds + 4 * TMA_TILE);  // [2 warpgroups][2 buffers][64][32] dQ
-    u64* full = (u64*)(Qacc + 4 * 64 * 32);
+    bf16_t* Ks = (bf16_t*)base;        // [128 keys][64]
+    bf16_t* Vs = Ks + 2 * TMA_TILE;    // [128 keys][64]
+    bf16_t* Qs = Vs + 2 * TMA_TILE;    // [ST][128 queries][64]
+    bf16_t* Gs = Qs + ST * QT;         // [ST][128 queries][64] dout
+    bf16_t* Ds = Gs + ST * QT;         // [2 buffers][2 query halves][128 keys][64 queries] dSᵀ
+    float* Qacc = (float*)(Ds + 8 * TMA_TILE);  // [2 warpgroups][2 column halves][64][32] dQ
+    u64* full = (u64*)(Qacc + 2 * 64 * 64);
     u64* empty = full + ST;
     u64* kvbar = empty + ST;
     __shared__ u32 red[2 * 12];
     __shared__ int bstage[ST];
-    __shared__ u32 spq[ST][64];
-    __shared__ float slse[ST][64], sdel[ST][64];
+    __shared__ u32 spq[ST][BQ];
+    __shared__ float slse[ST][BQ], sdel[ST][BQ];
     const int b = blockIdx.x;
     if (b >= koff[num_seqs]) return;
     const int s = att_find_seg(koff, num_seqs, b);
@@ -1565,7 +1593,8 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
     const u32 k0 = cu_k[s] + (u32)(b - koff[s]) * BM;
     const int nk = (int)min((u32)BM, cu_k[s + 1] - k0);
     const u32 qa_ = cu_q[s], qb = cu_q[s + 1];
-    const int qt0 = qoff[s], nqt = qoff[s + 1] - qoff[s], nit = nqt * group;
+    // qrange holds the position range of each 64-row query tile; a stream tile is two of them.
+    const int qt0 = qoff[s], nqt = qoff[s + 1] - qoff[s], nqt2 = (nqt + 1) / 2, nit = nqt2 * group;
     // The block's key position range.
     u32 minpk, maxpk;
     tma_block_pos_range(pos_k, k0, nk, red, minpk, maxpk);
@@ -1574,6 +1603,7 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
     FA_TRACE_BEGIN
 
     if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(TMA_BWD_PRODUCER_REGS));
         if (threadIdx.x >= 32) return;
         if (lane == 0) {
             mbar_expect_tx(kvbar, 4 * TMA_TILE * 2);
@@ -1582,11 +1612,20 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
                 tma_load_2d(Vs + j * TMA_TILE, tmv, kh * HD, (int)k0 + 64 * j, kvbar);
             }
         }
+        // Smallest and largest query position of stream tile t (its one or two 64-row tiles).
+        auto qmin = [&](int t) {
+            const int a = qt0 + 2 * t;
+            return 2 * t + 1 < nqt ? min(qrange[2 * a], qrange[2 * a + 2]) : qrange[2 * a];
+        };
+        auto qmax = [&](int t) {
+            const int a = qt0 + 2 * t;
+            return 2 * t + 1 < nqt ? max(qrange[2 * a + 1], qrange[2 * a + 3]) : qrange[2 * a + 1];
+        };
         // A query tile is skipped when its largest position precedes every key of the block.
         auto next = [&](int it) {
             if (it >= nit || it % group != 0) return it;
             int t = it / group;
-            while (t < nqt && qrange[2 * (qt0 + t) + 1] < minpk) ++t;
+            while (t < nqt2 && qmax(t) < minpk) ++t;
             return t * group;
         };
         int i = 0;
@@ -1595,12 +1634,12 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
             // The position's columns are read into registers before the wait for the free stage,
             // so their latency overlaps it.
             const int t = it / group, h = kh * group + it % group;
-            const u32 t0 = qa_ + (u32)t * FA_BN;
-            const int nt = it < nit ? (int)min((u32)FA_BN, qb - t0) : 0;
-            u32 cpq[2];
-            float clse[2], cdel[2];
+            const u32 t0 = qa_ + (u32)t * BQ;
+            const int nt = it < nit ? (int)min((u32)BQ, qb - t0) : 0;
+            u32 cpq[BQ / 32];
+            float clse[BQ / 32], cdel[BQ / 32];
 #pragma unroll
-            for (int k = 0; k < 2; ++k) {
+            for (int k = 0; k < BQ / 32; ++k) {
                 const int j = lane + 32 * k;
                 const bool in = j < nt;
                 cpq[k] = in ? pos_q[t0 + j] : 0u;
@@ -1608,7 +1647,7 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
                 cdel[k] = in ? delta[(i64)(t0 + j) * heads + h] : 0.f;
             }
             // Keys past the segment (rows of the next one) need the mask on every tile.
-            const bool masked = it < nit && (nk < BM || !(maxpk <= qrange[2 * (qt0 + t)]));
+            const bool masked = it < nit && (nk < BM || !(maxpk <= qmin(t)));
             FA_RESTART(tr)
             if (i >= ST) mbar_wait(&empty[st], ((i / ST) - 1) & 1);
             FA_MARK(lane == 0, 23, tr)
@@ -1618,16 +1657,18 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
                 break;
             }
 #pragma unroll
-            for (int k = 0; k < 2; ++k) {
+            for (int k = 0; k < BQ / 32; ++k) {
                 spq[st][lane + 32 * k] = cpq[k];
                 slse[st][lane + 32 * k] = clse[k];
                 sdel[st][lane + 32 * k] = cdel[k];
             }
             if (lane == 0) {
                 bstage[st] = it | (masked ? TMA_MASKED : 0);
-                mbar_expect_tx(&full[st], 2 * TMA_TILE * 2);
-                tma_load_2d(Qs + st * TMA_TILE, tmq, h * HD, (int)t0, &full[st]);
-                tma_load_2d(Gs + st * TMA_TILE, tmg, h * HD, (int)t0, &full[st]);
+                mbar_expect_tx(&full[st], 2 * QT * 2);
+                for (int j = 0; j < 2; ++j) {
+                    tma_load_2d(Qs + st * QT + j * TMA_TILE, tmq, h * HD, (int)t0 + 64 * j, &full[st]);
+                    tma_load_2d(Gs + st * QT + j * TMA_TILE, tmg, h * HD, (int)t0 + 64 * j, &full[st]);
+                }
             } else {
                 mbar_arrive(&full[st]);
             }
@@ -1637,12 +1678,14 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
         return;
     }
 
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(TMA_BWD_CONSUMER_REGS));
     // Consumers: warpgroup cw owns keys 64·cw.. of the block; warp w16 its 16 of them.
     const int cw = wg - 1, w16 = ((threadIdx.x >> 5) & 3) * 16;
     const int r0 = 64 * cw + w16 + g, r1 = r0 + 8;
     const u32 pk0 = r0 < nk ? pos_k[k0 + r0] : U32_MAX, pk1 = r1 < nk ? pos_k[k0 + r1] : U32_MAX;
     const bf16_t* Kw = Ks + cw * TMA_TILE;
     const bf16_t* Vw = Vs + cw * TMA_TILE;
+    float* Bq = Qacc + cw * 64 * 64;  // this warpgroup's dQ staging
     const int ks = kv_heads * HD;
     const float sl2 = scale * LOG2E_F;
     float dka[8][4], dva[8][4];
@@ -1660,90 +1703,94 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
         FA_MARK(trc, 16, tr)
         FA_COUNT(trc, 21)
         const int it = info & ~TMA_MASKED;
-        const bf16_t* Qt = Qs + st * TMA_TILE;
-        const bf16_t* Gt = Gs + st * TMA_TILE;
-        float p[8][4], dp[8][4];
+        const bf16_t* Qt = Qs + st * QT;
+        const bf16_t* Gt = Gs + st * QT;
+        float p[BQ / 8][4], dp[BQ / 8][4];
 #pragma unroll
-        for (int n = 0; n < 8; ++n) {
+        for (int n = 0; n < BQ / 8; ++n) {
             p[n][0] = p[n][1] = p[n][2] = p[n][3] = 0.f;
             dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
         }
-        wg_pin(p, 8);
-        wg_pin(dp, 8);
+        wg_pin(p, BQ / 8);
+        wg_pin(dp, BQ / 8);
         wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) wg_mma_ss_n64(p, wg_desc_sw128(Kw + kk * 16), wg_desc_sw128(Qt + kk * 16));
+        for (int kk = 0; kk < 4; ++kk) wg_mma_ss_n128(p, wg_desc_sw128(Kw + kk * 16), wg_desc_sw128(Qt + kk * 16));
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) wg_mma_ss_n64(dp, wg_desc_sw128(Vw + kk * 16), wg_desc_sw128(Gt + kk * 16));
+        for (int kk = 0; kk < 4; ++kk) wg_mma_ss_n128(dp, wg_desc_sw128(Vw + kk * 16), wg_desc_sw128(Gt + kk * 16));
         wg_commit();
         wg_wait0();
-        wg_pin(p, 8);
-        wg_pin(dp, 8);
+        wg_pin(p, BQ / 8);
+        wg_pin(dp, BQ / 8);
         FA_MARK(trc, 17, tr)
         if (info & TMA_MASKED)
-            fa_bwd_tile_p<true>(p, dp, spq[st], slse[st], sdel[st], pk0, pk1, sl2, tq);
+            fa_bwd_tile_p<BQ / 8, true>(p, dp, spq[st], slse[st], sdel[st], pk0, pk1, sl2, tq);
         else
-            fa_bwd_tile_p<false>(p, dp, spq[st], slse[st], sdel[st], pk0, pk1, sl2, tq);
-        u32 pa[4][4], dsa[4][4];
-        tma_pack(pa, p);
-        tma_pack(dsa, dp);
-        // dSᵀ rows w16 + g (+ 8), query columns 8n + 2tq (+ 1), as the dq product's A.
-        bf16_t* Dw = Ds + (2 * (i & 1) + cw) * TMA_TILE;
+            fa_bwd_tile_p<BQ / 8, false>(p, dp, spq[st], slse[st], sdel[st], pk0, pk1, sl2, tq);
+        u32 pa[BQ / 16][4], dsa[BQ / 16][4];
+        tma_pack<BQ / 16>(pa, p);
+        tma_pack<BQ / 16>(dsa, dp);
+        // dSᵀ rows r0 (+ 8), query columns 16j + 2tq (+ 1, + 8), into the query half's tile as the
+        // dq product's A.
+        bf16_t* Db = Ds + (i & 1) * 4 * TMA_TILE;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int c = 16 * j + 2 * tq;
-            *(u32*)sw128_at(Dw, w16 + g, 2 * c) = dsa[j][0];
-            *(u32*)sw128_at(Dw, w16 + g + 8, 2 * c) = dsa[j][1];
-            *(u32*)sw128_at(Dw, w16 + g, 2 * (c + 8)) = dsa[j][2];
-            *(u32*)sw128_at(Dw, w16 + g + 8, 2 * (c + 8)) = dsa[j][3];
+        for (int j = 0; j < BQ / 16; ++j) {
+            bf16_t* Dh = Db + (j >> 2) * 2 * TMA_TILE;
+            const int c = 16 * (j & 3) + 2 * tq;
+            *(u32*)sw128_at(Dh, r0, 2 * c) = dsa[j][0];
+            *(u32*)sw128_at(Dh, r1, 2 * c) = dsa[j][1];
+            *(u32*)sw128_at(Dh, r0, 2 * (c + 8)) = dsa[j][2];
+            *(u32*)sw128_at(Dh, r1, 2 * (c + 8)) = dsa[j][3];
         }
-        wg_pin(pa, 4);
-        wg_pin(dsa, 4);
+        float dq[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+        wg_pin(pa, BQ / 16);
+        wg_pin(dsa, BQ / 16);
         wg_pin(dva, 8);
         wg_pin(dka, 8);
+        wg_pin(dq, 8);
         FA_MARK(trc, 18, tr)
-        // Both warpgroups' dSᵀ tiles complete and visible to the tensor cores' (async) proxy; and
-        // this warpgroup's dQ staging buffer of this position read by its reduction two positions ago.
+        // dV and dK (this warpgroup's registers only) in flight while the warpgroups meet.
         fa_fence_async();
-        if (threadIdx.x % 128 == 0) asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
-        fa_bar_sync<256>(3);
-        float dq[4][4];
-#pragma unroll
-        for (int n = 0; n < 4; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
-        wg_pin(dq, 4);
         wg_fence();
 #pragma unroll
-        for (int j = 0; j < 4; ++j) wg_mma_n64<1>(dva, pa[j], wg_desc_sw128(Gt + j * 16 * 64, 16, 1024));
+        for (int j = 0; j < BQ / 16; ++j) wg_mma_n64<1>(dva, pa[j], wg_desc_sw128(Gt + j * 16 * 64, 16, 1024));
 #pragma unroll
-        for (int j = 0; j < 4; ++j) wg_mma_n64<1>(dka, dsa[j], wg_desc_sw128(Qt + j * 16 * 64, 16, 1024));
-        // dQ[:, 32cw..] over the 128 keys: 16 keys per step, from both warpgroups' dSᵀ and K tiles
-        // (the B columns 64 bytes into the swizzled rows).
+        for (int j = 0; j < BQ / 16; ++j) wg_mma_n64<1>(dka, dsa[j], wg_desc_sw128(Qt + j * 16 * 64, 16, 1024));
+        wg_commit();
+        // Both warpgroups' dSᵀ halves stored (and visible to the tensor cores' async proxy); this
+        // warpgroup's previous dQ reduction done reading its staging buffer.
+        if (threadIdx.x % 128 == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+        fa_bar_sync<256>(3);
+        // dQ[64cw.., :] over the 128 keys, 16 keys per step.
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const bf16_t* Dj = Ds + (2 * (i & 1) + (j >> 2)) * TMA_TILE + (j & 3) * 16 * 64;
-            const bf16_t* Kj = Ks + (j >> 2) * TMA_TILE + (j & 3) * 16 * 64 + 32 * cw;
-            wg_mma_ss_n32<1, 1>(dq, wg_desc_sw128(Dj, 16, 1024), wg_desc_sw128(Kj, 16, 1024));
-        }
+        for (int j = 0; j < BM / 16; ++j)
+            wg_mma_ss_n64<1, 1>(dq, wg_desc_sw128(Db + cw * 2 * TMA_TILE + j * 16 * 64, 16, 1024),
+                                wg_desc_sw128(Ks + j * 16 * 64, 16, 1024));
         wg_commit();
         wg_wait0();
-        wg_pin(dq, 4);
+        wg_pin(pa, BQ / 16);
+        wg_pin(dsa, BQ / 16);
+        wg_pin(dq, 8);
         wg_pin(dva, 8);
         wg_pin(dka, 8);
         FA_MARK(trc, 19, tr)
         tma_release(&empty[st], lane);
         const int t = it / group, h = kh * group + it % group;
-        float* Bq = Qacc + (2 * cw + (i & 1)) * 64 * 32;
 #pragma unroll
-        for (int n = 0; n < 4; ++n)
+        for (int n = 0; n < 8; ++n)
 #pragma unroll
             for (int k = 0; k < 2; ++k)
-                *(float2*)sw128_at(Bq, w16 + g + 8 * k, 4 * (n * 8 + 2 * tq)) =
+                *(float2*)sw128_at(Bq + (n >> 2) * 64 * 32, w16 + g + 8 * k, 4 * ((n & 3) * 8 + 2 * tq)) =
                     make_float2(scale * dq[n][2 * k], scale * dq[n][2 * k + 1]);
         fa_fence_async();
         fa_bar_sync<128>(4 + cw);
         if (threadIdx.x % 128 == 0) {
             // Rows past the segment hold zeros (their dS is 0): adding them changes nothing.
-            tma_reduce_add_2d(Bq, tmacc, h * HD + 32 * cw, (int)(qa_ + (u32)t * FA_BN));
+            const int row = (int)(qa_ + (u32)t * BQ) + 64 * cw;
+            tma_reduce_add_2d(Bq, tmacc, h * HD, row);
+            tma_reduce_add_2d(Bq + 64 * 32, tmacc, h * HD + 32, row);
             asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
         }
         FA_MARK(trc, 20, tr)
