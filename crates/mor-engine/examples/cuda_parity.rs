@@ -1598,7 +1598,7 @@ fn print_flash_trace(t: &[u64; 32]) {
             21,
             22,
             &[("full wait", 16), ("Sᵀ/dPᵀ", 17), ("P/dS", 18), ("dV/dK/dQ", 19), ("dQ staging", 20)],
-            &[("total", 25), ("producer empty waits", 23), ("producer total", 24)],
+            &[("total", 25), ("producer empty waits", 23), ("producer to the wait", 26), ("producer fill", 27), ("producer total", 24)],
         ),
     ];
     for (kernel, unit, units, blocks, per_unit, per_block) in kernels {

@@ -1084,6 +1084,15 @@ __device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
 __device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(fa_smem(bar)), "r"(bytes) : "memory");
 }
+// The transaction bytes alone (no arrival).
+__device__ __forceinline__ void mbar_expect_tx_only(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(fa_smem(bar)), "r"(bytes) : "memory");
+}
+// This thread's arrival, made once its cp.async copies issued so far have landed (counts as one of
+// the barrier's expected arrivals).
+__device__ __forceinline__ void cp_async_mbar_arrive(u64* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(fa_smem(bar)) : "memory");
+}
 __device__ __forceinline__ void mbar_arrive(u64* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fa_smem(bar)) : "memory");
 }
@@ -1207,7 +1216,8 @@ extern "C" __global__ void __launch_bounds__(128)
 // 3 softmax, 4 P·V, 5 epilogue, 6 block total, 7 tiles, 8 blocks; producer thread 0: 9 empty waits,
 // 10 total. Backward (fa_bwd_tma), consumer thread 128: 16 full waits, 17 Sᵀ / dPᵀ, 18 P / dS, 19 dV /
 // dK / dQ (with the barriers before), 20 dQ staging and its reduction's issue, 21 stream positions, 22 blocks, 25 block total;
-// producer lane 0: 23 empty waits, 24 total.
+// producer lane 0: 26 from the previous stage to the empty wait (the next position found, its
+// columns' reads issued), 23 empty waits, 27 filling the stage (columns stored, TMA issued), 24 total.
 __device__ unsigned long long fa_trace[32];
 extern "C" __global__ void fa_trace_take(u32* out) {
     const int i = threadIdx.x;
@@ -1528,8 +1538,8 @@ INST_FA_FWD_TMA(true, true, tmapp)
 #define TMA_BWD_CONSUMER_REGS 240
 
 // Pᵀ and dSᵀ of a 64-key x (8·NG)-query tile from Sᵀ (in p) and dPᵀ (in dp), in place; key
-// positions per row (pk0 rows g, pk1 rows g + 8), query positions / lse / D per column from shared
-// memory.
+// positions per row (pk0 rows g, pk1 rows g + 8), query positions / lse (natural log) / D per
+// column from shared memory.
 template <int NG, bool MASKED>
 __device__ __forceinline__ void fa_bwd_tile_p(float (*p)[4], float (*dp)[4], const u32* pq, const float* L,
                                               const float* D, u32 pk0, u32 pk1, float sl2, int tq) {
@@ -1538,7 +1548,7 @@ __device__ __forceinline__ void fa_bwd_tile_p(float (*p)[4], float (*dp)[4], con
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int c = n * 8 + 2 * tq + (e & 1);
-            float x = fa_exp2(p[n][e] * sl2 - L[c]);
+            float x = fa_exp2(p[n][e] * sl2 - L[c] * LOG2E_F);
             if constexpr (MASKED)
                 if ((e < 2 ? pk0 : pk1) > pq[c]) x = 0.f;
             p[n][e] = x;
@@ -1563,6 +1573,9 @@ __device__ __forceinline__ void tma_reduce_add_2d(const float* src, const TmaMap
         "r"(col), "r"(row), "r"(fa_smem(src))
         : "memory");
 }
+
+// lse of the columns past a segment (+inf): P = exp2(S·scale·log2 e - inf) = 0.
+__device__ const u32 fa_lse_pad = 0x7f800000u;
 
 __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* tmk, const TmaMap* tmv,
                            const TmaMap* tmacc, void* dk, void* dv, int kv_bf16, const float* lse, const float* delta, const u32* cu_q,
@@ -1631,24 +1644,12 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
         int i = 0;
         for (int it = next(0);; it = next(it + 1), ++i) {
             const int st = i % ST;
-            // The position's columns are read into registers before the wait for the free stage,
-            // so their latency overlaps it.
             const int t = it / group, h = kh * group + it % group;
             const u32 t0 = qa_ + (u32)t * BQ;
             const int nt = it < nit ? (int)min((u32)BQ, qb - t0) : 0;
-            u32 cpq[BQ / 32];
-            float clse[BQ / 32], cdel[BQ / 32];
-#pragma unroll
-            for (int k = 0; k < BQ / 32; ++k) {
-                const int j = lane + 32 * k;
-                const bool in = j < nt;
-                cpq[k] = in ? pos_q[t0 + j] : 0u;
-                clse[k] = in ? lse[(i64)(t0 + j) * heads + h] * LOG2E_F : F_INF;
-                cdel[k] = in ? delta[(i64)(t0 + j) * heads + h] : 0.f;
-            }
             // Keys past the segment (rows of the next one) need the mask on every tile.
             const bool masked = it < nit && (nk < BM || !(maxpk <= qmin(t)));
-            FA_RESTART(tr)
+            FA_MARK(lane == 0, 26, tr)
             if (i >= ST) mbar_wait(&empty[st], ((i / ST) - 1) & 1);
             FA_MARK(lane == 0, 23, tr)
             if (it >= nit) {
@@ -1656,22 +1657,29 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
                 mbar_arrive(&full[st]);
                 break;
             }
+            // The columns by cp.async, each lane's arrival on `full` made when its copies land (the
+            // warp does not wait for the reads; loaded through registers they held the producer
+            // ~3200 cycles per position). Columns past the segment: lse +inf (P = 0), D and the
+            // position 0.
 #pragma unroll
             for (int k = 0; k < BQ / 32; ++k) {
-                spq[st][lane + 32 * k] = cpq[k];
-                slse[st][lane + 32 * k] = clse[k];
-                sdel[st][lane + 32 * k] = cdel[k];
+                const int j = lane + 32 * k;
+                const bool in = j < nt;
+                const i64 r = (i64)(t0 + (in ? j : 0)) * heads + h;
+                fa_cp4(&spq[st][j], pos_q + t0 + (in ? j : 0), in);
+                fa_cp4(&slse[st][j], in ? (const void*)(lse + r) : (const void*)&fa_lse_pad, true);
+                fa_cp4(&sdel[st][j], delta + r, in);
             }
             if (lane == 0) {
                 bstage[st] = it | (masked ? TMA_MASKED : 0);
-                mbar_expect_tx(&full[st], 2 * QT * 2);
+                mbar_expect_tx_only(&full[st], 2 * QT * 2);
                 for (int j = 0; j < 2; ++j) {
                     tma_load_2d(Qs + st * QT + j * TMA_TILE, tmq, h * HD, (int)t0 + 64 * j, &full[st]);
                     tma_load_2d(Gs + st * QT + j * TMA_TILE, tmg, h * HD, (int)t0 + 64 * j, &full[st]);
                 }
-            } else {
-                mbar_arrive(&full[st]);
             }
+            cp_async_mbar_arrive(&full[st]);
+            FA_MARK(lane == 0, 27, tr)
         }
         FA_FROM(tr, tr0)
         FA_MARK(lane == 0, 24, tr)
