@@ -1529,11 +1529,11 @@ impl Cuda {
         if shape.tma {
             let tile = FLASH_TILE * hd * 2;
             // 1024 bytes of alignment slack, then the tiles and the mbarriers: forward Q (two tiles)
-            // and the K / V ring; backward K and V (two tiles each), the Q / dout ring (128-row
+            // and the K / V ring (128-key stages: two tiles each); backward K and V (two tiles each), the Q / dout ring (128-row
             // stages: two tiles each), dSᵀ (two buffers of 128 x 128) and an f32 [64][64] dQ staging
             // buffer per consumer warpgroup.
             return if kind == "fwd" {
-                1024 + (2 + 2 * TMA_STAGES) * tile + 8 * (2 * TMA_STAGES + 1)
+                1024 + (2 + 4 * TMA_STAGES) * tile + 8 * (2 * TMA_STAGES + 1)
             } else {
                 1024 + (4 + 4 * TMA_BWD_STAGES + 8) * tile + 2 * FLASH_TILE * hd * 4 + 8 * (2 * TMA_BWD_STAGES + 1)
             } as u32;

@@ -469,12 +469,12 @@ __device__ __forceinline__ void fa_issue_kv(bf16_t* Ks, bf16_t* Vs, u32* Pk, int
 // and sum l, leaves P = exp2(S - m) in sc and the correction of the previous O in c (fa_rescale).
 // Masked and unmasked tiles are separate instantiations: with the mask test inside the loop ptxas
 // branched around every element's position load, on the unmasked tiles too.
-template <bool MASKED>
+template <bool MASKED, int NG = FA_BN / 8>
 __device__ __forceinline__ void fa_softmax_tile(float (*sc)[4], float* m, float* l, float* c, int nt, const u32* pk,
                                                 const u32* pq, float sl2, int tq) {
     float mx0 = F_NINF, mx1 = F_NINF;
 #pragma unroll
-    for (int n = 0; n < FA_BN / 8; ++n) {
+    for (int n = 0; n < NG; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             float x = sc[n][e] * sl2;
@@ -499,7 +499,7 @@ __device__ __forceinline__ void fa_softmax_tile(float (*sc)[4], float* m, float*
     l[0] *= c[0];
     l[1] *= c[1];
 #pragma unroll
-    for (int n = 0; n < FA_BN / 8; ++n) {
+    for (int n = 0; n < NG; ++n) {
         sc[n][0] = fa_exp2(sc[n][0] - s0);
         sc[n][1] = fa_exp2(sc[n][1] - s0);
         sc[n][2] = fa_exp2(sc[n][2] - s1);
@@ -512,12 +512,13 @@ __device__ __forceinline__ void fa_softmax_tile(float (*sc)[4], float* m, float*
 }
 
 // fa_softmax_tile on a tile that needs the mask or not.
+template <int NG = FA_BN / 8>
 __device__ __forceinline__ void fa_softmax_tile(bool masked, float (*sc)[4], float* m, float* l, float* c, int nt,
                                                 const u32* pk, const u32* pq, float sl2, int tq) {
     if (masked)
-        fa_softmax_tile<true>(sc, m, l, c, nt, pk, pq, sl2, tq);
+        fa_softmax_tile<true, NG>(sc, m, l, c, nt, pk, pq, sl2, tq);
     else
-        fa_softmax_tile<false>(sc, m, l, c, nt, pk, pq, sl2, tq);
+        fa_softmax_tile<false, NG>(sc, m, l, c, nt, pk, pq, sl2, tq);
 }
 
 // O rows scaled by the softmax's correction c (16 rows x HD of m16n8 fragments).
@@ -1255,21 +1256,30 @@ extern "C" __global__ void fa_trace_take(u32* out) {
 #endif
 #define TMA_MASKED (1 << 30)
 #define TMA_TILE (64 * 64)
+// Keys per tile of the TMA forward: two 64-row TMA boxes (the key tables' tiles) per stage.
+#define TMA_BN 128
+// Registers per thread after the role split of the 384-thread TMA kernels (setmaxnreg; they start
+// at 168): 128·24 + 256·240 = 64512. The backward's consumers hold Sᵀ and dPᵀ (128) besides dK and
+// dV (64; a 40 / 232 split spilled there), the forward's S (64), O (32) and P (32).
+#define TMA_PRODUCER_REGS 24
+#define TMA_CONSUMER_REGS 240
 
-// Issue S = Q·Kᵀ for a warpgroup's 64 rows (both operands swizzled tiles in shared memory).
+// Issue S = Q·Kᵀ for a warpgroup's 64 rows and a TMA_BN-key tile (both operands swizzled tiles in
+// shared memory).
 __device__ __forceinline__ void tma_scores(float (*sc)[4], const bf16_t* Qw, const bf16_t* Kt) {
 #pragma unroll
-    for (int n = 0; n < FA_BN / 8; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
-    wg_pin(sc, FA_BN / 8);
+    for (int n = 0; n < TMA_BN / 8; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+    wg_pin(sc, TMA_BN / 8);
     wg_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wg_mma_ss_n64(sc, wg_desc_sw128(Qw + kk * 16), wg_desc_sw128(Kt + kk * 16));
+    for (int kk = 0; kk < 4; ++kk) wg_mma_ss_n128(sc, wg_desc_sw128(Qw + kk * 16), wg_desc_sw128(Kt + kk * 16));
 }
 
-// Issue O += P·V (P as register A fragments, V an MN-major swizzled tile); the caller fences.
+// Issue O += P·V (P as register A fragments, V an MN-major swizzled tile of TMA_BN rows); the
+// caller fences.
 __device__ __forceinline__ void tma_pv(float (*o)[4], const u32 (*a)[4], const bf16_t* Vt) {
 #pragma unroll
-    for (int j = 0; j < FA_BN / 16; ++j) wg_mma_n64<1>(o, a[j], wg_desc_sw128(Vt + j * 16 * 64, 16, 1024));
+    for (int j = 0; j < TMA_BN / 16; ++j) wg_mma_n64<1>(o, a[j], wg_desc_sw128(Vt + j * 16 * 64, 16, 1024));
 }
 
 // bf16 A fragments of NJ 16-column k-steps from an accumulator of 8-column groups.
@@ -1314,10 +1324,11 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
     extern __shared__ __align__(16) unsigned char tma_sh[];
     // Swizzled tiles need 1024-byte alignment (the host adds 1024 bytes of slack).
     unsigned char* base = tma_sh + ((1024u - (fa_smem(tma_sh) & 1023u)) & 1023u);
+    constexpr int KT = 2 * TMA_TILE;         // a stage's K (or V) tile: TMA_BN rows, two TMA boxes
     bf16_t* Qs = (bf16_t*)base;               // [2][64][64]
-    bf16_t* Ks = Qs + 2 * TMA_TILE;           // [TMA_STAGES][64][64]
-    bf16_t* Vs = Ks + TMA_STAGES * TMA_TILE;  // [TMA_STAGES][64][64]
-    u64* full = (u64*)(Vs + TMA_STAGES * TMA_TILE);
+    bf16_t* Ks = Qs + 2 * TMA_TILE;           // [TMA_STAGES][TMA_BN][64]
+    bf16_t* Vs = Ks + TMA_STAGES * KT;        // [TMA_STAGES][TMA_BN][64]
+    u64* full = (u64*)(Vs + TMA_STAGES * KT);
     u64* empty = full + TMA_STAGES;
     u64* qbar = empty + TMA_STAGES;
     __shared__ u32 red[2 * 12];
@@ -1326,8 +1337,11 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
     __shared__ int stage_tile[TMA_STAGES];
     if ((int)blockIdx.x >= qoff[num_seqs]) return;
     const FaQueryBlock<BM> qb(blockIdx.x, cu_q, cu_k, qoff, koff, num_seqs, heads, kv_heads);
-    const int h = qb.h, kh = qb.kh, nq = qb.nq, kt0 = qb.kt0, nkt = qb.nkt;
+    // krange holds the position range of each 64-row key tile; a stream tile is two of them.
+    const int h = qb.h, kh = qb.kh, nq = qb.nq, kt0 = qb.kt0, nkt = qb.nkt, nkt2 = (nkt + 1) / 2;
     const u32 q0 = qb.q0;
+    auto tile_start = [&](int t) { return qb.ka + (u32)t * TMA_BN; };
+    auto tile_rows = [&](int t) { return (int)min((u32)TMA_BN, qb.kb - tile_start(t)); };
     const int wg = threadIdx.x >> 7, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     // The block's query position range (the producer needs the maximum to skip invisible key
     // tiles in the consumers' order).
@@ -1338,33 +1352,52 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
     FA_TRACE_BEGIN
 
     if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(TMA_PRODUCER_REGS));
         if (threadIdx.x != 0) return;
         mbar_expect_tx(qbar, 2 * TMA_TILE * 2);
         tma_load_2d(Qs, tmq, h * HD, (int)q0, qbar);
         tma_load_2d(Qs + TMA_TILE, tmq, h * HD, (int)q0 + 64, qbar);
+        // Smallest and largest key position of stream tile t (its one or two 64-row tiles).
+        auto kmin = [&](int t) {
+            const int a = kt0 + 2 * t;
+            return 2 * t + 1 < nkt ? min(krange[2 * a], krange[2 * a + 2]) : krange[2 * a];
+        };
+        auto kmax = [&](int t) {
+            const int a = kt0 + 2 * t;
+            return 2 * t + 1 < nkt ? max(krange[2 * a + 1], krange[2 * a + 3]) : krange[2 * a + 1];
+        };
+        // A key tile is skipped when its smallest position follows every query of the block.
+        auto next = [&](int t) {
+            while (t < nkt2 && kmin(t) > maxpq) ++t;
+            return t;
+        };
         int i = 0;
-        for (int t = fa_next_tile(krange, kt0, 0, nkt, maxpq);; t = fa_next_tile(krange, kt0, t + 1, nkt, maxpq), ++i) {
+        for (int t = next(0);; t = next(t + 1), ++i) {
             const int st = i % TMA_STAGES;
+            // Read before the wait for the free stage, so the read's latency overlaps it.
+            const bool masked = t < nkt2 && !(kmax(t) <= minpq && tile_rows(t) == TMA_BN);
             FA_RESTART(tr)
             if (i >= TMA_STAGES) mbar_wait(&empty[st], ((i / TMA_STAGES) - 1) & 1);
             FA_MARK(true, 9, tr)
-            if (t >= nkt) {
+            if (t >= nkt2) {
                 stage_tile[st] = -1;
                 mbar_arrive(&full[st]);
                 break;
             }
-            const bool masked = !(krange[2 * (kt0 + t) + 1] <= minpq && qb.tile_rows(t) == FA_BN);
             stage_tile[st] = t | (masked ? TMA_MASKED : 0);
-            mbar_expect_tx(&full[st], 2 * TMA_TILE * 2);
-            const int row = (int)qb.tile_start(t);
-            tma_load_2d(Ks + st * TMA_TILE, tmk, kh * HD, row, &full[st]);
-            tma_load_2d(Vs + st * TMA_TILE, tmv, kh * HD, row, &full[st]);
+            mbar_expect_tx(&full[st], 2 * KT * 2);
+            const int row = (int)tile_start(t);
+            for (int j = 0; j < 2; ++j) {
+                tma_load_2d(Ks + st * KT + j * TMA_TILE, tmk, kh * HD, row + 64 * j, &full[st]);
+                tma_load_2d(Vs + st * KT + j * TMA_TILE, tmv, kh * HD, row + 64 * j, &full[st]);
+            }
         }
         FA_FROM(tr, tr0)
         FA_MARK(true, 10, tr)
         return;
     }
 
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(TMA_CONSUMER_REGS));
     // Consumers: warpgroup cw = wg - 1 owns rows 64·cw ..; warp w16 its 16 of them.
     const int cw = wg - 1, w16 = ((threadIdx.x >> 5) & 3) * 16;
     int r[2];
@@ -1382,8 +1415,8 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
     const bf16_t* Qw = Qs + cw * TMA_TILE;
     mbar_wait(qbar, 0);
     FA_MARK(trc, 0, tr)
-    float sc[FA_BN / 8][4];
-    u32 a[FA_BN / 16][4];
+    float sc[TMA_BN / 8][4];
+    u32 a[TMA_BN / 16][4];
     // The key tile of stage st once it is full (with TMA_MASKED), -1 after the last.
     auto wait_tile = [&](int i) {
         mbar_wait(&full[i % TMA_STAGES], (i / TMA_STAGES) & 1);
@@ -1393,7 +1426,7 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
     // memory on partly visible tiles only.
     auto softmax = [&](int tm) {
         const int t = tm & ~TMA_MASKED;
-        fa_softmax_tile(tm & TMA_MASKED, sc, m, l, c, qb.tile_rows(t), pos_k + qb.tile_start(t), pq, sl2, tq);
+        fa_softmax_tile<TMA_BN / 8>(tm & TMA_MASKED, sc, m, l, c, tile_rows(t), pos_k + tile_start(t), pq, sl2, tq);
     };
     // Ping-pong: warpgroup 0 takes the first turn; each turn is passed once per issue, and warpgroup 0
     // takes the one left over at the end (every bar.arrive matched by a bar.sync).
@@ -1404,20 +1437,20 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
             if (t < 0) break;
             FA_MARK(trc, 1, tr)
             if (PP) tma_turn_wait(cw);
-            tma_scores(sc, Qw, Ks + st * TMA_TILE);
+            tma_scores(sc, Qw, Ks + st * KT);
             wg_commit();
             if (PP) tma_turn_pass(cw);
             wg_wait0();
-            wg_pin(sc, FA_BN / 8);
+            wg_pin(sc, TMA_BN / 8);
             FA_MARK(trc, 2, tr)
             softmax(t);
             fa_rescale<HD>(o, c);
-            tma_pack(a, sc);
-            wg_pin(a, FA_BN / 16);
+            tma_pack<TMA_BN / 16>(a, sc);
+            wg_pin(a, TMA_BN / 16);
             wg_pin(o, HD / 8);
             FA_MARK(trc, 3, tr)
             wg_fence();
-            tma_pv(o, a, Vs + st * TMA_TILE);
+            tma_pv(o, a, Vs + st * KT);
             wg_commit();
             wg_wait0();
             wg_pin(o, HD / 8);
@@ -1435,9 +1468,9 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
             wg_commit();
             if (PP) tma_turn_pass(cw);
             wg_wait0();
-            wg_pin(sc, FA_BN / 8);
+            wg_pin(sc, TMA_BN / 8);
             softmax(t);
-            tma_pack(a, sc);
+            tma_pack<TMA_BN / 16>(a, sc);
             int prev = 0, i = 1;
             for (;; ++i) {
                 const int st = i % TMA_STAGES;
@@ -1445,26 +1478,26 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
                 if (t < 0) break;
                 FA_COUNT(trc, 7)
                 if (PP) tma_turn_wait(cw);
-                tma_scores(sc, Qw, Ks + st * TMA_TILE);
+                tma_scores(sc, Qw, Ks + st * KT);
                 wg_commit();  // group: S
-                tma_pv(o, a, Vs + prev * TMA_TILE);
+                tma_pv(o, a, Vs + prev * KT);
                 wg_commit();  // group: the previous P·V
                 if (PP) tma_turn_pass(cw);
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // S is ready
-                wg_pin(sc, FA_BN / 8);
+                wg_pin(sc, TMA_BN / 8);
                 softmax(t);
                 wg_wait0();  // the previous P·V has run
                 wg_pin(o, HD / 8);
-                wg_pin(a, FA_BN / 16);  // its P stayed live until here
+                wg_pin(a, TMA_BN / 16);  // its P stayed live until here
                 tma_release(&empty[prev], lane);
                 fa_rescale<HD>(o, c);
-                tma_pack(a, sc);
+                tma_pack<TMA_BN / 16>(a, sc);
                 prev = st;
             }
-            wg_pin(a, FA_BN / 16);
+            wg_pin(a, TMA_BN / 16);
             wg_pin(o, HD / 8);
             wg_fence();
-            tma_pv(o, a, Vs + prev * TMA_TILE);
+            tma_pv(o, a, Vs + prev * KT);
             wg_commit();
             wg_wait0();
             wg_pin(o, HD / 8);
@@ -1531,11 +1564,6 @@ INST_FA_FWD_TMA(true, true, tmapp)
 #ifndef TMA_BWD_STAGES
 #define TMA_BWD_STAGES 2
 #endif
-// Registers per thread after the role split: the 384-thread block starts at 168 each; the
-// consumers hold Sᵀ and dPᵀ (128) besides dK and dV (64). 128·24 + 256·240 = 64512 (no spills;
-// 40 / 232 spilled 12 bytes in the consumers).
-#define TMA_BWD_PRODUCER_REGS 24
-#define TMA_BWD_CONSUMER_REGS 240
 
 // Pᵀ and dSᵀ of a 64-key x (8·NG)-query tile from Sᵀ (in p) and dPᵀ (in dp), in place; key
 // positions per row (pk0 rows g, pk1 rows g + 8), query positions / lse (natural log) / D per
@@ -1616,7 +1644,7 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
     FA_TRACE_BEGIN
 
     if (wg == 0) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(TMA_BWD_PRODUCER_REGS));
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(TMA_PRODUCER_REGS));
         if (threadIdx.x >= 32) return;
         if (lane == 0) {
             mbar_expect_tx(kvbar, 4 * TMA_TILE * 2);
@@ -1686,7 +1714,7 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
         return;
     }
 
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(TMA_BWD_CONSUMER_REGS));
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(TMA_CONSUMER_REGS));
     // Consumers: warpgroup cw owns keys 64·cw.. of the block; warp w16 its 16 of them.
     const int cw = wg - 1, w16 = ((threadIdx.x >> 5) & 3) * 16;
     const int r0 = 64 * cw + w16 + g, r1 = r0 + 8;
