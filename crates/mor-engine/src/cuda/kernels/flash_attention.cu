@@ -1191,9 +1191,10 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // ---- Forward with TMA and warp specialisation (hd 64; the default forward: `tmapp`) ------------
-// Block = 3 warpgroups, 128 query rows:
+// Block = 3 warpgroups, 128 query rows, key tiles of TMA_BN = 128 (setmaxnreg: the producer
+// warpgroup keeps 24 registers, the consumers take 240):
 //  - warpgroup 0 produces: thread 0 loads the block's Q (two 64-row tiles) once, then the K and V
-//    tiles of every visible key tile into a ring of TMA_STAGES buffers, with the tile's index (and
+//    tiles (two 64-row boxes each) of every visible key tile into a ring of TMA_STAGES buffers, with the tile's index (and
 //    whether it needs the mask) in `stage_tile`, so the consumers read no tables from global
 //    memory in their loop (that cost 0.63 -> 0.44 ms); `full[s]` completes on the tiles' bytes,
 //    `empty[s]` when the 8 consumer warps have finished with the buffer.
@@ -1204,8 +1205,8 @@ extern "C" __global__ void __launch_bounds__(128)
 // FlashAttention-3's overlap inside a warpgroup — the next tile's S and the previous tile's P·V in
 // flight together, the softmax under P·V (wait_group 1), O rescaled after it completes; PP
 // (`tmapp`, with PIPE) adds the ping-pong of the two consumer warpgroups (tma_turn_wait / _pass).
-// H200, 360M shape (8 x 2048 causal, 15/5 heads): tma 0.368 ms, tmap 0.330, tmapp 0.323; the
-// mma.sync forward 0.396.
+// H200, 360M shape (8 x 2048 causal, 15/5 heads): tma 0.311 ms, tmap 0.301, tmapp 0.290 (64-key
+// tiles: 0.368, 0.330, 0.318); the mma.sync forward 0.396.
 // Key rows past the segment (TMA reads the next segment's, or zeros past the tensor) are masked by
 // the tile's row count as in fa_fwd_impl; their positions are read from global memory on the
 // partly visible tiles only.
