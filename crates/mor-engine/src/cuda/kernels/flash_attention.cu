@@ -277,17 +277,6 @@ __device__ __forceinline__ void wg_mma_ss_n64(float (*d)[4], u64 da, u64 db) {
         : WG_D(0), WG_D(1), WG_D(2), WG_D(3), WG_D(4), WG_D(5), WG_D(6), WG_D(7)
         : "l"(da), "l"(db), "r"(1), "n"(TA), "n"(TB));
 }
-// d[64 x 32] += A[64 x 16] · B[16 x 32], both from shared memory (majors as wg_mma_ss_n64).
-template <int TA = 0, int TB = 0>
-__device__ __forceinline__ void wg_mma_ss_n32(float (*d)[4], u64 da, u64 db) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, "
-        "%16, %17, p, 1, 1, %19, %20;\n}\n"
-        : WG_D(0), WG_D(1), WG_D(2), WG_D(3)
-        : "l"(da), "l"(db), "r"(1), "n"(TA), "n"(TB));
-}
 // d[64 x 128] += A[64 x 16] · B[16 x 128], both from shared memory (majors as wg_mma_ss_n64).
 template <int TA = 0, int TB = 0>
 __device__ __forceinline__ void wg_mma_ss_n128(float (*d)[4], u64 da, u64 db) {
@@ -1312,6 +1301,18 @@ __device__ __forceinline__ void tma_block_pos_range(const u32* pos, u32 row0, in
     fa_block_minmax<12>(has ? p : U32_MAX, has ? p : 0u, red, mn, mx);
 }
 
+// Smallest (x) and largest (y) position of 128-row stream tile t, from a range table of 64-row
+// tiles (`range[2 (base + i)]`, min then max; the segment has n of them): its one or two tiles.
+__device__ __forceinline__ uint2 tma_tile_pair_range(const u32* range, int base, int t, int n) {
+    const int a = base + 2 * t;
+    uint2 r = make_uint2(range[2 * a], range[2 * a + 1]);
+    if (2 * t + 1 < n) {
+        r.x = min(r.x, range[2 * a + 2]);
+        r.y = max(r.y, range[2 * a + 3]);
+    }
+    return r;
+}
+
 // This warp is done with a stage's K and V.
 __device__ __forceinline__ void tma_release(u64* bar, int lane) {
     if (lane == 0) mbar_arrive(bar);
@@ -1358,25 +1359,17 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
         mbar_expect_tx(qbar, 2 * TMA_TILE * 2);
         tma_load_2d(Qs, tmq, h * HD, (int)q0, qbar);
         tma_load_2d(Qs + TMA_TILE, tmq, h * HD, (int)q0 + 64, qbar);
-        // Smallest and largest key position of stream tile t (its one or two 64-row tiles).
-        auto kmin = [&](int t) {
-            const int a = kt0 + 2 * t;
-            return 2 * t + 1 < nkt ? min(krange[2 * a], krange[2 * a + 2]) : krange[2 * a];
-        };
-        auto kmax = [&](int t) {
-            const int a = kt0 + 2 * t;
-            return 2 * t + 1 < nkt ? max(krange[2 * a + 1], krange[2 * a + 3]) : krange[2 * a + 1];
-        };
+        auto krange2 = [&](int t) { return tma_tile_pair_range(krange, kt0, t, nkt); };
         // A key tile is skipped when its smallest position follows every query of the block.
         auto next = [&](int t) {
-            while (t < nkt2 && kmin(t) > maxpq) ++t;
+            while (t < nkt2 && krange2(t).x > maxpq) ++t;
             return t;
         };
         int i = 0;
         for (int t = next(0);; t = next(t + 1), ++i) {
             const int st = i % TMA_STAGES;
             // Read before the wait for the free stage, so the read's latency overlaps it.
-            const bool masked = t < nkt2 && !(kmax(t) <= minpq && tile_rows(t) == TMA_BN);
+            const bool masked = t < nkt2 && !(krange2(t).y <= minpq && tile_rows(t) == TMA_BN);
             FA_RESTART(tr)
             if (i >= TMA_STAGES) mbar_wait(&empty[st], ((i / TMA_STAGES) - 1) & 1);
             FA_MARK(true, 9, tr)
@@ -1654,20 +1647,12 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
                 tma_load_2d(Vs + j * TMA_TILE, tmv, kh * HD, (int)k0 + 64 * j, kvbar);
             }
         }
-        // Smallest and largest query position of stream tile t (its one or two 64-row tiles).
-        auto qmin = [&](int t) {
-            const int a = qt0 + 2 * t;
-            return 2 * t + 1 < nqt ? min(qrange[2 * a], qrange[2 * a + 2]) : qrange[2 * a];
-        };
-        auto qmax = [&](int t) {
-            const int a = qt0 + 2 * t;
-            return 2 * t + 1 < nqt ? max(qrange[2 * a + 1], qrange[2 * a + 3]) : qrange[2 * a + 1];
-        };
+        auto qrange2 = [&](int t) { return tma_tile_pair_range(qrange, qt0, t, nqt); };
         // A query tile is skipped when its largest position precedes every key of the block.
         auto next = [&](int it) {
             if (it >= nit || it % group != 0) return it;
             int t = it / group;
-            while (t < nqt2 && qmax(t) < minpk) ++t;
+            while (t < nqt2 && qrange2(t).y < minpk) ++t;
             return t * group;
         };
         int i = 0;
@@ -1677,7 +1662,7 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
             const u32 t0 = qa_ + (u32)t * BQ;
             const int nt = it < nit ? (int)min((u32)BQ, qb - t0) : 0;
             // Keys past the segment (rows of the next one) need the mask on every tile.
-            const bool masked = it < nit && (nk < BM || !(maxpk <= qmin(t)));
+            const bool masked = it < nit && (nk < BM || !(maxpk <= qrange2(t).x));
             FA_MARK(lane == 0, 26, tr)
             if (i >= ST) mbar_wait(&empty[st], ((i / ST) - 1) & 1);
             FA_MARK(lane == 0, 23, tr)
