@@ -134,6 +134,7 @@ const KERNELS: &[&str] = &[
     "group_apply_f32",
     "topk_segments_f32",
     "attn_tiles",
+    "attn_rank_order",
     "attn_delta_f32",
     "attn_fwd_f32_d64",
     "attn_bwd_dq_f32_d64",
@@ -439,6 +440,8 @@ enum Slot {
     AttDelta,
     /// Per-tile position ranges of the streamed side (flash attention).
     AttRange,
+    /// The blocks of a TMA flash pass in rank-major order (`attn_rank_order`).
+    AttOrder,
     /// bf16 copies of f32 q, k, v, dout (flash attention), or f32 copies of bf16 ones (exact
     /// kernels).
     AttQ16,
@@ -461,7 +464,7 @@ enum Slot {
     /// Stacked weight gradients of a fused backward (see [`fuse_gemm`]).
     FusedOut,
 }
-const NUM_SLOTS: usize = 24;
+const NUM_SLOTS: usize = 25;
 
 /// Element type of a [`CudaBuf`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1330,7 +1333,9 @@ impl Cuda {
                     let (tq, tg) = (TmaMap::bf16_tiles(q16, nq, heads * hd), TmaMap::bf16_tiles(g16, nq, heads * hd));
                     let (tk, tv) = (TmaMap::bf16_tiles(k16, nk, kvh * hd), TmaMap::bf16_tiles(v16, nk, kvh * hd));
                     let tacc = TmaMap::f32_tiles(acc, nq, heads * hd);
-                    launch!(self, &name, c, [tq, tg, tk, tv, tacc, dkp, dvp, kv_bf16, lp, delta, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]);
+                    let order = self.flash_order(koff, shape.num_seqs, grid);
+                    let c = cfg((kvh as u32, grid, 1), threads, smem);
+                    launch!(self, &name, c, [tq, tg, tk, tv, tacc, dkp, dvp, kv_bf16, lp, delta, cq, ck, pq, pk, koff, qoff, qrange, order, ns, hi, kvi, scale]);
                 } else {
                     launch!(self, &name, c, [dkp, dvp, kv_bf16, acc, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]);
                 }
@@ -1589,6 +1594,16 @@ impl Cuda {
             _ => FlashConfig::MMA_BWD,
         };
         (Self::flash_kernel_name(kind, hd, shape), shape.rows(), 32 * shape.warps as u32, Self::flash_smem(kind, hd, shape))
+    }
+
+    /// The `grid` blocks of a TMA flash pass (`off`: per-segment block offsets) in rank-major order,
+    /// every segment's heaviest block first (`attn_rank_order`); the kernels take the heads as the
+    /// fastest grid dimension and their block from this table.
+    fn flash_order(&self, off: u64, num_seqs: usize, grid: u32) -> u64 {
+        assert!(grid <= 65_535, "cuda attention: {grid} blocks per head exceed the grid's y limit");
+        let order = self.scratch(Slot::AttOrder, grid as usize * 4);
+        launch!(self, "attn_rank_order", cfg((grid.div_ceil(256), 1, 1), 256, 0), [order, off, num_seqs as i32]);
+        order
     }
 
     /// Tile tables for a flash pass: the blocks' own side in `own_tile`-row tiles (grid) and the
@@ -2150,7 +2165,9 @@ impl Backend for Cuda {
             let c = cfg((grid, heads as u32, 1), threads, smem);
             if name.contains("_tma") {
                 let (tq, tk, tv) = (TmaMap::bf16_tiles(q16, nq, heads * hd), TmaMap::bf16_tiles(k16, nk, kvh * hd), TmaMap::bf16_tiles(v16, nk, kvh * hd));
-                launch!(self, &name, c, [tq, tk, tv, op, out_bf16, lp, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
+                let order = self.flash_order(qoff, shape.num_seqs, grid);
+                let c = cfg((heads as u32, grid, 1), threads, smem);
+                launch!(self, &name, c, [tq, tk, tv, op, out_bf16, lp, cq, ck, pq, pk, qoff, koff, krange, order, ns, hi, kvi, scale]);
                 return;
             }
             launch!(self, &name, c, [op, out_bf16, lp, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);

@@ -42,6 +42,23 @@ __device__ __forceinline__ int att_find_seg(const int* off, int num_seqs, int b)
     return lo;
 }
 
+// The blocks of a pass (off: attn_tiles' per-segment block offsets) in rank-major order: block i of
+// segment s goes to position sum_t min(i, n_t) + #{t < s : n_t > i} (n_t blocks in segment t), so
+// the first block of every segment (the heaviest under a causal mask, as the flash kernels map
+// them) runs before any second one. With the heads the fastest grid dimension, the grid's tail then
+// holds the lightest blocks of all heads instead of the heavy ones of the last head.
+extern "C" __global__ void attn_rank_order(int* order, const int* off, int num_seqs) {
+    GRID_STRIDE(g, off[num_seqs]) {
+        const int s = att_find_seg(off, num_seqs, (int)g), i = (int)g - off[s];
+        int at = 0;
+        for (int t = 0; t < num_seqs; ++t) {
+            const int n = off[t + 1] - off[t];
+            at += min(i, n) + (t < s && n > i);
+        }
+        order[at] = (int)g;
+    }
+}
+
 __device__ __forceinline__ float quad_sum(float v) {
     v += __shfl_xor_sync(FULL_MASK, v, 1);
     v += __shfl_xor_sync(FULL_MASK, v, 2);

@@ -423,10 +423,10 @@ template <int BM>
 struct FaQueryBlock {
     int s, h, kh, nq, kt0, nkt;
     u32 q0, ka, kb;
-    __device__ FaQueryBlock(int b, const u32* cu_q, const u32* cu_k, const int* qoff, const int* koff, int num_seqs,
-                            int heads, int kv_heads) {
+    __device__ FaQueryBlock(int b, int head, const u32* cu_q, const u32* cu_k, const int* qoff, const int* koff,
+                            int num_seqs, int heads, int kv_heads) {
         s = att_find_seg(qoff, num_seqs, b);
-        h = blockIdx.y;
+        h = head;
         kh = h / (heads / kv_heads);
         q0 = cu_q[s] + (u32)(qoff[s + 1] - 1 - b) * BM;
         nq = (int)min((u32)BM, cu_q[s + 1] - q0);
@@ -535,7 +535,7 @@ __device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q
     u32* Pk = (u32*)(Vs + 2 * FA_BN * LD);  // [2][FA_BN]
     __shared__ u32 red[2 * WARPS];
     if ((int)blockIdx.x >= qoff[num_seqs]) return;
-    const FaQueryBlock<BM> qb(blockIdx.x, cu_q, cu_k, qoff, koff, num_seqs, heads, kv_heads);
+    const FaQueryBlock<BM> qb(blockIdx.x, blockIdx.y, cu_q, cu_k, qoff, koff, num_seqs, heads, kv_heads);
     const int h = qb.h, kh = qb.kh, nq = qb.nq, kt0 = qb.kt0, nkt = qb.nkt;
     const u32 q0 = qb.q0;
     const int lane = threadIdx.x & 31, wrow = (threadIdx.x >> 5) * 16 * MT, g = lane >> 2, tq = lane & 3;
@@ -654,7 +654,7 @@ __device__ void fa_bwd_dq_impl(void* dq, int dq_bf16, const bf16_t* dout, const 
     bf16_t* Gst = WG ? Qst + BM * LD : Vs;             // [BM][LD]
     __shared__ u32 red[2 * WARPS];
     if ((int)blockIdx.x >= qoff[num_seqs]) return;
-    const FaQueryBlock<BM> qb(blockIdx.x, cu_q, cu_k, qoff, koff, num_seqs, heads, kv_heads);
+    const FaQueryBlock<BM> qb(blockIdx.x, blockIdx.y, cu_q, cu_k, qoff, koff, num_seqs, heads, kv_heads);
     const int h = qb.h, kh = qb.kh, nq = qb.nq, kt0 = qb.kt0, nkt = qb.nkt;
     const u32 q0 = qb.q0;
     const int lane = threadIdx.x & 31, w16 = (threadIdx.x >> 5) * 16, g = lane >> 2, tq = lane & 3;
@@ -1321,7 +1321,8 @@ __device__ __forceinline__ void tma_release(u64* bar, int lane) {
 template <bool PIPE, bool PP>
 __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* tmv, void* out, int out_bf16, float* lse,
                            const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,
-                           const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {
+                           const int* koff, const u32* krange, const int* order, int num_seqs, int heads, int kv_heads,
+                           float scale) {
     constexpr int HD = 64, BM = 128;
     extern __shared__ __align__(16) unsigned char tma_sh[];
     // Swizzled tiles need 1024-byte alignment (the host adds 1024 bytes of slack).
@@ -1337,8 +1338,9 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
     // Per stage, from the producer: the key tile it holds (TMA_MASKED when partly visible), or -1
     // after the last one; published by the stage's full barrier (release / acquire).
     __shared__ int stage_tile[TMA_STAGES];
-    if ((int)blockIdx.x >= qoff[num_seqs]) return;
-    const FaQueryBlock<BM> qb(blockIdx.x, cu_q, cu_k, qoff, koff, num_seqs, heads, kv_heads);
+    // Grid (heads, query blocks in rank-major order: attn_rank_order).
+    if ((int)blockIdx.y >= qoff[num_seqs]) return;
+    const FaQueryBlock<BM> qb(order[blockIdx.y], blockIdx.x, cu_q, cu_k, qoff, koff, num_seqs, heads, kv_heads);
     // krange holds the position range of each 64-row key tile; a stream tile is two of them.
     const int h = qb.h, kh = qb.kh, nq = qb.nq, kt0 = qb.kt0, nkt = qb.nkt, nkt2 = (nkt + 1) / 2;
     const u32 q0 = qb.q0;
@@ -1529,9 +1531,10 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
     extern "C" __global__ void __launch_bounds__(384, 1) attn_fwd_bf16_d64_w12_##SUF(                                \
         const __grid_constant__ TmaMap tmq, const __grid_constant__ TmaMap tmk, const __grid_constant__ TmaMap tmv, \
         void* out, int out_bf16, float* lse, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,   \
-        const int* qoff, const int* koff, const u32* krange, int num_seqs, int heads, int kv_heads, float scale) {   \
-        fa_fwd_tma<PIPE, PP>(&tmq, &tmk, &tmv, out, out_bf16, lse, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange,         \
-                         num_seqs, heads, kv_heads, scale);                                                          \
+        const int* qoff, const int* koff, const u32* krange, const int* order, int num_seqs, int heads, int kv_heads, \
+        float scale) {                                                                                               \
+        fa_fwd_tma<PIPE, PP>(&tmq, &tmk, &tmv, out, out_bf16, lse, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange, order,  \
+                             num_seqs, heads, kv_heads, scale);                                                      \
     }
 INST_FA_FWD_TMA(false, false, tma)
 INST_FA_FWD_TMA(true, false, tmap)
@@ -1602,7 +1605,7 @@ __device__ const u32 fa_lse_pad = 0x7f800000u;
 __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* tmk, const TmaMap* tmv,
                            const TmaMap* tmacc, void* dk, void* dv, int kv_bf16, const float* lse, const float* delta, const u32* cu_q,
                            const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* koff, const int* qoff,
-                           const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {
+                           const u32* qrange, const int* order, int num_seqs, int heads, int kv_heads, float scale) {
     constexpr int HD = 64, BM = 128, BQ = 128, ST = TMA_BWD_STAGES;
     constexpr int QT = 2 * TMA_TILE;  // a stage's Q (or dout) tile: 128 rows, two TMA boxes
     extern __shared__ __align__(16) unsigned char tmb_sh[];
@@ -1620,10 +1623,11 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
     __shared__ int bstage[ST];
     __shared__ u32 spq[ST][BQ];
     __shared__ float slse[ST][BQ], sdel[ST][BQ];
-    const int b = blockIdx.x;
-    if (b >= koff[num_seqs]) return;
+    // Grid (kv heads, key blocks in rank-major order: attn_rank_order).
+    if ((int)blockIdx.y >= koff[num_seqs]) return;
+    const int b = order[blockIdx.y];
     const int s = att_find_seg(koff, num_seqs, b);
-    const int kh = blockIdx.y, group = heads / kv_heads;
+    const int kh = blockIdx.x, group = heads / kv_heads;
     const int wg = threadIdx.x >> 7, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const u32 k0 = cu_k[s] + (u32)(b - koff[s]) * BM;
     const int nk = (int)min((u32)BM, cu_k[s + 1] - k0);
@@ -1828,9 +1832,10 @@ extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12
     const __grid_constant__ TmaMap tmq, const __grid_constant__ TmaMap tmg, const __grid_constant__ TmaMap tmk,
     const __grid_constant__ TmaMap tmv, const __grid_constant__ TmaMap tmacc, void* dk, void* dv, int kv_bf16,
     const float* lse, const float* delta, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,
-    const int* koff, const int* qoff, const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {
+    const int* koff, const int* qoff, const u32* qrange, const int* order, int num_seqs, int heads, int kv_heads,
+    float scale) {
     fa_bwd_tma(&tmq, &tmg, &tmk, &tmv, &tmacc, dk, dv, kv_bf16, lse, delta, cu_q, cu_k, pos_q, pos_k, koff, qoff, qrange,
-               num_seqs, heads, kv_heads, scale);
+               order, num_seqs, heads, kv_heads, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
