@@ -1542,8 +1542,8 @@ INST_FA_FWD_TMA(true, true, tmapp)
 
 // ---- Backward with TMA and warp specialisation (hd 64; the default fused backward: `tmapp,fused,tma`) -
 // The fused backward (dk, dv, and dq reduced into the f32 workspace) on the TMA / wgmma blocks of
-// the forward, in FlashAttention-3's 128 x 128 shape. Block = 3 warpgroups over 128 keys of kv head
-// blockIdx.y; consumer warpgroup c owns keys 64c.. of the block. The stream is the mma.sync fused
+// the forward, in FlashAttention-3's 128 x 128 shape. Block = 3 warpgroups over 128 keys (key block
+// order[blockIdx.y]) of kv head blockIdx.x; consumer warpgroup c owns keys 64c.. of the block. The stream is the mma.sync fused
 // kernel's with 128-query tiles: (query tile, head of the group) positions, query tiles outermost,
 // tiles no key of the block can see skipped.
 //  - producer (warp 0 of warpgroup 0; setmaxnreg gives the warpgroup's registers to the
