@@ -1328,7 +1328,6 @@ impl Cuda {
                 self.memset0(acc, nqe * 4);
                 let (name, rows, threads, smem) = self.flash_kernel("fused", hd);
                 let (koff, grid, qoff, qrange) = self.flash_tables(shape.cu_k, nk, rows, shape.cu_q, shape.pos_q, nq, shape.num_seqs);
-                let c = cfg((grid, kvh as u32, 1), threads, smem);
                 if name.contains("_tma") {
                     let (tq, tg) = (TmaMap::bf16_tiles(q16, nq, heads * hd), TmaMap::bf16_tiles(g16, nq, heads * hd));
                     let (tk, tv) = (TmaMap::bf16_tiles(k16, nk, kvh * hd), TmaMap::bf16_tiles(v16, nk, kvh * hd));
@@ -1337,6 +1336,7 @@ impl Cuda {
                     let c = cfg((kvh as u32, grid, 1), threads, smem);
                     launch!(self, &name, c, [tq, tg, tk, tv, tacc, dkp, dvp, kv_bf16, lp, delta, cq, ck, pq, pk, koff, qoff, qrange, order, ns, hi, kvi, scale]);
                 } else {
+                    let c = cfg((grid, kvh as u32, 1), threads, smem);
                     launch!(self, &name, c, [dkp, dvp, kv_bf16, acc, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]);
                 }
                 match dq_rope {
@@ -1534,9 +1534,9 @@ impl Cuda {
         if shape.tma {
             let tile = FLASH_TILE * hd * 2;
             // 1024 bytes of alignment slack, then the tiles and the mbarriers: forward Q (two tiles)
-            // and the K / V ring (128-key stages: two tiles each); backward K and V (two tiles each), the Q / dout ring (128-row
-            // stages: two tiles each), dSᵀ (two buffers of 128 x 128) and an f32 [64][64] dQ staging
-            // buffer per consumer warpgroup.
+            // and the K / V ring (128-key stages: two tiles each); backward K and V (two tiles each),
+            // the Q / dout ring (128-row stages: two tiles each), dSᵀ (two buffers of 128 x 128) and
+            // an f32 [64][64] dQ staging buffer per consumer warpgroup.
             return if kind == "fwd" {
                 1024 + (2 + 4 * TMA_STAGES) * tile + 8 * (2 * TMA_STAGES + 1)
             } else {
@@ -2162,7 +2162,6 @@ impl Backend for Cuda {
             let fwd = if self.flash.fwd.tma && nk == 0 { FlashConfig::MMA_FWD } else { self.flash.fwd };
             let (name, rows, threads, smem) = Self::flash_kernel_of("fwd", hd, fwd);
             let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
-            let c = cfg((grid, heads as u32, 1), threads, smem);
             if name.contains("_tma") {
                 let (tq, tk, tv) = (TmaMap::bf16_tiles(q16, nq, heads * hd), TmaMap::bf16_tiles(k16, nk, kvh * hd), TmaMap::bf16_tiles(v16, nk, kvh * hd));
                 let order = self.flash_order(qoff, shape.num_seqs, grid);
@@ -2170,6 +2169,7 @@ impl Backend for Cuda {
                 launch!(self, &name, c, [tq, tk, tv, op, out_bf16, lp, cq, ck, pq, pk, qoff, koff, krange, order, ns, hi, kvi, scale]);
                 return;
             }
+            let c = cfg((grid, heads as u32, 1), threads, smem);
             launch!(self, &name, c, [op, out_bf16, lp, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
             return;
         }

@@ -451,8 +451,6 @@ __device__ __forceinline__ void fa_issue_kv(bf16_t* Ks, bf16_t* Vs, u32* Pk, int
     fa_load_col(Pk + buf * FA_BN, pos_k, t0, nt, 1);
 }
 
-// Each warp owns MT row tiles of 16 queries (rows warp·16·MT + 16·mt ..), so every K / V fragment
-// it loads from shared memory feeds MT matrix products.
 // The online softmax of one 16-row score tile (m16n8 fragments over FA_BN keys): masks (MASKED:
 // keys from nt on, or at positions after the row's pq), scales to log2, updates the running max m
 // and sum l, leaves P = exp2(S - m) in sc and the correction of the previous O in c (fa_rescale).
@@ -522,6 +520,8 @@ __device__ __forceinline__ void fa_rescale(float (*o)[4], const float* c) {
     }
 }
 
+// Each warp owns MT row tiles of 16 queries (rows warp·16·MT + 16·mt ..), so every K / V fragment
+// it loads from shared memory feeds MT matrix products.
 template <int HD, int WARPS, int MT, bool WG>
 __device__ void fa_fwd_impl(void* out, int out_bf16, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
                             const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,
@@ -1183,10 +1183,10 @@ extern "C" __global__ void __launch_bounds__(128)
 // Block = 3 warpgroups, 128 query rows, key tiles of TMA_BN = 128 (setmaxnreg: the producer
 // warpgroup keeps 24 registers, the consumers take 240):
 //  - warpgroup 0 produces: thread 0 loads the block's Q (two 64-row tiles) once, then the K and V
-//    tiles (two 64-row boxes each) of every visible key tile into a ring of TMA_STAGES buffers, with the tile's index (and
-//    whether it needs the mask) in `stage_tile`, so the consumers read no tables from global
-//    memory in their loop (that cost 0.63 -> 0.44 ms); `full[s]` completes on the tiles' bytes,
-//    `empty[s]` when the 8 consumer warps have finished with the buffer.
+//    tiles (two 64-row boxes each) of every visible key tile into a ring of TMA_STAGES buffers,
+//    with the tile's index (and whether it needs the mask) in `stage_tile`, so the consumers read
+//    no tables from global memory in their loop (that cost 0.63 -> 0.44 ms); `full[s]` completes
+//    on the tiles' bytes, `empty[s]` when the 8 consumer warps have finished with the buffer.
 //  - warpgroups 1 and 2 consume 64 query rows each: S = Q·Kᵀ with both operands in shared memory,
 //    the online softmax (fa_softmax_tile) in registers, O += P·V with P from registers and the V
 //    tile as an MN-major operand.
@@ -1205,10 +1205,11 @@ extern "C" __global__ void __launch_bounds__(128)
 // serial `tma` kernel's, the overlapped ones count their whole loop as P·V).
 // Forward, consumer thread 128 (first of warpgroup 1) of every block: 0 Q wait, 1 full waits, 2 S,
 // 3 softmax, 4 P·V, 5 epilogue, 6 block total, 7 tiles, 8 blocks; producer thread 0: 9 empty waits,
-// 10 total. Backward (fa_bwd_tma), consumer thread 128: 16 full waits, 17 Sᵀ / dPᵀ, 18 P / dS, 19 dV /
-// dK / dQ (with the barriers before), 20 dQ staging and its reduction's issue, 21 stream positions, 22 blocks, 25 block total;
-// producer lane 0: 26 from the previous stage to the empty wait (the next position found, its
-// columns' reads issued), 23 empty waits, 27 filling the stage (columns stored, TMA issued), 24 total.
+// 10 total. Backward (fa_bwd_tma), consumer thread 128: 16 full waits, 17 Sᵀ / dPᵀ, 18 P / dS,
+// 19 dV / dK / dQ (with the barriers before), 20 dQ staging and its reduction's issue, 21 stream
+// positions, 22 blocks, 25 block total; producer lane 0: 26 from the previous stage to the empty
+// wait (the next position found), 23 empty waits, 27 filling the stage (the columns' copies and the
+// TMA issued), 24 total.
 __device__ unsigned long long fa_trace[32];
 extern "C" __global__ void fa_trace_take(u32* out) {
     const int i = threadIdx.x;
@@ -1273,7 +1274,7 @@ __device__ __forceinline__ void tma_pv(float (*o)[4], const u32 (*a)[4], const b
 }
 
 // bf16 A fragments of NJ 16-column k-steps from an accumulator of 8-column groups.
-template <int NJ = FA_BN / 16>
+template <int NJ>
 __device__ __forceinline__ void tma_pack(u32 (*a)[4], const float (*sc)[4]) {
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
@@ -1543,21 +1544,22 @@ INST_FA_FWD_TMA(true, true, tmapp)
 // ---- Backward with TMA and warp specialisation (hd 64; the default fused backward: `tmapp,fused,tma`) -
 // The fused backward (dk, dv, and dq reduced into the f32 workspace) on the TMA / wgmma blocks of
 // the forward, in FlashAttention-3's 128 x 128 shape. Block = 3 warpgroups over 128 keys (key block
-// order[blockIdx.y]) of kv head blockIdx.x; consumer warpgroup c owns keys 64c.. of the block. The stream is the mma.sync fused
-// kernel's with 128-query tiles: (query tile, head of the group) positions, query tiles outermost,
-// tiles no key of the block can see skipped.
+// order[blockIdx.y]) of kv head blockIdx.x; consumer warpgroup c owns keys 64c.. of the block. The
+// stream is the mma.sync fused kernel's with 128-query tiles: (query tile, head of the group)
+// positions, query tiles outermost, tiles no key of the block can see skipped.
 //  - producer (warp 0 of warpgroup 0; setmaxnreg gives the warpgroup's registers to the
 //    consumers): K and V of the block once by TMA, then per stream position a ring stage: the Q
-//    and dout tiles (two 64-row boxes each) by TMA, the tile's query positions, lse (log2 domain;
-//    +inf past the segment, so those columns get P = 0) and D by the warp's lanes (every lane
-//    arrives on `full`, lane 0 with the bytes); `bstage` = position | TMA_MASKED, -1 after the last.
+//    and dout tiles (two 64-row boxes each) by TMA, the tile's query positions, lse (+inf past the
+//    segment, so those columns get P = 0) and D by the lanes' cp.async (each lane's arrival on
+//    `full` made when its copies land; lane 0 adds the TMA bytes); `bstage` = position |
+//    TMA_MASKED, -1 after the last.
 //  - consumers: Sᵀ = K·Qᵀ and dPᵀ = V·doutᵀ (SS wgmma, 64 keys x 128 queries, K-major),
 //    Pᵀ = exp2(Sᵀ·scale·log2 e - lse), dSᵀ = Pᵀ ⊙ (dPᵀ - D); dV += Pᵀ·dout and dK += dSᵀ·Q (RS
 //    wgmma, the tiles as MN-major B); dSᵀ to the swizzled [key][query] buffer (two of them), then,
 //    once both warpgroups' halves are there, dQ = dS·K over the block's 128 keys (SS wgmma, both
 //    operands MN-major) for queries 64c.. — so each dQ value is reduced into the workspace once
 //    per 128 keys. 128 queries per position halve the positions (and their waits, barriers and
-//    reduction issues) of the 64-query version: 0.82 -> see docs/design/attention-hopper.md.
+//    reduction issues) of the 64-query version: 0.824 -> 0.685 ms at the 360M shape.
 #ifndef TMA_BWD_STAGES
 #define TMA_BWD_STAGES 2
 #endif
@@ -1603,8 +1605,8 @@ __device__ __forceinline__ void tma_reduce_add_2d(const float* src, const TmaMap
 __device__ const u32 fa_lse_pad = 0x7f800000u;
 
 __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* tmk, const TmaMap* tmv,
-                           const TmaMap* tmacc, void* dk, void* dv, int kv_bf16, const float* lse, const float* delta, const u32* cu_q,
-                           const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* koff, const int* qoff,
+                           const TmaMap* tmacc, void* dk, void* dv, int kv_bf16, const float* lse, const float* delta,
+                           const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* koff, const int* qoff,
                            const u32* qrange, const int* order, int num_seqs, int heads, int kv_heads, float scale) {
     constexpr int HD = 64, BM = 128, BQ = 128, ST = TMA_BWD_STAGES;
     constexpr int QT = 2 * TMA_TILE;  // a stage's Q (or dout) tile: 128 rows, two TMA boxes
