@@ -41,6 +41,27 @@ impl<I> AttnShape<'_, I> {
     }
 }
 
+/// A device-to-host read in flight ([`Backend::to_f64_prefix_async`], [`Backend::idx_prefix_async`]):
+/// the copy runs in stream order behind the work queued before it, without the host waiting for
+/// that work; [`Readback::wait`] blocks until the copy has landed (on the CPU it already has).
+pub struct Readback<T>(Box<dyn FnOnce() -> Vec<T>>);
+
+impl<T: 'static> Readback<T> {
+    /// A read whose values are already on the host.
+    pub fn ready(values: Vec<T>) -> Self {
+        Readback(Box::new(move || values))
+    }
+
+    /// A read that `finish` completes (blocking until the copy has landed).
+    pub fn pending(finish: impl FnOnce() -> Vec<T> + 'static) -> Self {
+        Readback(Box::new(finish))
+    }
+
+    pub fn wait(self) -> Vec<T> {
+        (self.0)()
+    }
+}
+
 /// One weight of [`Backend::matmul_bwd_many`]: `dw += doutᵀ · x` and `w`'s share of `dx`.
 pub struct MatmulGrad<'a, B: Backend + ?Sized> {
     pub dw: &'a mut B::Buf,
@@ -132,9 +153,20 @@ pub trait Backend {
     fn to_f64_prefix(&self, buf: &Self::Buf, n: usize) -> Vec<f64> {
         self.to_f32_prefix(buf, n).into_iter().map(f64::from).collect()
     }
+    /// [`Backend::to_f64_prefix`] without waiting for the queued work: read later, e.g. router
+    /// statistics taken while the device runs the next layers.
+    fn to_f64_prefix_async(&self, buf: &Self::Buf, n: usize) -> Readback<f64> {
+        Readback::ready(self.to_f64_prefix(buf, n))
+    }
     fn len(&self, buf: &Self::Buf) -> usize;
     fn idx_from(&self, data: &[u32]) -> Self::Idx;
     fn idx_to_vec(&self, idx: &Self::Idx) -> Vec<u32>;
+    /// The first `n` entries of an index buffer, read without waiting for the queued work.
+    fn idx_prefix_async(&self, idx: &Self::Idx, n: usize) -> Readback<u32> {
+        let mut v = self.idx_to_vec(idx);
+        v.truncate(n);
+        Readback::ready(v)
+    }
     /// Overwrite the first `data.len()` entries of an index buffer.
     fn idx_write(&self, idx: &mut Self::Idx, data: &[u32]);
     /// Overwrite the first `data.len()` entries of a float buffer.
@@ -268,8 +300,9 @@ pub trait Backend {
     );
     /// [`Backend::attention_fwd`], and the output also stored in `out_act`, an activation buffer
     /// ([`Backend::zeros_act`]): converted once for the output projection's forward and backward
-    /// GEMMs. (Writing the copy from the flash kernel's epilogue measured 0.19 ms slower per call
-    /// on the H200 than this separate pass.)
+    /// GEMMs. (CUDA: the TMA forward stores the copy from its epilogue, 0.309 ms against 0.289 +
+    /// 0.028 for a separate pass on the H200; the mma.sync forward measured 0.19 ms slower per call
+    /// that way, so it keeps the pass.)
     #[allow(clippy::too_many_arguments)]
     fn attention_fwd_mirrored(
         &self,
@@ -300,8 +333,9 @@ pub trait Backend {
     );
     /// The backward of attention followed by RoPE on the queries: `dq` is overwritten with
     /// `rope_bwd(∂L/∂q)` at the queries' positions (`shape.pos_q`, base `theta`); `dk` and `dv`
-    /// accumulate as in [`Backend::attention_bwd`]. (CUDA: one pass over dq instead of a zero fill,
-    /// the workspace conversion and rope_bwd.)
+    /// are overwritten when `kv_set`, else accumulate as in [`Backend::attention_bwd`]. (CUDA: one
+    /// pass over dq instead of a zero fill, the workspace conversion and rope_bwd; dk and dv
+    /// stored by the kernel, with no zero fill before it and no read in it, when `kv_set`.)
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd_rope_dq(
         &self,
@@ -316,7 +350,13 @@ pub trait Backend {
         v: &Self::Buf,
         shape: &AttnShape<'_, Self::Idx>,
         theta: f32,
+        kv_set: bool,
     ) {
+        if kv_set {
+            let nk = shape.nk * shape.kv_heads * shape.head_dim;
+            self.fill(dk, nk, 0.0);
+            self.fill(dv, nk, 0.0);
+        }
         self.fill(dq, shape.nq * shape.heads * shape.head_dim, 0.0);
         self.attention_bwd(dq, dk, dv, dout, out, lse, q, k, v, shape);
         self.rope_bwd(dq, shape.pos_q, shape.nq, shape.heads, shape.head_dim, theta);
@@ -373,6 +413,16 @@ pub trait Backend {
     /// ascending index order, written to `out[s*k .. (s+1)*k]` as global indices into `scores`.
     /// Ties are broken towards the lower index. Requires `k <= segment length`.
     fn topk_segments(&self, out: &mut Self::Idx, scores: &Self::Buf, cu: &Self::Idx, num_seqs: usize, k: usize);
+    /// Members `local[..m]` of a token set (global row indices `parent`) as a new set:
+    /// `idx[i] = parent[local[i]]`, `pos[i] = idx[i] % seq_len`. Expert-choice subsets are built
+    /// on the device this way, so the host need not read the selection before the block runs.
+    fn subset_rows(&self, idx: &mut Self::Idx, pos: &mut Self::Idx, parent: &Self::Idx, local: &Self::Idx, m: usize, seq_len: usize) {
+        let (parent, local) = (self.idx_to_vec(parent), self.idx_to_vec(local));
+        let rows: Vec<u32> = local[..m].iter().map(|&j| parent[j as usize]).collect();
+        let positions: Vec<u32> = rows.iter().map(|&g| g % seq_len as u32).collect();
+        self.idx_write(idx, &rows);
+        self.idx_write(pos, &positions);
+    }
 
     // ---- losses ---------------------------------------------------------------------------
     /// Per-row cross-entropy `loss[i] = logsumexp(logits[i]) - logits[i, target[i]]`; rows whose

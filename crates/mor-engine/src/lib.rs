@@ -8,7 +8,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod params;
 
-pub use backend::{AdamWItem, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision};
+pub use backend::{AdamWItem, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision, Readback};
 pub use cpu::Cpu;
 #[cfg(feature = "cuda")]
 pub use cuda::Cuda;

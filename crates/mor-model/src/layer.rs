@@ -140,6 +140,17 @@ pub struct SharedKv<'a, B: Backend> {
     pub set: &'a TokenSet<B>,
 }
 
+/// Where a layer backward's key/value gradients go.
+pub enum KvGrad<'a, B: Backend> {
+    /// Its own keys/values, which no other application borrows: the attention backward writes
+    /// `dk`/`dv` (no zero fill before it).
+    Set,
+    /// Its own, borrowed by later applications whose backwards already added to `dk`/`dv`.
+    Add,
+    /// Borrowed keys/values: added to the source's `dk`/`dv`.
+    Into(SharedKv<'a, B>),
+}
+
 /// Forward of one layer on `act.x` (n = `set.len()` rows), writing `out`.
 pub fn layer_forward<B: Backend>(
     b: &B,
@@ -194,7 +205,7 @@ pub fn layer_backward<B: Backend>(
     w: &LayerWeights,
     act: &mut LayerAct<B>,
     set: &TokenSet<B>,
-    shared: Option<SharedKv<'_, B>>,
+    kv: KvGrad<'_, B>,
     s: &mut LayerScratch<B>,
     dy: &mut B::Buf,
     dy_in_dres: bool,
@@ -224,17 +235,18 @@ pub fn layer_backward<B: Backend>(
     // Attention branch: ∂L/∂x = da + ∂(attn)/∂x, built in dy (which holds da).
     b.matmul_bwd_many(Some(&mut s.datt), true, &act.att_act, n, qd, &mut [grad(&mut grads[w.wo.0], da, v(w.wo), d)]);
     // dq: the gradient of the rotated queries, through the inverse rotation (one op).
-    let owns_kv = shared.is_none();
-    match shared {
-        None => {
+    let owns_kv = !matches!(kv, KvGrad::Into(_));
+    match kv {
+        KvGrad::Set | KvGrad::Add => {
             let shape = set.attn_shape(set, dims.heads, dims.kv_heads, dims.head_dim);
-            b.attention_bwd_rope_dq(&mut s.dq, &mut act.dk, &mut act.dv, &s.datt, &act.att, &act.lse, &act.q, &act.k, &act.v, &shape, dims.theta);
+            let kv_set = matches!(kv, KvGrad::Set);
+            b.attention_bwd_rope_dq(&mut s.dq, &mut act.dk, &mut act.dv, &s.datt, &act.att, &act.lse, &act.q, &act.k, &act.v, &shape, dims.theta, kv_set);
             b.rope_bwd(&mut act.dk, &set.pos, n, dims.kv_heads, dims.head_dim, dims.theta);
         }
-        Some(kv) => {
+        KvGrad::Into(kv) => {
             let shape = set.attn_shape(kv.set, dims.heads, dims.kv_heads, dims.head_dim);
             let src = kv.src;
-            b.attention_bwd_rope_dq(&mut s.dq, &mut src.dk, &mut src.dv, &s.datt, &act.att, &act.lse, &act.q, &src.k, &src.v, &shape, dims.theta);
+            b.attention_bwd_rope_dq(&mut s.dq, &mut src.dk, &mut src.dv, &s.datt, &act.att, &act.lse, &act.q, &src.k, &src.v, &shape, dims.theta, false);
         }
     }
     // dxn = Σ over this layer's k, v (when it owns them) and q projections.

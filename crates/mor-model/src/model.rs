@@ -5,7 +5,7 @@
 //! to which layer application); the backward pass walks it in reverse. Buffers live in a
 //! [`Workspace`] allocated for the batch shape and reused across steps.
 
-use crate::layer::{layer_backward, layer_forward, Dims, LayerAct, LayerScratch, SharedKv};
+use crate::layer::{layer_backward, layer_forward, Dims, KvGrad, LayerAct, LayerScratch, SharedKv};
 use crate::router::{router_backward, router_forward, RouterAct};
 use crate::tokens::{Segments, TokenSet};
 use crate::weights::Weights;
@@ -14,9 +14,10 @@ use mor_config::{
     RouterKind, Sampling, SharingMap,
 };
 use mor_engine::cpu::math::bce_with_logits;
-use mor_engine::{Backend, GateFn, ParamStore};
+use mor_engine::{Backend, GateFn, ParamStore, Readback};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
@@ -229,6 +230,26 @@ pub struct Trace<B: Backend> {
     suffix: Range<usize>,
     loss_scale: f32,
     ids: B::Idx,
+    /// Expert-choice selections composed on the device, read back asynchronously.
+    pending: Vec<PendingSelection>,
+}
+
+/// An expert-choice selection left on the device: its reads in flight, for the selected set's
+/// host copies and the router statistics ([`Model::expert_stats`]).
+struct PendingSelection {
+    r: usize,
+    cand: usize,
+    sel: usize,
+    local: Readback<u32>,
+    logits: Option<Readback<f64>>,
+    aux_bce: Option<Readback<f64>>,
+}
+
+impl<B: Backend> Trace<B> {
+    /// Whether a later application attends to application `i`'s keys/values (KV sharing).
+    fn kv_borrowed(&self, i: usize) -> bool {
+        self.apps.iter().any(|a| a.kv_src == Some(i))
+    }
 }
 
 pub struct Model<B: Backend> {
@@ -388,6 +409,7 @@ impl<B: Backend> Model<B> {
             suffix: 0..0,
             loss_scale,
             ids,
+            pending: Vec::new(),
         };
         let mut stats = Stats::default();
         let d = self.dims.d;
@@ -425,8 +447,10 @@ impl<B: Backend> Model<B> {
             }
         }
 
-        self.token_depths = self.depths_of(&tr);
+        // The selections left on the device, read while it still runs the last blocks.
+        self.expert_stats(&mut tr, &mut stats);
         self.head_forward(b, batch, grad, loss_scale, &mut stats);
+        self.token_depths = self.depths_of(&tr);
         stats.loss += stats.ce;
         if grad {
             self.router_state.forward_calls += 1;
@@ -505,7 +529,7 @@ impl<B: Backend> Model<B> {
             match step {
                 StepTrace::Plain { .. } => {}
                 StepTrace::Expert(et) => {
-                    for &i in &tr.sets[et.sel].idx_host {
+                    for &i in &tr.sets[et.sel].host().idx {
                         depth[i as usize] += 1;
                     }
                 }
@@ -599,10 +623,10 @@ impl<B: Backend> Model<B> {
         let mut out = Vec::new();
         for step in &tr.steps {
             match step {
-                StepTrace::Expert(et) => out.push(tr.sets[et.sel].idx_host.clone()),
+                StepTrace::Expert(et) => out.push(tr.sets[et.sel].host().idx.clone()),
                 StepTrace::Token(tt) => {
                     for st in &tt.steps {
-                        out.push(tr.sets[st.set].idx_host.clone());
+                        out.push(tr.sets[st.set].host().idx.clone());
                     }
                 }
                 StepTrace::Plain { .. } => {}
@@ -668,37 +692,51 @@ impl<B: Backend> Model<B> {
                     b.write_f32(&mut sb.g, &g);
                 }
             }
-            // Selection, and the router's logits for its statistics (read while the queue is
-            // drained by the selection's read: no wait of their own).
+            // Selection. Top-k with the batch rows as segments stays on the device (the subset is
+            // composed there; its reads come back for `expert_stats`, before the head); with
+            // document masks or threshold routing the host reads it and builds the subset, with
+            // the router's logits for the statistics (read while the selection's read has drained
+            // the queue: no wait of their own).
             let ws = self.ws.as_ref().unwrap();
             let read_logits = || if has_router { b.to_f64_prefix(&ws.routers[r].logits, n_c) } else { Vec::new() };
-            let (sel_local_host, logits_host): (Vec<u32>, Vec<f64>) = match routing {
-                Routing::TopK => {
-                    let row_cu = b.idx_from(&tr.sets[cand].row_cu_host);
-                    let mut out = b.idx_from(&vec![0u32; bsz * k]);
-                    b.topk_segments(&mut out, &ws.steps[r].g, &row_cu, bsz, k);
-                    let sel = b.idx_to_vec(&out);
-                    (sel, read_logits())
-                }
-                Routing::Threshold => {
-                    let logits = read_logits();
-                    let scores: Vec<f64> = if has_router {
-                        logits.clone()
-                    } else {
-                        // Random router: continue with probability 1/2 relative to its scale.
-                        b.to_f32_prefix(&ws.steps[r].g, n_c).iter().map(|g| (g - alpha / 2.0) as f64).collect()
-                    };
-                    ((0..n_c as u32).filter(|&i| scores[i as usize] >= 0.0).collect(), logits)
-                }
+            let on_device = routing == Routing::TopK && tr.segs.num_segments == bsz;
+            let (sel_set, sel_local, on_host) = if on_device {
+                let mut out = b.idx_from(&vec![0u32; bsz * k]);
+                b.topk_segments(&mut out, &ws.steps[r].g, &tr.sets[cand].cu, bsz, k);
+                let logits = has_router.then(|| b.to_f64_prefix_async(&ws.routers[r].logits, n_c));
+                let local = b.idx_prefix_async(&out, bsz * k);
+                tr.pending.push(PendingSelection { r, cand, sel: tr.sets.len(), local, logits, aux_bce: None });
+                (TokenSet::compose_rows(b, &tr.segs, &tr.sets[cand], &out, k), out, None)
+            } else {
+                let (sel_local_host, logits_host): (Vec<u32>, Vec<f64>) = match routing {
+                    Routing::TopK => {
+                        let row_cu = b.idx_from(&tr.sets[cand].host().row_cu);
+                        let mut out = b.idx_from(&vec![0u32; bsz * k]);
+                        b.topk_segments(&mut out, &ws.steps[r].g, &row_cu, bsz, k);
+                        (b.idx_to_vec(&out), read_logits())
+                    }
+                    Routing::Threshold => {
+                        let logits = read_logits();
+                        let scores: Vec<f64> = if has_router {
+                            logits.clone()
+                        } else {
+                            // Random router: continue with probability 1/2 relative to its scale.
+                            b.to_f32_prefix(&ws.steps[r].g, n_c).iter().map(|g| (g - alpha / 2.0) as f64).collect()
+                        };
+                        ((0..n_c as u32).filter(|&i| scores[i as usize] >= 0.0).collect(), logits)
+                    }
+                };
+                let set = tr.sets[cand].subset(b, &tr.segs, &sel_local_host);
+                let sel_local = b.idx_from(&sel_local_host);
+                (set, sel_local, Some((sel_local_host, logits_host)))
             };
-            let m = sel_local_host.len();
-            let sel_set = tr.sets[cand].subset(b, &tr.segs, &sel_local_host);
-            let sel_local = b.idx_from(&sel_local_host);
+            let m = sel_set.len();
             tr.sets.push(sel_set);
             let sel = tr.sets.len() - 1;
             let kv_src = self.kv_sources(tr, r);
             let apps = self.push_apps(b, tr, self.map.step_positions(r), sel, kv_src, sel_rows);
 
+            let mut aux_bce_host = None;
             let ws = self.ws.as_mut().unwrap();
             let Workspace { acts, steps, aux_routers, h, .. } = ws;
             let sb = &mut steps[r];
@@ -711,7 +749,11 @@ impl<B: Backend> Model<B> {
                     let ar = &mut aux_routers[r];
                     router_forward(b, &self.params, aw, ar, &sb.x, n_c, d, rc.temperature as f32);
                     b.bce_logits_fwd(&mut sb.bce, &ar.logits, &sb.targets, n_c);
-                    stats.aux_router_bce += b.to_f64_prefix(&sb.bce, n_c).iter().sum::<f64>() / n_c as f64;
+                    let read = b.to_f64_prefix_async(&sb.bce, n_c);
+                    match tr.pending.last_mut().filter(|p| p.r == r) {
+                        Some(p) => p.aux_bce = Some(read),
+                        None => aux_bce_host = Some(read.wait()),
+                    }
                 }
             }
             // Run the block on the selected tokens and combine.
@@ -723,39 +765,79 @@ impl<B: Backend> Model<B> {
                 Combine::Add => b.scatter_add_scaled(h, &sb.y, &sb.gk, &tr.sets[sel].idx, m, d),
                 Combine::Replace => b.scatter_rows(h, &sb.y, &tr.sets[sel].idx, m, d),
             }
-            // The router's statistics (BCE against the selection, sampling accuracy, z-loss) on the
-            // host, from the logits read with the selection, while the device runs the block.
-            let mut rs = RecursionStats { selected_fraction: m as f64 / (bsz * len) as f64, ..Default::default() };
-            if has_router {
-                let mut selected = vec![false; n_c];
-                sel_local_host.iter().for_each(|&i| selected[i as usize] = true);
-                let lg = &logits_host;
-                let bce = lg.iter().zip(&selected).map(|(&x, &t)| bce_with_logits(x, if t { 1.0 } else { 0.0 })).sum::<f64>()
-                    / n_c as f64;
-                let agree = lg.iter().zip(&selected).filter(|(l, t)| (**l >= 0.0) == **t).count();
-                rs.sampling_accuracy = Some(agree as f64 / n_c as f64);
-                rs.bce = Some(bce);
-                stats.aux_bce += bce;
-                if rc.sampling == Sampling::AuxLoss {
-                    stats.loss += rc.aux_coeff * bce;
-                }
-                let z = lg.iter().map(|x| x * x).sum::<f64>() / n_c as f64;
-                stats.z_loss += z;
-                stats.loss += rc.z_coeff() * z;
-            }
-            stats.recursions.push(rs);
-            if r == n_r - 1 {
-                let mut seen = vec![false; len];
-                for &i in &tr.sets[sel].idx_host {
-                    seen[i as usize % len] = true;
-                }
-                stats.dead_token_ratio = Some(seen.iter().filter(|s| !**s).count() as f64 / len as f64);
+            stats.recursions.push(RecursionStats { selected_fraction: m as f64 / (bsz * len) as f64, ..Default::default() });
+            // Statistics of a host selection now, on the host while the device runs the block.
+            if let Some((sel_local_host, logits_host)) = on_host {
+                self.router_stats(tr, r, sel, n_c, &sel_local_host, &logits_host, aux_bce_host.as_deref(), stats);
             }
             tr.steps.push(StepTrace::Expert(ExpertTrace { r, apps, cand, sel, sel_local, buf: r, has_router }));
             cand = sel;
             self.capture_h(b);
         }
         Ok(())
+    }
+
+    /// Router statistics of expert-choice recursion `r` into `stats`, from its selection
+    /// (`sel_local`, local indices into the candidates) and the router's logits (empty for a
+    /// random router): BCE against the selection, sampling accuracy and z-loss, the aux router's
+    /// BCE, and after the last recursion the dead-token ratio (from the host copy of set `sel`).
+    #[allow(clippy::too_many_arguments)]
+    fn router_stats(&self, tr: &Trace<B>, r: usize, sel: usize, n_c: usize, sel_local: &[u32], logits: &[f64], aux_bce: Option<&[f64]>, stats: &mut Stats) {
+        let rc = self.router_cfg().unwrap();
+        if !rc.random {
+            let mut selected = vec![false; n_c];
+            sel_local.iter().for_each(|&i| selected[i as usize] = true);
+            // Sums of BCE, agreements and squared logits over fixed chunks in parallel (the host's
+            // share of a recursion, while the device runs blocks), then the chunks in order: the
+            // bits do not depend on the thread count.
+            const CHUNK: usize = 4096;
+            let parts: Vec<(f64, usize, f64)> = logits
+                .par_chunks(CHUNK)
+                .zip(selected.par_chunks(CHUNK))
+                .map(|(lg, sel)| {
+                    let bce = lg.iter().zip(sel).map(|(&x, &t)| bce_with_logits(x, if t { 1.0 } else { 0.0 })).sum::<f64>();
+                    let agree = lg.iter().zip(sel).filter(|(l, t)| (**l >= 0.0) == **t).count();
+                    (bce, agree, lg.iter().map(|x| x * x).sum::<f64>())
+                })
+                .collect();
+            let bce = parts.iter().map(|p| p.0).sum::<f64>() / n_c as f64;
+            let agree: usize = parts.iter().map(|p| p.1).sum();
+            let z = parts.iter().map(|p| p.2).sum::<f64>() / n_c as f64;
+            let rs = &mut stats.recursions[r];
+            rs.sampling_accuracy = Some(agree as f64 / n_c as f64);
+            rs.bce = Some(bce);
+            stats.aux_bce += bce;
+            if rc.sampling == Sampling::AuxLoss {
+                stats.loss += rc.aux_coeff * bce;
+            }
+            stats.z_loss += z;
+            stats.loss += rc.z_coeff() * z;
+            if let Some(bce) = aux_bce {
+                stats.aux_router_bce += bce.iter().sum::<f64>() / n_c as f64;
+            }
+        }
+        if r == self.map.num_recursions - 1 {
+            let len = tr.segs.seq_len;
+            let mut seen = vec![false; len];
+            for &i in &tr.sets[sel].host().idx {
+                seen[i as usize % len] = true;
+            }
+            stats.dead_token_ratio = Some(seen.iter().filter(|s| !**s).count() as f64 / len as f64);
+        }
+    }
+
+    /// The statistics of the expert-choice recursions whose selection stayed on the device: waits
+    /// for their reads, fills in the selected sets' host copies (in recursion order: a set's
+    /// candidates are the previous recursion's selection) and adds the router statistics.
+    fn expert_stats(&self, tr: &mut Trace<B>, stats: &mut Stats) {
+        for p in std::mem::take(&mut tr.pending) {
+            let local = p.local.wait();
+            let (before, rest) = tr.sets.split_at_mut(p.sel);
+            rest[0].fill_host(&tr.segs, before[p.cand].host(), &local);
+            let logits = p.logits.map_or_else(Vec::new, Readback::wait);
+            let aux_bce = p.aux_bce.map(Readback::wait);
+            self.router_stats(tr, p.r, p.sel, tr.sets[p.cand].len(), &local, &logits, aux_bce.as_deref(), stats);
+        }
     }
 
     fn token_forward(&mut self, b: &B, tr: &mut Trace<B>, grad: bool, stats: &mut Stats) -> anyhow::Result<()> {
@@ -958,7 +1040,9 @@ impl<B: Backend> Model<B> {
         let scale = tr.loss_scale;
         {
             let ws = self.ws.as_mut().unwrap();
-            for a in ws.acts.iter_mut().take(tr.apps.len()).filter(|a| a.owns_kv) {
+            // Keys/values that later applications borrow collect their gradients before the
+            // owner's backward; the others are written by the owner's attention backward alone.
+            for a in ws.acts.iter_mut().take(tr.apps.len()).enumerate().filter(|(i, a)| a.owns_kv && tr.kv_borrowed(*i)).map(|(_, a)| a) {
                 let kvd = self.dims.kvd() * a.cap;
                 b.fill(&mut a.dk, kvd, 0.0);
                 b.fill(&mut a.dv, kvd, 0.0);
@@ -1207,6 +1291,11 @@ fn run_block_backward<B: Backend>(
         let app = &tr.apps[i];
         let (before, rest) = acts.split_at_mut(i);
         let shared = app.kv_src.map(|s| SharedKv { src: &mut before[s], set: &tr.sets[tr.apps[s].set] });
-        layer_backward(b, dims, params, &weights.layers[app.pos], &mut rest[0], &tr.sets[app.set], shared, scratch, g, i != top);
+        let kv = match shared {
+            Some(kv) => KvGrad::Into(kv),
+            None if tr.kv_borrowed(i) => KvGrad::Add,
+            None => KvGrad::Set,
+        };
+        layer_backward(b, dims, params, &weights.layers[app.pos], &mut rest[0], &tr.sets[app.set], kv, scratch, g, i != top);
     }
 }

@@ -38,45 +38,58 @@ impl Segments {
     }
 }
 
-/// A set of tokens, on the host and on the device.
+/// A set of tokens, on the device and (once known there) on the host.
 pub struct TokenSet<B: Backend> {
-    /// Global row indices (into `batch * seq_len`), grouped by batch row, ascending.
-    pub idx_host: Vec<u32>,
-    pub pos_host: Vec<u32>,
-    /// Attention segment offsets (`num_segments + 1` entries).
-    pub cu_host: Vec<u32>,
-    /// Offsets of each batch row's tokens (`batch + 1` entries), for per-sequence top-k.
-    pub row_cu_host: Vec<u32>,
+    len: usize,
+    /// Host copies; `None` for a set composed on the device ([`TokenSet::compose_rows`]) until
+    /// [`TokenSet::fill_host`] runs.
+    host: Option<TokenHost>,
     pub idx: B::Idx,
     pub pos: B::Idx,
     pub cu: B::Idx,
     pub num_segments: usize,
 }
 
+/// A token set's indices on the host.
+pub struct TokenHost {
+    /// Global row indices (into `batch * seq_len`), grouped by batch row, ascending.
+    pub idx: Vec<u32>,
+    pub pos: Vec<u32>,
+    /// Attention segment offsets (`num_segments + 1` entries).
+    pub cu: Vec<u32>,
+    /// Offsets of each batch row's tokens (`batch + 1` entries), for per-sequence top-k.
+    pub row_cu: Vec<u32>,
+}
+
+impl TokenHost {
+    fn new(segs: &Segments, idx: Vec<u32>) -> Self {
+        let pos: Vec<u32> = idx.iter().map(|&i| i % segs.seq_len as u32).collect();
+        let mut cu = vec![0u32; segs.num_segments + 1];
+        let mut row_cu = vec![0u32; segs.batch + 1];
+        for &i in &idx {
+            cu[segs.seg_of[i as usize] as usize + 1] += 1;
+            row_cu[i as usize / segs.seq_len + 1] += 1;
+        }
+        for s in 0..segs.num_segments {
+            cu[s + 1] += cu[s];
+        }
+        for b in 0..segs.batch {
+            row_cu[b + 1] += row_cu[b];
+        }
+        TokenHost { idx, pos, cu, row_cu }
+    }
+}
+
 impl<B: Backend> TokenSet<B> {
     /// Build from ascending global indices.
     pub fn from_indices(backend: &B, segs: &Segments, idx_host: Vec<u32>) -> Self {
-        let pos_host: Vec<u32> = idx_host.iter().map(|&i| i % segs.seq_len as u32).collect();
-        let mut cu_host = vec![0u32; segs.num_segments + 1];
-        let mut row_cu_host = vec![0u32; segs.batch + 1];
-        for &i in &idx_host {
-            cu_host[segs.seg_of[i as usize] as usize + 1] += 1;
-            row_cu_host[i as usize / segs.seq_len + 1] += 1;
-        }
-        for s in 0..segs.num_segments {
-            cu_host[s + 1] += cu_host[s];
-        }
-        for b in 0..segs.batch {
-            row_cu_host[b + 1] += row_cu_host[b];
-        }
+        let host = TokenHost::new(segs, idx_host);
         TokenSet {
-            idx: backend.idx_from(&idx_host),
-            pos: backend.idx_from(&pos_host),
-            cu: backend.idx_from(&cu_host),
-            idx_host,
-            pos_host,
-            cu_host,
-            row_cu_host,
+            len: host.idx.len(),
+            idx: backend.idx_from(&host.idx),
+            pos: backend.idx_from(&host.pos),
+            cu: backend.idx_from(&host.cu),
+            host: Some(host),
             num_segments: segs.num_segments,
         }
     }
@@ -86,16 +99,50 @@ impl<B: Backend> TokenSet<B> {
     }
 
     pub fn len(&self) -> usize {
-        self.idx_host.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.idx_host.is_empty()
+        self.len == 0
+    }
+
+    /// The host copies.
+    ///
+    /// # Panics
+    /// For a set composed on the device whose copies were not filled in yet.
+    pub fn host(&self) -> &TokenHost {
+        self.host.as_ref().expect("token set: the host copy of a device-composed set is not filled in yet")
+    }
+
+    /// Whether the host copies exist (a device-composed set before [`TokenSet::fill_host`]: no).
+    pub fn has_host(&self) -> bool {
+        self.host.is_some()
     }
 
     /// The subset made of this set's members at local positions `local` (ascending).
     pub fn subset(&self, backend: &B, segs: &Segments, local: &[u32]) -> Self {
-        Self::from_indices(backend, segs, local.iter().map(|&l| self.idx_host[l as usize]).collect())
+        let idx = &self.host().idx;
+        Self::from_indices(backend, segs, local.iter().map(|&l| idx[l as usize]).collect())
+    }
+
+    /// The subset of `k` members per batch row at the local positions `local` (ascending within
+    /// each row, `batch * k` entries; a device top-k's output), composed on the device: the host
+    /// does not wait for the selection. Segments must be the batch rows (no document masks), so
+    /// the segment offsets are `[0, k, 2k, ..]`.
+    pub fn compose_rows(backend: &B, segs: &Segments, parent: &Self, local: &B::Idx, k: usize) -> Self {
+        assert_eq!(segs.num_segments, segs.batch, "compose_rows: segments must be the batch rows");
+        let m = segs.batch * k;
+        let cu: Vec<u32> = (0..=segs.batch as u32).map(|b| b * k as u32).collect();
+        let (mut idx, mut pos) = (backend.idx_from(&vec![0; m]), backend.idx_from(&vec![0; m]));
+        backend.subset_rows(&mut idx, &mut pos, &parent.idx, local, m, segs.seq_len);
+        TokenSet { len: m, host: None, idx, pos, cu: backend.idx_from(&cu), num_segments: segs.num_segments }
+    }
+
+    /// Fill in the host copies of a set composed from `parent` at local positions `local` (the
+    /// selection, read back).
+    pub fn fill_host(&mut self, segs: &Segments, parent: &TokenHost, local: &[u32]) {
+        assert_eq!(local.len(), self.len, "fill_host: selection size");
+        self.host = Some(TokenHost::new(segs, local.iter().map(|&l| parent.idx[l as usize]).collect()));
     }
 
     /// Attention shape for queries of `self` against keys of `keys`.

@@ -47,11 +47,11 @@ use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{
     result as drv_result, sys as drv_sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr,
-    DevicePtrMut, LaunchConfig, PushKernelArg,
+    DevicePtrMut, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
-use crate::backend::{matmul_bwd_each, matmul_fwd_each, matmul_fwd_residual_unfused, AdamWItem, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision};
+use crate::backend::{matmul_bwd_each, matmul_fwd_each, matmul_fwd_residual_unfused, AdamWItem, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision, Readback};
 
 /// The CUDA C source of every kernel, as handed to NVRTC.
 pub const KERNEL_SOURCE: &str = concat!(
@@ -85,6 +85,8 @@ const KERNELS: &[&str] = &[
     "swiglu_bwd_bf16",
     "rmsnorm_fwd_to_bf16",
     "rope_bf16",
+    "rope_vec_f32",
+    "rope_vec_bf16",
     "attn_delta_bf16",
     "attn_dq_from_acc",
     "attn_dq_from_acc_rope",
@@ -133,6 +135,7 @@ const KERNELS: &[&str] = &[
     "group_rank",
     "group_apply_f32",
     "topk_segments_f32",
+    "subset_rows_u32",
     "attn_tiles",
     "attn_rank_order",
     "attn_delta_f32",
@@ -299,6 +302,12 @@ const FLASH_TILE: usize = 64;
 const FLASH_HEAD_DIMS: [usize; 2] = [32, 64];
 /// Blocks of the first `sum_squares` pass (at most; fixed for a given n).
 const SUMSQ_MAX_BLOCKS: usize = 1024;
+
+/// Blocks of the first `sum_squares` pass over n elements (a function of n only, so the sum's
+/// order is): at least 16 elements per thread — four float4 loads (kernels/elementwise.cu).
+fn sumsq_blocks(n: usize) -> usize {
+    n.div_ceil(EW_THREADS as usize * 16).clamp(1, SUMSQ_MAX_BLOCKS)
+}
 /// Threads per block of elementwise kernels.
 const EW_THREADS: u32 = 256;
 /// 16-byte vectors per thread and iteration of the vectorized elementwise kernels (`EW_UNROLL` in
@@ -309,8 +318,14 @@ const RMS_FWD_WARPS: usize = 8;
 /// Warps per block of the warp-per-row RMSNorm backward (`RMS_BWD_WARPS` in kernels/rows.cu).
 const RMS_BWD_WARPS: usize = 4;
 /// Blocks (weight-gradient partials) of the RMSNorm backward, at most: rows per block follow from
-/// n alone, so the order of the dw sums does too.
+/// n alone, so the order of the dw sums does too. (1024, 2048 and 4096 measured no faster on the
+/// H200 at 16384 x 960.)
 const RMS_BWD_PARTS: usize = 512;
+/// Pairs of a head the RoPE kernels take, at most (`ROPE_MAX_PAIRS` in kernels/common.cuh).
+const ROPE_MAX_PAIRS: usize = 128;
+/// Rows per block and vector pairs per thread of the vector RoPE kernel (kernels/rows.cu).
+const ROPE_ROWS: usize = 8;
+const ROPE_ITEMS: usize = 4;
 /// Dynamic shared memory the top-k kernel may use (opt-in above 48 KiB).
 const TOPK_SMEM_BYTES: usize = 128 * 1024;
 
@@ -639,6 +654,25 @@ impl Drop for ProfGuard<'_> {
 /// Timed ops kept unresolved before the profiler synchronises and reads their events.
 const PROF_PENDING_MAX: usize = 16384;
 
+/// RoPE frequencies `theta^(-2j/head_dim)` of the pairs j, computed in f64 as the CPU reference
+/// computes them, passed to the RoPE kernels by value (`RopeFreqs` in kernels/common.cuh).
+#[repr(C)]
+struct RopeFreqs([f64; ROPE_MAX_PAIRS]);
+
+// SAFETY: a plain array of doubles, the layout of the kernels' parameter.
+unsafe impl cudarc::driver::DeviceRepr for RopeFreqs {}
+
+impl RopeFreqs {
+    fn new(head_dim: usize, theta: f32) -> Self {
+        assert!(head_dim.is_multiple_of(2) && head_dim <= 2 * ROPE_MAX_PAIRS, "rope: head_dim must be even and at most {}", 2 * ROPE_MAX_PAIRS);
+        let mut f = [0.0; ROPE_MAX_PAIRS];
+        for (j, x) in f.iter_mut().take(head_dim / 2).enumerate() {
+            *x = (theta as f64).powf(-((2 * j) as f64) / head_dim as f64);
+        }
+        RopeFreqs(f)
+    }
+}
+
 /// A TMA tensor map (`CUtensorMap`, 128 opaque bytes) passed to a kernel by value
 /// (`const __grid_constant__ TmaMap` in kernels/flash_attention.cu).
 #[repr(transparent)]
@@ -731,6 +765,9 @@ pub struct Cuda {
     prof_pending: Mutex<Vec<(Cow<'static, str>, CudaEvent, CudaEvent)>>,
     /// Timing events for reuse.
     prof_events: Mutex<Vec<CudaEvent>>,
+    /// Page-locked host buffers of the asynchronous reads ([`Cuda::read_words_async`]), reused:
+    /// allocating page-locked memory is slow and freeing it synchronises.
+    pinned: Arc<Mutex<Vec<PinnedHostSlice<u32>>>>,
 }
 
 impl fmt::Debug for Cuda {
@@ -860,6 +897,7 @@ impl Cuda {
             prof: Mutex::new(HashMap::new()),
             prof_pending: Mutex::new(Vec::new()),
             prof_events: Mutex::new(Vec::new()),
+            pinned: Arc::new(Mutex::new(Vec::new())),
         };
         cuda.gemm_algos_from_env();
         Ok(cuda)
@@ -1263,9 +1301,101 @@ impl Cuda {
         self.use_flash(hd, outs) && self.flash.fused && !self.deterministic.load(Ordering::Relaxed)
     }
 
+    /// Queues a copy of the `n` 4-byte words at `src` into a page-locked buffer of the pool and an
+    /// event after it; the read waits for that event only, then `convert`s the words.
+    fn read_words_async<T: 'static>(&self, src: u64, n: usize, convert: fn(&[u32]) -> Vec<T>) -> Readback<T> {
+        let mut buf = {
+            let mut pool = self.pinned.lock().unwrap();
+            match pool.iter().position(|b| b.len() >= n) {
+                Some(i) => pool.swap_remove(i),
+                // SAFETY: the words are written by the copy below before they are read.
+                None => unsafe { self.ctx.alloc_pinned_with_flags::<u32>(n.next_power_of_two(), 0) }
+                    .expect("cuda: page-locked host allocation failed"),
+            }
+        };
+        let dst = &mut buf.as_mut_slice().expect("cuda: page-locked buffer")[..n];
+        unsafe { drv_result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }.expect("cuda: device-to-host copy failed");
+        let copied = self.stream.record_event(None).expect("cuda: event record failed");
+        let pool = self.pinned.clone();
+        Readback::pending(move || {
+            copied.synchronize().expect("cuda: event wait failed");
+            let values = convert(&buf.as_slice().expect("cuda: page-locked buffer")[..n]);
+            pool.lock().unwrap().push(buf);
+            values
+        })
+    }
+
+    /// The attention forward; the TMA kernel also stores `out_act`, the bf16 copy of an f32
+    /// `out`, from its epilogue when given one (returns whether it did).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_fwd_into(
+        &self,
+        out: &mut CudaBuf,
+        out_act: Option<&mut CudaBuf>,
+        lse: &mut CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        shape: &AttnShape<'_, CudaSlice<u32>>,
+    ) -> bool {
+        let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
+        if nq == 0 || heads == 0 || hd == 0 || shape.num_seqs == 0 {
+            return false;
+        }
+        Self::check_attn(shape);
+        check_len("out", out.len(), nq * heads * hd);
+        check_len("lse", lse.len(), nq * heads);
+        check_len("q", q.len(), nq * heads * hd);
+        check_len("k", k.len(), nk * kvh * hd);
+        check_len("v", v.len(), nk * kvh * hd);
+        Self::f32_only("attention_fwd", &[("lse", lse)]);
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let (nqe, nke) = (nq * heads * hd, nk * kvh * hd);
+        let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
+        let (ns, hi, kvi) = (shape.num_seqs as i32, heads as i32, kvh as i32);
+        let lp = self.pm(lse);
+        if self.use_flash(hd, &[self.p(out)]) {
+            let q16 = self.bf16_operand(Slot::AttQ16, q, nqe);
+            let k16 = self.bf16_operand(Slot::AttK16, k, nke);
+            let v16 = self.bf16_operand(Slot::AttV16, v, nke);
+            let out_bf16 = out.is_bf16() as i32;
+            let op = self.pm(out);
+            // The TMA forward needs keys to map (none: every query sees nothing, the default kernel).
+            let fwd = if self.flash.fwd.tma && nk == 0 { FlashConfig::MMA_FWD } else { self.flash.fwd };
+            let (name, rows, threads, smem) = Self::flash_kernel_of("fwd", hd, fwd);
+            let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
+            if name.contains("_tma") {
+                let (tq, tk, tv) = (TmaMap::bf16_tiles(q16, nq, heads * hd), TmaMap::bf16_tiles(k16, nk, kvh * hd), TmaMap::bf16_tiles(v16, nk, kvh * hd));
+                let order = self.flash_order(qoff, shape.num_seqs, grid);
+                let c = cfg((heads as u32, grid, 1), threads, smem);
+                // The epilogue's bf16 copy: 4-byte stores of element pairs.
+                let act = out_act.filter(|a| !out.is_bf16() && a.is_bf16()).map(|a| self.pm(a));
+                let ap = act.unwrap_or(0);
+                launch!(self, &name, c, [tq, tk, tv, op, out_bf16, ap, lp, cq, ck, pq, pk, qoff, koff, krange, order, ns, hi, kvi, scale]);
+                return act.is_some();
+            }
+            let c = cfg((grid, heads as u32, 1), threads, smem);
+            launch!(self, &name, c, [op, out_bf16, lp, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
+            return false;
+        }
+        // The exact f32 kernels (bf16 buffers are widened into scratch and the output rounded back).
+        let (qp, kp, vp) = (self.f32_operand(Slot::AttQ16, q, nqe), self.f32_operand(Slot::AttK16, k, nke), self.f32_operand(Slot::AttV16, v, nke));
+        let op = self.f32_output(Slot::AttO, out, nqe);
+        let (qoff, grid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, ATT_ROWS);
+        launch!(
+            self,
+            &format!("attn_fwd_f32_{}", Self::exact_variant(hd)),
+            cfg((grid, heads as u32, 1), 128, 0),
+            [op, lp, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hd as i32, scale]
+        );
+        self.f32_output_done(op, out, nqe);
+        false
+    }
+
     /// Attention backward (see [`Backend::attention_bwd`]). With `dq_rope = Some(theta)` (the
     /// fused kernel only, see [`Backend::attention_bwd_rope_dq`]) dq is overwritten with the
-    /// inverse rotary embedding of its gradient in the pass that converts the f32 workspace.
+    /// inverse rotary embedding of its gradient in the pass that converts the f32 workspace;
+    /// `kv_set`: dk and dv are overwritten instead of added to.
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd_into(
         &self,
@@ -1280,8 +1410,14 @@ impl Cuda {
         v: &CudaBuf,
         shape: &AttnShape<'_, CudaSlice<u32>>,
         dq_rope: Option<f32>,
+        kv_set: bool,
     ) {
         if shape.is_empty() {
+            if kv_set {
+                let nke = shape.nk * shape.kv_heads * shape.head_dim;
+                self.fill(dk, nke, 0.0);
+                self.fill(dv, nke, 0.0);
+            }
             return;
         }
         let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
@@ -1319,7 +1455,8 @@ impl Cuda {
             launch!(self, delta_kernel, delta_cfg, [delta, g16, op, nq as i32, hi, hdi]);
             let dq_bf16 = dq.is_bf16() as i32;
             assert!(dk.dtype == dv.dtype, "cuda: attention_bwd needs dk and dv of one element type");
-            let kv_bf16 = dk.is_bf16() as i32;
+            // FA_KV_BF16 | FA_KV_SET (kernels/flash_attention.cu).
+            let kv_flags = dk.is_bf16() as i32 | (kv_set as i32) << 1;
             let (dqp, dkp, dvp) = (self.pm(dq), self.pm(dk), self.pm(dv));
             if self.attention_bwd_fused(hd, &[dqp, dkp, dvp]) {
                 // Fused: dq accumulates in an f32 workspace (float atomics, or TMA reductions in the
@@ -1334,13 +1471,16 @@ impl Cuda {
                     let tacc = TmaMap::f32_tiles(acc, nq, heads * hd);
                     let order = self.flash_order(koff, shape.num_seqs, grid);
                     let c = cfg((kvh as u32, grid, 1), threads, smem);
-                    launch!(self, &name, c, [tq, tg, tk, tv, tacc, dkp, dvp, kv_bf16, lp, delta, cq, ck, pq, pk, koff, qoff, qrange, order, ns, hi, kvi, scale]);
+                    launch!(self, &name, c, [tq, tg, tk, tv, tacc, dkp, dvp, kv_flags, lp, delta, cq, ck, pq, pk, koff, qoff, qrange, order, ns, hi, kvi, scale]);
                 } else {
                     let c = cfg((grid, kvh as u32, 1), threads, smem);
-                    launch!(self, &name, c, [dkp, dvp, kv_bf16, acc, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]);
+                    launch!(self, &name, c, [dkp, dvp, kv_flags, acc, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]);
                 }
                 match dq_rope {
-                    Some(theta) => launch!(self, "attn_dq_from_acc_rope", self.ew(nq * hd / 2), [dqp, dq_bf16, acc, pq, nq as i32, hi, hdi, theta]),
+                    Some(theta) => {
+                        let freqs = RopeFreqs::new(hd, theta);
+                        launch!(self, "attn_dq_from_acc_rope", self.ew(nq * hd / 2), [dqp, dq_bf16, acc, pq, freqs, nq as i32, hi, hdi])
+                    }
                     None => launch!(self, "attn_dq_from_acc", self.ew(nqe / 2), [dqp, dq_bf16, acc, nqe as i64]),
                 }
                 return;
@@ -1359,11 +1499,15 @@ impl Cuda {
                 self,
                 &name,
                 cfg((grid, kvh as u32, 1), threads, smem),
-                [dkp, dvp, kv_bf16, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]
+                [dkp, dvp, kv_flags, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]
             );
             return;
         }
         // The exact f32 kernels (bf16 buffers are widened into scratch, outputs rounded back).
+        if kv_set {
+            self.fill(dk, nke, 0.0);
+            self.fill(dv, nke, 0.0);
+        }
         let gp = self.f32_operand(Slot::AttG16, dout, nqe);
         let op = self.f32_operand(Slot::AttO, out, nqe);
         launch!(self, "attn_delta_f32", delta_cfg, [delta, gp, op, nq as i32, hi, hdi]);
@@ -1734,6 +1878,22 @@ impl Backend for Cuda {
         v
     }
 
+    fn idx_prefix_async(&self, idx: &CudaSlice<u32>, n: usize) -> Readback<u32> {
+        check_len("index buffer", idx.len(), n);
+        if n == 0 {
+            return Readback::ready(Vec::new());
+        }
+        self.read_words_async(self.p(idx), n, <[u32]>::to_vec)
+    }
+
+    fn to_f64_prefix_async(&self, buf: &CudaBuf, n: usize) -> Readback<f64> {
+        check_len("buffer", buf.len(), n);
+        if n == 0 || buf.dtype != Dtype::F32 {
+            return Readback::ready(self.to_f64_prefix(buf, n));
+        }
+        self.read_words_async(self.p(buf), n, |w| w.iter().map(|&x| f32::from_bits(x) as f64).collect())
+    }
+
     fn idx_write(&self, idx: &mut CudaSlice<u32>, data: &[u32]) {
         let _p = self.prof("idx_write");
         check_len("index buffer", idx.len(), data.len());
@@ -1829,7 +1989,7 @@ impl Backend for Cuda {
         if n == 0 {
             return 0.0;
         }
-        let blocks = n.div_ceil(EW_THREADS as usize).clamp(1, SUMSQ_MAX_BLOCKS);
+        let blocks = sumsq_blocks(n);
         let partial = self.scratch(Slot::SumsqPartial, blocks * 8);
         let out = self.scratch(Slot::SumsqOut, 8);
         let xp = self.p(x);
@@ -2136,54 +2296,28 @@ impl Backend for Cuda {
         shape: &AttnShape<'_, CudaSlice<u32>>,
     ) {
         let _p = self.prof("attention_fwd");
-        let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
-        if nq == 0 || heads == 0 || hd == 0 || shape.num_seqs == 0 {
-            return;
+        self.attention_fwd_into(out, None, lse, q, k, v, shape);
+    }
+
+    fn attention_fwd_mirrored(
+        &self,
+        out: &mut CudaBuf,
+        out_act: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        shape: &AttnShape<'_, CudaSlice<u32>>,
+    ) {
+        let n = shape.nq * shape.heads * shape.head_dim;
+        check_len("out_act", out_act.len(), n);
+        let mirrored = {
+            let _p = self.prof("attention_fwd");
+            self.attention_fwd_into(out, Some(out_act), lse, q, k, v, shape)
+        };
+        if !mirrored {
+            self.copy(out_act, out, n);
         }
-        Self::check_attn(shape);
-        check_len("out", out.len(), nq * heads * hd);
-        check_len("lse", lse.len(), nq * heads);
-        check_len("q", q.len(), nq * heads * hd);
-        check_len("k", k.len(), nk * kvh * hd);
-        check_len("v", v.len(), nk * kvh * hd);
-        Self::f32_only("attention_fwd", &[("lse", lse)]);
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let (nqe, nke) = (nq * heads * hd, nk * kvh * hd);
-        let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
-        let (ns, hi, kvi) = (shape.num_seqs as i32, heads as i32, kvh as i32);
-        let lp = self.pm(lse);
-        if self.use_flash(hd, &[self.p(out)]) {
-            let q16 = self.bf16_operand(Slot::AttQ16, q, nqe);
-            let k16 = self.bf16_operand(Slot::AttK16, k, nke);
-            let v16 = self.bf16_operand(Slot::AttV16, v, nke);
-            let out_bf16 = out.is_bf16() as i32;
-            let op = self.pm(out);
-            // The TMA forward needs keys to map (none: every query sees nothing, the default kernel).
-            let fwd = if self.flash.fwd.tma && nk == 0 { FlashConfig::MMA_FWD } else { self.flash.fwd };
-            let (name, rows, threads, smem) = Self::flash_kernel_of("fwd", hd, fwd);
-            let (qoff, grid, koff, krange) = self.flash_tables(shape.cu_q, nq, rows, shape.cu_k, shape.pos_k, nk, shape.num_seqs);
-            if name.contains("_tma") {
-                let (tq, tk, tv) = (TmaMap::bf16_tiles(q16, nq, heads * hd), TmaMap::bf16_tiles(k16, nk, kvh * hd), TmaMap::bf16_tiles(v16, nk, kvh * hd));
-                let order = self.flash_order(qoff, shape.num_seqs, grid);
-                let c = cfg((heads as u32, grid, 1), threads, smem);
-                launch!(self, &name, c, [tq, tk, tv, op, out_bf16, lp, cq, ck, pq, pk, qoff, koff, krange, order, ns, hi, kvi, scale]);
-                return;
-            }
-            let c = cfg((grid, heads as u32, 1), threads, smem);
-            launch!(self, &name, c, [op, out_bf16, lp, q16, k16, v16, cq, ck, pq, pk, qoff, koff, krange, ns, hi, kvi, scale]);
-            return;
-        }
-        // The exact f32 kernels (bf16 buffers are widened into scratch and the output rounded back).
-        let (qp, kp, vp) = (self.f32_operand(Slot::AttQ16, q, nqe), self.f32_operand(Slot::AttK16, k, nke), self.f32_operand(Slot::AttV16, v, nke));
-        let op = self.f32_output(Slot::AttO, out, nqe);
-        let (qoff, grid) = self.attn_tiles(Slot::AttQOff, shape.cu_q, shape.num_seqs, nq, ATT_ROWS);
-        launch!(
-            self,
-            &format!("attn_fwd_f32_{}", Self::exact_variant(hd)),
-            cfg((grid, heads as u32, 1), 128, 0),
-            [op, lp, qp, kp, vp, cq, ck, pq, pk, qoff, ns, hi, kvi, hd as i32, scale]
-        );
-        self.f32_output_done(op, out, nqe);
     }
 
     fn attention_bwd(
@@ -2200,7 +2334,7 @@ impl Backend for Cuda {
         shape: &AttnShape<'_, CudaSlice<u32>>,
     ) {
         let _p = self.prof("attention_bwd");
-        self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, None);
+        self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, None, false);
     }
 
     fn attention_bwd_rope_dq(
@@ -2216,14 +2350,15 @@ impl Backend for Cuda {
         v: &CudaBuf,
         shape: &AttnShape<'_, CudaSlice<u32>>,
         theta: f32,
+        kv_set: bool,
     ) {
         let _p = self.prof("attention_bwd");
         if !shape.is_empty() && self.attention_bwd_fused(shape.head_dim, &[self.p(dq), self.p(dk), self.p(dv)]) {
-            return self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, Some(theta));
+            return self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, Some(theta), kv_set);
         }
         let n = shape.nq * shape.heads * shape.head_dim;
         self.fill(dq, n, 0.0);
-        self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, None);
+        self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, None, kv_set);
         self.rope_bwd(dq, shape.pos_q, shape.nq, shape.heads, shape.head_dim, theta);
     }
 
@@ -2441,6 +2576,19 @@ impl Backend for Cuda {
         );
     }
 
+    fn subset_rows(&self, idx: &mut CudaSlice<u32>, pos: &mut CudaSlice<u32>, parent: &CudaSlice<u32>, local: &CudaSlice<u32>, m: usize, seq_len: usize) {
+        let _p = self.prof("subset_rows");
+        if m == 0 {
+            return;
+        }
+        assert!(seq_len > 0 && seq_len <= u32::MAX as usize, "subset_rows: seq_len {seq_len} out of range");
+        check_len("idx", idx.len(), m);
+        check_len("pos", pos.len(), m);
+        check_len("local", local.len(), m);
+        let (ip, pp, parp, lp) = (self.pm(idx), self.pm(pos), self.p(parent), self.p(local));
+        launch!(self, "subset_rows_u32", self.ew(m), [ip, pp, parp, lp, m as i64, seq_len as u32]);
+    }
+
     // ---- losses ---------------------------------------------------------------------------
     fn cross_entropy_fwd(&self, loss: &mut CudaBuf, logits: &CudaBuf, targets: &CudaSlice<u32>, n: usize, vocab: usize) {
         let _p = self.prof("cross_entropy_fwd");
@@ -2602,16 +2750,20 @@ impl Cuda {
         if n == 0 || heads == 0 || head_dim == 0 {
             return;
         }
-        assert!(head_dim.is_multiple_of(2), "rope: head_dim must be even");
+        let freqs = RopeFreqs::new(head_dim, theta);
         check_len("x", x.len(), n * heads * head_dim);
         check_len("pos", pos.len(), n);
-        let name = if x.is_bf16() { "rope_bf16" } else { "rope_f32" };
         let (xp, pp) = (self.pm(x), self.p(pos));
-        launch!(
-            self,
-            name,
-            self.ew(n * head_dim / 2),
-            [xp, pp, n as i32, heads as i32, head_dim as i32, theta, sign]
-        );
+        let (suffix, vec) = if x.is_bf16() { ("bf16", 8) } else { ("f32", 4) };
+        // The vector kernel: 16-byte halves of heads, at most ROPE_ITEMS * 256 vectors per row.
+        let per_row = heads * (head_dim / 2 / vec);
+        if (head_dim / 2).is_multiple_of(vec) && xp.is_multiple_of(16) && per_row <= ROPE_ITEMS * 256 {
+            let rpb = (ROPE_ITEMS * 256 / per_row).min(ROPE_ROWS);
+            let blocks = n.div_ceil(rpb).min(self.sm_count as usize * 16);
+            let c = cfg((blocks as u32, 1, 1), 256, 0);
+            launch!(self, &format!("rope_vec_{suffix}"), c, [xp, pp, freqs, n as i32, heads as i32, head_dim as i32, sign, rpb as i32]);
+            return;
+        }
+        launch!(self, &format!("rope_{suffix}"), self.ew(n * head_dim / 2), [xp, pp, freqs, n as i32, heads as i32, head_dim as i32, sign]);
     }
 }

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use cudarc::driver::{result as drv_result, CudaSlice, PushKernelArg};
 
-use super::{cfg, check_len, Cuda, CudaBuf, Slot, EW_THREADS, SUMSQ_MAX_BLOCKS};
+use super::{cfg, check_len, sumsq_blocks, Cuda, CudaBuf, Slot, EW_THREADS};
 use crate::backend::{AdamStepScalars, AdamWItem};
 
 /// Elements per block of the multi-tensor fill and AdamW kernels.
@@ -135,7 +135,7 @@ impl Cuda {
             check_len("x", x.len(), n);
             Self::f32_only("sum_squares", &[("x", x)]);
             // An empty tensor gets one block that adds nothing: its sum is 0, as sum_squares says.
-            let b = n.div_ceil(EW_THREADS as usize).clamp(1, SUMSQ_MAX_BLOCKS);
+            let b = sumsq_blocks(n);
             words.extend([self.p(x), n as u64, blocks as u64, b as u64]);
             blocks += b;
         }

@@ -189,6 +189,8 @@ __device__ __forceinline__ float raw_elem(const uint4& v, int e) {
     if constexpr (per == 1) return __uint_as_float(w);
     else return (e & 1) ? bf16_hi(w) : bf16_lo(w);
 }
+// Whether a pointer can be read / written in 16-byte vectors.
+__device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15) == 0; }
 // 4 elements at a 4-element aligned address (16 bytes of f32, 8 of bf16).
 __device__ __forceinline__ void ld4(float (&f)[4], const float* p) { ld16(f, p); }
 __device__ __forceinline__ void st4(float* p, const float (&f)[4]) { st16(p, f); }
@@ -214,12 +216,21 @@ __device__ __forceinline__ void adamw_elem(float& p, float& m, float& v, float g
     v = vi;
 }
 
-// Rotary embedding of pair j (of hd / 2) at position `pos`: cos and sign · sin of
-// pos · theta^(-2j/hd), in double precision (positions reach thousands of radians).
-__device__ __forceinline__ void rope_cs(u32 pos, int j, int hd, float theta, float sign, float& cf, float& sf) {
-    const double f = pow((double)theta, -(double)(2 * j) / (double)hd);
+// Rotary embedding. The frequencies theta^(-2j/hd) of the pairs j < hd / 2, computed on the host
+// in double as the CPU reference computes them and passed by value (a pow per element made the
+// RoPE kernels bound by FP64 work).
+#define ROPE_MAX_PAIRS 128
+struct RopeFreqs {
+    double f[ROPE_MAX_PAIRS];
+};
+
+// cos and sign · sin of the angle pos · f, in double precision (positions reach thousands of
+// radians): the angle is first reduced to [-pi, pi] (2pi as a double: exact to ~1e-12 at 1e4
+// radians), so sincos takes its short path.
+__device__ __forceinline__ void rope_cs(u32 pos, double f, float sign, float& cf, float& sf) {
+    const double two_pi = 6.283185307179586, a = (double)pos * f;
     double s, c;
-    sincos((double)pos * f, &s, &c);
+    sincos(fma(-rint(a * (1.0 / two_pi)), two_pi, a), &s, &c);
     sf = (float)s * sign;
     cf = (float)c;
 }

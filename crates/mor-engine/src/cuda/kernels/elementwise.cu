@@ -30,14 +30,39 @@ extern "C" __global__ void scale_f32(float* x, float a, i64 n) {
 
 // Σ x² in double, deterministic: a fixed grid (chosen by the host from n only) writes one partial
 // per block; a single block adds the partials in a fixed tree order.
+// Block lb of `blocks`: its threads' sums of x², tree-added into thread 0's return value. A
+// 16-byte aligned x is read in float4 vectors at a stride of the whole grid (the n % 4 tail by
+// block 0), any other scalar; sumsq_partial_f32 and sumsq_many_partial_f32 share it, so a
+// tensor's partials are the same bits in both.
+__device__ __forceinline__ double sumsq_block(const float* x, i64 n, i64 lb, i64 blocks, double* sh) {
+    double acc = 0.0;
+    const i64 stride = (i64)blockDim.x * blocks;
+    if (aligned16(x)) {
+        const i64 n4 = n >> 2;
+#pragma unroll 4
+        for (i64 i = lb * blockDim.x + threadIdx.x; i < n4; i += stride) {
+            const float4 v = ((const float4*)x)[i];
+            acc += (double)v.x * v.x;
+            acc += (double)v.y * v.y;
+            acc += (double)v.z * v.z;
+            acc += (double)v.w * v.w;
+        }
+        if (lb == 0 && threadIdx.x < (n & 3)) {
+            const double v = (double)x[4 * n4 + threadIdx.x];
+            acc += v * v;
+        }
+    } else {
+        for (i64 i = lb * blockDim.x + threadIdx.x; i < n; i += stride) {
+            const double v = (double)x[i];
+            acc += v * v;
+        }
+    }
+    return block_sum_d_to0(acc, sh);
+}
+
 extern "C" __global__ void sumsq_partial_f32(const float* x, i64 n, double* partial) {
     __shared__ double sh[32];
-    double acc = 0.0;
-    GRID_STRIDE(i, n) {
-        const double v = (double)x[i];
-        acc += v * v;
-    }
-    acc = block_sum_d_to0(acc, sh);
+    const double acc = sumsq_block(x, n, blockIdx.x, gridDim.x, sh);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 

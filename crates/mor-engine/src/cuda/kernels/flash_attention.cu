@@ -748,21 +748,28 @@ __device__ __forceinline__ void fa_red2(float* p, float a, float b) {
     asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
 }
 
-// Add a warp's dk (times scale) and dv rows r0, r1 (of the block's keys from k0; rows from nk on
-// are past the segment) into dk / dv at kv head kh.
+// The backward kernels' `kv_flags`: dk / dv are bf16 (else f32); they are overwritten (else added
+// to). Every key row has one owning block, which reaches its epilogue even when no query sees it.
+#define FA_KV_BF16 1
+#define FA_KV_SET 2
+
+// Add (or store, FA_KV_SET) a warp's dk (times scale) and dv rows r0, r1 (of the block's keys from
+// k0; rows from nk on are past the segment) into dk / dv at kv head kh.
 template <int HD>
-__device__ __forceinline__ void fa_add_dkdv(void* dk, void* dv, int kv_bf16, const float (*dka)[4], const float (*dva)[4],
+__device__ __forceinline__ void fa_add_dkdv(void* dk, void* dv, int kv_flags, const float (*dka)[4], const float (*dva)[4],
                                             u32 k0, int r0, int r1, int nk, int ks, int kh, int tq, float scale) {
+    const int bf = kv_flags & FA_KV_BF16;
+    const bool acc = !(kv_flags & FA_KV_SET);
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n) {
         const int d = kh * HD + n * 8 + 2 * tq;
         if (r0 < nk) {
-            fa_put2(dk, (i64)(k0 + r0) * ks + d, scale * dka[n][0], scale * dka[n][1], kv_bf16, true);
-            fa_put2(dv, (i64)(k0 + r0) * ks + d, dva[n][0], dva[n][1], kv_bf16, true);
+            fa_put2(dk, (i64)(k0 + r0) * ks + d, scale * dka[n][0], scale * dka[n][1], bf, acc);
+            fa_put2(dv, (i64)(k0 + r0) * ks + d, dva[n][0], dva[n][1], bf, acc);
         }
         if (r1 < nk) {
-            fa_put2(dk, (i64)(k0 + r1) * ks + d, scale * dka[n][2], scale * dka[n][3], kv_bf16, true);
-            fa_put2(dv, (i64)(k0 + r1) * ks + d, dva[n][2], dva[n][3], kv_bf16, true);
+            fa_put2(dk, (i64)(k0 + r1) * ks + d, scale * dka[n][2], scale * dka[n][3], bf, acc);
+            fa_put2(dv, (i64)(k0 + r1) * ks + d, dva[n][2], dva[n][3], bf, acc);
         }
     }
 }
@@ -774,7 +781,7 @@ __device__ __forceinline__ void fa_add_dkdv(void* dk, void* dv, int kv_bf16, con
 // dS·k, to the f32 workspace dq_acc with float atomics, so the dq pass (which recomputes S and
 // dP) is not needed: 5 products instead of 7, but dq's summation order depends on scheduling.
 template <int HD, int WARPS, bool WG, bool DQ>
-__device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, float* dq_acc, const bf16_t* dout, const float* lse,
+__device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_flags, float* dq_acc, const bf16_t* dout, const float* lse,
                                  const float* delta, const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q,
                                  const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* koff, const int* qoff,
                                  const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {
@@ -911,7 +918,7 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, float* dq_acc,
         __syncthreads();
         it = itn;
     }
-    fa_add_dkdv<HD>(dk, dv, kv_bf16, dka, dva, k0, r0, r1, nk, ks, kh, tq, scale);
+    fa_add_dkdv<HD>(dk, dv, kv_flags, dka, dva, k0, r0, r1, nk, ks, kh, tq, scale);
 }
 
 // Instantiations: head dim HD, W warps per block, and SUF naming the product path: mM = mma.sync
@@ -934,20 +941,20 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_bf16, float* dq_acc,
                                   krange, num_seqs, heads, kv_heads, scale);                                         \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_dkdv_bf16_d##HD##_w##W##_##SUF(                    \
-        void* dk, void* dv, int kv_bf16, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,  \
+        void* dk, void* dv, int kv_flags, const bf16_t* dout, const float* lse, const float* delta, const bf16_t* q,  \
         const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,      \
         const int* koff, const int* qoff, const u32* qrange, int num_seqs, int heads, int kv_heads, float scale) {   \
-        fa_bwd_dkdv_impl<HD, W, WG, false>(dk, dv, kv_bf16, nullptr, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q,   \
+        fa_bwd_dkdv_impl<HD, W, WG, false>(dk, dv, kv_flags, nullptr, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q,   \
                                            pos_k, koff, qoff, qrange, num_seqs, heads, kv_heads, scale);             \
     }
 // The fused backward (dk, dv and dq by atomics into the f32 workspace dq_acc; mma.sync).
 #define INST_FA_BWD_FUSED(HD, W)                                                                                     \
     extern "C" __global__ void __launch_bounds__(32 * W) attn_bwd_fused_bf16_d##HD##_w##W##_m1(                      \
-        void* dk, void* dv, int kv_bf16, float* dq_acc, const bf16_t* dout, const float* lse, const float* delta,    \
+        void* dk, void* dv, int kv_flags, float* dq_acc, const bf16_t* dout, const float* lse, const float* delta,    \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const u32* cu_q, const u32* cu_k, const u32* pos_q,       \
         const u32* pos_k, const int* koff, const int* qoff, const u32* qrange, int num_seqs, int heads, int kv_heads, \
         float scale) {                                                                                               \
-        fa_bwd_dkdv_impl<HD, W, false, true>(dk, dv, kv_bf16, dq_acc, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q,  \
+        fa_bwd_dkdv_impl<HD, W, false, true>(dk, dv, kv_flags, dq_acc, dout, lse, delta, q, k, v, cu_q, cu_k, pos_q,  \
                                              pos_k, koff, qoff, qrange, num_seqs, heads, kv_heads, scale);           \
     }
 
@@ -976,25 +983,39 @@ INST_FA_BWD_FUSED(64, 8)
 
 // dq = the inverse rotary embedding of dq_acc (the fused backward's f32 workspace), overwritten:
 // the conversion, the zero fill before the backward and rope_bwd on dq in one pass (the rotation
-// on the f32 sums, one rounding). One thread per (row, pair j < hd/2), as rows.cu's rope.
-extern "C" __global__ void attn_dq_from_acc_rope(void* dq, int dq_bf16, const float* acc, const u32* pos, int n, int heads,
-                                                 int hd, float theta) {
+// on the f32 sums, one rounding). One thread per (row, pair j < hd/2), as rows.cu's rope; the
+// heads in batches of FA_ROPE_HEADS whose loads are issued before the angle's FP64 work.
+#define FA_ROPE_HEADS 8
+extern "C" __global__ void attn_dq_from_acc_rope(void* dq, int dq_bf16, const float* acc, const u32* pos,
+                                                 const __grid_constant__ RopeFreqs fq, int n, int heads, int hd) {
     const int half = hd / 2;
     GRID_STRIDE(e, (i64)n * half) {
         const int r = (int)(e / half), j = (int)(e % half);
-        float cf, sf;
-        rope_cs(pos[r], j, hd, theta, -1.f, cf, sf);
-        for (int h = 0; h < heads; ++h) {
-            const i64 i1 = ((i64)r * heads + h) * hd + j, i2 = i1 + half;
-            const float x1 = acc[i1], x2 = acc[i2];
-            const float y1 = x1 * cf - x2 * sf, y2 = x2 * cf + x1 * sf;
-            if (dq_bf16) {
-                ((bf16*)dq)[i1] = from_f<bf16>(y1);
-                ((bf16*)dq)[i2] = from_f<bf16>(y2);
-            } else {
-                ((float*)dq)[i1] = y1;
-                ((float*)dq)[i2] = y2;
-            }
+        const u32 p = pos[r];
+        float cf = 0.f, sf = 0.f;
+        for (int h0 = 0; h0 < heads; h0 += FA_ROPE_HEADS) {
+            float x1[FA_ROPE_HEADS], x2[FA_ROPE_HEADS];
+#pragma unroll
+            for (int u = 0; u < FA_ROPE_HEADS; ++u)
+                if (h0 + u < heads) {
+                    const i64 i1 = ((i64)r * heads + h0 + u) * hd + j;
+                    x1[u] = acc[i1];
+                    x2[u] = acc[i1 + half];
+                }
+            if (h0 == 0) rope_cs(p, fq.f[j], -1.f, cf, sf);
+#pragma unroll
+            for (int u = 0; u < FA_ROPE_HEADS; ++u)
+                if (h0 + u < heads) {
+                    const i64 i1 = ((i64)r * heads + h0 + u) * hd + j, i2 = i1 + half;
+                    const float y1 = x1[u] * cf - x2[u] * sf, y2 = x2[u] * cf + x1[u] * sf;
+                    if (dq_bf16) {
+                        ((bf16*)dq)[i1] = from_f<bf16>(y1);
+                        ((bf16*)dq)[i2] = from_f<bf16>(y2);
+                    } else {
+                        ((float*)dq)[i1] = y1;
+                        ((float*)dq)[i2] = y2;
+                    }
+                }
         }
     }
 }
@@ -1320,7 +1341,7 @@ __device__ __forceinline__ void tma_release(u64* bar, int lane) {
 }
 
 template <bool PIPE, bool PP>
-__device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* tmv, void* out, int out_bf16, float* lse,
+__device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* tmv, void* out, int out_bf16, u32* out_act, float* lse,
                            const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* qoff,
                            const int* koff, const u32* krange, const int* order, int num_seqs, int heads, int kv_heads,
                            float scale) {
@@ -1516,7 +1537,13 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
         const int d = h * HD + n * 8 + 2 * tq;
 #pragma unroll
         for (int k = 0; k < 2; ++k)
-            if (r[k] < nq) fa_put2(out, (i64)(q0 + r[k]) * qs + d, o[n][2 * k] * inv[k], o[n][2 * k + 1] * inv[k], out_bf16, false);
+            if (r[k] < nq) {
+                const i64 i = (i64)(q0 + r[k]) * qs + d;
+                const float a = o[n][2 * k] * inv[k], b = o[n][2 * k + 1] * inv[k];
+                fa_put2(out, i, a, b, out_bf16, false);
+                // The bf16 copy of an f32 output (the output projection's operand), if asked for.
+                if (out_act) out_act[i >> 1] = fa_pack(a, b);
+            }
     }
     if (tq == 0)
 #pragma unroll
@@ -1531,11 +1558,11 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
 #define INST_FA_FWD_TMA(PIPE, PP, SUF)                                                                                  \
     extern "C" __global__ void __launch_bounds__(384, 1) attn_fwd_bf16_d64_w12_##SUF(                                \
         const __grid_constant__ TmaMap tmq, const __grid_constant__ TmaMap tmk, const __grid_constant__ TmaMap tmv, \
-        void* out, int out_bf16, float* lse, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,   \
-        const int* qoff, const int* koff, const u32* krange, const int* order, int num_seqs, int heads, int kv_heads, \
-        float scale) {                                                                                               \
-        fa_fwd_tma<PIPE, PP>(&tmq, &tmk, &tmv, out, out_bf16, lse, cu_q, cu_k, pos_q, pos_k, qoff, koff, krange, order,  \
-                             num_seqs, heads, kv_heads, scale);                                                      \
+        void* out, int out_bf16, u32* out_act, float* lse, const u32* cu_q, const u32* cu_k, const u32* pos_q,        \
+        const u32* pos_k, const int* qoff, const int* koff, const u32* krange, const int* order, int num_seqs,        \
+        int heads, int kv_heads, float scale) {                                                                      \
+        fa_fwd_tma<PIPE, PP>(&tmq, &tmk, &tmv, out, out_bf16, out_act, lse, cu_q, cu_k, pos_q, pos_k, qoff, koff,     \
+                             krange, order, num_seqs, heads, kv_heads, scale);                                       \
     }
 INST_FA_FWD_TMA(false, false, tma)
 INST_FA_FWD_TMA(true, false, tmap)
@@ -1605,7 +1632,7 @@ __device__ __forceinline__ void tma_reduce_add_2d(const float* src, const TmaMap
 __device__ const u32 fa_lse_pad = 0x7f800000u;
 
 __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* tmk, const TmaMap* tmv,
-                           const TmaMap* tmacc, void* dk, void* dv, int kv_bf16, const float* lse, const float* delta,
+                           const TmaMap* tmacc, void* dk, void* dv, int kv_flags, const float* lse, const float* delta,
                            const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k, const int* koff, const int* qoff,
                            const u32* qrange, const int* order, int num_seqs, int heads, int kv_heads, float scale) {
     constexpr int HD = 64, BM = 128, BQ = 128, ST = TMA_BWD_STAGES;
@@ -1827,16 +1854,16 @@ __device__ void fa_bwd_tma(const TmaMap* tmq, const TmaMap* tmg, const TmaMap* t
     FA_FROM(tr, tr0)
     FA_MARK(trc, 25, tr)
     FA_COUNT(trc, 22)
-    fa_add_dkdv<HD>(dk, dv, kv_bf16, dka, dva, k0, r0, r1, nk, ks, kh, tq, scale);
+    fa_add_dkdv<HD>(dk, dv, kv_flags, dka, dva, k0, r0, r1, nk, ks, kh, tq, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) attn_bwd_fused_bf16_d64_w12_tma(
     const __grid_constant__ TmaMap tmq, const __grid_constant__ TmaMap tmg, const __grid_constant__ TmaMap tmk,
-    const __grid_constant__ TmaMap tmv, const __grid_constant__ TmaMap tmacc, void* dk, void* dv, int kv_bf16,
+    const __grid_constant__ TmaMap tmv, const __grid_constant__ TmaMap tmacc, void* dk, void* dv, int kv_flags,
     const float* lse, const float* delta, const u32* cu_q, const u32* cu_k, const u32* pos_q, const u32* pos_k,
     const int* koff, const int* qoff, const u32* qrange, const int* order, int num_seqs, int heads, int kv_heads,
     float scale) {
-    fa_bwd_tma(&tmq, &tmg, &tmk, &tmv, &tmacc, dk, dv, kv_bf16, lse, delta, cu_q, cu_k, pos_q, pos_k, koff, qoff, qrange,
+    fa_bwd_tma(&tmq, &tmg, &tmk, &tmv, &tmacc, dk, dv, kv_flags, lse, delta, cu_q, cu_k, pos_q, pos_k, koff, qoff, qrange,
                order, num_seqs, heads, kv_heads, scale);
 }
 

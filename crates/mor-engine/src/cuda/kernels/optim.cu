@@ -63,7 +63,24 @@ extern "C" __global__ void adamw_many_f32(const MtAdamW* t, int count, i64 chunk
     const float* g = e.g;
     float* m = e.m;
     float* v = e.v;
-    for (i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+    // float4 vectors when every array is 16-byte aligned (chunks start at multiples of 4), the
+    // rest of the chunk after them element by element: the same math per element either way.
+    i64 i0 = start;
+    if (aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v)) {
+        i0 = start + ((end - start) & ~(i64)3);
+        for (i64 i = start + 4 * threadIdx.x; i < i0; i += 4 * blockDim.x) {
+            float4 pv = *(float4*)(p + i), mv = *(float4*)(m + i), vv = *(float4*)(v + i);
+            const float4 gv = *(const float4*)(g + i);
+            adamw_elem(pv.x, mv.x, vv.x, __fmul_rn(gv.x, gscale), decay, step_size, bc2_sqrt, b1, b2, ob1, ob2, eps);
+            adamw_elem(pv.y, mv.y, vv.y, __fmul_rn(gv.y, gscale), decay, step_size, bc2_sqrt, b1, b2, ob1, ob2, eps);
+            adamw_elem(pv.z, mv.z, vv.z, __fmul_rn(gv.z, gscale), decay, step_size, bc2_sqrt, b1, b2, ob1, ob2, eps);
+            adamw_elem(pv.w, mv.w, vv.w, __fmul_rn(gv.w, gscale), decay, step_size, bc2_sqrt, b1, b2, ob1, ob2, eps);
+            *(float4*)(p + i) = pv;
+            *(float4*)(m + i) = mv;
+            *(float4*)(v + i) = vv;
+        }
+    }
+    for (i64 i = i0 + threadIdx.x; i < end; i += blockDim.x) {
         float pi = p[i], mi = m[i], vi = v[i];
         adamw_elem(pi, mi, vi, __fmul_rn(g[i], gscale), decay, step_size, bc2_sqrt, b1, b2, ob1, ob2, eps);
         p[i] = pi;
@@ -77,14 +94,7 @@ extern "C" __global__ void adamw_many_f32(const MtAdamW* t, int count, i64 chunk
 extern "C" __global__ void sumsq_many_partial_f32(const MtSumsq* t, int count, double* partial) {
     __shared__ double sh[32];
     const MtSumsq& e = mt_entry(t, count, blockIdx.x);
-    const i64 lb = (i64)blockIdx.x - e.first_block;
-    const float* x = e.x;
-    double acc = 0.0;
-    for (i64 i = lb * blockDim.x + threadIdx.x; i < e.n; i += (i64)blockDim.x * e.blocks) {
-        const double v = (double)x[i];
-        acc += v * v;
-    }
-    acc = block_sum_d_to0(acc, sh);
+    const double acc = sumsq_block(e.x, e.n, (i64)blockIdx.x - e.first_block, e.blocks, sh);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 

@@ -70,11 +70,12 @@ __device__ void rmsnorm_bwd_warp(float* dx, unsigned short* dx_bf16, float* part
     const int r1 = min(n, (blockIdx.x + 1) * rpb);
     for (int r = blockIdx.x * rpb + wid; r < r1; r += wpb) {
         const i64 o = (i64)r * d;
-        float gv[V][4], xv[V][4];
+        // dx is loaded with g and x, before the row's reduction: one round trip to memory per row.
+        float gv[V][4], xv[V][4], dv[V][4];
 #pragma unroll
         for (int k = 0; k < V; ++k) {
             const int q = lane + 32 * k;
-            if (q < nq) ld4(gv[k], g + o + 4 * q), ld4(xv[k], x + o + 4 * q);
+            if (q < nq) ld4(gv[k], g + o + 4 * q), ld4(xv[k], x + o + 4 * q), ld4(dv[k], dx + o + 4 * q);
         }
         const float rs = rstd[r];
         float c = 0.f;
@@ -99,15 +100,14 @@ __device__ void rmsnorm_bwd_warp(float* dx, unsigned short* dx_bf16, float* part
         for (int k = 0; k < V; ++k) {
             const int q = lane + 32 * k;
             if (q >= nq) break;
-            float dv[4];
-            ld4(dv, dx + o + 4 * q);
+            float(&nv)[4] = dv[k];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) dv[e] = dv[e] + rs * (gv[k][e] - xv[k][e] * c);
-            st4(dx + o + 4 * q, dv);
+            for (int e = 0; e < 4; ++e) nv[e] = nv[e] + rs * (gv[k][e] - xv[k][e] * c);
+            st4(dx + o + 4 * q, nv);
             // The bf16 copy of the new dx that the next backward GEMM reads (no conversion pass).
             if (dx_bf16)
-                *(uint2*)(dx_bf16 + o + 4 * q) = make_uint2((u32)bf16_bits(dv[0]) | (u32)bf16_bits(dv[1]) << 16,
-                                                            (u32)bf16_bits(dv[2]) | (u32)bf16_bits(dv[3]) << 16);
+                *(uint2*)(dx_bf16 + o + 4 * q) = make_uint2((u32)bf16_bits(nv[0]) | (u32)bf16_bits(nv[1]) << 16,
+                                                            (u32)bf16_bits(nv[2]) | (u32)bf16_bits(nv[3]) << 16);
         }
     }
     __syncthreads();
@@ -226,20 +226,74 @@ extern "C" __global__ void rmsnorm_dw_final(float* dw, const float* partial, int
 // ---- rotary embedding ----------------------------------------------------------------------
 
 // In place on x[n, heads, hd] (rotate_half layout); one thread per (row, j < hd/2), angles by
-// rope_cs. sign = -1 applies the inverse.
+// rope_cs. sign = -1 applies the inverse. The general kernel; rope_vec below takes the usual shapes.
 template <typename T>
-__device__ void rope(T* x, const u32* pos, int n, int heads, int hd, float theta, float sign) {
+__device__ void rope(T* x, const u32* pos, const RopeFreqs& fq, int n, int heads, int hd, float sign) {
     const int half = hd / 2;
     GRID_STRIDE(e, (i64)n * half) {
         const int r = (int)(e / half), j = (int)(e % half);
         float cf, sf;
-        rope_cs(pos[r], j, hd, theta, sign, cf, sf);
+        rope_cs(pos[r], fq.f[j], sign, cf, sf);
         T* xr = x + (i64)r * heads * hd;
         for (int h = 0; h < heads; ++h) {
             const float x1 = to_f(xr[h * hd + j]), x2 = to_f(xr[h * hd + half + j]);
             xr[h * hd + j] = from_f<T>(x1 * cf - x2 * sf);
             xr[h * hd + half + j] = from_f<T>(x2 * cf + x1 * sf);
         }
+    }
+}
+
+// RoPE in 16-byte vectors (half a head a multiple of 16 bytes, 16-byte aligned x; the host checks):
+// a block takes `rpb` rows (rpb * heads * half / VEC <= ROPE_ITEMS * blockDim.x vectors pairs, the
+// items). Each thread first issues the loads of its items, then the block computes each (row, pair)
+// angle once into shared memory (the FP64 work under the loads' latency), then the items are
+// rotated and stored. The same arithmetic per element as `rope`.
+#define ROPE_ROWS 8
+#define ROPE_ITEMS 4
+template <typename T>
+__device__ void rope_vec(T* x, const u32* pos, const RopeFreqs& fq, int n, int heads, int hd, float sign, int rpb) {
+    constexpr int VEC = 16 / (int)sizeof(T);
+    __shared__ float2 cs[ROPE_ROWS * ROPE_MAX_PAIRS];
+    const int half = hd / 2, vph = half / VEC, per_row = heads * vph;
+    for (i64 r0 = (i64)blockIdx.x * rpb; r0 < n; r0 += (i64)gridDim.x * rpb) {
+        const int items = (int)min((i64)rpb, n - r0) * per_row;
+        uint4 lo[ROPE_ITEMS], hi[ROPE_ITEMS];
+#pragma unroll
+        for (int k = 0; k < ROPE_ITEMS; ++k) {
+            const int it = threadIdx.x + k * blockDim.x;
+            if (it < items) {
+                const int rr = it / per_row, h = (it % per_row) / vph, v = it % vph;
+                const T* p = x + ((r0 + rr) * heads + h) * hd + v * VEC;
+                lo[k] = ld16_raw(p);
+                hi[k] = ld16_raw(p + half);
+            }
+        }
+        for (int e = threadIdx.x; e < items / per_row * half; e += blockDim.x) {
+            const int rr = e / half, j = e % half;
+            float c, s;
+            rope_cs(pos[r0 + rr], fq.f[j], sign, c, s);
+            cs[rr * half + j] = make_float2(c, s);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < ROPE_ITEMS; ++k) {
+            const int it = threadIdx.x + k * blockDim.x;
+            if (it < items) {
+                const int rr = it / per_row, h = (it % per_row) / vph, v = it % vph;
+                float y1[VEC], y2[VEC];
+#pragma unroll
+                for (int u = 0; u < VEC; ++u) {
+                    const float2 q = cs[rr * half + v * VEC + u];
+                    const float x1 = raw_elem<T>(lo[k], u), x2 = raw_elem<T>(hi[k], u);
+                    y1[u] = x1 * q.x - x2 * q.y;
+                    y2[u] = x2 * q.x + x1 * q.y;
+                }
+                T* p = x + ((r0 + rr) * heads + h) * hd + v * VEC;
+                st16(p, y1);
+                st16(p + half, y2);
+            }
+        }
+        __syncthreads();
     }
 }
 
@@ -568,8 +622,9 @@ __device__ void group_apply(T* dst, const T* src, const float* scale, const u32*
                                                         int n, int d, int rpc) {                       \
         rmsnorm_dw_partial<T>(p, g, x, rs, n, d, rpc);                                                 \
     }                                                                                                  \
-    extern "C" __global__ void rope_##SUF(T* x, const u32* pos, int n, int h, int hd, float th, float sg) { \
-        rope<T>(x, pos, n, h, hd, th, sg);                                                             \
+    extern "C" __global__ void rope_##SUF(T* x, const u32* pos, const __grid_constant__ RopeFreqs fq, int n, int h, \
+                                          int hd, float sg) {                                                      \
+        rope<T>(x, pos, fq, n, h, hd, sg);                                                                         \
     }                                                                                                  \
     extern "C" __global__ void softmax_fwd_##SUF(T* o, const T* x, int n, int c) { softmax_fwd<T>(o, x, n, c); } \
     extern "C" __global__ void softmax_bwd_##SUF(T* dx, const T* g, const T* y, int n, int c) {         \
@@ -609,6 +664,15 @@ extern "C" __global__ void rmsnorm_fwd_to_bf16(bf16* o, float* rs, const float* 
                                                float eps) {
     rmsnorm_fwd<bf16, float>(o, rs, x, w, n, d, eps);
 }
-extern "C" __global__ void rope_bf16(bf16* x, const u32* pos, int n, int h, int hd, float th, float sg) {
-    rope<bf16>(x, pos, n, h, hd, th, sg);
+extern "C" __global__ void rope_bf16(bf16* x, const u32* pos, const __grid_constant__ RopeFreqs fq, int n, int h, int hd,
+                                     float sg) {
+    rope<bf16>(x, pos, fq, n, h, hd, sg);
+}
+extern "C" __global__ void __launch_bounds__(256) rope_vec_f32(float* x, const u32* pos, const __grid_constant__ RopeFreqs fq,
+                                                             int n, int h, int hd, float sg, int rpb) {
+    rope_vec<float>(x, pos, fq, n, h, hd, sg, rpb);
+}
+extern "C" __global__ void __launch_bounds__(256) rope_vec_bf16(bf16* x, const u32* pos, const __grid_constant__ RopeFreqs fq,
+                                                              int n, int h, int hd, float sg, int rpb) {
+    rope_vec<bf16>(x, pos, fq, n, h, hd, sg, rpb);
 }

@@ -64,3 +64,12 @@ extern "C" __global__ void topk_segments_f32(u32* out, const float* scores, cons
     bitonic_sort_u64(buf, p2);
     for (u32 e = threadIdx.x; e < kk; e += blockDim.x) out[(i64)s * k + e] = (u32)buf[e];
 }
+
+// Backend::subset_rows: members local[i] of a token set (global rows `parent`) and their positions.
+extern "C" __global__ void subset_rows_u32(u32* idx, u32* pos, const u32* parent, const u32* local, i64 m, u32 seq_len) {
+    GRID_STRIDE(i, m) {
+        const u32 g = parent[local[i]];
+        idx[i] = g;
+        pos[i] = g % seq_len;
+    }
+}
