@@ -822,9 +822,10 @@ impl Cuda {
     /// handle.
     pub fn with_options(ordinal: usize, opts: CudaOptions) -> Result<Self, CudaError> {
         let ctx = CudaContext::new(ordinal).map_err(drv)?;
-        // One stream: no cross-stream event tracking needed.
+        // One stream: no cross-stream event tracking needed. An own (non-blocking) stream, not the
+        // legacy null stream, which stream capture refuses (docs/design/cuda-graphs.md, A1).
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        let stream = ctx.new_stream().map_err(drv)?;
         let (ptx, cached) = kernels_ptx()?;
         let module = match ctx.load_module(ptx) {
             Ok(m) => m,
