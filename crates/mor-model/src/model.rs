@@ -218,6 +218,11 @@ pub struct Workspace<B: Backend> {
     ce: B::Buf,
     /// Per-token cross-entropy of the whole batch (read back once per forward).
     ce_all: B::Buf,
+    /// The batch's token ids, and per LM-head chunk its row indices (fixed) and targets: written
+    /// per batch (`idx_write`), not allocated per step.
+    ids: B::Idx,
+    head_idx: Vec<B::Idx>,
+    head_targets: Vec<B::Idx>,
 }
 
 /// What one forward pass did, for the backward.
@@ -229,7 +234,6 @@ pub struct Trace<B: Backend> {
     prefix: Range<usize>,
     suffix: Range<usize>,
     loss_scale: f32,
-    ids: B::Idx,
     /// Expert-choice selections composed on the device, read back asynchronously.
     pending: Vec<PendingSelection>,
 }
@@ -380,6 +384,9 @@ impl<B: Backend> Model<B> {
             dlogits: None,
             ce: b.zeros(head_rows),
             ce_all: b.zeros(n),
+            ids: b.idx_from(&vec![0; n]),
+            head_idx: (0..n).step_by(head_rows).map(|s| b.idx_from(&(s as u32..(s + head_rows).min(n) as u32).collect::<Vec<_>>())).collect(),
+            head_targets: (0..n).step_by(head_rows).map(|s| b.idx_from(&vec![0; head_rows.min(n - s)])).collect(),
         });
     }
 
@@ -399,7 +406,6 @@ impl<B: Backend> Model<B> {
         self.ensure_workspace(b, n);
         let segs = Segments::new(bsz, len, batch.doc_starts);
         let full = TokenSet::full(b, &segs);
-        let ids = b.idx_from(batch.inputs);
         let mut tr = Trace {
             segs,
             sets: vec![full],
@@ -408,7 +414,6 @@ impl<B: Backend> Model<B> {
             prefix: 0..0,
             suffix: 0..0,
             loss_scale,
-            ids,
             pending: Vec::new(),
         };
         let mut stats = Stats::default();
@@ -416,7 +421,8 @@ impl<B: Backend> Model<B> {
 
         {
             let ws = self.ws.as_mut().unwrap();
-            b.embedding_fwd(&mut ws.h, self.params.value(self.weights.embed), &tr.ids, n, d);
+            b.idx_write(&mut ws.ids, batch.inputs);
+            b.embedding_fwd(&mut ws.h, self.params.value(self.weights.embed), &ws.ids, n, d);
         }
         self.captured.clear();
         self.capture_h(b);
@@ -996,35 +1002,32 @@ impl<B: Backend> Model<B> {
             b.fill(&mut ws.dhn, n * d, 0.0);
         }
         let scale = if valid > 0 { loss_scale / valid as f32 } else { 0.0 };
-        let mut start = 0;
-        while start < n {
+        for (c, start) in (0..n).step_by(ws.head_rows).enumerate() {
             let rows = ws.head_rows.min(n - start);
-            let idx: Vec<u32> = (start as u32..(start + rows) as u32).collect();
-            let idx = b.idx_from(&idx);
-            let targets = b.idx_from(&batch.targets[start..start + rows]);
-            b.gather_rows(&mut ws.head_x, &ws.hn, &idx, rows, d);
+            b.idx_write(&mut ws.head_targets[c], &batch.targets[start..start + rows]);
+            let (idx, targets) = (&ws.head_idx[c], &ws.head_targets[c]);
+            b.gather_rows(&mut ws.head_x, &ws.hn, idx, rows, d);
             b.matmul_fwd(&mut ws.logits, &ws.head_x, self.params.value(head), rows, d, vocab);
             // Training: losses and their gradient in one op (one pair of passes over the logits;
             // dlogits is an activation buffer, bf16 in CUDA's bf16 mode, read as is by matmul_bwd).
             let ce = if rows == n { &mut ws.ce_all } else { &mut ws.ce };
             if grad {
                 let dlogits = ws.dlogits.get_or_insert_with(|| b.zeros_act(ws.head_rows * vocab));
-                b.cross_entropy_fwd_bwd(ce, dlogits, &ws.logits, &targets, scale, rows, vocab);
+                b.cross_entropy_fwd_bwd(ce, dlogits, &ws.logits, targets, scale, rows, vocab);
             } else {
-                b.cross_entropy_fwd(ce, &ws.logits, &targets, rows, vocab);
+                b.cross_entropy_fwd(ce, &ws.logits, targets, rows, vocab);
             }
             if rows != n {
                 // Collect the chunk's losses on the device: one host read per forward, not per chunk.
-                b.scatter_rows(&mut ws.ce_all, &ws.ce, &idx, rows, 1);
+                b.scatter_rows(&mut ws.ce_all, &ws.ce, idx, rows, 1);
             }
             if grad {
                 let dlogits = ws.dlogits.as_ref().unwrap();
                 b.fill(&mut ws.head_dx, rows * d, 0.0);
                 let ParamStore { values, grads, .. } = &mut self.params;
                 b.matmul_bwd(Some(&mut ws.head_dx), &mut grads[head.0], dlogits, &ws.head_x, &values[head.0], rows, d, vocab);
-                b.scatter_add_rows(&mut ws.dhn, &ws.head_dx, &idx, rows, d);
+                b.scatter_add_rows(&mut ws.dhn, &ws.head_dx, idx, rows, d);
             }
-            start += rows;
         }
         self.token_losses = b.to_f64_prefix(&ws.ce_all, n);
         let total: f64 = self.token_losses.iter().sum();
@@ -1065,7 +1068,7 @@ impl<B: Backend> Model<B> {
         }
         let ws = self.ws.as_mut().unwrap();
         let embed = self.weights.embed;
-        b.embedding_bwd(&mut self.params.grads[embed.0], &ws.dh, &tr.ids, n, d);
+        b.embedding_bwd(&mut self.params.grads[embed.0], &ws.dh, &ws.ids, n, d);
         Ok(())
     }
 
@@ -1231,8 +1234,6 @@ pub(crate) fn expert_k(rc: &RouterConfig, r: usize, n_r: usize, seq_len: usize, 
     capacity_tokens(warmed_capacity(rc.capacity(r, n_r), call, rc.capacity_warmup), seq_len)
 }
 
-/// Makes `slots[i]` satisfy `fits`: creates the next slot, or replaces one that is too small
-/// (freeing its buffers before allocating the new ones). Slots are created in index order.
 /// Whether the recursion blocks are contiguous runs of layer positions (cycle and middle-cycle
 /// sharing): only then does the forward run recursion steps (routers, KV sharing); otherwise
 /// every position is a plain layer.
@@ -1240,6 +1241,8 @@ pub(crate) fn blocks_contiguous(map: &SharingMap) -> bool {
     map.strategy.is_some_and(|s| matches!(s, mor_config::Sharing::Cycle | mor_config::Sharing::MiddleCycle))
 }
 
+/// Makes `slots[i]` satisfy `fits`: creates the next slot, or replaces one that is too small
+/// (freeing its buffers before allocating the new ones). Slots are created in index order.
 fn ensure_slot<T>(slots: &mut Vec<T>, i: usize, fits: impl Fn(&T) -> bool, new: impl FnOnce() -> T) {
     if i == slots.len() {
         slots.push(new());
