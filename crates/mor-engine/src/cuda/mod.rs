@@ -654,6 +654,28 @@ impl Drop for ProfGuard<'_> {
 /// Timed ops kept unresolved before the profiler synchronises and reads their events.
 const PROF_PENDING_MAX: usize = 16384;
 
+/// A copy into a page-locked buffer in flight ([`Cuda::read_words_async`]). Dropped — read or
+/// not — it waits for the copy before the buffer goes back to the pool, so no later read can
+/// reuse (or a free release) memory the copy still writes.
+struct PinnedRead {
+    buf: Option<PinnedHostSlice<u32>>,
+    copied: CudaEvent,
+    pool: Arc<Mutex<Vec<PinnedHostSlice<u32>>>>,
+}
+
+impl Drop for PinnedRead {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            // (After a failed wait, or with the pool's lock poisoned, the buffer is freed instead.)
+            if self.copied.synchronize().is_ok() {
+                if let Ok(mut pool) = self.pool.lock() {
+                    pool.push(buf);
+                }
+            }
+        }
+    }
+}
+
 /// RoPE frequencies `theta^(-2j/head_dim)` of the pairs j, computed in f64 as the CPU reference
 /// computes them, passed to the RoPE kernels by value (`RopeFreqs` in kernels/common.cuh).
 #[repr(C)]
@@ -1317,12 +1339,10 @@ impl Cuda {
         let dst = &mut buf.as_mut_slice().expect("cuda: page-locked buffer")[..n];
         unsafe { drv_result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }.expect("cuda: device-to-host copy failed");
         let copied = self.stream.record_event(None).expect("cuda: event record failed");
-        let pool = self.pinned.clone();
+        let read = PinnedRead { buf: Some(buf), copied, pool: self.pinned.clone() };
         Readback::pending(move || {
-            copied.synchronize().expect("cuda: event wait failed");
-            let values = convert(&buf.as_slice().expect("cuda: page-locked buffer")[..n]);
-            pool.lock().unwrap().push(buf);
-            values
+            read.copied.synchronize().expect("cuda: event wait failed");
+            convert(&read.buf.as_ref().unwrap().as_slice().expect("cuda: page-locked buffer")[..n])
         })
     }
 
