@@ -78,12 +78,21 @@ impl TokenHost {
         }
         TokenHost { idx, pos, cu, row_cu }
     }
+
+    /// The members at local positions `local` (ascending) as a set of their own.
+    fn subset(&self, segs: &Segments, local: &[u32]) -> Self {
+        TokenHost::new(segs, local.iter().map(|&l| self.idx[l as usize]).collect())
+    }
 }
 
 impl<B: Backend> TokenSet<B> {
     /// Build from ascending global indices.
     pub fn from_indices(backend: &B, segs: &Segments, idx_host: Vec<u32>) -> Self {
-        let host = TokenHost::new(segs, idx_host);
+        Self::from_host(backend, segs, TokenHost::new(segs, idx_host))
+    }
+
+    /// Uploads host indices.
+    fn from_host(backend: &B, segs: &Segments, host: TokenHost) -> Self {
         TokenSet {
             len: host.idx.len(),
             idx: backend.idx_from(&host.idx),
@@ -121,8 +130,7 @@ impl<B: Backend> TokenSet<B> {
 
     /// The subset made of this set's members at local positions `local` (ascending).
     pub fn subset(&self, backend: &B, segs: &Segments, local: &[u32]) -> Self {
-        let idx = &self.host().idx;
-        Self::from_indices(backend, segs, local.iter().map(|&l| idx[l as usize]).collect())
+        Self::from_host(backend, segs, self.host().subset(segs, local))
     }
 
     /// The subset of `k` members per batch row at the local positions `local` (ascending within
@@ -142,7 +150,7 @@ impl<B: Backend> TokenSet<B> {
     /// selection, read back).
     pub fn fill_host(&mut self, segs: &Segments, parent: &TokenHost, local: &[u32]) {
         assert_eq!(local.len(), self.len, "fill_host: selection size");
-        self.host = Some(TokenHost::new(segs, local.iter().map(|&l| parent.idx[l as usize]).collect()));
+        self.host = Some(parent.subset(segs, local));
     }
 
     /// Attention shape for queries of `self` against keys of `keys`.

@@ -1433,12 +1433,15 @@ impl Cuda {
         dq_rope: Option<f32>,
         kv_set: bool,
     ) {
+        // The flash kernels store dk / dv themselves when `kv_set`; the other paths (and an empty
+        // shape) add to them, so they start from zeros.
+        let flash = !shape.is_empty() && self.use_flash(shape.head_dim, &[self.p(dq), self.p(dk), self.p(dv)]);
+        if kv_set && !flash {
+            let nke = shape.nk * shape.kv_heads * shape.head_dim;
+            self.fill(dk, nke, 0.0);
+            self.fill(dv, nke, 0.0);
+        }
         if shape.is_empty() {
-            if kv_set {
-                let nke = shape.nk * shape.kv_heads * shape.head_dim;
-                self.fill(dk, nke, 0.0);
-                self.fill(dv, nke, 0.0);
-            }
             return;
         }
         let (nq, nk, heads, kvh, hd) = (shape.nq, shape.nk, shape.heads, shape.kv_heads, shape.head_dim);
@@ -1464,7 +1467,7 @@ impl Cuda {
         let lp = self.p(lse);
         let (cq, ck, pq, pk) = (self.p(shape.cu_q), self.p(shape.cu_k), self.p(shape.pos_q), self.p(shape.pos_k));
         let (ns, hi, kvi, hdi) = (shape.num_seqs as i32, heads as i32, kvh as i32, hd as i32);
-        if self.use_flash(hd, &[self.p(dq), self.p(dk), self.p(dv)]) {
+        if flash {
             let q16 = self.bf16_operand(Slot::AttQ16, q, nqe);
             let g16 = self.bf16_operand(Slot::AttG16, dout, nqe);
             let k16 = self.bf16_operand(Slot::AttK16, k, nke);
@@ -1525,10 +1528,6 @@ impl Cuda {
             return;
         }
         // The exact f32 kernels (bf16 buffers are widened into scratch, outputs rounded back).
-        if kv_set {
-            self.fill(dk, nke, 0.0);
-            self.fill(dv, nke, 0.0);
-        }
         let gp = self.f32_operand(Slot::AttG16, dout, nqe);
         let op = self.f32_operand(Slot::AttO, out, nqe);
         launch!(self, "attn_delta_f32", delta_cfg, [delta, gp, op, nq as i32, hi, hdi]);

@@ -58,13 +58,6 @@ __device__ __forceinline__ void fa_ldsm_t(u32* r, const bf16_t* p) {
                  : "r"(fa_smem(p)));
 }
 
-// Two f32 -> one bf16x2 word (round to nearest even): `lo` in the low half.
-__device__ __forceinline__ u32 fa_pack(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
 // Store — or add to, when `acc` — two f32 values at element `i` (even) of an f32 or bf16 buffer.
 __device__ __forceinline__ void fa_put2(void* base, i64 i, float a, float b, int is_bf16, bool acc) {
     if (is_bf16) {
@@ -74,7 +67,7 @@ __device__ __forceinline__ void fa_put2(void* base, i64 i, float a, float b, int
             a += __uint_as_float(x << 16);
             b += __uint_as_float(x & 0xffff0000u);
         }
-        *p = fa_pack(a, b);
+        *p = pack_bf16x2(a, b);
     } else {
         float2* p = (float2*)((float*)base + i);
         if (acc) {
@@ -163,10 +156,10 @@ __device__ __forceinline__ void fa_mm_pt_mt(float (*acc)[HD / 8][4], const float
         u32 a[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-            a[mt][0] = fa_pack(p[mt][2 * j][0], p[mt][2 * j][1]);
-            a[mt][1] = fa_pack(p[mt][2 * j][2], p[mt][2 * j][3]);
-            a[mt][2] = fa_pack(p[mt][2 * j + 1][0], p[mt][2 * j + 1][1]);
-            a[mt][3] = fa_pack(p[mt][2 * j + 1][2], p[mt][2 * j + 1][3]);
+            a[mt][0] = pack_bf16x2(p[mt][2 * j][0], p[mt][2 * j][1]);
+            a[mt][1] = pack_bf16x2(p[mt][2 * j][2], p[mt][2 * j][3]);
+            a[mt][2] = pack_bf16x2(p[mt][2 * j + 1][0], p[mt][2 * j + 1][1]);
+            a[mt][3] = pack_bf16x2(p[mt][2 * j + 1][2], p[mt][2 * j + 1][3]);
         }
 #pragma unroll
         for (int dp = 0; dp < HD / 16; ++dp) {
@@ -331,10 +324,10 @@ __device__ __forceinline__ void fa_pt(float (*acc)[4], const float (*p)[4], cons
         u32 a[FA_BN / 16][4];
 #pragma unroll
         for (int j = 0; j < FA_BN / 16; ++j) {
-            a[j][0] = fa_pack(p[2 * j][0], p[2 * j][1]);
-            a[j][1] = fa_pack(p[2 * j][2], p[2 * j][3]);
-            a[j][2] = fa_pack(p[2 * j + 1][0], p[2 * j + 1][1]);
-            a[j][3] = fa_pack(p[2 * j + 1][2], p[2 * j + 1][3]);
+            a[j][0] = pack_bf16x2(p[2 * j][0], p[2 * j][1]);
+            a[j][1] = pack_bf16x2(p[2 * j][2], p[2 * j][3]);
+            a[j][2] = pack_bf16x2(p[2 * j + 1][0], p[2 * j + 1][1]);
+            a[j][3] = pack_bf16x2(p[2 * j + 1][2], p[2 * j + 1][3]);
         }
         wg_pin(a, FA_BN / 16);
         wg_pin(acc, HD / 8);
@@ -896,7 +889,7 @@ __device__ void fa_bwd_dkdv_impl(void* dk, void* dv, int kv_flags, float* dq_acc
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
                     Ss[(n * 8 + 2 * tq + (e & 1)) * (BM + FA_PAD) + w16 + g + 8 * (e >> 1)] =
-                        (bf16_t)(fa_pack(dp[n][e], 0.f) & 0xffffu);
+                        (bf16_t)(pack_bf16x2(dp[n][e], 0.f) & 0xffffu);
             __syncthreads();
             constexpr int NC = HD / (WARPS / 4);
             const int wq = ((threadIdx.x >> 5) & 3) * 16, c0 = (threadIdx.x >> 7) * NC;
@@ -1178,10 +1171,10 @@ extern "C" __global__ void __launch_bounds__(128)
         u32 a[4][4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            a[j][0] = fa_pack(s[2 * j][0], s[2 * j][1]);
-            a[j][1] = fa_pack(s[2 * j][2], s[2 * j][3]);
-            a[j][2] = fa_pack(s[2 * j + 1][0], s[2 * j + 1][1]);
-            a[j][3] = fa_pack(s[2 * j + 1][2], s[2 * j + 1][3]);
+            a[j][0] = pack_bf16x2(s[2 * j][0], s[2 * j][1]);
+            a[j][1] = pack_bf16x2(s[2 * j][2], s[2 * j][3]);
+            a[j][2] = pack_bf16x2(s[2 * j + 1][0], s[2 * j + 1][1]);
+            a[j][3] = pack_bf16x2(s[2 * j + 1][2], s[2 * j + 1][3]);
         }
 #pragma unroll
         for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
@@ -1299,10 +1292,10 @@ template <int NJ>
 __device__ __forceinline__ void tma_pack(u32 (*a)[4], const float (*sc)[4]) {
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
-        a[j][0] = fa_pack(sc[2 * j][0], sc[2 * j][1]);
-        a[j][1] = fa_pack(sc[2 * j][2], sc[2 * j][3]);
-        a[j][2] = fa_pack(sc[2 * j + 1][0], sc[2 * j + 1][1]);
-        a[j][3] = fa_pack(sc[2 * j + 1][2], sc[2 * j + 1][3]);
+        a[j][0] = pack_bf16x2(sc[2 * j][0], sc[2 * j][1]);
+        a[j][1] = pack_bf16x2(sc[2 * j][2], sc[2 * j][3]);
+        a[j][2] = pack_bf16x2(sc[2 * j + 1][0], sc[2 * j + 1][1]);
+        a[j][3] = pack_bf16x2(sc[2 * j + 1][2], sc[2 * j + 1][3]);
     }
 }
 
@@ -1542,7 +1535,7 @@ __device__ void fa_fwd_tma(const TmaMap* tmq, const TmaMap* tmk, const TmaMap* t
                 const float a = o[n][2 * k] * inv[k], b = o[n][2 * k + 1] * inv[k];
                 fa_put2(out, i, a, b, out_bf16, false);
                 // The bf16 copy of an f32 output (the output projection's operand), if asked for.
-                if (out_act) out_act[i >> 1] = fa_pack(a, b);
+                if (out_act) out_act[i >> 1] = pack_bf16x2(a, b);
             }
     }
     if (tq == 0)
