@@ -298,31 +298,28 @@ fn elementwise_ops(e: &mut Env, r: &mut Report) {
     }
 
     // activations: inputs spread wide enough to reach the tails.
-    let (gc, gg) = e.rnd(n, 6.0);
-    let (uc, ug) = e.rnd(n, 2.0);
+    // gate_up as rows of 2 x 64 (n / 64 rows).
+    let (rows, f) = (n / 64, 64);
+    let (guc, gug) = e.rnd(2 * rows * f, 4.0);
     let (mut oc, mut og) = e.rnd(n, 1.0);
-    e.c.swiglu_fwd(&mut oc, &gc, &uc, n);
-    e.g.swiglu_fwd(&mut og, &gg, &ug, n);
+    e.c.swiglu_fwd(&mut oc, &guc, rows, f);
+    e.g.swiglu_fwd(&mut og, &gug, rows, f);
     r.check("swiglu_fwd", "out", &e.g.to_f32(&og), &oc, TOL);
     let (doc, dog) = e.rnd(n, 1.0);
-    let (mut dgc, mut dgg) = e.rnd(n, 1.0);
-    let (mut duc, mut dug) = e.rnd(n, 1.0);
-    e.c.swiglu_bwd(&mut dgc, &mut duc, &doc, &gc, &uc, n);
-    e.g.swiglu_bwd(&mut dgg, &mut dug, &dog, &gg, &ug, n);
-    r.check("swiglu_bwd", "dgate", &e.g.to_f32(&dgg), &dgc, TOL);
-    r.check("swiglu_bwd", "dup", &e.g.to_f32(&dug), &duc, TOL);
+    let (mut dc, mut dg) = e.rnd(2 * rows * f, 1.0);
+    e.c.swiglu_bwd(&mut dc, &doc, &guc, rows, f);
+    e.g.swiglu_bwd(&mut dg, &dog, &gug, rows, f);
+    r.check("swiglu_bwd", "dgate_up", &e.g.to_f32(&dg), &dc, TOL);
     // The overwriting variant: start from other values, expect the same gradients as from zero.
-    let (_, mut dgg2) = e.rnd(n, 1.0);
-    let (_, mut dug2) = e.rnd(n, 1.0);
-    let (mut dgc0, mut duc0) = (vec![0.0f32; n + PAD], vec![0.0f32; n + PAD]);
-    e.c.swiglu_bwd(&mut dgc0, &mut duc0, &doc, &gc, &uc, n);
-    e.g.swiglu_bwd_set(&mut dgg2, &mut dug2, &dog, &gg, &ug, n);
-    let (dgs, dus) = (e.g.to_f32(&dgg2), e.g.to_f32(&dug2));
-    r.check("swiglu_bwd_set", "dgate", &dgs[..n], &dgc0[..n], TOL);
-    r.check("swiglu_bwd_set", "dup", &dus[..n], &duc0[..n], TOL);
+    let (_, mut dg2) = e.rnd(2 * rows * f, 1.0);
+    let mut dc0 = vec![0.0f32; 2 * rows * f + PAD];
+    e.c.swiglu_bwd(&mut dc0, &doc, &guc, rows, f);
+    e.g.swiglu_bwd_set(&mut dg2, &dog, &gug, rows, f);
+    r.check("swiglu_bwd_set", "dgate_up", &e.g.to_f32(&dg2)[..2 * rows * f], &dc0[..2 * rows * f], TOL);
 
     swiglu_small(e, r, false);
 
+    let (gc, gg) = e.rnd(n, 6.0);
     e.c.gelu_fwd(&mut oc, &gc, n);
     e.g.gelu_fwd(&mut og, &gg, n);
     r.check("gelu_fwd", "out", &e.g.to_f32(&og), &oc, TOL);
@@ -403,6 +400,40 @@ fn matmul_many_ops(e: &mut Env, r: &mut Report) {
     for n in [300usize, 1500] {
         matmul_many_case(e, r, n);
     }
+    for (n, k, ms) in [(300usize, 192usize, [256usize, 256]), (77, 40, [24, 40])] {
+        matmul_cat_case(e, r, n, k, ms);
+    }
+}
+
+/// `matmul_fwd_cat` / `matmul_bwd_cat` (the MLP's gate and up side by side) against the CPU's,
+/// fp32 and bf16 mode, dx overwritten and added to.
+fn matmul_cat_case(e: &mut Env, r: &mut Report, n: usize, k: usize, ms: [usize; 2]) {
+    let total = ms[0] + ms[1];
+    let (xc, xg) = e.rnd(n * k, 1.0);
+    let ws: Vec<_> = ms.iter().map(|&m| e.rnd(m * k, 0.1)).collect();
+    let (doc, dog) = e.rnd(n * total, 1.0);
+    for bf16 in [false, true] {
+        e.g.set_matmul_precision(if bf16 { MatmulPrecision::Bf16 } else { MatmulPrecision::F32 });
+        let tag = format!("matmul_cat{} n{n} k{k} m{ms:?}", if bf16 { " bf16" } else { "" });
+        let (mut oc, mut og) = e.rnd(n * total, 1.0);
+        e.c.matmul_fwd_cat(&mut oc, &xc, n, k, &[(&ws[0].0, ms[0]), (&ws[1].0, ms[1])]);
+        e.g.matmul_fwd_cat(&mut og, &xg, n, k, &[(&ws[0].1, ms[0]), (&ws[1].1, ms[1])]);
+        r.check_prec(bf16, &format!("{tag} fwd"), "out", &e.g.to_f32(&og), &oc, None, TOL_RED);
+        for dx_set in [true, false] {
+            let (mut dxc, mut dxg) = e.rnd(n * k, 1.0);
+            let dx0 = dxc.clone();
+            let (mut d0c, mut d0g) = e.rnd(ms[0] * k, 1.0);
+            let (mut d1c, mut d1g) = e.rnd(ms[1] * k, 1.0);
+            let (dw0, dw1) = (d0c.clone(), d1c.clone());
+            e.c.matmul_bwd_cat(Some(&mut dxc), dx_set, &xc, &doc, n, k, &mut [(&mut d0c, &ws[0].0, ms[0]), (&mut d1c, &ws[1].0, ms[1])]);
+            e.g.matmul_bwd_cat(Some(&mut dxg), dx_set, &xg, &dog, n, k, &mut [(&mut d0g, &ws[0].1, ms[0]), (&mut d1g, &ws[1].1, ms[1])]);
+            let t = format!("{tag} bwd dx_set={dx_set}");
+            r.check_prec(bf16, &t, "dw0", &e.g.to_f32(&d0g), &d0c, Some(&dw0), TOL_RED);
+            r.check_prec(bf16, &t, "dw1", &e.g.to_f32(&d1g), &d1c, Some(&dw1), TOL_RED);
+            r.check_prec(bf16, &t, "dx", &e.g.to_f32(&dxg), &dxc, (!dx_set).then_some(&dx0[..]), TOL_RED);
+        }
+    }
+    e.g.set_matmul_precision(MatmulPrecision::F32);
 }
 
 fn matmul_many_case(e: &mut Env, r: &mut Report, n: usize) {
@@ -1076,32 +1107,32 @@ fn attention_case(e: &mut Env, r: &mut Report, case: &AttnCase, bf16: bool, act:
 /// width: all scalar tail (5), one vector and a tail (11), vectors and a tail (4099).
 fn swiglu_small(e: &mut Env, r: &mut Report, bf16: bool) {
     let p = if bf16 { "bf16 " } else { "" };
-    for n in [5usize, 11, 4099] {
-        let (gc, gg) = e.rnd_as(bf16, n, 6.0);
-        let (uc, ug) = e.rnd_as(bf16, n, 2.0);
+    // Widths off and on the 16-byte vector (f = 8 for bf16, 4 for f32), row counts with tails.
+    for (rows, f) in [(5usize, 1usize), (11, 3), (7, 8), (4099, 16), (33, 200)] {
+        let n = rows * f;
+        let (guc, gug) = e.rnd_as(bf16, 2 * n, 4.0);
         let (mut oc, mut og) = e.rnd_as(bf16, n, 1.0);
-        e.c.swiglu_fwd(&mut oc, &gc, &uc, n);
-        e.g.swiglu_fwd(&mut og, &gg, &ug, n);
-        r.check_prec(bf16, &format!("{p}swiglu_fwd n={n}"), "out", &e.g.to_f32(&og), &oc, None, TOL);
+        e.c.swiglu_fwd(&mut oc, &guc, rows, f);
+        e.g.swiglu_fwd(&mut og, &gug, rows, f);
+        let tag = format!("{p}swiglu_fwd rows={rows} f={f}");
+        r.check_prec(bf16, &tag, "out", &e.g.to_f32(&og), &oc, None, TOL);
         let (doc, dog) = e.rnd_as(bf16, n, 1.0);
-        let (mut dgc, mut dgg) = e.rnd_as(bf16, n, 1.0);
-        let (mut duc, mut dug) = e.rnd_as(bf16, n, 1.0);
-        let (dg0, du0) = (dgc.clone(), duc.clone());
-        e.c.swiglu_bwd(&mut dgc, &mut duc, &doc, &gc, &uc, n);
-        e.g.swiglu_bwd(&mut dgg, &mut dug, &dog, &gg, &ug, n);
+        let (mut dc, mut dg) = e.rnd_as(bf16, 2 * n, 1.0);
+        let d0 = dc.clone();
+        e.c.swiglu_bwd(&mut dc, &doc, &guc, rows, f);
+        e.g.swiglu_bwd(&mut dg, &dog, &gug, rows, f);
         // bf16 buffers round the sum, so the error is measured against it, not the increment (at
         // n = 5 an increment small against the buffer's value failed a 1e-2 bar by chance).
-        let (dg0, du0): (Option<&[f32]>, Option<&[f32]>) = if bf16 { (None, None) } else { (Some(&dg0), Some(&du0)) };
-        r.check_prec(bf16, &format!("{p}swiglu_bwd n={n}"), "dgate", &e.g.to_f32(&dgg), &dgc, dg0, TOL);
-        r.check_prec(bf16, &format!("{p}swiglu_bwd n={n}"), "dup", &e.g.to_f32(&dug), &duc, du0, TOL);
-        // Overwriting: from zero on the CPU, the tail past n untouched on both.
-        let (mut dgc0, mut duc0) = (dgc.clone(), duc.clone());
-        dgc0[..n].fill(0.0);
-        duc0[..n].fill(0.0);
-        e.c.swiglu_bwd(&mut dgc0, &mut duc0, &doc, &gc, &uc, n);
-        e.g.swiglu_bwd_set(&mut dgg, &mut dug, &dog, &gg, &ug, n);
-        r.check_prec(bf16, &format!("{p}swiglu_bwd_set n={n}"), "dgate", &e.g.to_f32(&dgg), &dgc0, None, TOL);
-        r.check_prec(bf16, &format!("{p}swiglu_bwd_set n={n}"), "dup", &e.g.to_f32(&dug), &duc0, None, TOL);
+        let d0: Option<&[f32]> = if bf16 { None } else { Some(&d0) };
+        let tag = format!("{p}swiglu_bwd rows={rows} f={f}");
+        r.check_prec(bf16, &tag, "dgate_up", &e.g.to_f32(&dg), &dc, d0, TOL);
+        // Overwriting: from zero on the CPU, the tail past 2n untouched on both.
+        let mut dc0 = dc.clone();
+        dc0[..2 * n].fill(0.0);
+        e.c.swiglu_bwd(&mut dc0, &doc, &guc, rows, f);
+        e.g.swiglu_bwd_set(&mut dg, &dog, &gug, rows, f);
+        let tag = format!("{p}swiglu_bwd_set rows={rows} f={f}");
+        r.check_prec(bf16, &tag, "dgate_up", &e.g.to_f32(&dg), &dc0, None, TOL);
     }
 }
 
@@ -1131,29 +1162,25 @@ fn bf16_act_ops(e: &mut Env, r: &mut Report) {
     e.g.copy(&mut fg, &g, n - 7);
     r.check("copy bf16 -> f32", "dst", &e.g.to_f32(&fg), &fc, 0.0);
 
-    // SwiGLU, all bf16.
-    let n = 512 * 256 + 7;
-    let (gc, gg) = e.rnd_act(n, 6.0);
-    let (uc, ug) = e.rnd_act(n, 2.0);
+    // SwiGLU, all bf16, a grid of many waves (gate and up side by side per row).
+    let (rows, f) = (520usize, 264usize);
+    let n = rows * f;
+    let (guc, gug) = e.rnd_act(2 * n, 4.0);
     let (mut oc, mut og) = e.rnd_act(n, 1.0);
-    e.c.swiglu_fwd(&mut oc, &gc, &uc, n);
-    e.g.swiglu_fwd(&mut og, &gg, &ug, n);
+    e.c.swiglu_fwd(&mut oc, &guc, rows, f);
+    e.g.swiglu_fwd(&mut og, &gug, rows, f);
     r.check_prec(true, "bf16 swiglu_fwd", "out", &e.g.to_f32(&og), &oc, None, TOL);
     let (doc, dog) = e.rnd_act(n, 1.0);
-    let (mut dgc, mut dgg) = e.rnd_act(n, 1.0);
-    let (mut duc, mut dug) = e.rnd_act(n, 1.0);
-    let (dg0, du0) = (dgc.clone(), duc.clone());
-    e.c.swiglu_bwd(&mut dgc, &mut duc, &doc, &gc, &uc, n);
-    e.g.swiglu_bwd(&mut dgg, &mut dug, &dog, &gg, &ug, n);
-    r.check_prec(true, "bf16 swiglu_bwd", "dgate", &e.g.to_f32(&dgg), &dgc, Some(&dg0), TOL);
-    r.check_prec(true, "bf16 swiglu_bwd", "dup", &e.g.to_f32(&dug), &duc, Some(&du0), TOL);
-    let (mut dgc0, mut duc0) = (vec![0.0f32; n + PAD], vec![0.0f32; n + PAD]);
-    dgc0[n..].copy_from_slice(&dgc[n..]);
-    duc0[n..].copy_from_slice(&duc[n..]);
-    e.c.swiglu_bwd(&mut dgc0, &mut duc0, &doc, &gc, &uc, n);
-    e.g.swiglu_bwd_set(&mut dgg, &mut dug, &dog, &gg, &ug, n);
-    r.check_prec(true, "bf16 swiglu_bwd_set", "dgate", &e.g.to_f32(&dgg), &dgc0, None, TOL);
-    r.check_prec(true, "bf16 swiglu_bwd_set", "dup", &e.g.to_f32(&dug), &duc0, None, TOL);
+    let (mut dc, mut dg) = e.rnd_act(2 * n, 1.0);
+    let d0 = dc.clone();
+    e.c.swiglu_bwd(&mut dc, &doc, &guc, rows, f);
+    e.g.swiglu_bwd(&mut dg, &dog, &gug, rows, f);
+    r.check_prec(true, "bf16 swiglu_bwd", "dgate_up", &e.g.to_f32(&dg), &dc, Some(&d0), TOL);
+    let mut dc0 = vec![0.0f32; 2 * n + PAD];
+    dc0[2 * n..].copy_from_slice(&dc[2 * n..]);
+    e.c.swiglu_bwd(&mut dc0, &doc, &guc, rows, f);
+    e.g.swiglu_bwd_set(&mut dg, &dog, &gug, rows, f);
+    r.check_prec(true, "bf16 swiglu_bwd_set", "dgate_up", &e.g.to_f32(&dg), &dc0, None, TOL);
 
     swiglu_small(e, r, true);
 
@@ -1533,6 +1560,22 @@ fn bench(g: &Cuda) {
             }
         });
         println!("  q/k/v 16384 x 960 -> 960+320+320, bf16 activations: matmul_fwd_many {many:.3} ms ({:.0} TFLOP/s) vs 3 GEMMs {each:.3} ms; matmul_bwd_many {many_b:.3} ms ({:.0} TFLOP/s) vs 3 {each_b:.3} ms", fl / many / 1e9, 2.0 * fl / many_b / 1e9);
+        // Gate and up of a 360M MLP: side by side in one [n, 2f] buffer (matmul_*_cat, as the
+        // model runs them) against two separate outputs (matmul_*_many).
+        let (f, total) = (2560usize, 5120usize);
+        let (wg, wu) = (rnd(f * k, 0.05), rnd(f * k, 0.05));
+        let mut gu = g.zeros_act(n * total);
+        let (mut o1, mut o2) = (g.zeros_act(n * f), g.zeros_act(n * f));
+        let (mut dwg, mut dwu) = (g.zeros(f * k), g.zeros(f * k));
+        let fl = 2.0 * (n * k * total) as f64;
+        let cat = time_ms(g, 10, || g.matmul_fwd_cat(&mut gu, &x, n, k, &[(&wg, f), (&wu, f)]));
+        let two = time_ms(g, 10, || g.matmul_fwd_many(&x, n, k, &mut [(&mut o1, &wg, f), (&mut o2, &wu, f)]));
+        let cat_b = time_ms(g, 10, || g.matmul_bwd_cat(Some(&mut dx), true, &x, &gu, n, k, &mut [(&mut dwg, &wg, f), (&mut dwu, &wu, f)]));
+        let two_b = time_ms(g, 10, || {
+            let items = &mut [MatmulGrad { dw: &mut dwg, dout: &o1, w: &wg, m: f }, MatmulGrad { dw: &mut dwu, dout: &o2, w: &wu, m: f }];
+            g.matmul_bwd_many(Some(&mut dx), true, &x, n, k, items);
+        });
+        println!("  gate/up 16384 x 960 -> 2 x 2560, bf16 activations: matmul_fwd_cat {cat:.3} ms ({:.0} TFLOP/s) vs 2 GEMMs {two:.3} ms; matmul_bwd_cat {cat_b:.3} ms ({:.0} TFLOP/s) vs 2 x 2 {two_b:.3} ms", fl / cat / 1e9, 2.0 * fl / cat_b / 1e9);
     }
     g.set_matmul_precision(MatmulPrecision::F32);
 
@@ -1572,19 +1615,20 @@ fn bench(g: &Cuda) {
             let ms = time_ms(g, 10, || g.rope_fwd(&mut xb, &pos, n, heads, 64, 1e4));
             println!("  rope_fwd 16384 x {heads:>2} heads x 64 bf16:          {:.3} ms, {:.0} GB/s", ms, (n * heads * 64 * 4) as f64 / ms / 1e6);
         }
-        let nf = n * 2560;
-        let mut act = |s: f32| {
-            let (src, mut b) = (rnd(nf, s), g.zeros_act(nf));
-            g.copy(&mut b, &src, nf);
+        let (rows, f) = (n, 2560usize);
+        let nf = rows * f;
+        let mut act = |len: usize, s: f32| {
+            let (src, mut b) = (rnd(len, s), g.zeros_act(len));
+            g.copy(&mut b, &src, len);
             b
         };
-        let (gate, up, dact) = (act(4.0), act(2.0), act(1.0));
-        let (mut out, mut dgate, mut dup) = (g.zeros_act(nf), g.zeros_act(nf), g.zeros_act(nf));
-        let ms = time_ms(g, 10, || g.swiglu_fwd(&mut out, &gate, &up, nf));
+        let (gate_up, dact) = (act(2 * nf, 4.0), act(nf, 1.0));
+        let (mut out, mut dgate_up) = (g.zeros_act(nf), g.zeros_act(2 * nf));
+        let ms = time_ms(g, 10, || g.swiglu_fwd(&mut out, &gate_up, rows, f));
         println!("  swiglu_fwd 16384x2560 bf16:                     {:.3} ms, {:.0} GB/s", ms, (3 * nf * 2) as f64 / ms / 1e6);
-        let ms = time_ms(g, 10, || g.swiglu_bwd_set(&mut dgate, &mut dup, &dact, &gate, &up, nf));
+        let ms = time_ms(g, 10, || g.swiglu_bwd_set(&mut dgate_up, &dact, &gate_up, rows, f));
         println!("  swiglu_bwd_set 16384x2560 bf16:                 {:.3} ms, {:.0} GB/s", ms, (5 * nf * 2) as f64 / ms / 1e6);
-        let ms = time_ms(g, 10, || g.swiglu_bwd(&mut dgate, &mut dup, &dact, &gate, &up, nf));
+        let ms = time_ms(g, 10, || g.swiglu_bwd(&mut dgate_up, &dact, &gate_up, rows, f));
         println!("  swiglu_bwd 16384x2560 bf16 (accumulating):      {:.3} ms, {:.0} GB/s", ms, (7 * nf * 2) as f64 / ms / 1e6);
         g.set_matmul_precision(MatmulPrecision::F32);
     }

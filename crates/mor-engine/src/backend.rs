@@ -243,6 +243,25 @@ pub trait Backend {
         matmul_bwd_each(self, dx, dx_set, x, n, k, items);
     }
 
+    /// The outputs of several weights on one input side by side (the MLP's gate and up):
+    /// `out[n, Σm]` with columns `[o_i, o_i + m_i)` = `x · w_iᵀ` for each `(w_i, m_i)`, `o_i` the
+    /// widths before. Backends with GEMM libraries run one GEMM on the weights stacked by rows.
+    fn matmul_fwd_cat(&self, out: &mut Self::Buf, x: &Self::Buf, n: usize, k: usize, ws: &[(&Self::Buf, usize)]);
+    /// Backward of [`Backend::matmul_fwd_cat`] given `dout[n, Σm]`: `dw_i += dout[:, o_i..o_i + m_i]ᵀ
+    /// · x` for each `(dw_i, w_i, m_i)` and, when `dx` is given, `dx = Σ_i dout[:, o_i..] · w_i`
+    /// (overwritten when `dx_set`, else added to; one GEMM over `k = Σm` on GEMM backends).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_bwd_cat(
+        &self,
+        dx: Option<&mut Self::Buf>,
+        dx_set: bool,
+        x: &Self::Buf,
+        dout: &Self::Buf,
+        n: usize,
+        k: usize,
+        items: &mut [(&mut Self::Buf, &Self::Buf, usize)],
+    );
+
     // ---- normalisation --------------------------------------------------------------------
     /// `out = w ⊙ x / sqrt(mean(x²) + eps)` per row; saves `rstd[n]`.
     #[allow(clippy::too_many_arguments)]
@@ -363,14 +382,16 @@ pub trait Backend {
     }
 
     // ---- activations ----------------------------------------------------------------------
-    /// `out = silu(gate) * up`, `n` elements.
-    fn swiglu_fwd(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf, n: usize);
-    fn swiglu_bwd(&self, dgate: &mut Self::Buf, dup: &mut Self::Buf, dout: &Self::Buf, gate: &Self::Buf, up: &Self::Buf, n: usize);
-    /// [`Backend::swiglu_bwd`] that overwrites `dgate` and `dup` instead of adding to them.
-    fn swiglu_bwd_set(&self, dgate: &mut Self::Buf, dup: &mut Self::Buf, dout: &Self::Buf, gate: &Self::Buf, up: &Self::Buf, n: usize) {
-        self.fill(dgate, n, 0.0);
-        self.fill(dup, n, 0.0);
-        self.swiglu_bwd(dgate, dup, dout, gate, up, n);
+    /// `out = silu(gate) * up` on `rows` rows of width `f`, gate and up side by side in
+    /// `gate_up[rows, 2f]` (row r: gate in columns `[0, f)`, up in `[f, 2f)`; the layout
+    /// [`Backend::matmul_fwd_cat`] writes).
+    fn swiglu_fwd(&self, out: &mut Self::Buf, gate_up: &Self::Buf, rows: usize, f: usize);
+    /// `dgate_up[rows, 2f] += ∂(silu(gate) * up)/∂(gate, up) · dout` in the same layout.
+    fn swiglu_bwd(&self, dgate_up: &mut Self::Buf, dout: &Self::Buf, gate_up: &Self::Buf, rows: usize, f: usize);
+    /// [`Backend::swiglu_bwd`] that overwrites `dgate_up` instead of adding to it.
+    fn swiglu_bwd_set(&self, dgate_up: &mut Self::Buf, dout: &Self::Buf, gate_up: &Self::Buf, rows: usize, f: usize) {
+        self.fill(dgate_up, 2 * rows * f, 0.0);
+        self.swiglu_bwd(dgate_up, dout, gate_up, rows, f);
     }
     /// Exact (erf) GELU, as `torch.nn.GELU()`.
     fn gelu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf, n: usize);

@@ -519,6 +519,52 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         gemm(m, n, k, T::one(), &g, (1, m), &x, (k, 1), T::one(), dw, (k, 1));
     }
 
+    fn matmul_fwd_cat(&self, out: &mut Vec<T>, x: &Vec<T>, n: usize, k: usize, ws: &[(&Vec<T>, usize)]) {
+        let total: usize = ws.iter().map(|&(_, m)| m).sum();
+        let mut col = 0;
+        for &(w, m) in ws {
+            let [fx, fw] = self.gemm_formats(GemmProduct::Fwd, n, k, m);
+            let (x, w) = (operand(x, n * k, fx), operand(w, m * k, fw));
+            // out[:, col..col + m] = x · wᵀ, rows `total` apart.
+            gemm(n, k, m, T::one(), &x, (k, 1), &w, (1, k), T::zero(), &mut out[col..], (total, 1));
+            col += m;
+        }
+    }
+
+    fn matmul_bwd_cat(
+        &self,
+        mut dx: Option<&mut Vec<T>>,
+        dx_set: bool,
+        x: &Vec<T>,
+        dout: &Vec<T>,
+        n: usize,
+        k: usize,
+        items: &mut [(&mut Vec<T>, &Vec<T>, usize)],
+    ) {
+        let total: usize = items.iter().map(|it| it.2).sum();
+        if dx_set {
+            if let Some(dx) = dx.as_deref_mut() {
+                self.fill(dx, n * k, 0.0);
+            }
+        }
+        let mut col = 0;
+        for (dw, w, m) in items.iter_mut() {
+            let m = *m;
+            let g = &dout[col..];
+            if let Some(dx) = dx.as_deref_mut() {
+                let [fg, fw] = self.gemm_formats(GemmProduct::Dx, n, k, m);
+                let (g, w) = (operand(g, extent(n, m, total, 1), fg), operand(w, m * k, fw));
+                // dx[n, k] += dout[:, col..col + m] · w[m, k]
+                gemm(n, m, k, T::one(), &g, (total, 1), &w, (k, 1), T::one(), dx, (k, 1));
+            }
+            let [fg, fx] = self.gemm_formats(GemmProduct::Dw, n, k, m);
+            let (g, x) = (operand(g, extent(n, m, total, 1), fg), operand(x, n * k, fx));
+            // dw[m, k] += dout[:, col..col + m]ᵀ · x
+            gemm(m, n, k, T::one(), &g, (1, total), &x, (k, 1), T::one(), dw, (k, 1));
+            col += m;
+        }
+    }
+
     // ---- normalisation --------------------------------------------------------------------
     fn rmsnorm_fwd(&self, out: &mut Vec<T>, rstd: &mut Vec<T>, x: &Vec<T>, w: &Vec<T>, n: usize, d: usize, eps: f32) {
         if n == 0 || d == 0 {
@@ -634,24 +680,34 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     }
 
     // ---- activations ----------------------------------------------------------------------
-    fn swiglu_fwd(&self, out: &mut Vec<T>, gate: &Vec<T>, up: &Vec<T>, n: usize) {
-        ew3(&mut out[..n], &gate[..n], &up[..n], |o, g, u| *o = g * sigmoid(g) * u);
+    fn swiglu_fwd(&self, out: &mut Vec<T>, gate_up: &Vec<T>, rows: usize, f: usize) {
+        if f == 0 {
+            return;
+        }
+        out[..rows * f].par_chunks_mut(f).zip(gate_up[..2 * rows * f].par_chunks(2 * f)).for_each(|(o, gu)| {
+            let (g, u) = gu.split_at(f);
+            for i in 0..f {
+                o[i] = g[i] * sigmoid(g[i]) * u[i];
+            }
+        });
     }
 
-    fn swiglu_bwd(&self, dgate: &mut Vec<T>, dup: &mut Vec<T>, dout: &Vec<T>, gate: &Vec<T>, up: &Vec<T>, n: usize) {
+    fn swiglu_bwd(&self, dgate_up: &mut Vec<T>, dout: &Vec<T>, gate_up: &Vec<T>, rows: usize, f: usize) {
+        if f == 0 {
+            return;
+        }
         let one = T::one();
-        dgate[..n]
-            .par_chunks_mut(EW_CHUNK)
-            .zip(dup[..n].par_chunks_mut(EW_CHUNK))
-            .zip(dout[..n].par_chunks(EW_CHUNK))
-            .zip(gate[..n].par_chunks(EW_CHUNK).zip(up[..n].par_chunks(EW_CHUNK)))
-            .for_each(|(((dg, du), go), (gc, uc))| {
-                for i in 0..dg.len() {
-                    let (g, u, o) = (gc[i], uc[i], go[i]);
-                    let s = sigmoid(g);
-                    let silu = g * s;
-                    dg[i] = dg[i] + o * u * s * (one + g * (one - s));
-                    du[i] = du[i] + o * silu;
+        dgate_up[..2 * rows * f]
+            .par_chunks_mut(2 * f)
+            .zip(dout[..rows * f].par_chunks(f))
+            .zip(gate_up[..2 * rows * f].par_chunks(2 * f))
+            .for_each(|((dgu, o), gu)| {
+                let (dg, du) = dgu.split_at_mut(f);
+                let (g, u) = gu.split_at(f);
+                for i in 0..f {
+                    let s = sigmoid(g[i]);
+                    dg[i] = dg[i] + o[i] * u[i] * s * (one + g[i] * (one - s));
+                    du[i] = du[i] + o[i] * (g[i] * s);
                 }
             });
     }

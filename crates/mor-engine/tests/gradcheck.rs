@@ -96,21 +96,22 @@ fn rope_grad() {
 
 #[test]
 fn swiglu_grad() {
+    // gate and up side by side per row: [rows, 2f].
     let b = be();
-    let n = 40;
+    let (rows, f) = (5, 8);
+    let n = rows * f;
     let mut r = rng(4);
-    let inputs = vec![uniform64(&mut r, n, 5.0), uniform64(&mut r, n, 2.0)];
+    let inputs = vec![uniform64(&mut r, 2 * n, 4.0)];
     let rr = uniform64(&mut r, n, 1.0);
     let fwd = |x: &[Vec<f64>]| {
         let mut o = vec![0.0; n];
-        b.swiglu_fwd(&mut o, &x[0], &x[1], n);
+        b.swiglu_fwd(&mut o, &x[0], rows, f);
         o
     };
-    let g0 = uniform64(&mut r, n, 1.0);
-    let u0 = uniform64(&mut r, n, 1.0);
-    let (mut dg, mut du) = (g0.clone(), u0.clone());
-    b.swiglu_bwd(&mut dg, &mut du, &rr, &inputs[0], &inputs[1], n);
-    check_all("swiglu", &inputs, &rr, &fwd, &[(0, delta(&dg, &g0)), (1, delta(&du, &u0))]);
+    let gu0 = uniform64(&mut r, 2 * n, 1.0);
+    let mut dgu = gu0.clone();
+    b.swiglu_bwd(&mut dgu, &rr, &inputs[0], rows, f);
+    check_all("swiglu", &inputs, &rr, &fwd, &[(0, delta(&dgu, &gu0))]);
 }
 
 #[test]

@@ -446,6 +446,46 @@ fn rope_rmsnorm_softmax_bce_known_values() {
 }
 
 #[test]
+fn matmul_cat_equals_one_matmul_per_weight_side_by_side() {
+    let b = Cpu::<f64>::new();
+    let (n, k, ms) = (6usize, 5usize, [3usize, 4]);
+    let total: usize = ms.iter().sum();
+    let mut r = rng(16);
+    let x = uniform64(&mut r, n * k, 1.0);
+    let ws: Vec<Vec<f64>> = ms.iter().map(|&m| uniform64(&mut r, m * k, 1.0)).collect();
+    let mut out = vec![7.0; n * total + 3];
+    b.matmul_fwd_cat(&mut out, &x, n, k, &[(&ws[0], ms[0]), (&ws[1], ms[1])]);
+    let mut col = 0;
+    for (w, &m) in ws.iter().zip(&ms) {
+        let mut o = vec![0.0; n * m];
+        b.matmul_fwd(&mut o, &x, w, n, k, m);
+        for i in 0..n {
+            assert_eq!(out[i * total + col..i * total + col + m], o[i * m..(i + 1) * m], "row {i}, weight at column {col}");
+        }
+        col += m;
+    }
+    assert_eq!(out[n * total..], [7.0; 3]);
+    // Backward: dx overwritten (dx_set) with Σ dout_i · w_i, each dw accumulated.
+    let dout = uniform64(&mut r, n * total, 1.0);
+    let mut dx = vec![3.0; n * k];
+    let mut dws: Vec<Vec<f64>> = ms.iter().map(|&m| vec![-1.0; m * k]).collect();
+    let [dw0, dw1] = &mut dws[..] else { unreachable!() };
+    b.matmul_bwd_cat(Some(&mut dx), true, &x, &dout, n, k, &mut [(dw0, &ws[0], ms[0]), (dw1, &ws[1], ms[1])]);
+    let mut dx_ref = vec![0.0; n * k];
+    let mut col = 0;
+    for (i, (w, &m)) in ws.iter().zip(&ms).enumerate() {
+        let d: Vec<f64> = (0..n).flat_map(|row| dout[row * total + col..row * total + col + m].to_vec()).collect();
+        let mut dw_ref = vec![-1.0; m * k];
+        b.matmul_bwd(Some(&mut dx_ref), &mut dw_ref, &d, &x, w, n, k, m);
+        let err = dws[i].iter().zip(&dw_ref).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(err < 1e-12, "dw of weight {i}: {err}");
+        col += m;
+    }
+    let err = dx.iter().zip(&dx_ref).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(err < 1e-12, "dx: {err}");
+}
+
+#[test]
 fn matmul_layout_and_prefix_semantics() {
     let b = Cpu::<f32>::new();
     let (n, k, m) = (5usize, 7usize, 3usize);

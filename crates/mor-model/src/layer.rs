@@ -65,8 +65,8 @@ pub struct LayerAct<B: Backend> {
     pub a: B::Buf,
     pub rstd2: B::Buf,
     pub xn2: B::Buf,
-    pub gate: B::Buf,
-    pub up: B::Buf,
+    /// `[rows, 2f]`: per row the gate projection, then the up projection (one GEMM writes both).
+    pub gate_up: B::Buf,
     pub act: B::Buf,
     /// Gradients of `k` / `v` (post-RoPE), accumulated by this layer and by layers sharing its
     /// keys/values before this layer's own backward consumes them.
@@ -97,8 +97,7 @@ impl<B: Backend> LayerAct<B> {
             a: b.zeros(cap * d),
             rstd2: b.zeros(cap),
             xn2: b.zeros_act(cap * d),
-            gate: b.zeros_act(cap * f),
-            up: b.zeros_act(cap * f),
+            gate_up: b.zeros_act(cap * 2 * f),
             act: b.zeros_act(cap * f),
             dk: b.zeros(cap * kvd),
             dv: b.zeros(cap * kvd),
@@ -113,8 +112,8 @@ pub struct LayerScratch<B: Backend> {
     /// activation precision: the operand of the next backward GEMM that reads it.
     pub dres: B::Buf,
     pub dact: B::Buf,
-    pub dgate: B::Buf,
-    pub dup: B::Buf,
+    /// `[rows, 2f]`, laid out as [`LayerAct::gate_up`].
+    pub dgate_up: B::Buf,
     pub dxn: B::Buf,
     pub datt: B::Buf,
     pub dq: B::Buf,
@@ -125,8 +124,7 @@ impl<B: Backend> LayerScratch<B> {
         LayerScratch {
             dres: b.zeros_act(cap * dims.d),
             dact: b.zeros_act(cap * dims.f),
-            dgate: b.zeros_act(cap * dims.f),
-            dup: b.zeros_act(cap * dims.f),
+            dgate_up: b.zeros_act(cap * 2 * dims.f),
             dxn: b.zeros(cap * dims.d),
             datt: b.zeros_act(cap * dims.qd()),
             dq: b.zeros_act(cap * dims.qd()),
@@ -185,9 +183,8 @@ pub fn layer_forward<B: Backend>(
     // a = x + O(att)
     b.matmul_fwd_residual(&mut act.a, &act.att_act, p.value(w.wo), &act.x, n, qd, d);
     b.rmsnorm_fwd(&mut act.xn2, &mut act.rstd2, &act.a, p.value(w.mlp_norm), n, d, dims.eps);
-    let (w_gate, w_up) = (p.value(w.w_gate), p.value(w.w_up));
-    b.matmul_fwd_many(&act.xn2, n, d, &mut [(&mut act.gate, w_gate, f), (&mut act.up, w_up, f)]);
-    b.swiglu_fwd(&mut act.act, &act.gate, &act.up, n * f);
+    b.matmul_fwd_cat(&mut act.gate_up, &act.xn2, n, d, &[(p.value(w.w_gate), f), (p.value(w.w_up), f)]);
+    b.swiglu_fwd(&mut act.act, &act.gate_up, n, f);
     // y = a + Down(act)
     b.matmul_fwd_residual(out, &act.act, p.value(w.w_down), &act.a, n, f, d);
 }
@@ -225,10 +222,10 @@ pub fn layer_backward<B: Backend>(
     // gradient buffers.
     let dy_op = if dy_in_dres { &s.dres } else { &*dy };
     b.matmul_bwd_many(Some(&mut s.dact), true, &act.act, n, f, &mut [grad(&mut grads[w.w_down.0], dy_op, v(w.w_down), d)]);
-    b.swiglu_bwd_set(&mut s.dgate, &mut s.dup, &s.dact, &act.gate, &act.up, n * f);
+    b.swiglu_bwd_set(&mut s.dgate_up, &s.dact, &act.gate_up, n, f);
     let [g_gate, g_up] = grads.get_disjoint_mut([w.w_gate.0, w.w_up.0]).expect(disjoint);
-    let items = &mut [grad(g_gate, &s.dgate, v(w.w_gate), f), grad(g_up, &s.dup, v(w.w_up), f)];
-    b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn2, n, d, items);
+    let items = &mut [(g_gate, v(w.w_gate), f), (g_up, v(w.w_up), f)];
+    b.matmul_bwd_cat(Some(&mut s.dxn), true, &act.xn2, &s.dgate_up, n, d, items);
     b.rmsnorm_bwd_mirrored(dy, &mut s.dres, &mut grads[w.mlp_norm.0], &s.dxn, &act.a, v(w.mlp_norm), &act.rstd2, n, d);
     let da = &s.dres;
 

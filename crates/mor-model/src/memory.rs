@@ -111,9 +111,9 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
     }
     // LayerAct: x, xn1, a, xn2 (d); q, att, att_act (qd); k, v, dk, dv (kvd, only where the
     // application owns its keys/values: with KV sharing, recursions after the first borrow them);
-    // gate, up, act (f); lse (heads); rstd1, rstd2.
+    // gate_up (2f), act (f); lse (heads); rstd1, rstd2.
     let per_app = 4 * d + 3 * qd + 3 * f + heads + 2;
-    // Of those, activation buffers: xn1, xn2, q, att_act, gate, up, act; and k, v.
+    // Of those, activation buffers: xn1, xn2, q, att_act, gate_up, act; and k, v.
     let per_app_act = 2 * d + 2 * qd + 3 * f;
     let mut kv_rows: usize = app_rows.iter().sum();
     if cfg.kv_mode() == KvMode::Share && blocks_contiguous(&map) {
@@ -122,7 +122,7 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
     let layer_rows: usize = app_rows.iter().sum();
     let layer_activations = layer_rows * per_app + kv_rows * 4 * kvd;
     let layer_act_buffers = layer_rows * per_app_act + kv_rows * 2 * kvd;
-    // LayerScratch: dxn, dres (d); dact, dgate, dup (f); datt, dq (qd); all but dxn are
+    // LayerScratch: dxn, dres (d); dact (f), dgate_up (2f); datt, dq (qd); all but dxn are
     // activation buffers.
     let scratch = n * (2 * d + 3 * f + 2 * qd);
     let scratch_act = n * (d + 3 * f + 2 * qd);

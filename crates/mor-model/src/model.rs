@@ -588,12 +588,12 @@ impl<B: Backend> Model<B> {
         let Some(ws) = &self.ws else { return 0 };
         let mut t = 0;
         for a in &ws.acts {
-            for x in [&a.x, &a.rstd1, &a.xn1, &a.q, &a.k, &a.v, &a.att, &a.att_act, &a.lse, &a.a, &a.rstd2, &a.xn2, &a.gate, &a.up, &a.act, &a.dk, &a.dv] {
+            for x in [&a.x, &a.rstd1, &a.xn1, &a.q, &a.k, &a.v, &a.att, &a.att_act, &a.lse, &a.a, &a.rstd2, &a.xn2, &a.gate_up, &a.act, &a.dk, &a.dv] {
                 t += b.len(x);
             }
         }
         let s = &ws.scratch;
-        for x in [&s.dres, &s.dact, &s.dgate, &s.dup, &s.dxn, &s.datt, &s.dq] {
+        for x in [&s.dres, &s.dact, &s.dgate_up, &s.dxn, &s.datt, &s.dq] {
             t += b.len(x);
         }
         for sb in &ws.steps {

@@ -1082,26 +1082,57 @@ impl Cuda {
     }
 
     /// One bf16 copy of several weights stacked by rows (`[Σ m_i, k]`, the weights' `[m_i, k]` in
-    /// order), remade when any of them changed: the operand of a fused backward GEMM (see
-    /// [`fuse_gemm`]).
+    /// order), refilled in place when any of them changed: the operand of a fused GEMM (see
+    /// [`fuse_gemm`], [`Backend::matmul_fwd_cat`]). A weight whose own bf16 copy is current is
+    /// copied from it, any other converted straight into the stack (gate/up never need their own).
     fn weights_bf16_concat(&self, ws: &[(&CudaBuf, usize)], k: usize) -> u64 {
         let ids: Vec<u64> = ws.iter().map(|(w, _)| w.id).collect();
         let versions: Vec<u64> = ws.iter().map(|(w, _)| w.version).collect();
         let total: usize = ws.iter().map(|(_, m)| m * k).sum();
         let mut cache = self.concat_weights.lock().unwrap();
-        let stale = cache.get(&ids).is_none_or(|(v, buf)| *v != versions || buf.len() < total * 2);
-        if stale {
-            let mut buf = unsafe { self.stream.alloc::<u8>(total * 2) }.expect("cuda: alloc of a concatenated bf16 weight failed");
+        let fresh = cache.get(&ids).is_some_and(|(v, buf)| *v == versions && buf.len() >= total * 2);
+        if !fresh {
+            // Earlier GEMMs reading the old contents are ahead of the refill in stream order.
+            let mut buf = match cache.remove(&ids) {
+                Some((_, buf)) if buf.len() >= total * 2 => buf,
+                _ => unsafe { self.stream.alloc::<u8>(total * 2) }.expect("cuda: alloc of a concatenated bf16 weight failed"),
+            };
             let dst = self.pm(&mut buf);
             let mut off = 0u64;
             for &(w, m) in ws {
-                let src = self.weight_bf16(w);
-                unsafe { drv_result::memcpy_dtod_async(dst + off, src, m * k * 2, self.stream.cu_stream()) }.expect("cuda: device copy failed");
-                off += (m * k * 2) as u64;
+                let len = m * k;
+                let own_copy = match w.bf16_copy.lock().unwrap().as_ref() {
+                    Some((v, c)) if *v == w.version => Some(self.p(c)),
+                    _ => None,
+                };
+                match (w.is_bf16(), own_copy) {
+                    (true, _) => self.memcpy_dtod(dst + off, self.p(w), len * 2),
+                    (false, Some(src)) => self.memcpy_dtod(dst + off, src, len * 2),
+                    (false, None) => launch!(self, "f32_to_bf16", self.ew(len), [self.p(w), dst + off, len as i64]),
+                }
+                off += (len * 2) as u64;
             }
             cache.insert(ids.clone(), (versions, buf));
         }
         self.p(&cache[&ids].1)
+    }
+
+    fn memcpy_dtod(&self, dst: u64, src: u64, bytes: usize) {
+        if bytes > 0 {
+            unsafe { drv_result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }.expect("cuda: device copy failed");
+        }
+    }
+
+    /// `dx[n, k]` = (or += when `accumulate`) `dout[n, Σm] · Wcat`, with `dout` a bf16 device
+    /// pointer and Wcat the weights `ws` stacked by rows: the input gradient of a fused backward.
+    fn gemm_dx_cat(&self, dx: &mut CudaBuf, accumulate: bool, dout: u64, n: usize, k: usize, ws: &[(&CudaBuf, usize)]) {
+        use blas_sys::cublasOperation_t::CUBLAS_OP_N;
+        let total: usize = ws.iter().map(|&(_, m)| m).sum();
+        let wcat = self.weights_bf16_concat(ws, k);
+        let dt = dx.dtype;
+        let dxp = self.pm(dx);
+        // dxᵀ[k, n] (+)= Wcat-as-[k, Σm] · doutᵀ[Σm, n]
+        self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, k, n, total, wcat, k, dout, total, if accumulate { 1.0 } else { 0.0 }, dxp, dt, k);
     }
 
     /// Copy a `rows x cols` block between row-major matrices of leading dimensions `dst_ld` /
@@ -1651,19 +1682,18 @@ impl Cuda {
         );
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn swiglu_bwd_impl(&self, dgate: &mut CudaBuf, dup: &mut CudaBuf, dout: &CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize, acc: bool) {
+    fn swiglu_bwd_impl(&self, dgate_up: &mut CudaBuf, dout: &CudaBuf, gate_up: &CudaBuf, rows: usize, f: usize, acc: bool) {
+        let n = rows * f;
         if n == 0 {
             return;
         }
-        for (name, len) in [("dgate", dgate.len()), ("dup", dup.len()), ("dout", dout.len()), ("gate", gate.len()), ("up", up.len())] {
-            check_len(name, len, n);
-        }
-        let bufs = [("dgate", &*dgate), ("dup", &*dup), ("dout", dout), ("gate", gate), ("up", up)];
-        let name = Self::typed("swiglu_bwd", &bufs);
-        let c = self.ew16(n, dgate.dtype);
-        let (dgp, dup_, op, gp, upp) = (self.pm(dgate), self.pm(dup), self.p(dout), self.p(gate), self.p(up));
-        launch!(self, &name, c, [dgp, dup_, op, gp, upp, acc as i32, n as i64]);
+        check_len("dgate_up", dgate_up.len(), 2 * n);
+        check_len("dout", dout.len(), n);
+        check_len("gate_up", gate_up.len(), 2 * n);
+        let name = Self::typed("swiglu_bwd", &[("dgate_up", &*dgate_up), ("dout", dout), ("gate_up", gate_up)]);
+        let c = self.ew16(n, dgate_up.dtype);
+        let (dp, op, gp) = (self.pm(dgate_up), self.p(dout), self.p(gate_up));
+        launch!(self, &name, c, [dp, op, gp, f as i32, acc as i32, n as i64]);
     }
 
     /// Tile table of an attention pass over the segments of `cu` (see kernels/attention.cu);
@@ -2176,12 +2206,8 @@ impl Backend for Cuda {
                 col += it.m;
             }
             if let Some(dx) = dx.as_deref_mut() {
-                // dxᵀ[k, n] (+)= Wcat-as-[k, Σm] · packedᵀ[Σm, n]
                 let ws: Vec<(&CudaBuf, usize)> = items.iter().map(|it| (&*it.w, it.m)).collect();
-                let wcat = self.weights_bf16_concat(&ws, k);
-                let dt = dx.dtype;
-                let dxp = self.pm(dx);
-                self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, k, n, total, wcat, k, packed, total, if dx_written { 1.0 } else { 0.0 }, dxp, dt, k);
+                self.gemm_dx_cat(dx, dx_written, packed, n, k, &ws);
             }
             // dWcatᵀ[k, Σm] = xᵀ[k, n] · packed[n, Σm]: row-major [Σm, k], each weight's rows in turn.
             let dwcat = self.scratch(Slot::FusedOut, total * k * 4);
@@ -2226,6 +2252,108 @@ impl Backend for Cuda {
             if let Some(dx) = dx {
                 self.fill(dx, n * k, 0.0);
             }
+        }
+    }
+
+    /// bf16 mode: one GEMM on the weights stacked by rows (their cached bf16 copy), out `[n, Σm]`;
+    /// fp32 mode: one SGEMM per weight into its columns.
+    fn matmul_fwd_cat(&self, out: &mut CudaBuf, x: &CudaBuf, n: usize, k: usize, ws: &[(&CudaBuf, usize)]) {
+        let _p = self.prof("matmul_fwd");
+        let total: usize = ws.iter().map(|&(_, m)| m).sum();
+        if n == 0 || total == 0 {
+            return;
+        }
+        check_len("out", out.len(), n * total);
+        check_len("x", x.len(), n * k);
+        for (w, m) in ws {
+            check_len("w", w.len(), m * k);
+        }
+        if k == 0 {
+            self.fill(out, n * total, 0.0);
+            return;
+        }
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let op = self.pm(out);
+        if self.bf16_gemm(&[x, out]) || ws.iter().any(|(w, _)| w.is_bf16()) {
+            // outᵀ[Σm, n] = Wcat-as-[k, Σm]ᵀ · xᵀ[k, n]
+            let xb = self.bf16_operand(Slot::BfB, x, n * k);
+            let wcat = self.weights_bf16_concat(ws, k);
+            self.gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, total, n, k, wcat, k, xb, k, 0.0, op, out.dtype, total);
+            return;
+        }
+        let mut col = 0;
+        for &(w, m) in ws {
+            self.gemm_f32(CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, self.p(w), k, self.p(x), k, 0.0, op + (col * 4) as u64, total);
+            col += m;
+        }
+    }
+
+    /// bf16 mode: `dx` as one GEMM over `k = Σm` on the stacked weights, each `dw` as one GEMM on
+    /// its columns of `dout` (leading dimension Σm, no packing); fp32 mode: SGEMMs per weight.
+    fn matmul_bwd_cat(
+        &self,
+        mut dx: Option<&mut CudaBuf>,
+        dx_set: bool,
+        x: &CudaBuf,
+        dout: &CudaBuf,
+        n: usize,
+        k: usize,
+        items: &mut [(&mut CudaBuf, &CudaBuf, usize)],
+    ) {
+        let _p = self.prof("matmul_bwd");
+        let total: usize = items.iter().map(|it| it.2).sum();
+        if let Some(dx) = dx.as_deref() {
+            check_len("dx", dx.len(), n * k);
+        }
+        check_len("x", x.len(), n * k);
+        check_len("dout", dout.len(), n * total);
+        for (dw, w, m) in items.iter() {
+            check_len("w", w.len(), m * k);
+            check_len("dw", dw.len(), m * k);
+            Self::f32_only("matmul_bwd_cat", &[("dw", &**dw)]);
+        }
+        if n == 0 || k == 0 || total == 0 {
+            if let (true, Some(dx)) = (dx_set, dx) {
+                self.fill(dx, n * k, 0.0);
+            }
+            return;
+        }
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let bf16 = self.bf16_gemm(&[x, dout]) || dx.as_deref().is_some_and(|d| d.is_bf16()) || items.iter().any(|it| it.1.is_bf16());
+        if bf16 {
+            let gb = self.bf16_operand(Slot::BfC, dout, n * total);
+            if let Some(dx) = dx.as_deref_mut() {
+                let ws: Vec<(&CudaBuf, usize)> = items.iter().map(|it| (&*it.1, it.2)).collect();
+                self.gemm_dx_cat(dx, !dx_set, gb, n, k, &ws);
+            }
+            let xb = self.bf16_operand(Slot::BfB, x, n * k);
+            let mut col = 0;
+            for (dw, _, m) in items.iter_mut() {
+                // dwᵀ[k, m] += xᵀ[k, n] · dout[:, col..col + m]
+                let dwp = self.pm(*dw);
+                self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, k, *m, n, xb, k, gb + (col * 2) as u64, total, 1.0, dwp, Dtype::F32, k);
+                col += *m;
+            }
+            return;
+        }
+        if let Some(dx) = dx.as_deref_mut() {
+            if dx_set {
+                self.fill(dx, n * k, 0.0);
+            }
+            let dxp = self.pm(dx);
+            let mut col = 0;
+            for (_, w, m) in items.iter() {
+                let gp = self.p(dout) + (col * 4) as u64;
+                self.gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, k, n, *m, self.p(*w), k, gp, total, 1.0, dxp, k);
+                col += *m;
+            }
+        }
+        let xp = self.p(x);
+        let mut col = 0;
+        for (dw, _, m) in items.iter_mut() {
+            let (gp, dwp) = (self.p(dout) + (col * 4) as u64, self.pm(*dw));
+            self.gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, k, *m, n, xp, k, gp, total, 1.0, dwp, k);
+            col += *m;
         }
     }
 
@@ -2383,28 +2511,28 @@ impl Backend for Cuda {
     }
 
     // ---- activations ----------------------------------------------------------------------
-    fn swiglu_fwd(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize) {
+    fn swiglu_fwd(&self, out: &mut CudaBuf, gate_up: &CudaBuf, rows: usize, f: usize) {
         let _p = self.prof("swiglu_fwd");
+        let n = rows * f;
         if n == 0 {
             return;
         }
         check_len("out", out.len(), n);
-        check_len("gate", gate.len(), n);
-        check_len("up", up.len(), n);
-        let name = Self::typed("swiglu_fwd", &[("out", out), ("gate", gate), ("up", up)]);
+        check_len("gate_up", gate_up.len(), 2 * n);
+        let name = Self::typed("swiglu_fwd", &[("out", out), ("gate_up", gate_up)]);
         let c = self.ew16(n, out.dtype);
-        let (op, gp, up_) = (self.pm(out), self.p(gate), self.p(up));
-        launch!(self, &name, c, [op, gp, up_, n as i64]);
+        let (op, gp) = (self.pm(out), self.p(gate_up));
+        launch!(self, &name, c, [op, gp, f as i32, n as i64]);
     }
 
-    fn swiglu_bwd(&self, dgate: &mut CudaBuf, dup: &mut CudaBuf, dout: &CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize) {
+    fn swiglu_bwd(&self, dgate_up: &mut CudaBuf, dout: &CudaBuf, gate_up: &CudaBuf, rows: usize, f: usize) {
         let _p = self.prof("swiglu_bwd");
-        self.swiglu_bwd_impl(dgate, dup, dout, gate, up, n, true);
+        self.swiglu_bwd_impl(dgate_up, dout, gate_up, rows, f, true);
     }
 
-    fn swiglu_bwd_set(&self, dgate: &mut CudaBuf, dup: &mut CudaBuf, dout: &CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize) {
+    fn swiglu_bwd_set(&self, dgate_up: &mut CudaBuf, dout: &CudaBuf, gate_up: &CudaBuf, rows: usize, f: usize) {
         let _p = self.prof("swiglu_bwd");
-        self.swiglu_bwd_impl(dgate, dup, dout, gate, up, n, false);
+        self.swiglu_bwd_impl(dgate_up, dout, gate_up, rows, f, false);
     }
 
     fn gelu_fwd(&self, out: &mut CudaBuf, x: &CudaBuf, n: usize) {

@@ -92,17 +92,25 @@ __device__ __forceinline__ void swiglu_df(float o, float g, float u, float& dg, 
     du = o * (g * s);
 }
 
+// SwiGLU on rows of width f with gate and up side by side in gate_up[rows, 2f] (the gate/up GEMM's
+// output): element i = r * f + c of out reads gate_up[r * 2f + c] and gate_up[r * 2f + f + c], i.e.
+// offset i + r * f. Vectors of 16 bytes when f is a multiple of the vector (no vector spans two
+// rows) and the pointers are aligned; 32-bit row division while the index fits.
+__device__ __forceinline__ i64 swiglu_row(i64 i, int f, i64 n) {
+    return n <= 0xffffffffll ? (i64)((u32)i / (u32)f) : i / f;
+}
+
 template <typename T>
-__device__ void swiglu_fwd(T* out, const T* gate, const T* up, i64 n) {
+__device__ void swiglu_fwd(T* out, const T* gu, int f, i64 n) {
     constexpr int N = 16 / sizeof(T);
     const i64 t0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, st = (i64)blockDim.x * gridDim.x;
-    const i64 nv = aligned_to(16, out, gate, up) ? n / N : 0;
+    const i64 nv = f % N == 0 && aligned_to(16, out, gu) ? n / N : 0;
     for (i64 v = t0; v < nv; v += EW_UNROLL * st) {
         uint4 g[EW_UNROLL], u[EW_UNROLL];
 #pragma unroll
         for (int k = 0; k < EW_UNROLL; ++k) {
-            const i64 i = (v + k * st) * N;
-            if (v + k * st < nv) g[k] = ld16_raw(gate + i), u[k] = ld16_raw(up + i);
+            const i64 i = (v + k * st) * N, j = i + swiglu_row(i, f, n) * f;
+            if (v + k * st < nv) g[k] = ld16_raw(gu + j), u[k] = ld16_raw(gu + j + f);
         }
 #pragma unroll
         for (int k = 0; k < EW_UNROLL; ++k) {
@@ -113,24 +121,29 @@ __device__ void swiglu_fwd(T* out, const T* gate, const T* up, i64 n) {
             st16(out + (v + k * st) * N, o);
         }
     }
-    for (i64 i = nv * N + t0; i < n; i += st) out[i] = from_f<T>(swiglu_f(to_f(gate[i]), to_f(up[i])));
+    for (i64 i = nv * N + t0; i < n; i += st) {
+        const i64 j = i + swiglu_row(i, f, n) * f;
+        out[i] = from_f<T>(swiglu_f(to_f(gu[j]), to_f(gu[j + f])));
+    }
 }
 
-// acc = 1: add to dgate/dup (the op interface's backward convention); 0: overwrite them (and
-// never read them).
+// acc = 1: add to dgate_up (the op interface's backward convention); 0: overwrite it (and never
+// read it).
 template <typename T>
-__device__ void swiglu_bwd(T* dgate, T* dup, const T* dout, const T* gate, const T* up, int acc, i64 n) {
+__device__ void swiglu_bwd(T* dgu, const T* dout, const T* gu, int f, int acc, i64 n) {
     constexpr int N = 16 / sizeof(T);
     const i64 t0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, st = (i64)blockDim.x * gridDim.x;
-    const i64 nv = aligned_to(16, dgate, dup, dout, gate, up) ? n / N : 0;
+    const i64 nv = f % N == 0 && aligned_to(16, dgu, dout, gu) ? n / N : 0;
     for (i64 v = t0; v < nv; v += EW_UNROLL * st) {
         uint4 o[EW_UNROLL], g[EW_UNROLL], u[EW_UNROLL], ag[EW_UNROLL], au[EW_UNROLL];
+        i64 j[EW_UNROLL];
 #pragma unroll
         for (int k = 0; k < EW_UNROLL; ++k) {
             const i64 i = (v + k * st) * N;
+            j[k] = i + swiglu_row(i, f, n) * f;
             if (v + k * st < nv) {
-                o[k] = ld16_raw(dout + i), g[k] = ld16_raw(gate + i), u[k] = ld16_raw(up + i);
-                if (acc) ag[k] = ld16_raw(dgate + i), au[k] = ld16_raw(dup + i);
+                o[k] = ld16_raw(dout + i), g[k] = ld16_raw(gu + j[k]), u[k] = ld16_raw(gu + j[k] + f);
+                if (acc) ag[k] = ld16_raw(dgu + j[k]), au[k] = ld16_raw(dgu + j[k] + f);
             }
         }
 #pragma unroll
@@ -142,16 +155,16 @@ __device__ void swiglu_bwd(T* dgate, T* dup, const T* dout, const T* gate, const
                 swiglu_df(raw_elem<T>(o[k], e), raw_elem<T>(g[k], e), raw_elem<T>(u[k], e), dg[e], du[e]);
                 if (acc) dg[e] = raw_elem<T>(ag[k], e) + dg[e], du[e] = raw_elem<T>(au[k], e) + du[e];
             }
-            const i64 i = (v + k * st) * N;
-            st16(dgate + i, dg);
-            st16(dup + i, du);
+            st16(dgu + j[k], dg);
+            st16(dgu + j[k] + f, du);
         }
     }
     for (i64 i = nv * N + t0; i < n; i += st) {
+        const i64 j = i + swiglu_row(i, f, n) * f;
         float dg, du;
-        swiglu_df(to_f(dout[i]), to_f(gate[i]), to_f(up[i]), dg, du);
-        dgate[i] = from_f<T>(acc ? to_f(dgate[i]) + dg : dg);
-        dup[i] = from_f<T>(acc ? to_f(dup[i]) + du : du);
+        swiglu_df(to_f(dout[i]), to_f(gu[j]), to_f(gu[j + f]), dg, du);
+        dgu[j] = from_f<T>(acc ? to_f(dgu[j]) + dg : dg);
+        dgu[j + f] = from_f<T>(acc ? to_f(dgu[j + f]) + du : du);
     }
 }
 
@@ -233,12 +246,12 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
 }
 
 #define INST_EW(T, SUF)                                                                              \
-    extern "C" __global__ void swiglu_fwd_##SUF(T* o, const T* g, const T* u, i64 n) {              \
-        swiglu_fwd<T>(o, g, u, n);                                                                   \
+    extern "C" __global__ void swiglu_fwd_##SUF(T* o, const T* gu, int f, i64 n) {                  \
+        swiglu_fwd<T>(o, gu, f, n);                                                                  \
     }                                                                                                \
-    extern "C" __global__ void swiglu_bwd_##SUF(T* dg, T* du, const T* d, const T* g, const T* u,   \
-                                                int acc, i64 n) {                                    \
-        swiglu_bwd<T>(dg, du, d, g, u, acc, n);                                                      \
+    extern "C" __global__ void swiglu_bwd_##SUF(T* dgu, const T* d, const T* gu, int f, int acc,    \
+                                                i64 n) {                                             \
+        swiglu_bwd<T>(dgu, d, gu, f, acc, n);                                                        \
     }                                                                                                \
     extern "C" __global__ void gelu_fwd_##SUF(T* o, const T* x, i64 n) { gelu_fwd<T>(o, x, n); }    \
     extern "C" __global__ void gelu_bwd_##SUF(T* dx, const T* d, const T* x, i64 n) {               \
