@@ -18,6 +18,7 @@
 # MEM_BATCH (16: the MoR-E3 peak-memory comparison; SKIP_MEM=1 skips it), MOR_OPS_BIN (.gpu/cuda_parity,
 # op-level parity and kernel timings, run when present),
 # BUDGET_S (200: the optional steps — torch.compile runs, then the --deterministic runs — are skipped once the script has run this long),
+# FA_EXP_POLY_SWEEP ("": e.g. "8 4 2" sweeps the forward's polynomial exp2 share, see flash_attention.cu),
 # SKIP_PARITY=1, SKIP_TRAIN=1, SKIP_COMPILE=1, MODELS ("vanilla mor-ec3"), GEMMS ("f32,bf16"), SIZE (360m),
 # DEVICE (cuda), TORCH_EXTRA (more torch_reference.py arguments). A CPU smoke test of the script:
 #   DEVICE=cpu SIZE=tiny GEMMS=f32 SKIP_PARITY=1 SKIP_COMPILE=1 MICRO_BATCH=2 SEQ_LEN=64 \
@@ -72,6 +73,12 @@ if [ -z "${SKIP_PARITY:-}" ]; then
     step "op-level parity + kernel timings (cuda_parity)" 150 required -- "$OPS"
     # Every tensor-core attention path (fused backward default, two-pass deterministic, wgmma opt-in): checks and timings.
     step "flash-attention configurations (cuda_parity --flash-sweep)" 90 required -- "$OPS" --flash-sweep "tmapp,fused,tma;8,fused,4;8,4,4;8g,4g,4g"
+    # The forward's softmax with every FA_EXP_POLY-th group of key columns on the FMA pipe instead
+    # of the SFU (an experiment, default off): checks and timings per share, kernels compiled here.
+    for P in ${FA_EXP_POLY_SWEEP:-}; do
+      MOR_NVRTC_DEFINES="FA_EXP_POLY=$P" MOR_PTX_CACHE=".gpu/kernels-poly$P.ptx" \
+        step "flash attention, exp2 polynomial share 1/$P (FA_EXP_POLY=$P)" 120 required -- "$OPS" --flash-sweep "tmapp,fused,tma"
+    done
     # The Hopper building blocks (TMA with 128-byte swizzle, shared-memory wgmma operands).
     step "TMA / wgmma building blocks (cuda_parity --tma-probe)" 30 required -- "$OPS" --tma-probe
   fi

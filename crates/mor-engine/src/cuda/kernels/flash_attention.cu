@@ -86,6 +86,28 @@ __device__ __forceinline__ float fa_exp2(float x) {
     return y;
 }
 
+// 2^x for x <= 0 on the FMA and integer pipes instead of the SFU (FlashAttention-4's offload; the
+// forward's softmax is SFU-bound at head dim 64): x = j + f with j = round(x) (the 1.5 * 2^23
+// trick), 2^f by a degree-3 minimax polynomial on [-0.5, 0.5] (relative error 7.5e-5, far below
+// bf16's 2^-9), 2^j added to the exponent bits. At and below -127 (masked: -inf) the bits would go
+// negative; the max makes that exactly +0, as ex2 gives.
+__device__ __forceinline__ float fa_exp2_poly(float x) {
+    x = fmaxf(x, -127.f);
+    const float t = x + 12582912.f;
+    const float f = x - (t - 12582912.f);
+    const float p = fmaf(fmaf(fmaf(0.0551716685f, f, 0.2426111400f), f, 0.6932609677f), f, 0.9999280572f);
+    return __int_as_float(max(__float_as_int(p) + (__float_as_int(t) << 23), 0));
+}
+
+// Every FA_EXP_POLY-th group of 8 key columns of the forward's softmax takes fa_exp2_poly (0: none).
+#ifndef FA_EXP_POLY
+#define FA_EXP_POLY 0
+#endif
+__device__ __forceinline__ float fa_exp2_group(float x, int group) {
+    if (FA_EXP_POLY > 0 && group % (FA_EXP_POLY > 0 ? FA_EXP_POLY : 1) == 0) return fa_exp2_poly(x);
+    return fa_exp2(x);
+}
+
 __device__ __forceinline__ void fa_mma(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -480,10 +502,10 @@ __device__ __forceinline__ void fa_softmax_tile(float (*sc)[4], float* m, float*
     l[1] *= c[1];
 #pragma unroll
     for (int n = 0; n < NG; ++n) {
-        sc[n][0] = fa_exp2(sc[n][0] - s0);
-        sc[n][1] = fa_exp2(sc[n][1] - s0);
-        sc[n][2] = fa_exp2(sc[n][2] - s1);
-        sc[n][3] = fa_exp2(sc[n][3] - s1);
+        sc[n][0] = fa_exp2_group(sc[n][0] - s0, n);
+        sc[n][1] = fa_exp2_group(sc[n][1] - s0, n);
+        sc[n][2] = fa_exp2_group(sc[n][2] - s1, n);
+        sc[n][3] = fa_exp2_group(sc[n][3] - s1, n);
         l[0] += sc[n][0] + sc[n][1];
         l[1] += sc[n][2] + sc[n][3];
     }
