@@ -437,13 +437,7 @@ pub trait Backend {
     /// Members `local[..m]` of a token set (global row indices `parent`) as a new set:
     /// `idx[i] = parent[local[i]]`, `pos[i] = idx[i] % seq_len`. Expert-choice subsets are built
     /// on the device this way, so the host need not read the selection before the block runs.
-    fn subset_rows(&self, idx: &mut Self::Idx, pos: &mut Self::Idx, parent: &Self::Idx, local: &Self::Idx, m: usize, seq_len: usize) {
-        let (parent, local) = (self.idx_to_vec(parent), self.idx_to_vec(local));
-        let rows: Vec<u32> = local[..m].iter().map(|&j| parent[j as usize]).collect();
-        let positions: Vec<u32> = rows.iter().map(|&g| g % seq_len as u32).collect();
-        self.idx_write(idx, &rows);
-        self.idx_write(pos, &positions);
-    }
+    fn subset_rows(&self, idx: &mut Self::Idx, pos: &mut Self::Idx, parent: &Self::Idx, local: &Self::Idx, m: usize, seq_len: usize);
 
     // ---- losses ---------------------------------------------------------------------------
     /// Per-row cross-entropy `loss[i] = logsumexp(logits[i]) - logits[i, target[i]]`; rows whose

@@ -39,12 +39,13 @@ pub mod precision;
 use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::RwLock;
 
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::backend::{AdamStepScalars, AdamWItem, AttnShape, Backend, GateFn, MatmulPrecision};
+use crate::backend::{AdamStepScalars, AdamWItem, AttnShape, Backend, GateFn, MatmulPrecision, Readback};
 
 use math::{axpy, bce_with_logits, sigmoid};
 use precision::{AttnRounding, GemmCall, GemmProduct, GemmRule, Operand};
@@ -317,7 +318,37 @@ fn operand<T: CpuFloat>(x: &[T], len: usize, f: Operand) -> Cow<'_, [T]> {
 /// gradient checks. Exact by default; see the module docs for the emulated (bf16) precision.
 pub struct Cpu<T> {
     emulation: RwLock<Emulation>,
+    traffic: TrafficCounters,
     _t: PhantomData<fn() -> T>,
+}
+
+/// Calls that would move data between host and device, or allocate, on a device backend: what
+/// the CPU counts so tests can prove that a stretch of model code queues device work only (the
+/// condition for capturing it in a CUDA graph; docs/design/cuda-graphs.md).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HostTraffic {
+    /// `zeros`, `zeros_act`, `from_*`, `idx_from`.
+    pub allocs: u64,
+    /// `idx_from`, `from_*`, `idx_write`, `write_*`.
+    pub uploads: u64,
+    /// Reads that wait for the queued work: `to_*`, `idx_to_vec`, `sum_squares*`.
+    pub reads: u64,
+    /// Reads queued without waiting (`*_async`), waited for later.
+    pub async_reads: u64,
+}
+
+#[derive(Default)]
+struct TrafficCounters {
+    allocs: AtomicU64,
+    uploads: AtomicU64,
+    reads: AtomicU64,
+    async_reads: AtomicU64,
+}
+
+impl TrafficCounters {
+    fn count(c: &AtomicU64) {
+        c.fetch_add(1, AtomicOrdering::Relaxed);
+    }
 }
 
 /// The emulated precision (module docs); the default is exact.
@@ -330,7 +361,21 @@ struct Emulation {
 
 impl<T: CpuFloat> Cpu<T> {
     pub fn new() -> Self {
-        Cpu { emulation: RwLock::new(Emulation { gemm: None, attention: AttnRounding::EXACT }), _t: PhantomData }
+        Cpu { emulation: RwLock::new(Emulation { gemm: None, attention: AttnRounding::EXACT }), traffic: TrafficCounters::default(), _t: PhantomData }
+    }
+
+    /// The host traffic counted since the backend was made or [`Cpu::reset_traffic`].
+    pub fn traffic(&self) -> HostTraffic {
+        let t = &self.traffic;
+        let get = |c: &AtomicU64| c.load(AtomicOrdering::Relaxed);
+        HostTraffic { allocs: get(&t.allocs), uploads: get(&t.uploads), reads: get(&t.reads), async_reads: get(&t.async_reads) }
+    }
+
+    pub fn reset_traffic(&self) {
+        let t = &self.traffic;
+        for c in [&t.allocs, &t.uploads, &t.reads, &t.async_reads] {
+            c.store(0, AtomicOrdering::Relaxed);
+        }
     }
 
     /// Round GEMM operands per `rule` from now on (`None`: exact, as
@@ -371,7 +416,7 @@ impl<T: CpuFloat> Default for Cpu<T> {
 
 impl<T> Clone for Cpu<T> {
     fn clone(&self) -> Self {
-        Cpu { emulation: RwLock::new(self.emulation.read().unwrap().clone()), _t: PhantomData }
+        Cpu { emulation: RwLock::new(self.emulation.read().unwrap().clone()), traffic: TrafficCounters::default(), _t: PhantomData }
     }
 }
 
@@ -401,33 +446,47 @@ impl<T: CpuFloat> Backend for Cpu<T> {
 
     // ---- memory ---------------------------------------------------------------------------
     fn zeros(&self, n: usize) -> Vec<T> {
+        TrafficCounters::count(&self.traffic.allocs);
         vec![T::zero(); n]
     }
 
     fn from_f32(&self, data: &[f32]) -> Vec<T> {
+        TrafficCounters::count(&self.traffic.allocs);
+        TrafficCounters::count(&self.traffic.uploads);
         data.iter().map(|&x| T::of_f32(x)).collect()
     }
 
     fn to_f32(&self, buf: &Vec<T>) -> Vec<f32> {
+        TrafficCounters::count(&self.traffic.reads);
         buf.iter().map(|&x| x.as_f32()).collect()
     }
 
     fn to_f32_prefix(&self, buf: &Vec<T>, n: usize) -> Vec<f32> {
+        TrafficCounters::count(&self.traffic.reads);
         buf[..n].iter().map(|&x| x.as_f32()).collect()
     }
 
     fn from_f64(&self, data: &[f64]) -> Vec<T> {
+        TrafficCounters::count(&self.traffic.allocs);
+        TrafficCounters::count(&self.traffic.uploads);
         data.iter().map(|&x| T::of_f64(x)).collect()
     }
 
     fn write_f64(&self, buf: &mut Vec<T>, data: &[f64]) {
+        TrafficCounters::count(&self.traffic.uploads);
         for (b, &x) in buf.iter_mut().zip(data) {
             *b = T::of_f64(x);
         }
     }
 
     fn to_f64_prefix(&self, buf: &Vec<T>, n: usize) -> Vec<f64> {
+        TrafficCounters::count(&self.traffic.reads);
         buf[..n].iter().map(|&x| x.as_f64()).collect()
+    }
+
+    fn to_f64_prefix_async(&self, buf: &Vec<T>, n: usize) -> Readback<f64> {
+        TrafficCounters::count(&self.traffic.async_reads);
+        Readback::ready(buf[..n].iter().map(|&x| x.as_f64()).collect())
     }
 
     fn len(&self, buf: &Vec<T>) -> usize {
@@ -435,18 +494,28 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     }
 
     fn idx_from(&self, data: &[u32]) -> Vec<u32> {
+        TrafficCounters::count(&self.traffic.allocs);
+        TrafficCounters::count(&self.traffic.uploads);
         data.to_vec()
     }
 
     fn idx_to_vec(&self, idx: &Vec<u32>) -> Vec<u32> {
+        TrafficCounters::count(&self.traffic.reads);
         idx.clone()
     }
 
+    fn idx_prefix_async(&self, idx: &Vec<u32>, n: usize) -> Readback<u32> {
+        TrafficCounters::count(&self.traffic.async_reads);
+        Readback::ready(idx[..n].to_vec())
+    }
+
     fn idx_write(&self, idx: &mut Vec<u32>, data: &[u32]) {
+        TrafficCounters::count(&self.traffic.uploads);
         idx[..data.len()].copy_from_slice(data);
     }
 
     fn write_f32(&self, buf: &mut Vec<T>, data: &[f32]) {
+        TrafficCounters::count(&self.traffic.uploads);
         for (b, &x) in buf[..data.len()].iter_mut().zip(data) {
             *b = T::of_f32(x);
         }
@@ -473,6 +542,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     }
 
     fn sum_squares(&self, x: &Vec<T>, n: usize) -> f64 {
+        TrafficCounters::count(&self.traffic.reads);
         // Fixed chunks, partial sums combined in chunk order: independent of the thread count.
         let partial: Vec<f64> =
             x[..n].par_chunks(EW_CHUNK).map(|c| c.iter().fold(0.0f64, |s, &v| s + v.as_f64() * v.as_f64())).collect();
@@ -848,6 +918,13 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let v = T::of_f32(value);
         for &r in &idx[..m] {
             x[r as usize] = v;
+        }
+    }
+
+    fn subset_rows(&self, idx: &mut Vec<u32>, pos: &mut Vec<u32>, parent: &Vec<u32>, local: &Vec<u32>, m: usize, seq_len: usize) {
+        for (i, &j) in local[..m].iter().enumerate() {
+            idx[i] = parent[j as usize];
+            pos[i] = idx[i] % seq_len as u32;
         }
     }
 

@@ -9,7 +9,7 @@ pub mod cuda;
 pub mod params;
 
 pub use backend::{AdamWItem, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision, Readback};
-pub use cpu::Cpu;
+pub use cpu::{Cpu, HostTraffic};
 #[cfg(feature = "cuda")]
 pub use cuda::Cuda;
 pub use params::{ParamGroup, ParamId, ParamInfo, ParamStore};

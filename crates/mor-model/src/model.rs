@@ -100,17 +100,16 @@ struct App {
 enum StepTrace<B: Backend> {
     /// Every token of `set` runs the block; the block output replaces the stream.
     Plain { apps: Range<usize> },
-    Expert(ExpertTrace<B>),
+    Expert(ExpertTrace),
     Token(TokenTrace<B>),
 }
 
-struct ExpertTrace<B: Backend> {
+struct ExpertTrace {
     r: usize,
     apps: Range<usize>,
     cand: usize,
     sel: usize,
-    /// Selected candidates as local indices into `cand`.
-    sel_local: B::Idx,
+    /// Step buffer (its `sel_local`: the selected candidates as local indices into `cand`).
     buf: usize,
     has_router: bool,
 }
@@ -141,6 +140,8 @@ struct TokenStep<B: Backend> {
 struct StepBuf<B: Backend> {
     cand: usize,
     sel: usize,
+    /// The selection as local indices into the candidates (top-k's output).
+    sel_local: B::Idx,
     x: B::Buf,
     g: B::Buf,
     gk: B::Buf,
@@ -160,6 +161,7 @@ impl<B: Backend> StepBuf<B> {
         StepBuf {
             cand,
             sel,
+            sel_local: b.idx_from(&vec![0; sel]),
             x: b.zeros(cand * d),
             g: b.zeros(cand),
             gk: b.zeros(sel),
@@ -223,6 +225,10 @@ pub struct Workspace<B: Backend> {
     ids: B::Idx,
     head_idx: Vec<B::Idx>,
     head_targets: Vec<B::Idx>,
+    /// The token sets of the last finished forward, by their index in its trace: the next
+    /// forward reuses their buffers where it builds the same kind of set ([`TokenSet::full`],
+    /// [`TokenSet::compose_rows`]).
+    set_pool: Vec<Option<TokenSet<B>>>,
 }
 
 /// What one forward pass did, for the backward.
@@ -236,6 +242,13 @@ pub struct Trace<B: Backend> {
     loss_scale: f32,
     /// Expert-choice selections composed on the device, read back asynchronously.
     pending: Vec<PendingSelection>,
+    /// The statistics so far; completed by [`Model::collect_stats`] when `ce_read` is set.
+    stats: Stats,
+    /// A training step's per-token losses, read back asynchronously: its reads (these, the
+    /// selections, the router logits) are waited for after its backward is queued
+    /// ([`Model::train_step`]), not inside the forward.
+    ce_read: Option<Readback<f64>>,
+    backward_done: bool,
 }
 
 /// An expert-choice selection left on the device: its reads in flight, for the selected set's
@@ -247,6 +260,13 @@ struct PendingSelection {
     local: Readback<u32>,
     logits: Option<Readback<f64>>,
     aux_bce: Option<Readback<f64>>,
+}
+
+/// What a forward needs of the staged batch on the host (its ids and targets are on the device).
+struct Staged {
+    segs: Segments,
+    /// Targets that count (not `u32::MAX`).
+    valid: usize,
 }
 
 impl<B: Backend> Trace<B> {
@@ -265,6 +285,10 @@ pub struct Model<B: Backend> {
     pub router_state: RouterState,
     seed: u64,
     ws: Option<Workspace<B>>,
+    /// The batch of the next forward ([`Model::stage_batch`]).
+    staged: Option<Staged>,
+    /// The last forward (kept after its backward for [`Model::collect_stats`] and
+    /// [`Model::selections`]; its token sets go to the workspace's pool at the next forward).
     trace: Option<Trace<B>>,
     /// When set, `captured` receives the residual stream after the embedding and after every
     /// step of the forward (the prefix layers, each recursion, the suffix layers): a hook for
@@ -340,6 +364,7 @@ impl<B: Backend> Model<B> {
             weights,
             seed,
             ws: None,
+            staged: None,
             trace: None,
             capture: false,
             captured: Vec::new(),
@@ -387,12 +412,32 @@ impl<B: Backend> Model<B> {
             ids: b.idx_from(&vec![0; n]),
             head_idx: (0..n).step_by(head_rows).map(|s| b.idx_from(&(s as u32..(s + head_rows).min(n) as u32).collect::<Vec<_>>())).collect(),
             head_targets: (0..n).step_by(head_rows).map(|s| b.idx_from(&vec![0; head_rows.min(n - s)])).collect(),
+            set_pool: Vec::new(),
         });
     }
 
     /// Forward pass computing the loss; with `grad`, also the head gradient, ready for
     /// [`Model::backward`]. `loss_scale` multiplies every gradient (e.g. `1 / grad_accum`).
     pub fn forward(&mut self, b: &B, batch: &Batch, routing: Routing, grad: bool, loss_scale: f32) -> anyhow::Result<Stats> {
+        self.stage_batch(b, batch)?;
+        self.forward_staged(b, routing, grad, loss_scale, false)?;
+        Ok(self.trace.as_ref().unwrap().stats.clone())
+    }
+
+    /// One training micro-step: forward (top-k routing) and backward of `batch`, gradients
+    /// accumulated into `params.grads`. The same computation as `forward(.., TopK, true, ..)`
+    /// then `backward`, with the same results; its reads of losses, selections and router
+    /// logits are waited for after the backward is queued. It is [`Model::stage_batch`],
+    /// [`Model::run_staged`] and [`Model::collect_stats`] in turn.
+    pub fn train_step(&mut self, b: &B, batch: &Batch, loss_scale: f32) -> anyhow::Result<Stats> {
+        self.stage_batch(b, batch)?;
+        self.run_staged(b, loss_scale)?;
+        self.collect_stats()
+    }
+
+    /// Checks `batch` and uploads its token ids and targets into the workspace (allocated for
+    /// its shape on first use): the only host-to-device traffic of a training step.
+    pub fn stage_batch(&mut self, b: &B, batch: &Batch) -> anyhow::Result<()> {
         let (bsz, len) = (batch.batch, batch.seq_len);
         let n = bsz * len;
         anyhow::ensure!(batch.inputs.len() == n && batch.targets.len() == n, "batch: inputs/targets must have batch*seq_len tokens");
@@ -404,8 +449,76 @@ impl<B: Backend> Model<B> {
             anyhow::bail!("batch: target id {bad} is outside the vocabulary ({})", self.cfg.vocab_size);
         }
         self.ensure_workspace(b, n);
-        let segs = Segments::new(bsz, len, batch.doc_starts);
-        let full = TokenSet::full(b, &segs);
+        let ws = self.ws.as_mut().unwrap();
+        b.idx_write(&mut ws.ids, batch.inputs);
+        for (c, start) in (0..n).step_by(ws.head_rows).enumerate() {
+            let rows = ws.head_rows.min(n - start);
+            b.idx_write(&mut ws.head_targets[c], &batch.targets[start..start + rows]);
+        }
+        let valid = batch.targets.iter().filter(|&&t| t != u32::MAX).count();
+        self.staged = Some(Staged { segs: Segments::new(bsz, len, batch.doc_starts), valid });
+        Ok(())
+    }
+
+    /// Forward and backward of the staged batch (top-k routing). After a step at the same shape,
+    /// with no document masks, an expert-choice or router-free model and a learned router,
+    /// it only queues device work (reads are queued asynchronously): no allocation, upload or
+    /// wait (docs/design/cuda-graphs.md; the CPU backend's traffic counters test it).
+    pub fn run_staged(&mut self, b: &B, loss_scale: f32) -> anyhow::Result<()> {
+        self.forward_staged(b, Routing::TopK, true, loss_scale, true)?;
+        self.backward(b)
+    }
+
+    /// The statistics of the last [`Model::run_staged`]: waits for its reads and computes the
+    /// router statistics, per-token losses and depths on the host.
+    pub fn collect_stats(&mut self) -> anyhow::Result<Stats> {
+        let mut tr = self.trace.take().ok_or_else(|| anyhow::anyhow!("collect_stats without a training step"))?;
+        let Some(ce) = tr.ce_read.take().filter(|_| tr.backward_done) else {
+            self.trace = Some(tr);
+            anyhow::bail!("collect_stats without a training step (run_staged) whose statistics are still to collect");
+        };
+        let mut stats = std::mem::take(&mut tr.stats);
+        self.expert_stats(&mut tr, &mut stats);
+        self.add_losses(ce.wait(), &mut stats);
+        self.token_depths = self.depths_of(&tr);
+        self.trace = Some(tr);
+        Ok(stats)
+    }
+
+    /// The per-token losses into `token_losses`, their mean into `stats.ce` and the loss.
+    fn add_losses(&mut self, ce: Vec<f64>, stats: &mut Stats) {
+        let valid = self.staged.as_ref().expect("a staged batch").valid;
+        self.token_losses = ce;
+        let total: f64 = self.token_losses.iter().sum();
+        stats.tokens = valid;
+        stats.ce = if valid > 0 { total / valid as f64 } else { 0.0 };
+        stats.loss += stats.ce;
+    }
+
+    /// A trace's token sets back to the workspace's pool, for the next forward.
+    fn recycle(&mut self, tr: Trace<B>) {
+        if let Some(ws) = self.ws.as_mut() {
+            if ws.n == tr.sets[0].len() {
+                ws.set_pool = tr.sets.into_iter().map(Some).collect();
+            }
+        }
+    }
+
+    /// The pooled token set `i` of the last forward, if any (see [`Workspace::set_pool`]).
+    fn pooled_set(&mut self, i: usize) -> Option<TokenSet<B>> {
+        self.ws.as_mut().and_then(|ws| ws.set_pool.get_mut(i).and_then(Option::take))
+    }
+
+    /// The forward of the staged batch. `deferred`: the reads of the statistics are left for
+    /// [`Model::collect_stats`] (training steps); otherwise they complete here.
+    fn forward_staged(&mut self, b: &B, routing: Routing, grad: bool, loss_scale: f32, deferred: bool) -> anyhow::Result<()> {
+        if let Some(old) = self.trace.take() {
+            self.recycle(old);
+        }
+        let segs = self.staged.as_ref().ok_or_else(|| anyhow::anyhow!("forward without a staged batch"))?.segs.clone();
+        let n = segs.batch * segs.seq_len;
+        let reuse = self.pooled_set(0);
+        let full = TokenSet::full(b, &segs, reuse);
         let mut tr = Trace {
             segs,
             sets: vec![full],
@@ -415,13 +528,15 @@ impl<B: Backend> Model<B> {
             suffix: 0..0,
             loss_scale,
             pending: Vec::new(),
+            stats: Stats::default(),
+            ce_read: None,
+            backward_done: false,
         };
         let mut stats = Stats::default();
         let d = self.dims.d;
 
         {
             let ws = self.ws.as_mut().unwrap();
-            b.idx_write(&mut ws.ids, batch.inputs);
             b.embedding_fwd(&mut ws.h, self.params.value(self.weights.embed), &ws.ids, n, d);
         }
         self.captured.clear();
@@ -453,16 +568,24 @@ impl<B: Backend> Model<B> {
             }
         }
 
-        // The selections left on the device, read while it still runs the last blocks.
-        self.expert_stats(&mut tr, &mut stats);
-        self.head_forward(b, batch, grad, loss_scale, &mut stats);
-        self.token_depths = self.depths_of(&tr);
-        stats.loss += stats.ce;
+        self.head_forward(b, grad, loss_scale);
+        if deferred {
+            let ws = self.ws.as_ref().unwrap();
+            tr.ce_read = Some(b.to_f64_prefix_async(&ws.ce_all, n));
+        } else {
+            // The selections left on the device (read while it still ran the last blocks), then
+            // the losses.
+            self.expert_stats(&mut tr, &mut stats);
+            let ce = b.to_f64_prefix(&self.ws.as_ref().unwrap().ce_all, n);
+            self.add_losses(ce, &mut stats);
+            self.token_depths = self.depths_of(&tr);
+        }
         if grad {
             self.router_state.forward_calls += 1;
         }
+        tr.stats = stats;
         self.trace = Some(tr);
-        Ok(stats)
+        Ok(())
     }
 
     /// KV-sharing sources for the applications of recursion `r` (`None` = own keys/values).
@@ -703,26 +826,30 @@ impl<B: Backend> Model<B> {
             // document masks or threshold routing the host reads it and builds the subset, with
             // the router's logits for the statistics (read while the selection's read has drained
             // the queue: no wait of their own).
-            let ws = self.ws.as_ref().unwrap();
-            let read_logits = || if has_router { b.to_f64_prefix(&ws.routers[r].logits, n_c) } else { Vec::new() };
+            let ws = self.ws.as_mut().unwrap();
+            let read_logits = |ws: &Workspace<B>| if has_router { b.to_f64_prefix(&ws.routers[r].logits, n_c) } else { Vec::new() };
             let on_device = routing == Routing::TopK && tr.segs.num_segments == bsz;
-            let (sel_set, sel_local, on_host) = if on_device {
-                let mut out = b.idx_from(&vec![0u32; bsz * k]);
-                b.topk_segments(&mut out, &ws.steps[r].g, &tr.sets[cand].cu, bsz, k);
+            let (sel_set, on_host) = if on_device {
+                let StepBuf { sel_local, g, .. } = &mut ws.steps[r];
+                b.topk_segments(sel_local, g, &tr.sets[cand].cu, bsz, k);
                 let logits = has_router.then(|| b.to_f64_prefix_async(&ws.routers[r].logits, n_c));
-                let local = b.idx_prefix_async(&out, bsz * k);
+                let local = b.idx_prefix_async(&ws.steps[r].sel_local, bsz * k);
                 tr.pending.push(PendingSelection { r, cand, sel: tr.sets.len(), local, logits, aux_bce: None });
-                (TokenSet::compose_rows(b, &tr.segs, &tr.sets[cand], &out, k), out, None)
+                let reuse = self.pooled_set(tr.sets.len());
+                let sel_local = &self.ws.as_ref().unwrap().steps[r].sel_local;
+                (TokenSet::compose_rows(b, &tr.segs, &tr.sets[cand], sel_local, k, reuse), None)
             } else {
                 let (sel_local_host, logits_host): (Vec<u32>, Vec<f64>) = match routing {
                     Routing::TopK => {
                         let row_cu = b.idx_from(&tr.sets[cand].host().row_cu);
-                        let mut out = b.idx_from(&vec![0u32; bsz * k]);
-                        b.topk_segments(&mut out, &ws.steps[r].g, &row_cu, bsz, k);
-                        (b.idx_to_vec(&out), read_logits())
+                        let StepBuf { sel_local, g, .. } = &mut ws.steps[r];
+                        b.topk_segments(sel_local, g, &row_cu, bsz, k);
+                        let mut local = b.idx_to_vec(sel_local);
+                        local.truncate(bsz * k);
+                        (local, read_logits(ws))
                     }
                     Routing::Threshold => {
-                        let logits = read_logits();
+                        let logits = read_logits(ws);
                         let scores: Vec<f64> = if has_router {
                             logits.clone()
                         } else {
@@ -732,9 +859,9 @@ impl<B: Backend> Model<B> {
                         ((0..n_c as u32).filter(|&i| scores[i as usize] >= 0.0).collect(), logits)
                     }
                 };
+                b.idx_write(&mut ws.steps[r].sel_local, &sel_local_host);
                 let set = tr.sets[cand].subset(b, &tr.segs, &sel_local_host);
-                let sel_local = b.idx_from(&sel_local_host);
-                (set, sel_local, Some((sel_local_host, logits_host)))
+                (set, Some((sel_local_host, logits_host)))
             };
             let m = sel_set.len();
             tr.sets.push(sel_set);
@@ -749,7 +876,7 @@ impl<B: Backend> Model<B> {
             // The auxiliary router's objective on the candidates (device work, before the block).
             if has_router {
                 b.fill(&mut sb.targets, n_c, 0.0);
-                b.index_fill(&mut sb.targets, &sel_local, m, 1.0);
+                b.index_fill(&mut sb.targets, &sb.sel_local, m, 1.0);
                 if rc.sampling == Sampling::AuxRouter {
                     let aw = &self.weights.aux_routers[r];
                     let ar = &mut aux_routers[r];
@@ -763,7 +890,7 @@ impl<B: Backend> Model<B> {
                 }
             }
             // Run the block on the selected tokens and combine.
-            b.gather_rows(&mut sb.gk, &sb.g, &sel_local, m, 1);
+            b.gather_rows(&mut sb.gk, &sb.g, &sb.sel_local, m, 1);
             let sel_idx = &tr.sets[sel].idx;
             b.gather_rows(&mut acts[apps.start].x, h, sel_idx, m, d);
             run_block(b, &self.dims, &self.params, &self.weights, tr, acts, apps.clone(), &mut sb.y);
@@ -776,7 +903,7 @@ impl<B: Backend> Model<B> {
             if let Some((sel_local_host, logits_host)) = on_host {
                 self.router_stats(tr, r, sel, n_c, &sel_local_host, &logits_host, aux_bce_host.as_deref(), stats);
             }
-            tr.steps.push(StepTrace::Expert(ExpertTrace { r, apps, cand, sel, sel_local, buf: r, has_router }));
+            tr.steps.push(StepTrace::Expert(ExpertTrace { r, apps, cand, sel, buf: r, has_router }));
             cand = sel;
             self.capture_h(b);
         }
@@ -989,12 +1116,12 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Final norm, LM head and cross-entropy, in row chunks so the full logits never exist at
-    /// once. With `grad`, also `dhn` and the head's weight gradient.
-    fn head_forward(&mut self, b: &B, batch: &Batch, grad: bool, loss_scale: f32, stats: &mut Stats) {
-        let n = batch.batch * batch.seq_len;
+    /// Final norm, LM head and cross-entropy (per-token losses into `ce_all`), in row chunks so
+    /// the full logits never exist at once. With `grad`, also `dhn` and the head's weight gradient.
+    fn head_forward(&mut self, b: &B, grad: bool, loss_scale: f32) {
+        let valid = self.staged.as_ref().expect("a staged batch").valid;
+        let n = self.ws.as_ref().unwrap().n;
         let (d, vocab) = (self.dims.d, self.cfg.vocab_size);
-        let valid = batch.targets.iter().filter(|&&t| t != u32::MAX).count();
         let head = self.weights.head();
         let ws = self.ws.as_mut().unwrap();
         b.rmsnorm_fwd(&mut ws.hn, &mut ws.rstd, &ws.h, self.params.value(self.weights.final_norm), n, d, self.dims.eps);
@@ -1004,7 +1131,6 @@ impl<B: Backend> Model<B> {
         let scale = if valid > 0 { loss_scale / valid as f32 } else { 0.0 };
         for (c, start) in (0..n).step_by(ws.head_rows).enumerate() {
             let rows = ws.head_rows.min(n - start);
-            b.idx_write(&mut ws.head_targets[c], &batch.targets[start..start + rows]);
             let (idx, targets) = (&ws.head_idx[c], &ws.head_targets[c]);
             b.gather_rows(&mut ws.head_x, &ws.hn, idx, rows, d);
             b.matmul_fwd(&mut ws.logits, &ws.head_x, self.params.value(head), rows, d, vocab);
@@ -1029,15 +1155,17 @@ impl<B: Backend> Model<B> {
                 b.scatter_add_rows(&mut ws.dhn, &ws.head_dx, idx, rows, d);
             }
         }
-        self.token_losses = b.to_f64_prefix(&ws.ce_all, n);
-        let total: f64 = self.token_losses.iter().sum();
-        stats.tokens = valid;
-        stats.ce = if valid > 0 { total / valid as f64 } else { 0.0 };
     }
 
     /// Backward of the last `forward(.., grad = true, ..)`: accumulates into `params.grads`.
     pub fn backward(&mut self, b: &B) -> anyhow::Result<()> {
-        let tr = self.trace.take().ok_or_else(|| anyhow::anyhow!("backward without a forward"))?;
+        let mut tr = match self.trace.take() {
+            Some(tr) if !tr.backward_done => tr,
+            done => {
+                self.trace = done;
+                anyhow::bail!("backward without a forward (the last forward's backward already ran)");
+            }
+        };
         let n = tr.sets[0].len();
         let d = self.dims.d;
         let scale = tr.loss_scale;
@@ -1069,10 +1197,12 @@ impl<B: Backend> Model<B> {
         let ws = self.ws.as_mut().unwrap();
         let embed = self.weights.embed;
         b.embedding_bwd(&mut self.params.grads[embed.0], &ws.dh, &ws.ids, n, d);
+        tr.backward_done = true;
+        self.trace = Some(tr);
         Ok(())
     }
 
-    fn expert_backward(&mut self, b: &B, tr: &Trace<B>, et: &ExpertTrace<B>, scale: f32) -> anyhow::Result<()> {
+    fn expert_backward(&mut self, b: &B, tr: &Trace<B>, et: &ExpertTrace, scale: f32) -> anyhow::Result<()> {
         let rc = self.router_cfg().unwrap().clone();
         let d = self.dims.d;
         let n_c = tr.sets[et.cand].len();
@@ -1096,7 +1226,7 @@ impl<B: Backend> Model<B> {
         b.fill(&mut ra.dlogits, n_c, 0.0);
         if rc.combine == Combine::Add {
             b.fill(&mut sb.dg, n_c, 0.0);
-            b.scatter_add_rows(&mut sb.dg, &sb.dgk, &et.sel_local, m, 1);
+            b.scatter_add_rows(&mut sb.dg, &sb.dgk, &sb.sel_local, m, 1);
             b.gate_bwd(&mut ra.dlogits, &sb.dg, &ra.logits, gate_fn(rc.activation()), rc.alpha() as f32, n_c);
         }
         if rc.sampling == Sampling::AuxLoss && rc.aux_coeff > 0.0 {

@@ -38,8 +38,24 @@ impl Segments {
     }
 }
 
+/// What a set's device buffers hold, so that the next batch of the same shape can reuse them
+/// instead of allocating and uploading (a training step then only queues device work, the
+/// condition for capturing it in a CUDA graph: docs/design/cuda-graphs.md C2, C4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Every token of `batch` rows of `seq_len`, one segment per row: the same contents for
+    /// every batch of that shape.
+    Full { batch: usize, seq_len: usize },
+    /// `k` members per row composed on the device ([`TokenSet::compose_rows`]): fixed segment
+    /// offsets, indices rewritten per batch.
+    Rows { batch: usize, seq_len: usize, k: usize },
+    /// Uploaded from host indices (document masks, selections made on the host).
+    Host,
+}
+
 /// A set of tokens, on the device and (once known there) on the host.
 pub struct TokenSet<B: Backend> {
+    origin: Origin,
     len: usize,
     /// Host copies; `None` for a set composed on the device ([`TokenSet::compose_rows`]) until
     /// [`TokenSet::fill_host`] runs.
@@ -94,6 +110,7 @@ impl<B: Backend> TokenSet<B> {
     /// Uploads host indices.
     fn from_host(backend: &B, segs: &Segments, host: TokenHost) -> Self {
         TokenSet {
+            origin: Origin::Host,
             len: host.idx.len(),
             idx: backend.idx_from(&host.idx),
             pos: backend.idx_from(&host.pos),
@@ -103,8 +120,16 @@ impl<B: Backend> TokenSet<B> {
         }
     }
 
-    pub fn full(backend: &B, segs: &Segments) -> Self {
-        Self::from_indices(backend, segs, (0..(segs.batch * segs.seq_len) as u32).collect())
+    /// Every token of the batch; `reuse` (the previous batch's full set) is taken as it is when
+    /// it holds the same contents (same shape, segments = rows), instead of uploading.
+    pub fn full(backend: &B, segs: &Segments, reuse: Option<Self>) -> Self {
+        let origin = if segs.num_segments == segs.batch { Origin::Full { batch: segs.batch, seq_len: segs.seq_len } } else { Origin::Host };
+        if let Some(set) = reuse.filter(|s| origin != Origin::Host && s.origin == origin) {
+            return set;
+        }
+        let mut set = Self::from_indices(backend, segs, (0..(segs.batch * segs.seq_len) as u32).collect());
+        set.origin = origin;
+        set
     }
 
     pub fn len(&self) -> usize {
@@ -136,14 +161,22 @@ impl<B: Backend> TokenSet<B> {
     /// The subset of `k` members per batch row at the local positions `local` (ascending within
     /// each row, `batch * k` entries; a device top-k's output), composed on the device: the host
     /// does not wait for the selection. Segments must be the batch rows (no document masks), so
-    /// the segment offsets are `[0, k, 2k, ..]`.
-    pub fn compose_rows(backend: &B, segs: &Segments, parent: &Self, local: &B::Idx, k: usize) -> Self {
+    /// the segment offsets are `[0, k, 2k, ..]`. `reuse` (the same recursion's set of the previous
+    /// batch) gives its buffers when composed alike: no allocation or upload then.
+    pub fn compose_rows(backend: &B, segs: &Segments, parent: &Self, local: &B::Idx, k: usize, reuse: Option<Self>) -> Self {
         assert_eq!(segs.num_segments, segs.batch, "compose_rows: segments must be the batch rows");
         let m = segs.batch * k;
-        let cu: Vec<u32> = (0..=segs.batch as u32).map(|b| b * k as u32).collect();
-        let (mut idx, mut pos) = (backend.idx_from(&vec![0; m]), backend.idx_from(&vec![0; m]));
-        backend.subset_rows(&mut idx, &mut pos, &parent.idx, local, m, segs.seq_len);
-        TokenSet { len: m, host: None, idx, pos, cu: backend.idx_from(&cu), num_segments: segs.num_segments }
+        let origin = Origin::Rows { batch: segs.batch, seq_len: segs.seq_len, k };
+        let mut set = match reuse.filter(|s| s.origin == origin) {
+            Some(set) => TokenSet { host: None, ..set },
+            None => {
+                let cu: Vec<u32> = (0..=segs.batch as u32).map(|b| b * k as u32).collect();
+                let (idx, pos) = (backend.idx_from(&vec![0; m]), backend.idx_from(&vec![0; m]));
+                TokenSet { origin, len: m, host: None, idx, pos, cu: backend.idx_from(&cu), num_segments: segs.num_segments }
+            }
+        };
+        backend.subset_rows(&mut set.idx, &mut set.pos, &parent.idx, local, m, segs.seq_len);
+        set
     }
 
     /// Fill in the host copies of a set composed from `parent` at local positions `local` (the

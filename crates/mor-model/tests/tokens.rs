@@ -34,11 +34,11 @@ fn composed_subsets_match_host_subsets_over_two_recursions() {
     let be = Be::new();
     let (rows, len) = (3, 16);
     let segs = Segments::new(rows, len, None);
-    let full = TokenSet::full(&be, &segs);
+    let full = TokenSet::full(&be, &segs, None);
 
     let (k1, k2) = (8, 3);
     let sel1 = selection(rows, len, k1, 0);
-    let mut composed1 = TokenSet::compose_rows(&be, &segs, &full, &be.idx_from(&sel1), k1);
+    let mut composed1 = TokenSet::compose_rows(&be, &segs, &full, &be.idx_from(&sel1), k1, None);
     assert!(!composed1.has_host(), "a composed set has no host copy before fill_host");
     composed1.fill_host(&segs, full.host(), &sel1);
     let host1 = full.subset(&be, &segs, &sel1);
@@ -46,7 +46,7 @@ fn composed_subsets_match_host_subsets_over_two_recursions() {
 
     // The next recursion selects from the composed set (its local indices are into that set).
     let sel2 = selection(rows, k1, k2, 1);
-    let mut composed2 = TokenSet::compose_rows(&be, &segs, &composed1, &be.idx_from(&sel2), k2);
+    let mut composed2 = TokenSet::compose_rows(&be, &segs, &composed1, &be.idx_from(&sel2), k2, None);
     composed2.fill_host(&segs, composed1.host(), &sel2);
     assert_same(&be, &composed2, &host1.subset(&be, &segs, &sel2));
 }

@@ -12,7 +12,7 @@ use crate::schedule::LrSchedule;
 use anyhow::{bail, Context, Result};
 use mor_config::{RunConfig, RouterKind, Sampling};
 use mor_engine::{Backend, ParamGroup};
-use mor_model::{Batch, Model, Routing, Stats};
+use mor_model::{Batch, Model, Stats};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
@@ -217,8 +217,7 @@ pub fn train_with_eval<B: Backend>(
             let b = data.next_batch(tc.micro_batch, tc.seq_len)?;
             let docs = cfg.data.document_mask.then_some(b.doc_starts.as_slice());
             let batch = Batch { inputs: &b.inputs, targets: &b.targets, batch: b.batch, seq_len: b.seq_len, doc_starts: docs };
-            let s = model.forward(backend, &batch, Routing::TopK, true, 1.0 / tc.grad_accum as f32)?;
-            model.backward(backend)?;
+            let s = model.train_step(backend, &batch, 1.0 / tc.grad_accum as f32)?;
             loss += s.loss / tc.grad_accum as f64;
             ce += s.ce / tc.grad_accum as f64;
             last = s;

@@ -16,7 +16,7 @@ use super::device::{self, Device, DeviceOptions, Gemm, OnBackend};
 use anyhow::{ensure, Context, Result};
 use mor_config::{accounting, RouterKind, RunConfig, Sampling};
 use mor_engine::{Backend, MatmulPrecision, ParamGroup};
-use mor_model::{Batch, Model, Routing};
+use mor_model::{Batch, Model};
 use mor_train::{AdamW, AdamWConfig};
 use serde_json::json;
 use std::io::Write;
@@ -209,8 +209,7 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
         b.synchronize();
         let t0 = Instant::now();
         model.params.zero_grads(b);
-        let stats = model.forward(b, &batch, Routing::TopK, true, 1.0)?;
-        model.backward(b)?;
+        let stats = model.train_step(b, &batch, 1.0)?;
         main.step(b, &mut model.params, lr);
         if let Some(a) = aux.as_mut() {
             a.step(b, &mut model.params, lr);
