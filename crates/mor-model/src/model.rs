@@ -240,23 +240,47 @@ pub struct Trace<B: Backend> {
     prefix: Range<usize>,
     suffix: Range<usize>,
     loss_scale: f32,
-    /// Expert-choice selections composed on the device, read back asynchronously.
+    /// Expert-choice selections composed on the device, read back for the statistics.
     pending: Vec<PendingSelection>,
-    /// The statistics so far; completed by [`Model::collect_stats`] when `ce_read` is set.
+    /// How the statistics' reads are done; with [`Reads::Eager`] the forward did them.
+    reads: Reads,
+    /// Statistics known when the forward was queued (host-side), completed by the reads.
     stats: Stats,
-    /// A training step's per-token losses, read back asynchronously: its reads (these, the
-    /// selections, the router logits) are waited for after its backward is queued
-    /// ([`Model::train_step`]), not inside the forward.
+    /// The per-token losses in flight ([`Reads::Async`]).
     ce_read: Option<Readback<f64>>,
     backward_done: bool,
+    /// [`Model::collect_stats`] ran for this forward.
+    collected: bool,
 }
 
-/// An expert-choice selection left on the device: its reads in flight, for the selected set's
-/// host copies and the router statistics ([`Model::expert_stats`]).
+/// When a forward's statistics (per-token losses, expert-choice selections and router logits)
+/// come back to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    /// Inside the forward: [`Model::forward`] returns complete statistics.
+    Eager,
+    /// Queued asynchronously in the forward, waited for by [`Model::collect_stats`] after the
+    /// backward is queued: the host computes statistics while the device runs the backward.
+    Async,
+    /// Read by [`Model::collect_stats`] from the workspace after the step: the step itself holds
+    /// no transfer at all (what a CUDA graph of the step replays).
+    AfterStep,
+}
+
+/// An expert-choice selection composed on the device (in step buffer `r`, `rows` entries), for
+/// the selected set's host copies and the router statistics ([`Model::expert_stats`]); with
+/// [`Reads::Async`] its reads in flight.
 struct PendingSelection {
     r: usize,
     cand: usize,
     sel: usize,
+    rows: usize,
+    logits: bool,
+    aux_bce: bool,
+    queued: Option<QueuedReads>,
+}
+
+struct QueuedReads {
     local: Readback<u32>,
     logits: Option<Readback<f64>>,
     aux_bce: Option<Readback<f64>>,
@@ -420,7 +444,7 @@ impl<B: Backend> Model<B> {
     /// [`Model::backward`]. `loss_scale` multiplies every gradient (e.g. `1 / grad_accum`).
     pub fn forward(&mut self, b: &B, batch: &Batch, routing: Routing, grad: bool, loss_scale: f32) -> anyhow::Result<Stats> {
         self.stage_batch(b, batch)?;
-        self.forward_staged(b, routing, grad, loss_scale, false)?;
+        self.forward_staged(b, routing, grad, loss_scale, Reads::Eager)?;
         Ok(self.trace.as_ref().unwrap().stats.clone())
     }
 
@@ -431,8 +455,8 @@ impl<B: Backend> Model<B> {
     /// [`Model::run_staged`] and [`Model::collect_stats`] in turn.
     pub fn train_step(&mut self, b: &B, batch: &Batch, loss_scale: f32) -> anyhow::Result<Stats> {
         self.stage_batch(b, batch)?;
-        self.run_staged(b, loss_scale)?;
-        self.collect_stats()
+        self.run_staged(b, loss_scale, Reads::Async)?;
+        self.collect_stats(b)
     }
 
     /// Checks `batch` and uploads its token ids and targets into the workspace (allocated for
@@ -460,27 +484,34 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Forward and backward of the staged batch (top-k routing). After a step at the same shape,
-    /// with no document masks, an expert-choice or router-free model and a learned router,
-    /// it only queues device work (reads are queued asynchronously): no allocation, upload or
-    /// wait (docs/design/cuda-graphs.md; the CPU backend's traffic counters test it).
-    pub fn run_staged(&mut self, b: &B, loss_scale: f32) -> anyhow::Result<()> {
-        self.forward_staged(b, Routing::TopK, true, loss_scale, true)?;
+    /// Forward and backward of the staged batch (top-k routing), statistics read as `reads`
+    /// says ([`Reads::Async`] or [`Reads::AfterStep`]; then [`Model::collect_stats`]). After a
+    /// step at the same shape, with no document masks, an expert-choice or router-free model and
+    /// a learned router, it only queues device work: no allocation, upload or waiting read
+    /// (docs/design/cuda-graphs.md; the CPU backend's traffic counters test it).
+    pub fn run_staged(&mut self, b: &B, loss_scale: f32, reads: Reads) -> anyhow::Result<()> {
+        anyhow::ensure!(reads != Reads::Eager, "run_staged: a training step's reads are Async or AfterStep");
+        self.forward_staged(b, Routing::TopK, true, loss_scale, reads)?;
         self.backward(b)
     }
 
-    /// The statistics of the last [`Model::run_staged`]: waits for its reads and computes the
-    /// router statistics, per-token losses and depths on the host.
-    pub fn collect_stats(&mut self) -> anyhow::Result<Stats> {
+    /// The statistics of the last [`Model::run_staged`]: its reads (waited for, or made now)
+    /// and the router statistics, per-token losses and depths computed from them on the host.
+    pub fn collect_stats(&mut self, b: &B) -> anyhow::Result<Stats> {
         let mut tr = self.trace.take().ok_or_else(|| anyhow::anyhow!("collect_stats without a training step"))?;
-        let Some(ce) = tr.ce_read.take().filter(|_| tr.backward_done) else {
+        if tr.reads == Reads::Eager || !tr.backward_done || tr.collected {
             self.trace = Some(tr);
             anyhow::bail!("collect_stats without a training step (run_staged) whose statistics are still to collect");
+        }
+        let mut stats = tr.stats.clone();
+        self.expert_stats(b, &mut tr, &mut stats);
+        let ce = match tr.ce_read.take() {
+            Some(read) => read.wait(),
+            None => b.to_f64_prefix(&self.ws.as_ref().unwrap().ce_all, tr.sets[0].len()),
         };
-        let mut stats = std::mem::take(&mut tr.stats);
-        self.expert_stats(&mut tr, &mut stats);
-        self.add_losses(ce.wait(), &mut stats);
+        self.add_losses(ce, &mut stats);
         self.token_depths = self.depths_of(&tr);
+        tr.collected = true;
         self.trace = Some(tr);
         Ok(stats)
     }
@@ -511,7 +542,7 @@ impl<B: Backend> Model<B> {
 
     /// The forward of the staged batch. `deferred`: the reads of the statistics are left for
     /// [`Model::collect_stats`] (training steps); otherwise they complete here.
-    fn forward_staged(&mut self, b: &B, routing: Routing, grad: bool, loss_scale: f32, deferred: bool) -> anyhow::Result<()> {
+    fn forward_staged(&mut self, b: &B, routing: Routing, grad: bool, loss_scale: f32, reads: Reads) -> anyhow::Result<()> {
         if let Some(old) = self.trace.take() {
             self.recycle(old);
         }
@@ -528,9 +559,11 @@ impl<B: Backend> Model<B> {
             suffix: 0..0,
             loss_scale,
             pending: Vec::new(),
+            reads,
             stats: Stats::default(),
             ce_read: None,
             backward_done: false,
+            collected: false,
         };
         let mut stats = Stats::default();
         let d = self.dims.d;
@@ -569,16 +602,17 @@ impl<B: Backend> Model<B> {
         }
 
         self.head_forward(b, grad, loss_scale);
-        if deferred {
-            let ws = self.ws.as_ref().unwrap();
-            tr.ce_read = Some(b.to_f64_prefix_async(&ws.ce_all, n));
-        } else {
-            // The selections left on the device (read while it still ran the last blocks), then
-            // the losses.
-            self.expert_stats(&mut tr, &mut stats);
-            let ce = b.to_f64_prefix(&self.ws.as_ref().unwrap().ce_all, n);
-            self.add_losses(ce, &mut stats);
-            self.token_depths = self.depths_of(&tr);
+        match reads {
+            Reads::Eager => {
+                // The selections left on the device (read while it still ran the last blocks),
+                // then the losses.
+                self.expert_stats(b, &mut tr, &mut stats);
+                let ce = b.to_f64_prefix(&self.ws.as_ref().unwrap().ce_all, n);
+                self.add_losses(ce, &mut stats);
+                self.token_depths = self.depths_of(&tr);
+            }
+            Reads::Async => tr.ce_read = Some(b.to_f64_prefix_async(&self.ws.as_ref().unwrap().ce_all, n)),
+            Reads::AfterStep => {}
         }
         if grad {
             self.router_state.forward_calls += 1;
@@ -832,9 +866,13 @@ impl<B: Backend> Model<B> {
             let (sel_set, on_host) = if on_device {
                 let StepBuf { sel_local, g, .. } = &mut ws.steps[r];
                 b.topk_segments(sel_local, g, &tr.sets[cand].cu, bsz, k);
-                let logits = has_router.then(|| b.to_f64_prefix_async(&ws.routers[r].logits, n_c));
-                let local = b.idx_prefix_async(&ws.steps[r].sel_local, bsz * k);
-                tr.pending.push(PendingSelection { r, cand, sel: tr.sets.len(), local, logits, aux_bce: None });
+                let queued = (tr.reads != Reads::AfterStep).then(|| QueuedReads {
+                    local: b.idx_prefix_async(&ws.steps[r].sel_local, bsz * k),
+                    logits: has_router.then(|| b.to_f64_prefix_async(&ws.routers[r].logits, n_c)),
+                    aux_bce: None,
+                });
+                let aux_bce = has_router && rc.sampling == Sampling::AuxRouter;
+                tr.pending.push(PendingSelection { r, cand, sel: tr.sets.len(), rows: bsz * k, logits: has_router, aux_bce, queued });
                 let reuse = self.pooled_set(tr.sets.len());
                 let sel_local = &self.ws.as_ref().unwrap().steps[r].sel_local;
                 (TokenSet::compose_rows(b, &tr.segs, &tr.sets[cand], sel_local, k, reuse), None)
@@ -882,10 +920,13 @@ impl<B: Backend> Model<B> {
                     let ar = &mut aux_routers[r];
                     router_forward(b, &self.params, aw, ar, &sb.x, n_c, d, rc.temperature as f32);
                     b.bce_logits_fwd(&mut sb.bce, &ar.logits, &sb.targets, n_c);
-                    let read = b.to_f64_prefix_async(&sb.bce, n_c);
                     match tr.pending.last_mut().filter(|p| p.r == r) {
-                        Some(p) => p.aux_bce = Some(read),
-                        None => aux_bce_host = Some(read.wait()),
+                        Some(p) => {
+                            if let Some(q) = p.queued.as_mut() {
+                                q.aux_bce = Some(b.to_f64_prefix_async(&sb.bce, n_c));
+                            }
+                        }
+                        None => aux_bce_host = Some(b.to_f64_prefix(&sb.bce, n_c)),
                     }
                 }
             }
@@ -962,14 +1003,24 @@ impl<B: Backend> Model<B> {
     /// The statistics of the expert-choice recursions whose selection stayed on the device: waits
     /// for their reads, fills in the selected sets' host copies (in recursion order: a set's
     /// candidates are the previous recursion's selection) and adds the router statistics.
-    fn expert_stats(&self, tr: &mut Trace<B>, stats: &mut Stats) {
-        for p in std::mem::take(&mut tr.pending) {
-            let local = p.local.wait();
-            let (before, rest) = tr.sets.split_at_mut(p.sel);
-            rest[0].fill_host(&tr.segs, before[p.cand].host(), &local);
-            let logits = p.logits.map_or_else(Vec::new, Readback::wait);
-            let aux_bce = p.aux_bce.map(Readback::wait);
-            self.router_stats(tr, p.r, p.sel, tr.sets[p.cand].len(), &local, &logits, aux_bce.as_deref(), stats);
+    fn expert_stats(&self, b: &B, tr: &mut Trace<B>, stats: &mut Stats) {
+        let ws = self.ws.as_ref().unwrap();
+        for i in 0..tr.pending.len() {
+            let p = &mut tr.pending[i];
+            let (r, cand, sel) = (p.r, p.cand, p.sel);
+            let n_c = tr.sets[cand].len();
+            let (local, logits, aux_bce) = match p.queued.take() {
+                Some(q) => (q.local.wait(), q.logits.map_or_else(Vec::new, Readback::wait), q.aux_bce.map(Readback::wait)),
+                None => {
+                    let mut local = b.idx_to_vec(&ws.steps[r].sel_local);
+                    local.truncate(p.rows);
+                    let logits = if p.logits { b.to_f64_prefix(&ws.routers[r].logits, n_c) } else { Vec::new() };
+                    (local, logits, p.aux_bce.then(|| b.to_f64_prefix(&ws.steps[r].bce, n_c)))
+                }
+            };
+            let (before, rest) = tr.sets.split_at_mut(sel);
+            rest[0].fill_host(&tr.segs, before[cand].host(), &local);
+            self.router_stats(tr, r, sel, n_c, &local, &logits, aux_bce.as_deref(), stats);
         }
     }
 

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use mor_config::*;
 use mor_engine::{Cpu, HostTraffic};
-use mor_model::{Batch, Model, Routing};
+use mor_model::{Batch, Model, Reads, Routing};
 
 /// Batch shapes of a run: repeated (the token sets' buffers are reused), another shape, back,
 /// and one with document masks (uploaded sets, host selections).
@@ -28,7 +28,14 @@ fn train_step_equals_forward_then_backward_for_every_variant() {
             let a = eager.forward(&be, &batch, Routing::TopK, true, 0.5).unwrap();
             let sel_a = eager.selections();
             eager.backward(&be).unwrap();
-            let b = stepped.train_step(&be, &batch, 0.5).unwrap();
+            // Reads queued in the step (train_step) or made after it, alternately.
+            let b = if i % 2 == 0 {
+                stepped.train_step(&be, &batch, 0.5).unwrap()
+            } else {
+                stepped.stage_batch(&be, &batch).unwrap();
+                stepped.run_staged(&be, 0.5, Reads::AfterStep).unwrap();
+                stepped.collect_stats(&be).unwrap()
+            };
             let at = format!("{name}, batch {i} ({bsz} x {len}, masks: {})", docs.is_some());
             // Debug prints every f64 so that it reads back to the same bits.
             assert_eq!(format!("{a:?}"), format!("{b:?}"), "{at}: stats");
@@ -45,20 +52,22 @@ fn step_api_misuse_is_an_error() {
     let be = Cpu::<f64>::new();
     let cfg = variants().into_iter().find(|(n, _)| n == "ec3").unwrap().1;
     let mut m = Model::new(&be, cfg.clone(), 1).unwrap();
-    assert!(m.collect_stats().is_err(), "nothing ran");
+    assert!(m.collect_stats(&be).is_err(), "nothing ran");
     let (inputs, targets) = (tokens(18, cfg.vocab_size, 1), tokens(18, cfg.vocab_size, 2));
     let batch = Batch { inputs: &inputs, targets: &targets, batch: 2, seq_len: 9, doc_starts: None };
     m.train_step(&be, &batch, 1.0).unwrap();
-    assert!(m.collect_stats().is_err(), "collected twice");
+    assert!(m.collect_stats(&be).is_err(), "collected twice");
     assert!(m.backward(&be).is_err(), "a second backward of the same forward");
     m.forward(&be, &batch, Routing::TopK, true, 1.0).unwrap();
-    assert!(m.collect_stats().is_err(), "an eager forward has its statistics already");
+    assert!(m.collect_stats(&be).is_err(), "an eager forward has its statistics already");
+    m.stage_batch(&be, &batch).unwrap();
+    assert!(m.run_staged(&be, 1.0, Reads::Eager).is_err(), "a step's reads cannot be eager");
     m.backward(&be).unwrap();
     assert!(m.backward(&be).is_err(), "a second backward of the same forward");
 }
 
-/// Host traffic of `run_staged` on the second batch of one shape, for each listed variant.
-fn staged_traffic(name: &str, cfg: &ModelConfig, docs: Option<&[Vec<u32>]>) -> HostTraffic {
+/// Host traffic of `run_staged` on the second batch of one shape.
+fn staged_traffic(name: &str, cfg: &ModelConfig, docs: Option<&[Vec<u32>]>, reads: Reads) -> HostTraffic {
     let be = Cpu::<f32>::new();
     let mut m = Model::new(&be, cfg.clone(), 3).unwrap();
     let (bsz, len) = (2, 9);
@@ -69,9 +78,9 @@ fn staged_traffic(name: &str, cfg: &ModelConfig, docs: Option<&[Vec<u32>]>) -> H
         m.params.zero_grads(&be);
         m.stage_batch(&be, &batch).unwrap();
         be.reset_traffic();
-        m.run_staged(&be, 1.0).unwrap();
+        m.run_staged(&be, 1.0, reads).unwrap();
         traffic = be.traffic();
-        let stats = m.collect_stats().unwrap();
+        let stats = m.collect_stats(&be).unwrap();
         assert!(stats.loss.is_finite(), "{name}: loss {}", stats.loss);
     }
     traffic
@@ -86,9 +95,11 @@ fn a_training_step_after_the_first_only_queues_device_work() {
     };
     let mut checked = 0;
     for (name, cfg) in variants() {
-        let t = staged_traffic(&name, &cfg, None);
+        let t = staged_traffic(&name, &cfg, None, Reads::AfterStep);
         if capturable(&name, &cfg) {
-            assert_eq!((t.allocs, t.uploads, t.reads), (0, 0, 0), "{name}: {t:?}");
+            assert_eq!(t, HostTraffic::default(), "{name}");
+            let t = staged_traffic(&name, &cfg, None, Reads::Async);
+            assert_eq!((t.allocs, t.uploads, t.reads), (0, 0, 0), "{name}, reads queued: {t:?}");
             checked += 1;
         } else {
             // The controls: token-choice routes on the host, the random router uploads its scores.
@@ -98,10 +109,10 @@ fn a_training_step_after_the_first_only_queues_device_work() {
     assert!(checked >= 12, "{checked} variants checked");
     // Reads of statistics are queued, never waited for inside the step.
     let ec3 = variants().into_iter().find(|(n, _)| n == "ec3-aux-router").unwrap().1;
-    let t = staged_traffic("ec3-aux-router", &ec3, None);
+    let t = staged_traffic("ec3-aux-router", &ec3, None, Reads::Async);
     assert!(t.async_reads >= 3 * 3, "selection, logits and aux BCE per recursion: {t:?}");
     // Document masks make the token sets data-dependent: uploaded each step.
     let masks = vec![vec![4u32], vec![]];
-    let t = staged_traffic("ec3 with document masks", &ec3, Some(&masks));
+    let t = staged_traffic("ec3 with document masks", &ec3, Some(&masks), Reads::AfterStep);
     assert!(t.uploads > 0, "{t:?}");
 }
