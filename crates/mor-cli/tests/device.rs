@@ -45,6 +45,12 @@ fn bench_train_reports_throughput_and_json() {
     // bf16 GEMMs are a CUDA option.
     let out = mor(&["bench", "train", "tiny-vanilla", "--gemm", "bf16", "--steps", "1"]);
     assert_eq!(out.status.code(), Some(2));
+    // CUDA graphs: the CPU cannot record one, and a graph needs an eager step first.
+    let out = mor(&["bench", "train", "tiny-vanilla", "--cuda-graph", "--steps", "1", "--warmup", "1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--warmup >= 2"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = mor(&["bench", "train", "tiny-vanilla", "--cuda-graph", "--steps", "1", "--micro-batch", "1", "--seq-len", "16"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cannot capture"), "{err}");
     // seq-len beyond the model's window is refused.
     let out = mor(&["bench", "train", "tiny-vanilla", "--seq-len", "100000", "--steps", "1"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_seq_len"));

@@ -62,6 +62,14 @@ impl<T: 'static> Readback<T> {
     }
 }
 
+/// Device work recorded between [`Backend::capture_begin`] and [`Backend::capture_end`] (a CUDA
+/// graph), replayed by `launch` on the same buffers.
+pub trait StepGraph {
+    /// Queue one replay; an error when the backend's buffers it uses changed since the capture
+    /// (then capture again).
+    fn launch(&self) -> Result<(), String>;
+}
+
 /// One weight of [`Backend::matmul_bwd_many`]: `dw += doutᵀ · x` and `w`'s share of `dx`.
 pub struct MatmulGrad<'a, B: Backend + ?Sized> {
     pub dw: &'a mut B::Buf,
@@ -133,6 +141,18 @@ pub trait Backend {
     /// [`MatmulPrecision::F32`], the default.
     fn set_matmul_precision(&self, p: MatmulPrecision) -> bool {
         p == MatmulPrecision::F32
+    }
+
+    /// Start recording the ops queued from now on instead of running them (a CUDA graph);
+    /// backends that cannot record say so. Between this and [`Backend::capture_end`] nothing may
+    /// allocate, transfer or wait: the recorded stretch must have run once eagerly at the same
+    /// shapes (docs/design/cuda-graphs.md).
+    fn capture_begin(&self) -> Result<(), String> {
+        Err(format!("the {} backend cannot capture device work", self.name()))
+    }
+    /// Stop recording; the recorded work has not run yet (its first launch runs it).
+    fn capture_end(&self) -> Result<Box<dyn StepGraph>, String> {
+        Err(format!("the {} backend cannot capture device work", self.name()))
     }
 
     // ---- memory ---------------------------------------------------------------------------

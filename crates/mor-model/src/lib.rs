@@ -12,4 +12,4 @@ pub mod weights;
 
 pub use generate::{Generation, Sampler};
 pub use memory::MemoryEstimate;
-pub use model::{default_head_chunk_elems, Batch, Model, Reads, RecursionStats, RouterState, Routing, Stats, DEFAULT_HEAD_CHUNK_ELEMS};
+pub use model::{default_head_chunk_elems, Batch, CapturedStep, Model, Reads, RecursionStats, RouterState, Routing, Stats, DEFAULT_HEAD_CHUNK_ELEMS};

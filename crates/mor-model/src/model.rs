@@ -14,7 +14,7 @@ use mor_config::{
     RouterKind, Sampling, SharingMap,
 };
 use mor_engine::cpu::math::bce_with_logits;
-use mor_engine::{Backend, GateFn, ParamStore, Readback};
+use mor_engine::{Backend, GateFn, ParamStore, Readback, StepGraph};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -251,6 +251,24 @@ pub struct Trace<B: Backend> {
     backward_done: bool,
     /// [`Model::collect_stats`] ran for this forward.
     collected: bool,
+    /// The [`CapturedStep`] this trace was recorded for: kept (never recycled) while the
+    /// graph may replay it.
+    capture_id: Option<u64>,
+}
+
+/// A training step recorded for replay ([`Model::capture_step`]): the device work of
+/// [`Model::run_staged`] with [`Reads::AfterStep`] for one batch shape, as a backend graph.
+pub struct CapturedStep {
+    graph: Box<dyn StepGraph>,
+    id: u64,
+    batch: usize,
+    seq_len: usize,
+    /// Targets that count: the loss scale `loss_scale / valid` is part of the recording.
+    valid: usize,
+    /// Tokens per row of each expert-choice recursion (grids and sizes are recorded).
+    ks: Vec<usize>,
+    /// The workspace the recording uses ([`Model`]'s generation counter).
+    generation: u64,
 }
 
 /// When a forward's statistics (per-token losses, expert-choice selections and router logits)
@@ -314,6 +332,11 @@ pub struct Model<B: Backend> {
     /// The last forward (kept after its backward for [`Model::collect_stats`] and
     /// [`Model::selections`]; its token sets go to the workspace's pool at the next forward).
     trace: Option<Trace<B>>,
+    /// The trace of the last [`CapturedStep`] while another forward is `trace`.
+    captured_trace: Option<Trace<B>>,
+    /// Bumped whenever workspace buffers are (re)allocated: a captured step records pointers.
+    ws_generation: u64,
+    captures: u64,
     /// When set, `captured` receives the residual stream after the embedding and after every
     /// step of the forward (the prefix layers, each recursion, the suffix layers): a hook for
     /// tests and analysis.
@@ -390,6 +413,9 @@ impl<B: Backend> Model<B> {
             ws: None,
             staged: None,
             trace: None,
+            captured_trace: None,
+            ws_generation: 0,
+            captures: 0,
             capture: false,
             captured: Vec::new(),
             token_losses: Vec::new(),
@@ -410,6 +436,7 @@ impl<B: Backend> Model<B> {
         }
         // Free the old buffers before allocating the new ones.
         self.ws = None;
+        self.ws_generation += 1;
         let d = self.dims.d;
         self.ws = Some(Workspace {
             n,
@@ -516,6 +543,106 @@ impl<B: Backend> Model<B> {
         Ok(stats)
     }
 
+    /// Why the training step of the staged batch cannot be recorded by [`Model::capture_step`]
+    /// (`None`: it can): its shapes or host work must not depend on the data, and a step must
+    /// have run at this shape just before (the recording may not allocate or upload).
+    pub fn capture_blocker(&self) -> Option<String> {
+        let Some(staged) = &self.staged else { return Some("no staged batch".into()) };
+        let segs = &staged.segs;
+        if segs.num_segments != segs.batch {
+            return Some("document masks make the attention segments depend on the data".into());
+        }
+        if let Some(rc) = self.router_cfg() {
+            if rc.kind == RouterKind::Token {
+                return Some("token-choice routing assigns depths on the host".into());
+            }
+            if rc.random {
+                return Some("the random router draws its scores on the host".into());
+            }
+        }
+        if self.capture {
+            return Some("Model::capture reads the hidden states inside the step".into());
+        }
+        let n = segs.batch * segs.seq_len;
+        let warm = self.trace.as_ref().is_some_and(|t| t.backward_done && t.capture_id.is_none() && t.sets[0].len() == n);
+        if !warm {
+            return Some("no training step ran at this shape just before (it allocates the step's buffers)".into());
+        }
+        None
+    }
+
+    /// Tokens per row of each expert-choice recursion of the next training forward (empty
+    /// without an expert-choice router).
+    fn expert_ks(&self, seq_len: usize) -> Vec<usize> {
+        let n_r = self.map.num_recursions;
+        match self.router_cfg().filter(|rc| rc.kind == RouterKind::Expert) {
+            Some(rc) => (0..n_r).map(|r| expert_k(rc, r, n_r, seq_len, self.router_state.forward_calls as usize)).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Records the training step of the staged batch ([`Model::run_staged`] with
+    /// [`Reads::AfterStep`]) as a backend graph without running it: [`Model::replay_step`] runs
+    /// it, now and for later batches of the same shape (each staged first), then
+    /// [`Model::collect_stats`]. See [`Model::capture_blocker`] for what can be recorded.
+    pub fn capture_step(&mut self, b: &B, loss_scale: f32) -> anyhow::Result<CapturedStep> {
+        if let Some(why) = self.capture_blocker() {
+            anyhow::bail!("cannot capture this training step: {why}");
+        }
+        let staged = self.staged.as_ref().unwrap();
+        let (batch, seq_len, valid) = (staged.segs.batch, staged.segs.seq_len, staged.valid);
+        let ks = self.expert_ks(seq_len);
+        let generation = self.ws_generation;
+        b.capture_begin().map_err(anyhow::Error::msg)?;
+        let run = self.run_staged(b, loss_scale, Reads::AfterStep);
+        let graph = b.capture_end();
+        run?;
+        let graph = graph.map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(self.ws_generation == generation, "capture: the step allocated workspace buffers");
+        // The recording pass counted a forward that has not run: each replay counts its own.
+        self.router_state.forward_calls -= 1;
+        self.captures += 1;
+        let tr = self.trace.as_mut().unwrap();
+        tr.capture_id = Some(self.captures);
+        tr.collected = true;
+        self.captured_trace = None;
+        Ok(CapturedStep { graph, id: self.captures, batch, seq_len, valid, ks, generation })
+    }
+
+    /// Runs a [`CapturedStep`] on the staged batch (which must have its shape and as many
+    /// counted targets); its statistics come from [`Model::collect_stats`] as after
+    /// [`Model::run_staged`]. An error when the recording no longer fits (another shape,
+    /// reallocated workspace, changed capacities, a newer capture): capture again.
+    pub fn replay_step(&mut self, step: &CapturedStep) -> anyhow::Result<()> {
+        let staged = self.staged.as_ref().ok_or_else(|| anyhow::anyhow!("replay_step without a staged batch"))?;
+        let segs = &staged.segs;
+        anyhow::ensure!(
+            (segs.batch, segs.seq_len, segs.num_segments, staged.valid) == (step.batch, step.seq_len, step.batch, step.valid),
+            "replay_step: the staged batch ({} x {}, {} segments, {} targets) is not the recorded one ({} x {}, {} targets)",
+            segs.batch,
+            segs.seq_len,
+            segs.num_segments,
+            staged.valid,
+            step.batch,
+            step.seq_len,
+            step.valid
+        );
+        anyhow::ensure!(self.ws_generation == step.generation, "replay_step: the workspace was reallocated since the capture");
+        anyhow::ensure!(self.expert_ks(step.seq_len) == step.ks, "replay_step: the expert-choice capacities changed since the capture");
+        let ours = |t: &Option<Trace<B>>| t.as_ref().is_some_and(|t| t.capture_id == Some(step.id));
+        if !ours(&self.trace) {
+            anyhow::ensure!(ours(&self.captured_trace), "replay_step: a newer capture replaced this one");
+            if let Some(old) = self.trace.take() {
+                self.recycle(old);
+            }
+            self.trace = self.captured_trace.take();
+        }
+        step.graph.launch().map_err(anyhow::Error::msg)?;
+        self.router_state.forward_calls += 1;
+        self.trace.as_mut().unwrap().collected = false;
+        Ok(())
+    }
+
     /// The per-token losses into `token_losses`, their mean into `stats.ce` and the loss.
     fn add_losses(&mut self, ce: Vec<f64>, stats: &mut Stats) {
         let valid = self.staged.as_ref().expect("a staged batch").valid;
@@ -544,7 +671,11 @@ impl<B: Backend> Model<B> {
     /// [`Model::collect_stats`] (training steps); otherwise they complete here.
     fn forward_staged(&mut self, b: &B, routing: Routing, grad: bool, loss_scale: f32, reads: Reads) -> anyhow::Result<()> {
         if let Some(old) = self.trace.take() {
-            self.recycle(old);
+            if old.capture_id.is_some() {
+                self.captured_trace = Some(old);
+            } else {
+                self.recycle(old);
+            }
         }
         let segs = self.staged.as_ref().ok_or_else(|| anyhow::anyhow!("forward without a staged batch"))?.segs.clone();
         let n = segs.batch * segs.seq_len;
@@ -564,6 +695,7 @@ impl<B: Backend> Model<B> {
             ce_read: None,
             backward_done: false,
             collected: false,
+            capture_id: None,
         };
         let mut stats = Stats::default();
         let d = self.dims.d;
@@ -656,7 +788,9 @@ impl<B: Backend> Model<B> {
         let ws = self.ws.as_mut().unwrap();
         for i in start..end {
             let owns_kv = tr.apps[i].kv_src.is_none();
-            ensure_slot(&mut ws.acts, i, |a| a.cap >= rows && a.owns_kv == owns_kv, || LayerAct::new(b, &self.dims, rows, owns_kv));
+            if ensure_slot(&mut ws.acts, i, |a| a.cap >= rows && a.owns_kv == owns_kv, || LayerAct::new(b, &self.dims, rows, owns_kv)) {
+                self.ws_generation += 1;
+            }
         }
         start..end
     }
@@ -802,7 +936,9 @@ impl<B: Backend> Model<B> {
     fn step_buf(&mut self, b: &B, r: usize, cand: usize, sel: usize) {
         let d = self.dims.d;
         let ws = self.ws.as_mut().unwrap();
-        ensure_slot(&mut ws.steps, r, |s| s.cand >= cand && s.sel >= sel, || StepBuf::new(b, cand, sel, d));
+        if ensure_slot(&mut ws.steps, r, |s| s.cand >= cand && s.sel >= sel, || StepBuf::new(b, cand, sel, d)) {
+            self.ws_generation += 1;
+        }
     }
 
     /// Activations of router `i` (and of its aux router, if any) for `rows` rows; nothing for
@@ -811,7 +947,9 @@ impl<B: Backend> Model<B> {
         let ws = self.ws.as_mut().unwrap();
         for (acts, weights) in [(&mut ws.routers, &self.weights.routers), (&mut ws.aux_routers, &self.weights.aux_routers)] {
             if let Some(w) = weights.get(i) {
-                ensure_slot(acts, i, |a| a.cap >= rows, || RouterAct::new(b, w, rows));
+                if ensure_slot(acts, i, |a| a.cap >= rows, || RouterAct::new(b, w, rows)) {
+                    self.ws_generation += 1;
+                }
             }
         }
     }
@@ -1189,7 +1327,11 @@ impl<B: Backend> Model<B> {
             // dlogits is an activation buffer, bf16 in CUDA's bf16 mode, read as is by matmul_bwd).
             let ce = if rows == n { &mut ws.ce_all } else { &mut ws.ce };
             if grad {
-                let dlogits = ws.dlogits.get_or_insert_with(|| b.zeros_act(ws.head_rows * vocab));
+                if ws.dlogits.is_none() {
+                    ws.dlogits = Some(b.zeros_act(ws.head_rows * vocab));
+                    self.ws_generation += 1;
+                }
+                let dlogits = ws.dlogits.as_mut().unwrap();
                 b.cross_entropy_fwd_bwd(ce, dlogits, &ws.logits, targets, scale, rows, vocab);
             } else {
                 b.cross_entropy_fwd(ce, &ws.logits, targets, rows, vocab);
@@ -1424,13 +1566,17 @@ pub(crate) fn blocks_contiguous(map: &SharingMap) -> bool {
 
 /// Makes `slots[i]` satisfy `fits`: creates the next slot, or replaces one that is too small
 /// (freeing its buffers before allocating the new ones). Slots are created in index order.
-fn ensure_slot<T>(slots: &mut Vec<T>, i: usize, fits: impl Fn(&T) -> bool, new: impl FnOnce() -> T) {
+/// Returns whether it allocated.
+fn ensure_slot<T>(slots: &mut Vec<T>, i: usize, fits: impl Fn(&T) -> bool, new: impl FnOnce() -> T) -> bool {
     if i == slots.len() {
         slots.push(new());
     } else if !fits(&slots[i]) {
         drop(slots.remove(i));
         slots.insert(i, new());
+    } else {
+        return false;
     }
+    true
 }
 
 /// Forward through the consecutive applications `apps`; the first one's input is already in

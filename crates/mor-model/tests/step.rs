@@ -116,3 +116,39 @@ fn a_training_step_after_the_first_only_queues_device_work() {
     let t = staged_traffic("ec3 with document masks", &ec3, Some(&masks), Reads::AfterStep);
     assert!(t.uploads > 0, "{t:?}");
 }
+
+#[test]
+fn capture_says_what_stops_it() {
+    let be = Cpu::<f32>::new();
+    let find = |n: &str| variants().into_iter().find(|(name, _)| name == n).unwrap().1;
+    let (bsz, len) = (2, 9);
+    let blocker = |cfg: &ModelConfig, docs: Option<&[Vec<u32>]>, warm: bool| {
+        let mut m = Model::new(&be, cfg.clone(), 2).unwrap();
+        let (inputs, targets) = (tokens(bsz * len, cfg.vocab_size, 3), tokens(bsz * len, cfg.vocab_size, 4));
+        let batch = Batch { inputs: &inputs, targets: &targets, batch: bsz, seq_len: len, doc_starts: docs };
+        if warm {
+            m.train_step(&be, &batch, 1.0).unwrap();
+        }
+        m.stage_batch(&be, &batch).unwrap();
+        let why = m.capture_blocker();
+        // Capturing fails with the reason, or (nothing in the way) because the CPU cannot record.
+        let err = m.capture_step(&be, 1.0).err().expect("the CPU backend captures nothing").to_string();
+        (why, err)
+    };
+    let masks = vec![vec![3u32], vec![]];
+    for (name, docs, warm, expect) in [
+        ("tc3", None, true, "token-choice"),
+        ("ec3-random", None, true, "random router"),
+        ("ec3", Some(&masks[..]), true, "document masks"),
+        ("ec3", None, false, "no training step ran"),
+    ] {
+        let (why, err) = blocker(&find(name), docs, warm);
+        assert!(why.as_deref().is_some_and(|w| w.contains(expect)), "{name}: {why:?}");
+        assert!(err.contains(expect), "{name}: {err}");
+    }
+    for name in ["vanilla", "rec2-Cycle-kvshare", "ec3-aux-router"] {
+        let (why, err) = blocker(&find(name), None, true);
+        assert_eq!(why, None, "{name}");
+        assert!(err.contains("cannot capture device work"), "{name}: {err}");
+    }
+}

@@ -16,7 +16,7 @@ use super::device::{self, Device, DeviceOptions, Gemm, OnBackend};
 use anyhow::{ensure, Context, Result};
 use mor_config::{accounting, RouterKind, RunConfig, Sampling};
 use mor_engine::{Backend, MatmulPrecision, ParamGroup};
-use mor_model::{Batch, Model};
+use mor_model::{Batch, CapturedStep, Model};
 use mor_train::{AdamW, AdamWConfig};
 use serde_json::json;
 use std::io::Write;
@@ -71,6 +71,17 @@ pub struct TrainArgs {
     /// share of each op and op category and how long the GPU waits between ops.
     #[arg(long, default_value_t = 0)]
     pub profile_steps: usize,
+    /// CUDA: the forward and backward of each step after the first warm-up step as one CUDA
+    /// graph, recorded in the second warm-up step and replayed (needs --warmup >= 2, bf16
+    /// GEMMs, and a step whose shapes do not depend on the data: no token-choice or random
+    /// router, no capacity warm-up left).
+    #[arg(long)]
+    pub cuda_graph: bool,
+    /// Check the CUDA graph first: this many steps on two copies of the model, one eager and
+    /// one replaying the graph, on the same batches; prints the largest loss and parameter
+    /// differences (bit-identical with --deterministic).
+    #[arg(long, default_value_t = 0)]
+    pub graph_check: usize,
     /// Append the result as one JSON line to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -156,6 +167,88 @@ fn category(op: &str) -> &'static str {
     }
 }
 
+/// AdamW for the main parameters, and for the aux routers where the config trains them.
+fn optimizers<B: Backend>(b: &B, model: &Model<B>, cfg: &RunConfig) -> (AdamW<B>, Option<AdamW<B>>) {
+    let main = AdamW::new(b, &model.params, ParamGroup::Main, AdamWConfig::from_train(&cfg.train));
+    let aux_mult = cfg
+        .model
+        .router
+        .as_ref()
+        .filter(|r| r.kind == RouterKind::Expert && r.sampling == Sampling::AuxRouter)
+        .map(|r| r.aux_router_lr_mult);
+    let aux = aux_mult.map(|m| AdamW::new(b, &model.params, ParamGroup::AuxRouter, AdamWConfig::from_train(&cfg.train).with_lr_mult(m)));
+    (main, aux)
+}
+
+/// One optimizer step of `model` on `batch`: zeroed gradients, forward and backward (eager, or
+/// by a CUDA graph recorded at the first call when `graph` is given), AdamW.
+fn train_step<B: Backend>(
+    b: &B,
+    model: &mut Model<B>,
+    main: &mut AdamW<B>,
+    aux: &mut Option<AdamW<B>>,
+    batch: &Batch,
+    lr: f64,
+    graph: Option<&mut Option<CapturedStep>>,
+) -> Result<mor_model::Stats> {
+    model.params.zero_grads(b);
+    let stats = match graph {
+        None => model.train_step(b, batch, 1.0)?,
+        Some(graph) => {
+            model.stage_batch(b, batch)?;
+            if graph.is_none() {
+                *graph = Some(model.capture_step(b, 1.0)?);
+            }
+            model.replay_step(graph.as_ref().unwrap())?;
+            model.collect_stats(b)?
+        }
+    };
+    main.step(b, &mut model.params, lr);
+    if let Some(a) = aux.as_mut() {
+        a.step(b, &mut model.params, lr);
+    }
+    model.after_optimizer_step();
+    Ok(stats)
+}
+
+/// `steps` training steps of two copies of the model on the same batches, one eager and one
+/// replaying a CUDA graph from its second step on: the largest relative loss difference and the
+/// largest parameter difference at the end.
+fn graph_check<B: Backend>(b: &B, cfg: &RunConfig, steps: usize, head_chunk: usize) -> Result<()> {
+    let (bsz, len) = (cfg.train.micro_batch, cfg.train.seq_len);
+    let tokens = bsz * len;
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ cfg.train.seed);
+    let vocab = cfg.model.vocab_size as u64;
+    let mut runs = Vec::new();
+    for graphed in [false, true] {
+        let mut model = Model::new(b, cfg.model.clone(), cfg.train.seed)?;
+        model.head_chunk_elems = head_chunk;
+        let (mut main, mut aux) = optimizers(b, &model, cfg);
+        let mut graph = None;
+        let mut losses = Vec::new();
+        let mut r = Rng(rng.next());
+        for i in 0..steps {
+            let seq: Vec<u32> = (0..tokens + 1).map(|_| (r.next() % vocab) as u32).collect();
+            let batch = Batch { inputs: &seq[..tokens], targets: &seq[1..], batch: bsz, seq_len: len, doc_starts: None };
+            let replay = (graphed && i >= 1).then_some(&mut graph);
+            losses.push(train_step(b, &mut model, &mut main, &mut aux, &batch, 1e-4, replay)?.loss);
+        }
+        let params: Vec<Vec<f32>> = model.params.values.iter().map(|v| b.to_f32(v)).collect();
+        runs.push((losses, params));
+    }
+    let (eager, graphed) = (&runs[0], &runs[1]);
+    let loss_diff = eager.0.iter().zip(&graphed.0).map(|(a, g)| ((a - g) / a).abs()).fold(0.0, f64::max);
+    let same_losses = eager.0.iter().zip(&graphed.0).all(|(a, g)| a.to_bits() == g.to_bits());
+    let param_diff = eager.1.iter().flatten().zip(graphed.1.iter().flatten()).map(|(a, g)| (a - g).abs()).fold(0.0f32, f32::max);
+    eprintln!(
+        "graph check, {steps} steps eager vs CUDA graph: losses {} (largest relative difference {loss_diff:.3e}), largest parameter difference {param_diff:.3e}",
+        if same_losses { "bit-identical" } else { "differ" }
+    );
+    eprintln!("  eager losses  {:?}", eager.0);
+    eprintln!("  graphed losses {:?}", graphed.0);
+    Ok(())
+}
+
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -179,14 +272,7 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
     let mut model = Model::new(b, cfg.model.clone(), cfg.train.seed)?;
     let head_chunk = args.head_chunk.unwrap_or(mor_model::default_head_chunk_elems(b.name()));
     model.head_chunk_elems = head_chunk;
-    let mut main = AdamW::new(b, &model.params, ParamGroup::Main, AdamWConfig::from_train(&cfg.train));
-    let aux_mult = cfg
-        .model
-        .router
-        .as_ref()
-        .filter(|r| r.kind == RouterKind::Expert && r.sampling == Sampling::AuxRouter)
-        .map(|r| r.aux_router_lr_mult);
-    let mut aux = aux_mult.map(|m| AdamW::new(b, &model.params, ParamGroup::AuxRouter, AdamWConfig::from_train(&cfg.train).with_lr_mult(m)));
+    let (mut main, mut aux) = optimizers(b, &model, cfg);
     b.synchronize();
     let init_s = t_init.elapsed().as_secs_f64();
     eprintln!(
@@ -202,19 +288,13 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
     let lr = 1e-4;
     let mut step_no = 0usize;
     // One training step on fresh random tokens; returns (seconds, loss).
-    let mut step = |model: &mut Model<B>, main: &mut AdamW<B>, aux: &mut Option<AdamW<B>>| -> Result<(f64, f64)> {
+    let mut step = |model: &mut Model<B>, main: &mut AdamW<B>, aux: &mut Option<AdamW<B>>, graph: Option<&mut Option<CapturedStep>>| -> Result<(f64, f64)> {
         let seq: Vec<u32> = (0..tokens + 1).map(|_| (rng.next() % vocab) as u32).collect();
         let (inputs, targets) = (&seq[..tokens], &seq[1..]);
         let batch = Batch { inputs, targets, batch: bsz, seq_len: len, doc_starts: None };
         b.synchronize();
         let t0 = Instant::now();
-        model.params.zero_grads(b);
-        let stats = model.train_step(b, &batch, 1.0)?;
-        main.step(b, &mut model.params, lr);
-        if let Some(a) = aux.as_mut() {
-            a.step(b, &mut model.params, lr);
-        }
-        model.after_optimizer_step();
+        let stats = train_step(b, model, main, aux, &batch, lr, graph)?;
         b.synchronize();
         let dt = t0.elapsed().as_secs_f64();
         if let Some((used, _)) = b.memory_info() {
@@ -230,10 +310,16 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
         ensure!(b.set_matmul_precision(prec), "the {} backend has no {prec:?} GEMMs", b.name());
         // Activation buffers take the precision's element type when they are made.
         model.free_workspace();
+        if args.graph_check > 0 {
+            graph_check(b, cfg, args.graph_check, head_chunk)?;
+        }
+        ensure!(!args.cuda_graph || args.warmup >= 2, "--cuda-graph needs --warmup >= 2 (one step allocates, the next records the graph)");
+        let mut graph: Option<CapturedStep> = None;
         let mut times = Vec::new();
         let mut losses = Vec::new();
         for i in 0..args.warmup + args.steps {
-            let (dt, loss) = step(&mut model, &mut main, &mut aux)?;
+            let replay = (args.cuda_graph && i >= 1).then_some(&mut graph);
+            let (dt, loss) = step(&mut model, &mut main, &mut aux, replay)?;
             step_no += 1;
             losses.push(loss);
             let tag = if i < args.warmup { " (warm-up)" } else { "          " };
@@ -248,7 +334,7 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
             if b.set_profiling(true) {
                 b.take_profile();
                 for _ in 0..args.profile_steps {
-                    let (dt, loss) = step(&mut model, &mut main, &mut aux)?;
+                    let (dt, loss) = step(&mut model, &mut main, &mut aux, None)?;
                     step_no += 1;
                     prof_wall += dt;
                     eprintln!("  step {step_no:>3} {gemm:?} (profiled) {:>9.1} ms  loss {loss:.4}", dt * 1e3);

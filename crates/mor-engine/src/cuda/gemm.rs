@@ -408,7 +408,10 @@ impl Cuda {
         assert!(shape.k > 0, "gemm {shape}: k = 0");
         let shape = shape.with_ptrs([a, b, c, d]);
         let mut plans = self.lt_plans.lock().unwrap();
-        let plan = plans.entry(shape).or_insert_with(|| self.lt_new_plan(&shape));
+        let plan = plans.entry(shape).or_insert_with(|| {
+            self.not_capturing("planning a GEMM shape");
+            self.lt_new_plan(&shape)
+        });
         let _p = self.prof_detail(|| format!("gemm {shape}"));
         self.lt_run(&plan.descs, &plan.algo, shape.beta(), [a, b, c, d])
             .unwrap_or_else(|e| panic!("cublasLtMatmul failed for {shape} ({}): {e:?}", plan.choice.config));

@@ -51,7 +51,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
-use crate::backend::{matmul_bwd_each, matmul_fwd_each, matmul_fwd_residual_unfused, AdamWItem, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision, Readback};
+use crate::backend::{matmul_bwd_each, matmul_fwd_each, matmul_fwd_residual_unfused, AdamWItem, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision, Readback, StepGraph};
 
 /// The CUDA C source of every kernel, as handed to NVRTC.
 pub const KERNEL_SOURCE: &str = concat!(
@@ -510,9 +510,10 @@ pub struct CudaBuf {
     /// A fresh `next_stamp` at every mutable access: unique per content, so a cached copy (see
     /// below and [`Cuda::weights_bf16_concat`]) knows when it went stale.
     version: u64,
-    /// bf16 copy of this (f32) buffer as a GEMM weight operand in bf16 mode, made from `version`:
-    /// weights change once per optimizer step but feed many GEMMs.
-    bf16_copy: Mutex<Option<(u64, CudaSlice<u8>)>>,
+    /// bf16 copy of this (f32) buffer as a GEMM weight operand in bf16 mode, made from
+    /// `version` in capture epoch `.1` ([`Cuda::epoch`]): weights change once per optimizer step
+    /// but feed many GEMMs.
+    bf16_copy: Mutex<Option<(u64, u64, CudaSlice<u8>)>>,
 }
 
 impl CudaBuf {
@@ -562,6 +563,23 @@ impl DevMem for CudaBuf {
     fn ptr_mut(&mut self, s: &Arc<CudaStream>) -> u64 {
         self.version = next_stamp();
         self.mem.device_ptr_mut(s).0
+    }
+}
+
+/// A captured stretch of the stream ([`Backend::capture_end`]) and the backend's resource
+/// generation it recorded pointers of.
+struct CudaStepGraph {
+    graph: cudarc::driver::CudaGraph,
+    resources: Arc<AtomicU64>,
+    recorded: u64,
+}
+
+impl StepGraph for CudaStepGraph {
+    fn launch(&self) -> Result<(), String> {
+        if self.resources.load(Ordering::Relaxed) != self.recorded {
+            return Err("the backend reallocated scratch or weight buffers the graph uses since its capture".into());
+        }
+        self.graph.launch().map_err(|e| format!("CUDA graph launch failed: {e:?}"))
     }
 }
 
@@ -767,7 +785,7 @@ pub struct Cuda {
     flash_funcs: HashMap<String, CudaFunction>,
     /// Concatenated bf16 copies of weight sets that share a GEMM input ([`Cuda::weights_bf16_concat`]),
     /// by the weights' ids, with the versions they were made from.
-    concat_weights: Mutex<HashMap<Vec<u64>, (Vec<u64>, CudaSlice<u8>)>>,
+    concat_weights: Mutex<HashMap<Vec<u64>, (Vec<u64>, u64, CudaSlice<u8>)>>,
     scratch: Mutex<Vec<Option<CudaSlice<u8>>>>,
     /// Tables of the multi-tensor kernels (cuda/optim.rs).
     mt_tables: optim::MtTables,
@@ -790,6 +808,16 @@ pub struct Cuda {
     /// Page-locked host buffers of the asynchronous reads ([`Cuda::read_words_async`]), reused:
     /// allocating page-locked memory is slow and freeing it synchronises.
     pinned: Arc<Mutex<Vec<PinnedHostSlice<u32>>>>,
+    /// A graph capture is in progress ([`Backend::capture_begin`]): what would allocate,
+    /// transfer or wait panics instead (the recording would be wrong or fail).
+    capturing: AtomicBool,
+    /// Bumped when a capture begins and ends: cached bf16 weight copies record the epoch they
+    /// were made in, so a capture records every conversion it needs once (its replays convert the
+    /// weights the optimizer changed), and eager work after it converts afresh.
+    epoch: Arc<AtomicU64>,
+    /// Bumped when scratch or a concatenated weight is reallocated: a graph recorded the old
+    /// pointers and refuses to launch after it.
+    resources: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for Cuda {
@@ -921,6 +949,9 @@ impl Cuda {
             prof_pending: Mutex::new(Vec::new()),
             prof_events: Mutex::new(Vec::new()),
             pinned: Arc::new(Mutex::new(Vec::new())),
+            capturing: AtomicBool::new(false),
+            epoch: Arc::new(AtomicU64::new(0)),
+            resources: Arc::new(AtomicU64::new(0)),
         };
         cuda.gemm_algos_from_env();
         Ok(cuda)
@@ -1010,6 +1041,7 @@ impl Cuda {
 
     /// A zeroed buffer of `n` elements.
     fn alloc(&self, n: usize, dtype: Dtype) -> CudaBuf {
+        self.not_capturing("allocating a buffer");
         let mem = if n == 0 {
             self.stream.null().expect("cuda: alloc failed")
         } else {
@@ -1069,16 +1101,20 @@ impl Cuda {
             return self.p(w);
         }
         let mut cache = w.bf16_copy.lock().unwrap();
-        if cache.as_ref().is_none_or(|(v, _)| *v != w.version) {
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        if cache.as_ref().is_none_or(|(v, e, _)| (*v, *e) != (w.version, epoch)) {
             let mut copy = match cache.take() {
-                Some((_, c)) => c,
-                None => unsafe { self.stream.alloc::<u8>(w.len * 2) }.expect("cuda: alloc of a bf16 weight copy failed"),
+                Some((_, _, c)) => c,
+                None => {
+                    self.not_capturing("allocating a bf16 weight copy");
+                    unsafe { self.stream.alloc::<u8>(w.len * 2) }.expect("cuda: alloc of a bf16 weight copy failed")
+                }
             };
             let dst = self.pm(&mut copy);
             launch!(self, "f32_to_bf16", self.ew(w.len), [self.p(w), dst, w.len as i64]);
-            *cache = Some((w.version, copy));
+            *cache = Some((w.version, epoch, copy));
         }
-        self.p(&cache.as_ref().unwrap().1)
+        self.p(&cache.as_ref().unwrap().2)
     }
 
     /// One bf16 copy of several weights stacked by rows (`[Σ m_i, k]`, the weights' `[m_i, k]` in
@@ -1090,19 +1126,26 @@ impl Cuda {
         let versions: Vec<u64> = ws.iter().map(|(w, _)| w.version).collect();
         let total: usize = ws.iter().map(|(_, m)| m * k).sum();
         let mut cache = self.concat_weights.lock().unwrap();
-        let fresh = cache.get(&ids).is_some_and(|(v, buf)| *v == versions && buf.len() >= total * 2);
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let fresh = cache.get(&ids).is_some_and(|(v, e, buf)| *v == versions && *e == epoch && buf.len() >= total * 2);
         if !fresh {
             // Earlier GEMMs reading the old contents are ahead of the refill in stream order.
             let mut buf = match cache.remove(&ids) {
-                Some((_, buf)) if buf.len() >= total * 2 => buf,
-                _ => unsafe { self.stream.alloc::<u8>(total * 2) }.expect("cuda: alloc of a concatenated bf16 weight failed"),
+                Some((_, _, buf)) if buf.len() >= total * 2 => buf,
+                old => {
+                    self.not_capturing("allocating a concatenated bf16 weight");
+                    if old.is_some() {
+                        self.resources.fetch_add(1, Ordering::Relaxed);
+                    }
+                    unsafe { self.stream.alloc::<u8>(total * 2) }.expect("cuda: alloc of a concatenated bf16 weight failed")
+                }
             };
             let dst = self.pm(&mut buf);
             let mut off = 0u64;
             for &(w, m) in ws {
                 let len = m * k;
                 let own_copy = match w.bf16_copy.lock().unwrap().as_ref() {
-                    Some((v, c)) if *v == w.version => Some(self.p(c)),
+                    Some((v, e, c)) if (*v, *e) == (w.version, epoch) => Some(self.p(c)),
                     _ => None,
                 };
                 match (w.is_bf16(), own_copy) {
@@ -1112,9 +1155,9 @@ impl Cuda {
                 }
                 off += (len * 2) as u64;
             }
-            cache.insert(ids.clone(), (versions, buf));
+            cache.insert(ids.clone(), (versions, epoch, buf));
         }
-        self.p(&cache[&ids].1)
+        self.p(&cache[&ids].2)
     }
 
     fn memcpy_dtod(&self, dst: u64, src: u64, bytes: usize) {
@@ -1287,8 +1330,18 @@ impl Cuda {
         self.ctx.name().unwrap_or_else(|_| "?".into())
     }
 
+    /// Panics while a graph is being captured: `what` would allocate, transfer or wait, which a
+    /// recording cannot hold (or would replay wrongly).
+    fn not_capturing(&self, what: &str) {
+        assert!(
+            !self.capturing.load(Ordering::Relaxed),
+            "cuda: {what} while capturing a CUDA graph; the captured work must have run once eagerly at the same shapes (docs/design/cuda-graphs.md)"
+        );
+    }
+
     /// Wait for all queued work.
     pub fn synchronize(&self) {
+        self.not_capturing("waiting for the device");
         self.stream.synchronize().expect("cuda: stream synchronize failed");
     }
 
@@ -1320,6 +1373,10 @@ impl Cuda {
         let mut s = self.scratch.lock().unwrap();
         let e = &mut s[slot as usize];
         if e.as_ref().is_none_or(|b| b.len() < bytes) {
+            self.not_capturing("growing a scratch buffer");
+            if e.is_some() {
+                self.resources.fetch_add(1, Ordering::Relaxed);
+            }
             let size = (bytes + bytes / 4).max(256).next_multiple_of(256);
             *e = Some(unsafe { self.stream.alloc::<u8>(size) }.expect("cuda: scratch allocation failed"));
         }
@@ -1358,6 +1415,7 @@ impl Cuda {
     /// Queues a copy of the `n` 4-byte words at `src` into a page-locked buffer of the pool and an
     /// event after it; the read waits for that event only, then `convert`s the words.
     fn read_words_async<T: 'static>(&self, src: u64, n: usize, convert: fn(&[u32]) -> Vec<T>) -> Readback<T> {
+        self.not_capturing("reading device memory (a captured step reads after it: Reads::AfterStep)");
         let mut buf = {
             let mut pool = self.pinned.lock().unwrap();
             match pool.iter().position(|b| b.len() >= n) {
@@ -1833,6 +1891,40 @@ impl Backend for Cuda {
         Cuda::synchronize(self);
     }
 
+    /// Stream capture in global mode (any unsafe CUDA call of the process fails it); needs the
+    /// bf16 mode (cuBLAS's SGEMM has no workspace set up for graphs) and profiling off.
+    fn capture_begin(&self) -> Result<(), String> {
+        if self.profiling.load(Ordering::Relaxed) {
+            return Err("cannot capture while profiling (its events and reads are not recordable)".into());
+        }
+        if !self.bf16() {
+            return Err("capturing needs bf16 GEMMs (--gemm bf16)".into());
+        }
+        if self.capturing.swap(true, Ordering::Relaxed) {
+            return Err("a capture is already in progress".into());
+        }
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+        self.stream.begin_capture(drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL).map_err(|e| {
+            self.capturing.store(false, Ordering::Relaxed);
+            format!("cuStreamBeginCapture failed: {e:?}")
+        })
+    }
+
+    fn capture_end(&self) -> Result<Box<dyn StepGraph>, String> {
+        if !self.capturing.swap(false, Ordering::Relaxed) {
+            return Err("no capture in progress".into());
+        }
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+        let graph = self
+            .stream
+            .end_capture(drv_sys::CUgraphInstantiate_flags(0))
+            .map_err(|e| format!("ending the capture or instantiating its graph failed: {e:?}"))?
+            .ok_or("the capture recorded nothing")?;
+        graph.upload().map_err(|e| format!("uploading the graph failed: {e:?}"))?;
+        let recorded = self.resources.load(Ordering::Relaxed);
+        Ok(Box::new(CudaStepGraph { graph, resources: self.resources.clone(), recorded }))
+    }
+
     fn memory_info(&self) -> Option<(usize, usize)> {
         let (free, total) = self.mem_get_info();
         Some((total.saturating_sub(free), total))
@@ -1911,6 +2003,7 @@ impl Backend for Cuda {
     }
 
     fn idx_from(&self, data: &[u32]) -> CudaSlice<u32> {
+        self.not_capturing("uploading indices");
         let _p = self.prof("idx_from");
         if data.is_empty() {
             return self.stream.null().expect("cuda: alloc failed");
@@ -1945,6 +2038,7 @@ impl Backend for Cuda {
     }
 
     fn idx_write(&self, idx: &mut CudaSlice<u32>, data: &[u32]) {
+        self.not_capturing("uploading indices");
         let _p = self.prof("idx_write");
         check_len("index buffer", idx.len(), data.len());
         if data.is_empty() {
@@ -1954,6 +2048,7 @@ impl Backend for Cuda {
     }
 
     fn write_f32(&self, buf: &mut CudaBuf, data: &[f32]) {
+        self.not_capturing("uploading values");
         let _p = self.prof("write_f32");
         check_len("buffer", buf.len(), data.len());
         if data.is_empty() {
