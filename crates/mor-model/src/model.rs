@@ -593,6 +593,11 @@ impl<B: Backend> Model<B> {
         let (batch, seq_len, valid) = (staged.segs.batch, staged.segs.seq_len, staged.valid);
         let ks = self.expert_ks(seq_len);
         let generation = self.ws_generation;
+        // Pool the last step's token sets now: whatever the pool drops must not be freed inside
+        // the recording (a free would become part of every replay).
+        if let Some(old) = self.trace.take() {
+            self.recycle(old);
+        }
         b.capture_begin().map_err(anyhow::Error::msg)?;
         let run = self.run_staged(b, loss_scale, Reads::AfterStep);
         let graph = b.capture_end();
