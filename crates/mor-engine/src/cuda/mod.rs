@@ -30,9 +30,11 @@
 //!   ([`CudaOptions::deterministic`], `MOR_DETERMINISTIC=1`, [`Cuda::set_deterministic`]) it runs
 //!   as two passes (dq, then dk/dv) that give every gradient row one owner.
 //! * Nothing here synchronises with the host except the reads (`to_f32`, `idx_to_vec`,
-//!   `sum_squares`) and, with tuned GEMM algorithms ([`GemmSelect::Tuned`]), the first bf16 GEMM
-//!   of each new shape (it times the candidates), so a training step after the first can later be
-//!   captured in a CUDA graph.
+//!   `sum_squares`; `*_async` wait on an event of their own) and, with tuned GEMM algorithms
+//!   ([`GemmSelect::Tuned`]), the first bf16 GEMM of each new shape (it times the candidates), so
+//!   a training step after the first can be captured in a CUDA graph ([`Backend::capture_begin`];
+//!   while capturing, whatever would allocate, transfer, wait or plan a GEMM panics, and cached
+//!   bf16 weight copies are remade once per capture so its replays convert changed weights).
 //!
 //! Layout conventions are those of the CPU reference ([`crate::cpu`]): `lse` of the attention is
 //! `[nq, heads]`, `+inf` for a query with no visible key.
