@@ -51,6 +51,8 @@ fn bench_train_reports_throughput_and_json() {
     let out = mor(&["bench", "train", "tiny-vanilla", "--cuda-graph", "--steps", "1", "--micro-batch", "1", "--seq-len", "16"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("cannot capture"), "{err}");
+    let out = mor(&["train", "tiny-vanilla", "--cuda-graph", "--data", "synthetic", "--steps", "1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cuda-graph needs --device cuda --gemm bf16"));
     // seq-len beyond the model's window is refused.
     let out = mor(&["bench", "train", "tiny-vanilla", "--seq-len", "100000", "--steps", "1"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_seq_len"));

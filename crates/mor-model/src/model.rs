@@ -559,6 +559,9 @@ impl<B: Backend> Model<B> {
             if rc.random {
                 return Some("the random router draws its scores on the host".into());
             }
+            if (self.router_state.forward_calls as usize) < rc.capacity_warmup {
+                return Some("the capacity warm-up changes the selection sizes every step".into());
+            }
         }
         if self.capture {
             return Some("Model::capture reads the hidden states inside the step".into());

@@ -146,6 +146,10 @@ fn capture_says_what_stops_it() {
         assert!(why.as_deref().is_some_and(|w| w.contains(expect)), "{name}: {why:?}");
         assert!(err.contains(expect), "{name}: {err}");
     }
+    let mut warming = find("ec3");
+    warming.router.as_mut().unwrap().capacity_warmup = 5;
+    let (why, _) = blocker(&warming, None, true);
+    assert!(why.is_some_and(|w| w.contains("capacity warm-up")));
     for name in ["vanilla", "rec2-Cycle-kvshare", "ec3-aux-router"] {
         let (why, err) = blocker(&find(name), None, true);
         assert_eq!(why, None, "{name}");

@@ -7,6 +7,7 @@
 //! * [`metrics`]: append-only JSONL metrics log, reader, truncation on resume.
 //! * [`plot`]: loss-curve PNG (embedded DejaVu Sans font, no system fonts needed).
 //! * [`progress`]: terminal progress bar (silent when stderr is not a terminal).
+//! * [`steps`]: a training micro-step, eager or replaying a CUDA graph.
 //! * [`trainer`]: the training loop itself, with exact resume.
 
 pub mod checkpoint;
@@ -15,6 +16,7 @@ pub mod optim;
 pub mod plot;
 pub mod progress;
 pub mod schedule;
+pub mod steps;
 pub mod trainer;
 
 pub use checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint};
@@ -23,4 +25,5 @@ pub use optim::{AdamW, AdamWConfig, NamedTensor, Optimizer, StepStats};
 pub use plot::{plot_loss_curve, plot_metrics_file, PlotOptions};
 pub use progress::Progress;
 pub use schedule::LrSchedule;
+pub use steps::StepRunner;
 pub use trainer::{load_model, train, train_with_eval, BatchSource, Evaluator, TokenBatch, TrainOptions, TrainOutcome};

@@ -53,12 +53,24 @@ pub struct TrainOptions {
     /// until the LR starts to depend on the total (WSD: the cool-down), so the warm-up and
     /// cool-down complete inside the budget. Never lengthens the run.
     pub fit_schedule: bool,
+    /// Run each micro-step's forward and backward as a CUDA graph where the backend and the
+    /// model allow it ([`crate::StepRunner`]); otherwise (and on the CPU) eagerly.
+    pub cuda_graph: bool,
 }
 
 impl TrainOptions {
     /// Options for a fresh run in `run_dir` with nothing else set.
     pub fn new(run_dir: impl Into<PathBuf>) -> Self {
-        TrainOptions { run_dir: run_dir.into(), resume: false, quiet: false, stop_after: None, init_seed: None, time_limit: None, fit_schedule: false }
+        TrainOptions {
+            run_dir: run_dir.into(),
+            resume: false,
+            quiet: false,
+            stop_after: None,
+            init_seed: None,
+            time_limit: None,
+            fit_schedule: false,
+            cuda_graph: false,
+        }
     }
 }
 
@@ -206,6 +218,7 @@ pub fn train_with_eval<B: Backend>(
     let mut end = opts.stop_after.map_or(tc.steps, |k| (start + k).min(tc.steps));
     let mut fitting = opts.fit_schedule && opts.time_limit.is_some();
     let (mut timed_steps, mut timed_s) = (0usize, 0.0f64);
+    let mut steps = crate::StepRunner::new(opts.cuda_graph);
     while step < end {
         let t0 = Instant::now();
         let lr = schedule.lr(step);
@@ -217,7 +230,7 @@ pub fn train_with_eval<B: Backend>(
             let b = data.next_batch(tc.micro_batch, tc.seq_len)?;
             let docs = cfg.data.document_mask.then_some(b.doc_starts.as_slice());
             let batch = Batch { inputs: &b.inputs, targets: &b.targets, batch: b.batch, seq_len: b.seq_len, doc_starts: docs };
-            let s = model.train_step(backend, &batch, 1.0 / tc.grad_accum as f32)?;
+            let s = steps.step(backend, &mut model, &batch, 1.0 / tc.grad_accum as f32)?;
             loss += s.loss / tc.grad_accum as f64;
             ce += s.ce / tc.grad_accum as f64;
             last = s;

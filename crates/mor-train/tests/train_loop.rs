@@ -182,3 +182,16 @@ fn evaluator_logs_val_loss_without_changing_training() {
     let logged: Vec<u64> = records.iter().filter(|r| r.get_f64("val_loss").is_some()).map(|r| r.step).collect();
     assert_eq!(logged, vec![3, 6, 7]);
 }
+
+/// `--cuda-graph` on a backend that cannot record: the first step runs eagerly, the second (the
+/// first recordable one) fails with the backend's reason; without it the run is unchanged.
+#[test]
+fn cuda_graph_on_the_cpu_is_refused_at_the_first_recordable_step() {
+    let be = Cpu::<f32>::new();
+    let mut cfg = config(3);
+    cfg.model.router.as_mut().unwrap().capacity_warmup = 0;
+    let dir = tempfile::tempdir().unwrap();
+    let o = TrainOptions { cuda_graph: true, ..opts(dir.path(), false, None) };
+    let err = train(&be, &cfg, &mut Motifs { vocab: 64, next_row: 0 }, &o).err().expect("the CPU records no graphs");
+    assert!(format!("{err:#}").contains("cannot capture device work"), "{err:#}");
+}

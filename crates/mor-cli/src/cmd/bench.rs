@@ -16,8 +16,8 @@ use super::device::{self, Device, DeviceOptions, Gemm, OnBackend};
 use anyhow::{ensure, Context, Result};
 use mor_config::{accounting, RouterKind, RunConfig, Sampling};
 use mor_engine::{Backend, MatmulPrecision, ParamGroup};
-use mor_model::{Batch, CapturedStep, Model};
-use mor_train::{AdamW, AdamWConfig};
+use mor_model::{Batch, Model};
+use mor_train::{AdamW, AdamWConfig, StepRunner};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
@@ -180,8 +180,8 @@ fn optimizers<B: Backend>(b: &B, model: &Model<B>, cfg: &RunConfig) -> (AdamW<B>
     (main, aux)
 }
 
-/// One optimizer step of `model` on `batch`: zeroed gradients, forward and backward (eager, or
-/// by a CUDA graph recorded at the first call when `graph` is given), AdamW.
+/// One optimizer step of `model` on `batch`: zeroed gradients, forward and backward (`runner`:
+/// eager or by a CUDA graph), AdamW.
 fn train_step<B: Backend>(
     b: &B,
     model: &mut Model<B>,
@@ -189,20 +189,10 @@ fn train_step<B: Backend>(
     aux: &mut Option<AdamW<B>>,
     batch: &Batch,
     lr: f64,
-    graph: Option<&mut Option<CapturedStep>>,
+    runner: &mut StepRunner,
 ) -> Result<mor_model::Stats> {
     model.params.zero_grads(b);
-    let stats = match graph {
-        None => model.train_step(b, batch, 1.0)?,
-        Some(graph) => {
-            model.stage_batch(b, batch)?;
-            if graph.is_none() {
-                *graph = Some(model.capture_step(b, 1.0)?);
-            }
-            model.replay_step(graph.as_ref().unwrap())?;
-            model.collect_stats(b)?
-        }
-    };
+    let stats = runner.step(b, model, batch, 1.0)?;
     main.step(b, &mut model.params, lr);
     if let Some(a) = aux.as_mut() {
         a.step(b, &mut model.params, lr);
@@ -224,14 +214,16 @@ fn graph_check<B: Backend>(b: &B, cfg: &RunConfig, steps: usize, head_chunk: usi
         let mut model = Model::new(b, cfg.model.clone(), cfg.train.seed)?;
         model.head_chunk_elems = head_chunk;
         let (mut main, mut aux) = optimizers(b, &model, cfg);
-        let mut graph = None;
+        let mut runner = StepRunner::new(graphed);
         let mut losses = Vec::new();
         let mut r = Rng(rng.next());
-        for i in 0..steps {
+        for _ in 0..steps {
             let seq: Vec<u32> = (0..tokens + 1).map(|_| (r.next() % vocab) as u32).collect();
             let batch = Batch { inputs: &seq[..tokens], targets: &seq[1..], batch: bsz, seq_len: len, doc_starts: None };
-            let replay = (graphed && i >= 1).then_some(&mut graph);
-            losses.push(train_step(b, &mut model, &mut main, &mut aux, &batch, 1e-4, replay)?.loss);
+            losses.push(train_step(b, &mut model, &mut main, &mut aux, &batch, 1e-4, &mut runner)?.loss);
+        }
+        if graphed {
+            ensure!(runner.replays > 0, "graph check: no step was recordable ({})", model.capture_blocker().unwrap_or_default());
         }
         let params: Vec<Vec<f32>> = model.params.values.iter().map(|v| b.to_f32(v)).collect();
         runs.push((losses, params));
@@ -288,13 +280,13 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
     let lr = 1e-4;
     let mut step_no = 0usize;
     // One training step on fresh random tokens; returns (seconds, loss).
-    let mut step = |model: &mut Model<B>, main: &mut AdamW<B>, aux: &mut Option<AdamW<B>>, graph: Option<&mut Option<CapturedStep>>| -> Result<(f64, f64)> {
+    let mut step = |model: &mut Model<B>, main: &mut AdamW<B>, aux: &mut Option<AdamW<B>>, runner: &mut StepRunner| -> Result<(f64, f64)> {
         let seq: Vec<u32> = (0..tokens + 1).map(|_| (rng.next() % vocab) as u32).collect();
         let (inputs, targets) = (&seq[..tokens], &seq[1..]);
         let batch = Batch { inputs, targets, batch: bsz, seq_len: len, doc_starts: None };
         b.synchronize();
         let t0 = Instant::now();
-        let stats = train_step(b, model, main, aux, &batch, lr, graph)?;
+        let stats = train_step(b, model, main, aux, &batch, lr, runner)?;
         b.synchronize();
         let dt = t0.elapsed().as_secs_f64();
         if let Some((used, _)) = b.memory_info() {
@@ -314,12 +306,11 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
             graph_check(b, cfg, args.graph_check, head_chunk)?;
         }
         ensure!(!args.cuda_graph || args.warmup >= 2, "--cuda-graph needs --warmup >= 2 (one step allocates, the next records the graph)");
-        let mut graph: Option<CapturedStep> = None;
+        let mut runner = StepRunner::new(args.cuda_graph);
         let mut times = Vec::new();
         let mut losses = Vec::new();
         for i in 0..args.warmup + args.steps {
-            let replay = (args.cuda_graph && i >= 1).then_some(&mut graph);
-            let (dt, loss) = step(&mut model, &mut main, &mut aux, replay)?;
+            let (dt, loss) = step(&mut model, &mut main, &mut aux, &mut runner)?;
             step_no += 1;
             losses.push(loss);
             let tag = if i < args.warmup { " (warm-up)" } else { "          " };
@@ -334,7 +325,7 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
             if b.set_profiling(true) {
                 b.take_profile();
                 for _ in 0..args.profile_steps {
-                    let (dt, loss) = step(&mut model, &mut main, &mut aux, None)?;
+                    let (dt, loss) = step(&mut model, &mut main, &mut aux, &mut StepRunner::new(false))?;
                     step_no += 1;
                     prof_wall += dt;
                     eprintln!("  step {step_no:>3} {gemm:?} (profiled) {:>9.1} ms  loss {loss:.4}", dt * 1e3);

@@ -67,6 +67,11 @@ pub struct Args {
     /// (until the LR schedule's cool-down starts), so warm-up and cool-down complete in it.
     #[arg(long, requires = "time_limit")]
     pub fit_schedule: bool,
+    /// CUDA: each micro-step's forward and backward as a CUDA graph, recorded at the second step
+    /// of a batch shape and replayed (bf16 GEMMs; vanilla, recursive and expert-choice models
+    /// with a learned router, no document masks; other steps run eagerly).
+    #[arg(long)]
+    pub cuda_graph: bool,
     /// Validation loss after training: the NLL over this many rows of train.seq_len tokens of
     /// the data folder's `val` split (fewer if the split is shorter), on the training device,
     /// with top-k routing like the training loss and MOR_SPEC 8.1; logged as `val_loss` (drawn
@@ -155,6 +160,9 @@ pub fn run(args: Args) -> Result<()> {
         return super::print(&dry_run_report(&cfg, args.device, args.gemm)?);
     }
     device::check(args.device)?;
+    if args.cuda_graph && (args.device != Device::Cuda || args.gemm != Gemm::Bf16) {
+        bail!("--cuda-graph needs --device cuda --gemm bf16");
+    }
     let spec = args.data.clone().or_else(|| cfg.data.train.clone()).unwrap_or_else(|| "synthetic".into());
     let (source, tokenizer, shards) = open_data(&spec, cfg.model.vocab_size, cfg.train.seed, args.quiet)?;
     if source.vocab_size() > cfg.model.vocab_size {
@@ -227,6 +235,7 @@ fn train_on<B: Backend>(
         quiet: args.quiet,
         time_limit,
         fit_schedule: args.fit_schedule,
+        cuda_graph: args.cuda_graph,
         ..TrainOptions::new(out)
     };
     let mut data = Source(source);
