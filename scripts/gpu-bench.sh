@@ -19,7 +19,7 @@
 # op-level parity and kernel timings, run when present),
 # BUDGET_S (200: the optional steps — torch.compile runs, then the --deterministic runs — are skipped once the script has run this long),
 # FA_EXP_POLY_SWEEP ("": e.g. "8 4 2" sweeps the forward's polynomial exp2 share, see flash_attention.cu),
-# SKIP_PARITY=1, SKIP_TRAIN=1, SKIP_COMPILE=1, MODELS ("vanilla mor-ec3"), GEMMS ("f32,bf16"), SIZE (360m),
+# SKIP_GRAPH=1 (the CUDA graph checks and runs), SKIP_PARITY=1, SKIP_TRAIN=1, SKIP_COMPILE=1, MODELS ("vanilla mor-ec3"), GEMMS ("f32,bf16"), SIZE (360m),
 # DEVICE (cuda), TORCH_EXTRA (more torch_reference.py arguments). A CPU smoke test of the script:
 #   DEVICE=cpu SIZE=tiny GEMMS=f32 SKIP_PARITY=1 SKIP_COMPILE=1 MICRO_BATCH=2 SEQ_LEN=64 \
 #   TORCH_EXTRA="--tiny --device cpu" MOR_BIN=target/release/mor bash scripts/gpu-bench.sh
@@ -110,6 +110,17 @@ except Exception as e:
 PYEOF
 fi
 
+if [ "$DEVICE" = cuda ] && [ -z "${SKIP_GRAPH:-}" ]; then
+  # CUDA graphs: eager and graphed copies of a model on the same batches (bit-identical losses in
+  # deterministic mode), then the step time with the graph.
+  step "CUDA graph check, tiny-mor-ec3, deterministic" 60 required -- "$BIN" bench train tiny-mor-ec3 --device cuda --gemm bf16 \
+    --deterministic --graph-check 4 --warmup 2 --steps 2
+  step "CUDA graph check, tiny-vanilla" 60 required -- "$BIN" bench train tiny-vanilla --device cuda --gemm bf16 --graph-check 4 --warmup 2 --steps 2
+  for m in $MODELS; do
+    step "mor bench $SIZE-$m --cuda-graph" 150 required -- "$BIN" bench train "$SIZE-$m" --device cuda --micro-batch "$B" \
+      --seq-len "$L" --warmup 2 --steps "$STEPS" --gemm bf16 --cuda-graph --label "$SIZE-$m cuda graph" --json "$RES"
+  done
+fi
 for m in $MODELS; do
   step "mor bench $SIZE-$m" 150 required -- "$BIN" bench train "$SIZE-$m" --device "$DEVICE" --micro-batch "$B" --seq-len "$L" \
     --warmup 1 --steps "$STEPS" --gemm "$GEMMS" --profile-steps 1 --json "$RES"
