@@ -675,8 +675,8 @@ impl<B: Backend> Model<B> {
         self.ws.as_mut().and_then(|ws| ws.set_pool.get_mut(i).and_then(Option::take))
     }
 
-    /// The forward of the staged batch. `deferred`: the reads of the statistics are left for
-    /// [`Model::collect_stats`] (training steps); otherwise they complete here.
+    /// The forward of the staged batch, its statistics read as `reads` says (with
+    /// [`Reads::Eager`] here, otherwise by [`Model::collect_stats`]).
     fn forward_staged(&mut self, b: &B, routing: Routing, grad: bool, loss_scale: f32, reads: Reads) -> anyhow::Result<()> {
         if let Some(old) = self.trace.take() {
             if old.capture_id.is_some() {

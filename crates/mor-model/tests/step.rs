@@ -10,9 +10,12 @@ use mor_config::*;
 use mor_engine::{Cpu, HostTraffic};
 use mor_model::{Batch, Model, Reads, Routing};
 
+/// A batch shape: rows, sequence length, document starts per row.
+type Shape = (usize, usize, Option<Vec<Vec<u32>>>);
+
 /// Batch shapes of a run: repeated (the token sets' buffers are reused), another shape, back,
 /// and one with document masks (uploaded sets, host selections).
-fn shapes() -> Vec<(usize, usize, Option<Vec<Vec<u32>>>)> {
+fn shapes() -> Vec<Shape> {
     vec![(2, 9, None), (2, 9, None), (3, 6, None), (2, 9, None), (2, 9, Some(vec![vec![4], vec![]])), (2, 9, None)]
 }
 
@@ -135,7 +138,7 @@ fn capture_says_what_stops_it() {
         let err = m.capture_step(&be, 1.0).err().expect("the CPU backend captures nothing").to_string();
         (why, err)
     };
-    let masks = vec![vec![3u32], vec![]];
+    let masks = [vec![3u32], vec![]];
     for (name, docs, warm, expect) in [
         ("tc3", None, true, "token-choice"),
         ("ec3-random", None, true, "random router"),

@@ -2420,7 +2420,7 @@ impl Backend for Cuda {
         if bf16 {
             let gb = self.bf16_operand(Slot::BfC, dout, n * total);
             if let Some(dx) = dx.as_deref_mut() {
-                let ws: Vec<(&CudaBuf, usize)> = items.iter().map(|it| (&*it.1, it.2)).collect();
+                let ws: Vec<(&CudaBuf, usize)> = items.iter().map(|it| (it.1, it.2)).collect();
                 self.gemm_dx_cat(dx, !dx_set, gb, n, k, &ws);
             }
             let xb = self.bf16_operand(Slot::BfB, x, n * k);
@@ -2433,7 +2433,7 @@ impl Backend for Cuda {
             }
             return;
         }
-        if let Some(dx) = dx.as_deref_mut() {
+        if let Some(dx) = dx {
             if dx_set {
                 self.fill(dx, n * k, 0.0);
             }
