@@ -748,6 +748,19 @@ fn loss_ops(e: &mut Env, r: &mut Report) {
             r.check(&tag, "loss", &e.g.to_f32(&lg), &lc, TOL);
             r.check_prec(bf16, &tag, "dlogits", &e.g.to_f32(&dg), &dc, None, TOL);
         }
+        // bf16 logits (the bf16 mode's LM head output) with bf16 dlogits, and the forward alone,
+        // against the CPU on the same bf16-rounded logits.
+        let tag = format!("ce bf16 logits n{n} V{vocab}");
+        let (xc, xg) = e.rnd_act(n * vocab, 5.0);
+        let (mut lc, mut lg) = e.rnd(n, 1.0);
+        let (mut dc, mut dg) = e.rnd_act(n * vocab, 1.0);
+        e.c.cross_entropy_fwd_bwd(&mut lc, &mut dc, &xc, &tc, scale, n, vocab);
+        e.g.cross_entropy_fwd_bwd(&mut lg, &mut dg, &xg, &tg, scale, n, vocab);
+        r.check(&format!("{tag} fwd_bwd"), "loss", &e.g.to_f32(&lg), &lc, TOL);
+        r.check_prec(true, &format!("{tag} fwd_bwd"), "dlogits", &e.g.to_f32(&dg), &dc, None, TOL);
+        let (_, mut lg) = e.rnd(n, 1.0);
+        e.g.cross_entropy_fwd(&mut lg, &xg, &tg, n, vocab);
+        r.check(&format!("{tag} fwd"), "loss", &e.g.to_f32(&lg), &lc, TOL);
     }
     // Out-of-range targets (the CPU panics on them): against the GPU's own fwd (NaN loss) and
     // fill + bwd (the row skipped: zero), ignored rows zero as well.
@@ -1658,6 +1671,11 @@ fn bench(g: &Cuda) {
         let mut dlb = g.zeros_act(vn * vocab);
         let ms = time_ms(g, 10, || g.cross_entropy_fwd_bwd(&mut loss, &mut dlb, &logits, &t, 1.0, vn, vocab));
         println!("  cross_entropy_fwd_bwd 4096x49152 (bf16 dlogits): {:.3} ms, {:.0} GB/s", ms, (vn * vocab * (2 * 4 + 2)) as f64 / ms / 1e6);
+        // As the bf16 mode runs it: bf16 logits from the head GEMM.
+        let mut lb = g.zeros_act(vn * vocab);
+        g.copy(&mut lb, &logits, vn * vocab);
+        let ms = time_ms(g, 10, || g.cross_entropy_fwd_bwd(&mut loss, &mut dlb, &lb, &t, 1.0, vn, vocab));
+        println!("  cross_entropy_fwd_bwd 4096x49152 (bf16 logits and dlogits): {:.3} ms, {:.0} GB/s", ms, (vn * vocab * (2 * 2 + 2)) as f64 / ms / 1e6);
         g.set_matmul_precision(MatmulPrecision::F32);
     }
     let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % vocab as u32).collect();

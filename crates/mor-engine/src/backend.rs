@@ -461,7 +461,8 @@ pub trait Backend {
 
     // ---- losses ---------------------------------------------------------------------------
     /// Per-row cross-entropy `loss[i] = logsumexp(logits[i]) - logits[i, target[i]]`; rows whose
-    /// target is `u32::MAX` are ignored (loss 0).
+    /// target is `u32::MAX` are ignored (loss 0). `logits` may be an activation buffer
+    /// ([`Backend::zeros_act`]: the LM head's output), the losses are a [`Backend::zeros`] buffer.
     fn cross_entropy_fwd(&self, loss: &mut Self::Buf, logits: &Self::Buf, targets: &Self::Idx, n: usize, vocab: usize);
     /// `dlogits[i] += scale * (softmax(logits[i]) - onehot(target[i]))` for non-ignored rows.
     fn cross_entropy_bwd(&self, dlogits: &mut Self::Buf, logits: &Self::Buf, targets: &Self::Idx, scale: f32, n: usize, vocab: usize);
@@ -469,8 +470,9 @@ pub trait Backend {
     /// forward does and SETS `dlogits[i] = scale * (softmax(logits[i]) - onehot(target[i]))`
     /// (no accumulation); rows with an ignored (`u32::MAX`) or out-of-range target get a zero
     /// gradient row (the forward's loss for an out-of-range target is NaN, or a panic where the
-    /// backend checks). `dlogits` may be an activation buffer ([`Backend::zeros_act`]); the
-    /// logits and the losses are [`Backend::zeros`] buffers. The default is
+    /// backend checks). `logits` and `dlogits` may be activation buffers ([`Backend::zeros_act`];
+    /// with activation-precision logits so is `dlogits`), the losses are a [`Backend::zeros`]
+    /// buffer. The default is
     /// `cross_entropy_fwd`, `fill(dlogits, 0)`, `cross_entropy_bwd`; a device fuses them into one
     /// pass pair over the logits (the LM head's memory traffic).
     #[allow(clippy::too_many_arguments)]

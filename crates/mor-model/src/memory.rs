@@ -130,9 +130,9 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
     let residual = n * (7 * d + 2);
     let vocab = cfg.vocab_size;
     let head_rows = (head_chunk_elems / vocab).clamp(1, n);
-    // head_x, head_dx, logits, dlogits, ce (one chunk); dlogits is an activation buffer.
+    // head_x, head_dx, logits, dlogits, ce (one chunk); logits and dlogits are activation buffers.
     let head_chunk = head_rows * (2 * d + 2 * vocab + 1);
-    let head_act = head_rows * vocab;
+    let head_act = 2 * head_rows * vocab;
     // Recursion-step buffers (routed models: one per recursion) and router activations.
     let mut steps = 0;
     let mut routers = 0;

@@ -456,7 +456,9 @@ impl<B: Backend> Model<B> {
             head_rows,
             head_x: b.zeros(head_rows * d),
             head_dx: b.zeros(head_rows * d),
-            logits: b.zeros(head_rows * vocab),
+            // Activation precision: the head GEMM's output (bf16 in CUDA's bf16 mode, as PyTorch's
+            // autocast gives; the loss is computed from it in f32).
+            logits: b.zeros_act(head_rows * vocab),
             dlogits: None,
             ce: b.zeros(head_rows),
             ce_all: b.zeros(n),

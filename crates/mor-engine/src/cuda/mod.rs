@@ -126,6 +126,8 @@ const KERNELS: &[&str] = &[
     "cross_entropy_bwd_f32",
     "cross_entropy_fwd_bwd_f32",
     "cross_entropy_fwd_bwd_bf16",
+    "cross_entropy_fwd_bwd_bf16_logits",
+    "cross_entropy_fwd_bf16",
     "gather_rows_f32",
     "scatter_add_scaled_bwd_f32",
     "gather_add_rows_f32",
@@ -2835,9 +2837,10 @@ impl Backend for Cuda {
     }
 
     // ---- losses ---------------------------------------------------------------------------
+    /// f32 losses from f32 or bf16 logits (the bf16 mode's LM head writes bf16).
     fn cross_entropy_fwd(&self, loss: &mut CudaBuf, logits: &CudaBuf, targets: &CudaSlice<u32>, n: usize, vocab: usize) {
         let _p = self.prof("cross_entropy_fwd");
-        Self::f32_only("cross_entropy_fwd", &[("loss", loss), ("logits", logits)]);
+        Self::f32_only("cross_entropy_fwd", &[("loss", loss)]);
         if n == 0 {
             return;
         }
@@ -2848,7 +2851,7 @@ impl Backend for Cuda {
         let (lp, xp, tp) = (self.pm(loss), self.p(logits), self.p(targets));
         launch!(
             self,
-            "cross_entropy_fwd_f32",
+            if logits.is_bf16() { "cross_entropy_fwd_bf16" } else { "cross_entropy_fwd_f32" },
             cfg((rows_grid(n), 1, 1), row_threads(vocab, 1024), 0),
             [lp, xp, tp, n as i32, vocab as i32]
         );
@@ -2873,8 +2876,9 @@ impl Backend for Cuda {
         );
     }
 
-    /// One kernel: f32 logits and losses, `dlogits` f32 or bf16 (an activation buffer in the
-    /// bf16 mode, which `matmul_bwd` then reads without a conversion).
+    /// One kernel: f32 losses; logits f32 or bf16 (the bf16 mode's LM head writes them as bf16:
+    /// half the traffic of the head's largest buffer), `dlogits` f32 or bf16 (an activation
+    /// buffer in the bf16 mode, which `matmul_bwd` then reads without a conversion).
     fn cross_entropy_fwd_bwd(
         &self,
         loss: &mut CudaBuf,
@@ -2886,7 +2890,7 @@ impl Backend for Cuda {
         vocab: usize,
     ) {
         let _p = self.prof("cross_entropy_fwd_bwd");
-        Self::f32_only("cross_entropy_fwd_bwd", &[("loss", loss), ("logits", logits)]);
+        Self::f32_only("cross_entropy_fwd_bwd", &[("loss", loss)]);
         if n == 0 {
             return;
         }
@@ -2895,7 +2899,12 @@ impl Backend for Cuda {
         check_len("dlogits", dlogits.len(), n * vocab);
         check_len("logits", logits.len(), n * vocab);
         check_len("targets", targets.len(), n);
-        let name = if dlogits.is_bf16() { "cross_entropy_fwd_bwd_bf16" } else { "cross_entropy_fwd_bwd_f32" };
+        let name = match (logits.dtype, dlogits.dtype) {
+            (Dtype::F32, Dtype::F32) => "cross_entropy_fwd_bwd_f32",
+            (Dtype::F32, Dtype::Bf16) => "cross_entropy_fwd_bwd_bf16",
+            (Dtype::Bf16, Dtype::Bf16) => "cross_entropy_fwd_bwd_bf16_logits",
+            (Dtype::Bf16, Dtype::F32) => panic!("cuda: cross_entropy_fwd_bwd has no kernel for bf16 logits with f32 dlogits"),
+        };
         let (lp, dp, xp, tp) = (self.pm(loss), self.pm(dlogits), self.p(logits), self.p(targets));
         launch!(
             self,

@@ -193,6 +193,10 @@ __device__ __forceinline__ float raw_elem(const uint4& v, int e) {
 __device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15) == 0; }
 // 4 elements at a 4-element aligned address (16 bytes of f32, 8 of bf16).
 __device__ __forceinline__ void ld4(float (&f)[4], const float* p) { ld16(f, p); }
+__device__ __forceinline__ void ld4(float (&f)[4], const bf16* p) {
+    const uint2 v = *(const uint2*)p;
+    f[0] = bf16_lo(v.x), f[1] = bf16_hi(v.x), f[2] = bf16_lo(v.y), f[3] = bf16_hi(v.y);
+}
 __device__ __forceinline__ void st4(float* p, const float (&f)[4]) { st16(p, f); }
 __device__ __forceinline__ void st4(bf16* p, const float (&f)[4]) {
     *(uint2*)p = make_uint2(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]));

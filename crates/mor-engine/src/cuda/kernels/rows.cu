@@ -385,23 +385,23 @@ __device__ void cross_entropy_bwd(T* dlogits, const T* logits, const u32* target
     }
 }
 
-// Forward and backward in one kernel (the LM head in training): per row one pass over the f32
-// logits for (max, Σexp) (online log-sum-exp), the loss as cross_entropy_fwd writes it, then one
-// pass writing dlogits = scale * (softmax - onehot) (set, not accumulated; f32 or bf16). Rows
-// with an ignored or out-of-range target get a zero gradient row (loss 0, or NaN out of range, as
-// cross_entropy_fwd). Rows of vocab % 4 == 0 with 16-byte aligned logits and 4-element aligned
-// dlogits move in 16-byte loads (8- or 16-byte stores); others take the scalar loops. The
-// gradient uses expf(x - m) * inv like cross_entropy_bwd; (m, s) differ from row_lse's only in
-// summation order.
-template <typename TD>
-__device__ void cross_entropy_fwd_bwd(float* loss, TD* dlogits, const float* logits, const u32* targets, float scale,
+// Forward and backward in one kernel (the LM head in training): per row one pass over the
+// logits (f32, or bf16 as the bf16 mode's head GEMM writes them) for (max, Σexp) (online
+// log-sum-exp), the loss as cross_entropy_fwd writes it, then one pass writing dlogits = scale *
+// (softmax - onehot) (set, not accumulated; f32 or bf16). Rows with an ignored or out-of-range
+// target get a zero gradient row (loss 0, or NaN out of range, as cross_entropy_fwd). Rows of
+// vocab % 4 == 0 with 4-element aligned logits and dlogits move in 4-element loads and stores;
+// others take the scalar loops. The gradient uses expf(x - m) * inv like cross_entropy_bwd; (m, s)
+// differ from row_lse's only in summation order.
+template <typename TL, typename TD>
+__device__ void cross_entropy_fwd_bwd(float* loss, TD* dlogits, const TL* logits, const u32* targets, float scale,
                                       int n, int vocab) {
     __shared__ float shm[32], shs[32];
-    const bool vec = (vocab & 3) == 0 && aligned_to(16, logits) && aligned_to(4 * sizeof(TD), dlogits);
+    const bool vec = (vocab & 3) == 0 && aligned_to(4 * sizeof(TL), logits) && aligned_to(4 * sizeof(TD), dlogits);
     const int nq = vocab >> 2;
     for (int r = blockIdx.x; r < n; r += gridDim.x) {
         const u32 t = targets[r];
-        const float* row = logits + (i64)r * vocab;
+        const TL* row = logits + (i64)r * vocab;
         TD* d = dlogits + (i64)r * vocab;
         if (t == U32_MAX || t >= (u32)vocab) {
             if (threadIdx.x == 0) loss[r] = t == U32_MAX ? 0.f : __int_as_float(0x7fc00000);
@@ -430,7 +430,7 @@ __device__ void cross_entropy_fwd_bwd(float* loss, TD* dlogits, const float* log
         } else {
             row_lse(row, vocab, m, s, shm, shs);
         }
-        if (threadIdx.x == 0) loss[r] = m + logf(s) - row[t];
+        if (threadIdx.x == 0) loss[r] = m + logf(s) - to_f(row[t]);
         const float inv = 1.f / s;
         if (vec) {
             for (int q = threadIdx.x; q < nq; q += blockDim.x) {
@@ -445,7 +445,7 @@ __device__ void cross_entropy_fwd_bwd(float* loss, TD* dlogits, const float* log
             }
         } else {
             for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-                float g = scale * (expf(row[j] - m) * inv);
+                float g = scale * (expf(to_f(row[j]) - m) * inv);
                 if (j == (int)t) g -= scale;
                 d[j] = from_f<TD>(g);
             }
@@ -455,11 +455,19 @@ __device__ void cross_entropy_fwd_bwd(float* loss, TD* dlogits, const float* log
 
 extern "C" __global__ void cross_entropy_fwd_bwd_f32(float* l, float* dx, const float* x, const u32* t, float s, int n,
                                                      int v) {
-    cross_entropy_fwd_bwd<float>(l, dx, x, t, s, n, v);
+    cross_entropy_fwd_bwd<float, float>(l, dx, x, t, s, n, v);
 }
 extern "C" __global__ void cross_entropy_fwd_bwd_bf16(float* l, bf16* dx, const float* x, const u32* t, float s, int n,
                                                       int v) {
-    cross_entropy_fwd_bwd<bf16>(l, dx, x, t, s, n, v);
+    cross_entropy_fwd_bwd<float, bf16>(l, dx, x, t, s, n, v);
+}
+// bf16 logits (the bf16 mode's LM head) and gradient; the forward alone for evaluation.
+extern "C" __global__ void cross_entropy_fwd_bwd_bf16_logits(float* l, bf16* dx, const bf16* x, const u32* t, float s,
+                                                             int n, int v) {
+    cross_entropy_fwd_bwd<bf16, bf16>(l, dx, x, t, s, n, v);
+}
+extern "C" __global__ void cross_entropy_fwd_bf16(float* l, const bf16* x, const u32* t, int n, int v) {
+    cross_entropy_fwd<bf16>(l, x, t, n, v);
 }
 
 // ---- row gathers and scatters --------------------------------------------------------------
