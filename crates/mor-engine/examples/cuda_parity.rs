@@ -1113,6 +1113,23 @@ fn attention_case(e: &mut Env, r: &mut Report, case: &AttnCase, bf16: bool, act:
             r.check_prec(bf16, &op, "dk", &e.g.to_f32(&dkg), &dkc, dk0, TOL_RED);
             r.check_prec(bf16, &op, "dv", &e.g.to_f32(&dvg), &dvc, dv0, TOL_RED);
         }
+        // A layer over its own keys: the gradients packed [dk | dv | dq] per row (bf16 in the
+        // bf16-act mode, as the model's scratch), dk / dv scratch f32; starts from garbage.
+        if nq == nk {
+            let ld = 2 * kvh * hd + heads * hd;
+            let (mut pc, mut pg) = e.rnd_as(act, nq * ld, 1.0);
+            let (mut qsc, mut qsg) = e.rnd_as(act, nq * heads * hd, 1.0);
+            let (mut ksc, mut ksg) = e.rnd(nk * kvh * hd, 1.0);
+            let (mut vsc, mut vsg) = e.rnd(nk * kvh * hd, 1.0);
+            e.c.attention_bwd_packed(&mut pc, &mut qsc, &mut ksc, &mut vsc, &doc, &oc, &lc, &qc, &kc, &vc, &sc, 10000.0);
+            e.g.attention_bwd_packed(&mut pg, &mut qsg, &mut ksg, &mut vsg, &dog, &og, &lg, &qg, &kg, &vg, &sg, 10000.0);
+            let (pg, pc) = (e.g.to_f32(&pg), pc);
+            let cols = |v: &[f32], a: usize, b: usize| -> Vec<f32> { (0..nq).flat_map(|i| v[i * ld + a..i * ld + b].to_vec()).chain(vec![0.0; PAD]).collect() };
+            let kvd = kvh * hd;
+            for (name, a, b) in [("dk", 0, kvd), ("dv", kvd, 2 * kvd), ("dq", 2 * kvd, ld)] {
+                r.check_prec(bf16, &format!("{tag} bwd packed"), name, &cols(&pg, a, b), &cols(&pc, a, b), None, TOL_RED);
+            }
+        }
     }
 }
 
@@ -1499,7 +1516,10 @@ fn time_attention_360m(g: &Cuda, act: bool) -> (f64, f64, f64) {
         let mirrored = time_ms(g, 10, || g.attention_fwd_mirrored(&mut o, &mut copy, &mut lse, &q, &k, &v, &shape));
         let mut bwd_rope = |kv_set| time_ms(g, 10, || g.attention_bwd_rope_dq(&mut dq, &mut dk, &mut dv, &dout, &o, &lse, &q, &k, &v, &shape, 1e4, kv_set));
         let (set, add) = (bwd_rope(true), bwd_rope(false));
-        println!("  layer form: fwd_mirrored {mirrored:.3} ms (fwd {fwd:.3}); bwd_rope_dq kv set {set:.3} ms, kv add {add:.3}");
+        let ld = 2 * kvh * hd + heads * hd;
+        let mut packed = g.zeros_act(n * ld);
+        let pk = time_ms(g, 10, || g.attention_bwd_packed(&mut packed, &mut dq, &mut dk, &mut dv, &dout, &o, &lse, &q, &k, &v, &shape, 1e4));
+        println!("  layer form: fwd_mirrored {mirrored:.3} ms (fwd {fwd:.3}); bwd_rope_dq kv set {set:.3} ms, kv add {add:.3}; bwd packed (with dk's RoPE and the packing) {pk:.3} ms");
     }
     (fwd, bwd, f_fwd)
 }

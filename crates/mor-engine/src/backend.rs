@@ -209,6 +209,9 @@ pub trait Backend {
     }
     /// `dst[..n] = src[..n]`.
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, n: usize);
+    /// Columns `[col, col + cols)` of `rows` rows of `dst` (rows `ld` apart) = `src[rows, cols]`
+    /// (packing side by side; either buffer may be an activation buffer).
+    fn copy_cols(&self, dst: &mut Self::Buf, ld: usize, col: usize, src: &Self::Buf, rows: usize, cols: usize);
 
     // ---- elementwise ----------------------------------------------------------------------
     /// `y[..n] += alpha * x[..n]`.
@@ -400,6 +403,31 @@ pub trait Backend {
         self.attention_bwd(dq, dk, dv, dout, out, lse, q, k, v, shape);
         self.rope_bwd(dq, shape.pos_q, shape.nq, shape.heads, shape.head_dim, theta);
     }
+    /// The attention backward of a layer over its own keys (queries and keys one token set,
+    /// nothing else attending to them), its gradients packed for the q/k/v projections'
+    /// backward ([`Backend::matmul_bwd_cat`]): row r of `dkvq` (`[n, 2 kvd + qd]`) holds
+    /// `rope_bwd(∂L/∂k)` | `∂L/∂v` | `rope_bwd(∂L/∂q)`. `dq`, `dk`, `dv` are scratch of the
+    /// unpacked gradients (their contents are left unspecified). The default runs
+    /// [`Backend::attention_bwd_rope_dq`], `rope_bwd` on dk and three [`Backend::copy_cols`]; CUDA
+    /// writes dq into its columns and packs dk / dv in one pass.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd_packed(
+        &self,
+        dkvq: &mut Self::Buf,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: &AttnShape<'_, Self::Idx>,
+        theta: f32,
+    ) {
+        attention_bwd_packed_unfused(self, dkvq, dq, dk, dv, dout, out, lse, q, k, v, shape, theta);
+    }
 
     // ---- activations ----------------------------------------------------------------------
     /// `out = silu(gate) * up` on `rows` rows of width `f`, gate and up side by side in
@@ -529,6 +557,35 @@ pub trait Backend {
 pub fn matmul_fwd_residual_unfused<B: Backend + ?Sized>(b: &B, out: &mut B::Buf, x: &B::Buf, w: &B::Buf, res: &B::Buf, n: usize, k: usize, m: usize) {
     b.matmul_fwd(out, x, w, n, k, m);
     b.axpy(out, res, 1.0, n * m);
+}
+
+/// [`Backend::attention_bwd_packed`] by the unpacked ops (the default, and CUDA's path where its
+/// packed kernels do not apply).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_packed_unfused<B: Backend + ?Sized>(
+    b: &B,
+    dkvq: &mut B::Buf,
+    dq: &mut B::Buf,
+    dk: &mut B::Buf,
+    dv: &mut B::Buf,
+    dout: &B::Buf,
+    out: &B::Buf,
+    lse: &B::Buf,
+    q: &B::Buf,
+    k: &B::Buf,
+    v: &B::Buf,
+    shape: &AttnShape<'_, B::Idx>,
+    theta: f32,
+) {
+    assert_eq!(shape.nq, shape.nk, "attention_bwd_packed: queries and keys must be one token set");
+    let (n, hd) = (shape.nq, shape.head_dim);
+    let (qd, kvd) = (shape.heads * hd, shape.kv_heads * hd);
+    b.attention_bwd_rope_dq(dq, dk, dv, dout, out, lse, q, k, v, shape, theta, true);
+    b.rope_bwd(dk, shape.pos_k, n, shape.kv_heads, hd, theta);
+    let ld = 2 * kvd + qd;
+    b.copy_cols(dkvq, ld, 0, dk, n, kvd);
+    b.copy_cols(dkvq, ld, kvd, dv, n, kvd);
+    b.copy_cols(dkvq, ld, 2 * kvd, dq, n, qd);
 }
 
 /// [`Backend::matmul_fwd_many`] as one [`Backend::matmul_fwd`] per weight (the default, and the

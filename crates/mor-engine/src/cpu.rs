@@ -526,6 +526,12 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         buf[..n].iter_mut().for_each(|x| *x = v);
     }
 
+    fn copy_cols(&self, dst: &mut Vec<T>, ld: usize, col: usize, src: &Vec<T>, rows: usize, cols: usize) {
+        for r in 0..rows {
+            dst[r * ld + col..r * ld + col + cols].copy_from_slice(&src[r * cols..(r + 1) * cols]);
+        }
+    }
+
     fn copy(&self, dst: &mut Vec<T>, src: &Vec<T>, n: usize) {
         dst[..n].copy_from_slice(&src[..n]);
     }

@@ -486,6 +486,21 @@ fn matmul_cat_equals_one_matmul_per_weight_side_by_side() {
 }
 
 #[test]
+fn copy_cols_writes_only_its_columns() {
+    let b = Cpu::<f32>::new();
+    let (rows, ld, col, cols) = (3usize, 7usize, 2usize, 4usize);
+    let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+    let mut dst = vec![-1.0f32; rows * ld];
+    b.copy_cols(&mut dst, ld, col, &src, rows, cols);
+    for r in 0..rows {
+        for c in 0..ld {
+            let want = if (col..col + cols).contains(&c) { src[r * cols + c - col] } else { -1.0 };
+            assert_eq!(dst[r * ld + c], want, "row {r} column {c}");
+        }
+    }
+}
+
+#[test]
 fn matmul_layout_and_prefix_semantics() {
     let b = Cpu::<f32>::new();
     let (n, k, m) = (5usize, 7usize, 3usize);

@@ -117,6 +117,9 @@ pub struct LayerScratch<B: Backend> {
     pub dxn: B::Buf,
     pub datt: B::Buf,
     pub dq: B::Buf,
+    /// `[rows, 2 kvd + qd]`: the key, value and query gradients side by side, as the q/k/v
+    /// projections' backward reads them ([`Backend::attention_bwd_packed`]).
+    pub dkvq: B::Buf,
 }
 
 impl<B: Backend> LayerScratch<B> {
@@ -128,6 +131,7 @@ impl<B: Backend> LayerScratch<B> {
             dxn: b.zeros(cap * dims.d),
             datt: b.zeros_act(cap * dims.qd()),
             dq: b.zeros_act(cap * dims.qd()),
+            dkvq: b.zeros_act(cap * (2 * dims.kvd() + dims.qd())),
         }
     }
 }
@@ -231,28 +235,33 @@ pub fn layer_backward<B: Backend>(
 
     // Attention branch: ∂L/∂x = da + ∂(attn)/∂x, built in dy (which holds da).
     b.matmul_bwd_many(Some(&mut s.datt), true, &act.att_act, n, qd, &mut [grad(&mut grads[w.wo.0], da, v(w.wo), d)]);
-    // dq: the gradient of the rotated queries, through the inverse rotation (one op).
-    let owns_kv = !matches!(kv, KvGrad::Into(_));
+    // dq, dk: the gradients of the rotated queries and keys, through the inverse rotation.
+    // dxn = Σ over this layer's q, k, v projections (k and v when it owns them).
     match kv {
-        KvGrad::Set | KvGrad::Add => {
+        KvGrad::Set => {
+            // Nothing else attends to these keys: the gradients come packed for one GEMM.
             let shape = set.attn_shape(set, dims.heads, dims.kv_heads, dims.head_dim);
-            let kv_set = matches!(kv, KvGrad::Set);
-            b.attention_bwd_rope_dq(&mut s.dq, &mut act.dk, &mut act.dv, &s.datt, &act.att, &act.lse, &act.q, &act.k, &act.v, &shape, dims.theta, kv_set);
+            b.attention_bwd_packed(&mut s.dkvq, &mut s.dq, &mut act.dk, &mut act.dv, &s.datt, &act.att, &act.lse, &act.q, &act.k, &act.v, &shape, dims.theta);
+            let [g_k, g_v, g_q] = grads.get_disjoint_mut([w.wk.0, w.wv.0, w.wq.0]).expect(disjoint);
+            let items = &mut [(g_k, v(w.wk), kvd), (g_v, v(w.wv), kvd), (g_q, v(w.wq), qd)];
+            b.matmul_bwd_cat(Some(&mut s.dxn), true, &act.xn1, &s.dkvq, n, d, items);
+        }
+        KvGrad::Add => {
+            // Later layers added their share of dk / dv already.
+            let shape = set.attn_shape(set, dims.heads, dims.kv_heads, dims.head_dim);
+            b.attention_bwd_rope_dq(&mut s.dq, &mut act.dk, &mut act.dv, &s.datt, &act.att, &act.lse, &act.q, &act.k, &act.v, &shape, dims.theta, false);
             b.rope_bwd(&mut act.dk, &set.pos, n, dims.kv_heads, dims.head_dim, dims.theta);
+            let [g_k, g_v, g_q] = grads.get_disjoint_mut([w.wk.0, w.wv.0, w.wq.0]).expect(disjoint);
+            let items = &mut [grad(g_k, &act.dk, v(w.wk), kvd), grad(g_v, &act.dv, v(w.wv), kvd), grad(g_q, &s.dq, v(w.wq), qd)];
+            b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn1, n, d, items);
         }
         KvGrad::Into(kv) => {
+            // Borrowed keys/values: their gradients go to the source layer.
             let shape = set.attn_shape(kv.set, dims.heads, dims.kv_heads, dims.head_dim);
             let src = kv.src;
             b.attention_bwd_rope_dq(&mut s.dq, &mut src.dk, &mut src.dv, &s.datt, &act.att, &act.lse, &act.q, &src.k, &src.v, &shape, dims.theta, false);
+            b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn1, n, d, &mut [grad(&mut grads[w.wq.0], &s.dq, v(w.wq), qd)]);
         }
-    }
-    // dxn = Σ over this layer's k, v (when it owns them) and q projections.
-    if owns_kv {
-        let [g_k, g_v, g_q] = grads.get_disjoint_mut([w.wk.0, w.wv.0, w.wq.0]).expect(disjoint);
-        let items = &mut [grad(g_k, &act.dk, v(w.wk), kvd), grad(g_v, &act.dv, v(w.wv), kvd), grad(g_q, &s.dq, v(w.wq), qd)];
-        b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn1, n, d, items);
-    } else {
-        b.matmul_bwd_many(Some(&mut s.dxn), true, &act.xn1, n, d, &mut [grad(&mut grads[w.wq.0], &s.dq, v(w.wq), qd)]);
     }
     b.rmsnorm_bwd_mirrored(dy, &mut s.dres, &mut grads[w.attn_norm.0], &s.dxn, &act.x, v(w.attn_norm), &act.rstd1, n, d);
 }

@@ -122,10 +122,10 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
     let layer_rows: usize = app_rows.iter().sum();
     let layer_activations = layer_rows * per_app + kv_rows * 4 * kvd;
     let layer_act_buffers = layer_rows * per_app_act + kv_rows * 2 * kvd;
-    // LayerScratch: dxn, dres (d); dact (f), dgate_up (2f); datt, dq (qd); all but dxn are
-    // activation buffers.
-    let scratch = n * (2 * d + 3 * f + 2 * qd);
-    let scratch_act = n * (d + 3 * f + 2 * qd);
+    // LayerScratch: dxn, dres (d); dact (f), dgate_up (2f); datt, dq (qd); dkvq (2 kvd + qd); all
+    // but dxn are activation buffers.
+    let scratch = n * (2 * d + 3 * f + 3 * qd + 2 * kvd);
+    let scratch_act = n * (d + 3 * f + 3 * qd + 2 * kvd);
     // Residual buffers h, h1, tx, hn, dh, dhn, dtx; rstd; ce_all.
     let residual = n * (7 * d + 2);
     let vocab = cfg.vocab_size;

@@ -894,7 +894,7 @@ impl<B: Backend> Model<B> {
             }
         }
         let s = &ws.scratch;
-        for x in [&s.dres, &s.dact, &s.dgate_up, &s.dxn, &s.datt, &s.dq] {
+        for x in [&s.dres, &s.dact, &s.dgate_up, &s.dxn, &s.datt, &s.dq, &s.dkvq] {
             t += b.len(x);
         }
         for sb in &ws.steps {

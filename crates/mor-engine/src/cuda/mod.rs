@@ -53,7 +53,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
-use crate::backend::{matmul_bwd_each, matmul_fwd_each, matmul_fwd_residual_unfused, AdamWItem, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision, Readback, StepGraph};
+use crate::backend::{attention_bwd_packed_unfused, matmul_bwd_each, matmul_fwd_each, matmul_fwd_residual_unfused, AdamWItem, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision, Readback, StepGraph};
 
 /// The CUDA C source of every kernel, as handed to NVRTC.
 pub const KERNEL_SOURCE: &str = concat!(
@@ -92,6 +92,7 @@ const KERNELS: &[&str] = &[
     "attn_delta_bf16",
     "attn_dq_from_acc",
     "attn_dq_from_acc_rope",
+    "attn_pack_kv_rope",
     "attn_delta_bf16_f32",
     "bce_fwd_f32",
     "bce_bwd_f32",
@@ -568,6 +569,14 @@ impl DevMem for CudaBuf {
         self.version = next_stamp();
         self.mem.device_ptr_mut(s).0
     }
+}
+
+/// The fused attention backward's dq through the inverse rotary embedding (base `theta`), into
+/// `packed` = (bf16 pointer, row stride in elements) when not into the dq buffer itself.
+#[derive(Clone, Copy)]
+struct DqRope {
+    theta: f32,
+    packed: Option<(u64, usize)>,
 }
 
 /// A captured stretch of the stream ([`Backend::capture_end`]) and the backend's resource
@@ -1523,7 +1532,7 @@ impl Cuda {
         k: &CudaBuf,
         v: &CudaBuf,
         shape: &AttnShape<'_, CudaSlice<u32>>,
-        dq_rope: Option<f32>,
+        dq_rope: Option<DqRope>,
         kv_set: bool,
     ) {
         // The flash kernels store dk / dv themselves when `kv_set`; the other paths (and an empty
@@ -1594,9 +1603,10 @@ impl Cuda {
                     launch!(self, &name, c, [dkp, dvp, kv_flags, acc, g16, lp, delta, q16, k16, v16, cq, ck, pq, pk, koff, qoff, qrange, ns, hi, kvi, scale]);
                 }
                 match dq_rope {
-                    Some(theta) => {
-                        let freqs = RopeFreqs::new(hd, theta);
-                        launch!(self, "attn_dq_from_acc_rope", self.ew(nq * hd / 2), [dqp, dq_bf16, acc, pq, freqs, nq as i32, hi, hdi])
+                    Some(rope) => {
+                        let freqs = RopeFreqs::new(hd, rope.theta);
+                        let (dst, bf16, ld) = rope.packed.map_or((dqp, dq_bf16, heads * hd), |(p, ld)| (p, 1, ld));
+                        launch!(self, "attn_dq_from_acc_rope", self.ew(nq * hd / 2), [dst, bf16, acc, pq, freqs, nq as i32, hi, hdi, ld as i32])
                     }
                     None => launch!(self, "attn_dq_from_acc", self.ew(nqe / 2), [dqp, dq_bf16, acc, nqe as i64]),
                 }
@@ -2601,12 +2611,65 @@ impl Backend for Cuda {
     ) {
         let _p = self.prof("attention_bwd");
         if !shape.is_empty() && self.attention_bwd_fused(shape.head_dim, &[self.p(dq), self.p(dk), self.p(dv)]) {
-            return self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, Some(theta), kv_set);
+            return self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, Some(DqRope { theta, packed: None }), kv_set);
         }
         let n = shape.nq * shape.heads * shape.head_dim;
         self.fill(dq, n, 0.0);
         self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, None, kv_set);
         self.rope_bwd(dq, shape.pos_q, shape.nq, shape.heads, shape.head_dim, theta);
+    }
+
+    /// The fused flash backward writes dq through the inverse rotation straight into its columns
+    /// of `dkvq`, then one pass rotates dk and packs dk and dv (`attn_pack_kv_rope`); other
+    /// configurations take the unpacked ops.
+    fn attention_bwd_packed(
+        &self,
+        dkvq: &mut CudaBuf,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        dout: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        shape: &AttnShape<'_, CudaSlice<u32>>,
+        theta: f32,
+    ) {
+        let _p = self.prof("attention_bwd");
+        let (n, hd, kvh) = (shape.nq, shape.head_dim, shape.kv_heads);
+        let (qd, kvd) = (shape.heads * hd, kvh * hd);
+        let packed = !shape.is_empty()
+            && shape.nq == shape.nk
+            && dkvq.is_bf16()
+            && dk.dtype == Dtype::F32
+            && dv.dtype == Dtype::F32
+            && self.attention_bwd_fused(hd, &[self.p(dq), self.p(dk), self.p(dv)]);
+        if !packed {
+            return attention_bwd_packed_unfused(self, dkvq, dq, dk, dv, dout, out, lse, q, k, v, shape, theta);
+        }
+        let ld = 2 * kvd + qd;
+        check_len("dkvq", dkvq.len(), n * ld);
+        let base = self.pm(dkvq);
+        let rope = DqRope { theta, packed: Some((base + (2 * kvd * 2) as u64, ld)) };
+        self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, Some(rope), true);
+        let freqs = RopeFreqs::new(hd, theta);
+        let (dkp, dvp, pk) = (self.p(dk), self.p(dv), self.p(shape.pos_k));
+        launch!(self, "attn_pack_kv_rope", self.ew(n * hd / 2), [base, ld as i32, dkp, dvp, pk, freqs, n as i32, kvh as i32, hd as i32]);
+    }
+
+    fn copy_cols(&self, dst: &mut CudaBuf, ld: usize, col: usize, src: &CudaBuf, rows: usize, cols: usize) {
+        let _p = self.prof("copy");
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        assert!(col + cols <= ld, "copy_cols: columns {col}..{} past the row of {ld}", col + cols);
+        check_len("dst", dst.len(), (rows - 1) * ld + col + cols);
+        check_len("src", src.len(), rows * cols);
+        let dst_bf16 = dst.is_bf16();
+        let dp = self.pm(dst) + (col * dst.dtype.size()) as u64;
+        self.copy_block(dp, ld, dst_bf16, self.p(src), cols, src.is_bf16(), rows, cols);
     }
 
     // ---- activations ----------------------------------------------------------------------

@@ -999,10 +999,12 @@ INST_FA_BWD_FUSED(64, 8)
 // dq = the inverse rotary embedding of dq_acc (the fused backward's f32 workspace), overwritten:
 // the conversion, the zero fill before the backward and rope_bwd on dq in one pass (the rotation
 // on the f32 sums, one rounding). One thread per (row, pair j < hd/2), as rows.cu's rope; the
-// heads in batches of FA_ROPE_HEADS whose loads are issued before the angle's FP64 work.
+// heads in batches of FA_ROPE_HEADS whose loads are issued before the angle's FP64 work. dq's rows
+// are `ld` elements apart (heads * hd, or wider: its columns of a packed q/k/v gradient).
 #define FA_ROPE_HEADS 8
 extern "C" __global__ void attn_dq_from_acc_rope(void* dq, int dq_bf16, const float* acc, const u32* pos,
-                                                 const __grid_constant__ RopeFreqs fq, int n, int heads, int hd) {
+                                                 const __grid_constant__ RopeFreqs fq, int n, int heads, int hd,
+                                                 int ld) {
     const int half = hd / 2;
     GRID_STRIDE(e, (i64)n * half) {
         const int r = (int)(e / half), j = (int)(e % half);
@@ -1021,7 +1023,7 @@ extern "C" __global__ void attn_dq_from_acc_rope(void* dq, int dq_bf16, const fl
 #pragma unroll
             for (int u = 0; u < FA_ROPE_HEADS; ++u)
                 if (h0 + u < heads) {
-                    const i64 i1 = ((i64)r * heads + h0 + u) * hd + j, i2 = i1 + half;
+                    const i64 i1 = (i64)r * ld + (h0 + u) * hd + j, i2 = i1 + half;
                     const float y1 = x1[u] * cf - x2[u] * sf, y2 = x2[u] * cf + x1[u] * sf;
                     if (dq_bf16) {
                         ((bf16*)dq)[i1] = from_f<bf16>(y1);
@@ -1031,6 +1033,30 @@ extern "C" __global__ void attn_dq_from_acc_rope(void* dq, int dq_bf16, const fl
                         ((float*)dq)[i2] = y2;
                     }
                 }
+        }
+    }
+}
+
+// The key/value gradients of a layer packed for its projections' backward, in bf16: row r of
+// `out` (rows `ld` apart) gets dk (f32, through the inverse rotary embedding of the key positions)
+// in columns [0, kvd) and dv in [kvd, 2 kvd), kvd = kv_heads * hd; one rounding each, as rope_bwd
+// on dk then the conversion. One thread per (row, pair j < hd/2), the angle once for every head.
+extern "C" __global__ void attn_pack_kv_rope(bf16* out, int ld, const float* dk, const float* dv, const u32* pos,
+                                             const __grid_constant__ RopeFreqs fq, int n, int kv_heads, int hd) {
+    const int half = hd / 2, kvd = kv_heads * hd;
+    GRID_STRIDE(e, (i64)n * half) {
+        const int r = (int)(e / half), j = (int)(e % half);
+        float cf, sf;
+        rope_cs(pos[r], fq.f[j], -1.f, cf, sf);
+        bf16* o = out + (i64)r * ld;
+        const i64 src = (i64)r * kvd;
+        for (int h = 0; h < kv_heads; ++h) {
+            const int c1 = h * hd + j, c2 = c1 + half;
+            const float x1 = dk[src + c1], x2 = dk[src + c2];
+            o[c1] = from_f<bf16>(x1 * cf - x2 * sf);
+            o[c2] = from_f<bf16>(x2 * cf + x1 * sf);
+            o[kvd + c1] = from_f<bf16>(dv[src + c1]);
+            o[kvd + c2] = from_f<bf16>(dv[src + c2]);
         }
     }
 }
