@@ -851,6 +851,10 @@ fn multi_tensor_ops(e: &mut Env, r: &mut Report) {
     // The per-tensor CUDA path on copies of the same state.
     let copy = |e: &Env, xs: &[(Vec<f32>, <G as Backend>::Buf)]| -> Vec<<G as Backend>::Buf> { xs.iter().map(|x| e.g.from_f32(&x.0)).collect() };
     let (mut p1, mut m1, mut v1) = (copy(e, &p), copy(e, &m), copy(e, &v));
+    // The device-scalar path (clip_scalars + adamw_many_dev, what a CUDA graph records).
+    let (mut p2, mut m2, mut v2) = (copy(e, &p), copy(e, &m), copy(e, &v));
+    let mut scal = e.g.zeros(mor_engine::backend::opt_scalars::LEN);
+    let (mut dev_scalar_diffs, mut dev_norm_err) = (0usize, 0.0f64);
     let (mut sum_diffs, mut sum_err, mut grad_diffs, mut each_diffs) = (0usize, 0.0f64, 0usize, 0usize);
     // Steps 1 and 3 clip to norm 1 (grad_scale 1/(norm + 1e-6)), step 2 passes grad_scale 1.
     for (step, amp, clip) in [(1u64, 0.1f32, true), (2, 0.01, false), (3, 0.1, true)] {
@@ -861,7 +865,8 @@ fn multi_tensor_ops(e: &mut Env, r: &mut Report) {
         let each: Vec<f64> = xs_g.iter().map(|&(x, n)| e.g.sum_squares(x, n)).collect();
         sum_diffs += sg.iter().zip(&each).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         sum_err = sc.iter().zip(&sg).fold(sum_err, |w, (c, g)| w.max((g - c).abs() / (c.abs() + 1e-30)));
-        let norm = sc.iter().sum::<f64>().sqrt();
+        // The GPU's sums (the device clip adds those): the scale both GPU paths must use.
+        let norm = sg.iter().sum::<f64>().sqrt();
         let grad_scale = if clip { (1.0 / (norm + 1e-6)) as f32 } else { 1.0 };
         assert!(grad_scale <= 1.0 && (clip == (grad_scale < 1.0)), "step {step}: norm {norm}");
 
@@ -885,7 +890,31 @@ fn multi_tensor_ops(e: &mut Env, r: &mut Report) {
             }
             e.g.adamw(&mut p1[k], &gk, &mut m1[k], &mut v1[k], n, lr, b1, b2, eps, decay[k], step);
         }
+
+        {
+            use mor_engine::backend::{opt_scalars as o, AdamStepScalars};
+            let s = AdamStepScalars::new(lr, b1, b2, step);
+            let mut staged = [0.0f64; o::LEN];
+            (staged[o::LR], staged[o::STEP], staged[o::STEP_SIZE], staged[o::BC2_SQRT], staged[o::OB1], staged[o::OB2]) =
+                (lr as f64, step as f64, s.step_size, s.bc2_sqrt, s.ob1, s.ob2);
+            e.g.write_f64(&mut scal, &staged);
+            e.g.clip_scalars(&xs_g, if clip { 1.0 } else { 0.0 }, &mut scal);
+            let got = e.g.to_f64_prefix(&scal, o::LEN);
+            dev_scalar_diffs += (got[o::GSCALE] as f32).to_bits().abs_diff(grad_scale.to_bits()) as usize + (got[o::CLIPPED] != clip as u8 as f64) as usize;
+            dev_norm_err = dev_norm_err.max(((got[o::NORM_HI] + got[o::NORM_LO]) - norm).abs() / norm);
+            let mut items: Vec<AdamWItem<'_, G>> = Vec::new();
+            for (k, ((pk, mk), vk)) in p2.iter_mut().zip(m2.iter_mut()).zip(v2.iter_mut()).enumerate() {
+                items.push(AdamWItem { param: pk, grad: &grads[k].1, m: mk, v: vk, n: sizes[k], weight_decay: decay[k] });
+            }
+            e.g.adamw_many_dev(&mut items, b1, b2, eps, true, &scal);
+        }
     }
+    let dev_diffs: usize = (0..sizes.len())
+        .map(|k| bit_diffs(&e.g.to_f32(&p2[k]), &e.g.to_f32(&p[k].1)) + bit_diffs(&e.g.to_f32(&m2[k]), &e.g.to_f32(&m[k].1)) + bit_diffs(&e.g.to_f32(&v2[k]), &e.g.to_f32(&v[k].1)))
+        .sum();
+    r.add_exact("clip_scalars vs host clip", "scale bits, clipped", dev_scalar_diffs);
+    r.add("clip_scalars norm (hi + lo vs host f64)", "relative", dev_norm_err, 1e-12);
+    r.add_exact("adamw_many_dev vs adamw_many", "p, m, v bits", dev_diffs);
     r.add_exact("sum_squares_many vs sum_squares", "bits", sum_diffs);
     r.add("sum_squares_many x3 (vs cpu)", "sums", sum_err, TOL);
     for (k, &n) in sizes.iter().enumerate() {

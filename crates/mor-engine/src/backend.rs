@@ -62,6 +62,28 @@ impl<T: 'static> Readback<T> {
     }
 }
 
+/// The scalar block of an optimizer step on the device ([`Backend::clip_scalars`],
+/// [`Backend::adamw_many_dev`]): a [`Backend::zeros`] buffer of `LEN` values at these indices
+/// (kernels/optim.cu's `OPT_*`). The host stages LR, STEP and the step's AdamW scalars (rounded to
+/// the buffer's precision, as the kernels' arguments would be); the clip writes the rest.
+pub mod opt_scalars {
+    /// Written by the clip (the first `CLIP_LEN`).
+    pub const GSCALE: usize = 0;
+    pub const FINITE: usize = 1;
+    pub const NORM_HI: usize = 2;
+    pub const NORM_LO: usize = 3;
+    pub const CLIPPED: usize = 4;
+    pub const CLIP_LEN: usize = 5;
+    /// Staged by the host.
+    pub const LR: usize = 5;
+    pub const STEP: usize = 6;
+    pub const STEP_SIZE: usize = 7;
+    pub const BC2_SQRT: usize = 8;
+    pub const OB1: usize = 9;
+    pub const OB2: usize = 10;
+    pub const LEN: usize = 11;
+}
+
 /// Device work recorded between [`Backend::capture_begin`] and [`Backend::capture_end`] (a CUDA
 /// graph), replayed by `launch` on the same buffers.
 pub trait StepGraph {
@@ -220,6 +242,38 @@ pub trait Backend {
     fn scale(&self, x: &mut Self::Buf, alpha: f32, n: usize);
     /// `Σ x[..n]²` in double precision.
     fn sum_squares(&self, x: &Self::Buf, n: usize) -> f64;
+    /// The global gradient norm over `xs` and PyTorch `clip_grad_norm_`'s scale into the scalar
+    /// block `sc` ([`opt_scalars`]) without a host read: the sums of squares of
+    /// [`Backend::sum_squares_many`] added in order in f64, `norm = sqrt`, GSCALE = `max_norm /
+    /// (norm + 1e-6)` rounded to f32 when `max_norm > 0`, the norm is finite and that is < 1
+    /// (CLIPPED = 1) else 1, FINITE, and the norm as NORM_HI + NORM_LO. The same f64 operations as
+    /// the host's, so an optimizer step from these scalars equals one from the host's.
+    fn clip_scalars(&self, xs: &[(&Self::Buf, usize)], max_norm: f64, sc: &mut Self::Buf) {
+        let norm = self.sum_squares_many(xs).into_iter().sum::<f64>().sqrt();
+        let mut v = [0.0f64; opt_scalars::CLIP_LEN];
+        let finite = norm.is_finite();
+        let coef = if max_norm > 0.0 && finite { max_norm / (norm + 1e-6) } else { 1.0 };
+        let clipped = coef < 1.0;
+        let hi = norm as f32;
+        v[opt_scalars::GSCALE] = if clipped { coef as f32 as f64 } else { 1.0 };
+        v[opt_scalars::CLIPPED] = clipped as u8 as f64;
+        v[opt_scalars::FINITE] = finite as u8 as f64;
+        v[opt_scalars::NORM_HI] = hi as f64;
+        v[opt_scalars::NORM_LO] = if finite { (norm - hi as f64) as f32 as f64 } else { 0.0 };
+        self.write_f64(sc, &v);
+    }
+    /// [`Backend::adamw_many`] with lr, the clip scale, the step and its scalars taken from the
+    /// block `sc` ([`opt_scalars`], staged by the host and [`Backend::clip_scalars`]): an
+    /// optimizer step with no host read or per-step argument (recordable in a CUDA graph).
+    /// Nothing when `skip_nonfinite` and FINITE is 0.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_many_dev(&self, items: &mut [AdamWItem<'_, Self>], beta1: f32, beta2: f32, eps: f32, skip_nonfinite: bool, sc: &Self::Buf) {
+        let v = self.to_f64_prefix(sc, opt_scalars::LEN);
+        if skip_nonfinite && v[opt_scalars::FINITE] == 0.0 {
+            return;
+        }
+        self.adamw_many(items, v[opt_scalars::LR] as f32, beta1, beta2, eps, v[opt_scalars::STEP] as u64, v[opt_scalars::GSCALE] as f32);
+    }
     /// [`Backend::sum_squares`] of several buffers at once (one host read on devices); each
     /// result equals the single call's.
     fn sum_squares_many(&self, xs: &[(&Self::Buf, usize)]) -> Vec<f64> {

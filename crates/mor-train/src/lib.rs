@@ -7,7 +7,7 @@
 //! * [`metrics`]: append-only JSONL metrics log, reader, truncation on resume.
 //! * [`plot`]: loss-curve PNG (embedded DejaVu Sans font, no system fonts needed).
 //! * [`progress`]: terminal progress bar (silent when stderr is not a terminal).
-//! * [`steps`]: a training micro-step, eager or replaying a CUDA graph.
+//! * [`steps`]: a training micro-step and the optimizer step, eager or replaying CUDA graphs.
 //! * [`trainer`]: the training loop itself, with exact resume.
 
 pub mod checkpoint;
@@ -25,5 +25,5 @@ pub use optim::{AdamW, AdamWConfig, NamedTensor, Optimizer, StepStats};
 pub use plot::{plot_loss_curve, plot_metrics_file, PlotOptions};
 pub use progress::Progress;
 pub use schedule::LrSchedule;
-pub use steps::StepRunner;
+pub use steps::{OptimizerRunner, StepRunner};
 pub use trainer::{load_model, train, train_with_eval, BatchSource, Evaluator, TokenBatch, TrainOptions, TrainOutcome};

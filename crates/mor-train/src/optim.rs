@@ -28,6 +28,7 @@
 
 use anyhow::{bail, Result};
 use mor_config::TrainConfig;
+use mor_engine::backend::{opt_scalars, AdamStepScalars};
 use mor_engine::{AdamWItem, Backend, ParamGroup, ParamId, ParamStore};
 use std::collections::HashMap;
 
@@ -115,6 +116,10 @@ pub struct AdamW<B: Backend> {
     v: Vec<B::Buf>,
     step: u64,
     store_len: usize,
+    /// The step's scalars on the device for [`AdamW::update`] ([`opt_scalars`]), and the LR
+    /// [`AdamW::stage`] put there.
+    scalars: B::Buf,
+    staged_lr: Option<f64>,
 }
 
 /// Name of the optimizer state tensors in checkpoints: `<param>.exp_avg` (m), `<param>.exp_avg_sq` (v).
@@ -133,7 +138,7 @@ impl<B: Backend> AdamW<B> {
         let ids: Vec<ParamId> = params.ids().filter(|id| params.info[id.0].group == group).collect();
         let m = ids.iter().map(|id| backend.zeros(params.info[id.0].numel())).collect();
         let v = ids.iter().map(|id| backend.zeros(params.info[id.0].numel())).collect();
-        AdamW { group, cfg, ids, m, v, step: 0, store_len: params.len() }
+        AdamW { group, cfg, ids, m, v, step: 0, store_len: params.len(), scalars: backend.zeros(opt_scalars::LEN), staged_lr: None }
     }
 
     pub fn group(&self) -> ParamGroup {
@@ -216,22 +221,76 @@ impl<B: Backend> AdamW<B> {
             return StepStats { grad_norm, clipped, lr, skipped: true };
         }
         self.step += 1;
+        let c = &self.cfg;
+        let (beta1, beta2, eps, step) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32, self.step);
+        let grad_scale = coef.map_or(1.0, |k| k as f32);
+        let mut items = Self::items_of(&self.ids, &mut self.m, &mut self.v, c.weight_decay, params);
+        backend.adamw_many(&mut items, lr as f32, beta1, beta2, eps, step, grad_scale);
+        StepStats { grad_norm, clipped, lr, skipped: false }
+    }
+
+    /// [`AdamW::step`] in three parts, the middle one without host reads or per-step arguments
+    /// (recordable in a CUDA graph, [`crate::OptimizerRunner`]): `stage` puts the LR and the
+    /// step's scalars into the device scalar block, [`AdamW::update`] clips and updates from it,
+    /// [`AdamW::finish`] reads the norm back and counts the step. The same update bit for bit.
+    pub fn stage(&mut self, backend: &B, lr: f64) {
+        let lr = lr * self.cfg.lr_mult;
+        let c = &self.cfg;
+        let step = self.step + 1;
+        let s = AdamStepScalars::new(lr as f32, c.beta1 as f32, c.beta2 as f32, step);
+        let mut v = [0.0f64; opt_scalars::LEN];
+        v[opt_scalars::LR] = lr as f32 as f64;
+        v[opt_scalars::STEP] = step as f64;
+        v[opt_scalars::STEP_SIZE] = s.step_size;
+        v[opt_scalars::BC2_SQRT] = s.bc2_sqrt;
+        v[opt_scalars::OB1] = s.ob1;
+        v[opt_scalars::OB2] = s.ob2;
+        backend.write_f64(&mut self.scalars, &v);
+        self.staged_lr = Some(lr);
+    }
+
+    /// The staged step's device work: gradient norm and clip scale on the device
+    /// ([`Backend::clip_scalars`]), then the update from the scalar block
+    /// ([`Backend::adamw_many_dev`]).
+    pub fn update(&mut self, backend: &B, params: &mut ParamStore<B>) {
+        self.check_store(params);
+        let xs: Vec<(&B::Buf, usize)> = self.ids.iter().map(|id| (&params.grads[id.0], params.info[id.0].numel())).collect();
+        backend.clip_scalars(&xs, self.cfg.grad_clip, &mut self.scalars);
+        let c = &self.cfg;
+        let (beta1, beta2, eps, skip) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32, c.skip_nonfinite);
+        let scalars = &self.scalars;
+        let mut items = Self::items_of(&self.ids, &mut self.m, &mut self.v, c.weight_decay, params);
+        backend.adamw_many_dev(&mut items, beta1, beta2, eps, skip, scalars);
+    }
+
+    /// The result of the staged step (its norm read from the device); counts it unless skipped.
+    pub fn finish(&mut self, backend: &B) -> StepStats {
+        let lr = self.staged_lr.take().expect("AdamW::finish without AdamW::stage");
+        let v = backend.to_f64_prefix(&self.scalars, opt_scalars::LEN);
+        let finite = v[opt_scalars::FINITE] != 0.0;
+        let grad_norm = v[opt_scalars::NORM_HI] + v[opt_scalars::NORM_LO];
+        let skipped = self.cfg.skip_nonfinite && !finite;
+        if !skipped {
+            self.step += 1;
+        }
+        StepStats { grad_norm, clipped: v[opt_scalars::CLIPPED] != 0.0, lr, skipped }
+    }
+
+    /// The group's tensors (`ids`) with their moments and weight decay, for one AdamW launch.
+    fn items_of<'a>(ids: &[ParamId], m: &'a mut [B::Buf], v: &'a mut [B::Buf], weight_decay: f64, params: &'a mut ParamStore<B>) -> Vec<AdamWItem<'a, B>> {
         let ParamStore { info, values, grads } = params;
         // `ids` is ascending: walk the store once, taking the group's tensors with their moments.
-        let mut ids = self.ids.iter().map(|id| id.0).peekable();
-        let mut moments = self.m.iter_mut().zip(self.v.iter_mut());
-        let mut items: Vec<AdamWItem<'_, B>> = Vec::with_capacity(self.ids.len());
+        let mut ids = ids.iter().map(|id| id.0).peekable();
+        let mut moments = m.iter_mut().zip(v.iter_mut());
+        let mut items: Vec<AdamWItem<'_, B>> = Vec::with_capacity(ids.len());
         for (i, ((param, grad), meta)) in values.iter_mut().zip(grads.iter()).zip(info.iter()).enumerate() {
             if ids.next_if_eq(&i).is_some() {
                 let (m, v) = moments.next().expect("moments of every tensor of the group");
-                let weight_decay = if meta.decay { self.cfg.weight_decay as f32 } else { 0.0 };
+                let weight_decay = if meta.decay { weight_decay as f32 } else { 0.0 };
                 items.push(AdamWItem { param, grad, m, v, n: meta.numel(), weight_decay });
             }
         }
-        let c = &self.cfg;
-        let grad_scale = coef.map_or(1.0, |k| k as f32);
-        backend.adamw_many(&mut items, lr as f32, c.beta1 as f32, c.beta2 as f32, c.eps as f32, self.step, grad_scale);
-        StepStats { grad_norm, clipped, lr, skipped: false }
+        items
     }
 
     /// Zero the gradients of this group only ([`Backend::fill_many`]).

@@ -1,4 +1,5 @@
-//! Training micro-steps run eagerly or by replaying a CUDA graph of the forward and backward.
+//! Training steps run eagerly or by replaying CUDA graphs: [`StepRunner`] for each micro-step's
+//! forward and backward, [`OptimizerRunner`] for the optimizer step.
 //!
 //! [`StepRunner::step`] stages the batch, then replays the graph recorded for its shape, or
 //! records one (the second step of a shape: [`Model::capture_blocker`] says when a step is
@@ -6,9 +7,11 @@
 //! case. A graph that no longer fits (the workspace was reallocated by an evaluation at another
 //! shape, the capacities changed) is dropped and recorded again at the next recordable step.
 
-use anyhow::Result;
-use mor_engine::Backend;
+use anyhow::{Context, Result};
+use mor_engine::{Backend, ParamStore, StepGraph};
 use mor_model::{Batch, CapturedStep, Model, Reads, Stats};
+
+use crate::optim::{AdamW, StepStats};
 
 pub struct StepRunner {
     graphs: bool,
@@ -48,5 +51,60 @@ impl StepRunner {
         }
         model.run_staged(b, loss_scale, Reads::Async)?;
         model.collect_stats(b)
+    }
+}
+
+/// The optimizer step (the main group, and the aux routers' when they are trained) eagerly
+/// ([`AdamW::step`]) or, with graphs, as [`AdamW::stage`] + a replay of the recorded
+/// [`AdamW::update`]s + [`AdamW::finish`]: the update is recorded at its second call (the first
+/// uploads the kernels' tensor tables) and recorded again after a launch is refused.
+pub struct OptimizerRunner {
+    graphs: bool,
+    graph: Option<Box<dyn StepGraph>>,
+    warm: bool,
+}
+
+impl OptimizerRunner {
+    pub fn new(graphs: bool) -> Self {
+        OptimizerRunner { graphs, graph: None, warm: false }
+    }
+
+    /// One step at scheduled learning rate `lr`; the aux group's stats when it runs.
+    pub fn step<B: Backend>(
+        &mut self,
+        b: &B,
+        params: &mut ParamStore<B>,
+        main: &mut AdamW<B>,
+        mut aux: Option<&mut AdamW<B>>,
+        lr: f64,
+    ) -> Result<(StepStats, Option<StepStats>)> {
+        if !self.graphs {
+            let st = main.step(b, params, lr);
+            return Ok((st, aux.map(|a| a.step(b, params, lr))));
+        }
+        main.stage(b, lr);
+        if let Some(a) = aux.as_deref_mut() {
+            a.stage(b, lr);
+        }
+        let launched = self.graph.as_ref().is_some_and(|g| g.launch().is_ok());
+        if !launched {
+            let record = std::mem::take(&mut self.graph).is_none() && self.warm;
+            if record {
+                b.capture_begin().map_err(anyhow::Error::msg).context("recording the optimizer step")?;
+            }
+            main.update(b, params);
+            if let Some(a) = aux.as_deref_mut() {
+                a.update(b, params);
+            }
+            if record {
+                let graph = b.capture_end().map_err(anyhow::Error::msg).context("recording the optimizer step")?;
+                graph.launch().map_err(anyhow::Error::msg)?;
+                self.graph = Some(graph);
+            }
+            // A refused launch (reallocated tables) runs eagerly once before the next recording.
+            self.warm = true;
+        }
+        let st = main.finish(b);
+        Ok((st, aux.map(|a| a.finish(b))))
     }
 }

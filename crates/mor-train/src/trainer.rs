@@ -219,6 +219,7 @@ pub fn train_with_eval<B: Backend>(
     let mut fitting = opts.fit_schedule && opts.time_limit.is_some();
     let (mut timed_steps, mut timed_s) = (0usize, 0.0f64);
     let mut steps = crate::StepRunner::new(opts.cuda_graph);
+    let mut optimizer = crate::OptimizerRunner::new(opts.cuda_graph);
     while step < end {
         let t0 = Instant::now();
         let lr = schedule.lr(step);
@@ -238,10 +239,7 @@ pub fn train_with_eval<B: Backend>(
         if !loss.is_finite() {
             bail!("step {step}: loss is {loss}; stopping (the last checkpoint is intact)");
         }
-        let st = main.step(backend, &mut model.params, lr);
-        if let Some(a) = aux.as_mut() {
-            a.step(backend, &mut model.params, lr);
-        }
+        let (st, _) = optimizer.step(backend, &mut model.params, &mut main, aux.as_mut(), lr)?;
         model.after_optimizer_step();
         step += 1;
         let tps = tokens_per_step / t0.elapsed().as_secs_f64();

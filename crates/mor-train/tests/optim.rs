@@ -256,3 +256,75 @@ fn config_from_train_config() {
     let c = AdamWConfig::from_train(&tc);
     assert_eq!((c.beta1, c.beta2, c.eps, c.weight_decay, c.grad_clip, c.lr_mult), (0.9, 0.95, 1e-8, 0.1, 1.0, 1.0));
 }
+
+/// `stage` + `update` + `finish` (the device-scalar step a CUDA graph records) equals `step`
+/// bit for bit: clipped, unclipped, no clipping configured, the aux group's LR multiplier, and a
+/// non-finite gradient with and without skipping.
+#[test]
+fn staged_step_equals_step() {
+    let b = backend();
+    let specs: [Spec<'_>; 4] = [
+        ("emb", &[50, 3], true, Main, &[0.5; 150]),
+        ("norm", &[3], false, Main, &[1.0; 3]),
+        ("router", &[3], false, AuxRouter, &[0.2; 3]),
+        ("w", &[7, 5], true, Main, &[-0.3; 35]),
+    ];
+    for (grad_clip, lr_mult, skip) in [(1.0, 1.0, true), (0.0, 1.0, true), (1.0, 10.0, true), (1.0, 1.0, false)] {
+        let c = AdamWConfig { grad_clip, lr_mult, skip_nonfinite: skip, weight_decay: 0.1, ..AdamWConfig::default() };
+        let (mut pa, mut pb) = (store(&b, &specs), store(&b, &specs));
+        let group = if lr_mult == 1.0 { Main } else { AuxRouter };
+        let (mut oa, mut ob) = (AdamW::new(&b, &pa, group, c), AdamW::new(&b, &pb, group, c));
+        // Gradient scales: clipped (norm >> 1), not clipped, non-finite, clipped again.
+        for (t, amp) in [(0u32, 3.0f32), (1, 0.01), (2, f32::NAN), (3, 0.7)] {
+            for (k, (name, shape, ..)) in specs.iter().enumerate() {
+                let mut g: Vec<f32> = pseudo_random(shape.iter().product(), 100 + 10 * t + k as u32).iter().map(|x| x * amp.min(1e3)).collect();
+                if amp.is_nan() && k == 0 {
+                    g[1] = f32::NAN;
+                }
+                set_grad(&b, &mut pa, name, &g);
+                set_grad(&b, &mut pb, name, &g);
+            }
+            let lr = 1e-2 * (t + 1) as f64;
+            let sa = oa.step(&b, &mut pa, lr);
+            ob.stage(&b, lr);
+            ob.update(&b, &mut pb);
+            let sb = ob.finish(&b);
+            let at = format!("grad_clip {grad_clip}, lr_mult {lr_mult}, skip {skip}, step {t}");
+            assert_eq!((sa.clipped, sa.skipped, sa.lr), (sb.clipped, sb.skipped, sb.lr), "{at}");
+            let same_norm = sa.grad_norm == sb.grad_norm || (sa.grad_norm.is_nan() && sb.grad_norm.is_nan()) || (sa.grad_norm - sb.grad_norm).abs() <= 1e-12 * sa.grad_norm.abs();
+            assert!(same_norm, "{at}: norm {} vs {}", sa.grad_norm, sb.grad_norm);
+            assert_eq!(oa.steps_taken(), ob.steps_taken(), "{at}");
+            let bits = |ps: &ParamStore<B>| ps.values.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&pa), bits(&pb), "{at}: parameters");
+            let (ta, tb) = (oa.state_tensors(&b, &pa), ob.state_tensors(&b, &pb));
+            for (x, y) in ta.iter().zip(&tb) {
+                assert_eq!(x.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), y.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{at}: {}", x.name);
+            }
+        }
+    }
+}
+
+/// The optimizer runner: eager it is `step`; with graphs its first step runs the staged update
+/// eagerly (bit-identical), the second records, which the CPU refuses with its reason.
+#[test]
+fn optimizer_runner_first_step_is_eager_and_the_cpu_cannot_record() {
+    let b = backend();
+    let specs: [Spec<'_>; 2] = [("w", &[7, 5], true, Main, &[-0.3; 35]), ("r", &[3], false, AuxRouter, &[0.2; 3])];
+    let (mut pa, mut pb) = (store(&b, &specs), store(&b, &specs));
+    let c = AdamWConfig { grad_clip: 0.5, ..AdamWConfig::default() };
+    let (mut ma, mut mb) = (AdamW::new(&b, &pa, Main, c), AdamW::new(&b, &pb, Main, c));
+    let aux_c = c.with_lr_mult(10.0);
+    let (mut aa, mut ab) = (AdamW::new(&b, &pa, AuxRouter, aux_c), AdamW::new(&b, &pb, AuxRouter, aux_c));
+    for (name, shape, ..) in specs.iter() {
+        let g = pseudo_random(shape.iter().product(), 7);
+        set_grad(&b, &mut pa, name, &g);
+        set_grad(&b, &mut pb, name, &g);
+    }
+    let mut runner = mor_train::OptimizerRunner::new(true);
+    let (sa, xa) = (ma.step(&b, &mut pa, 1e-2), aa.step(&b, &mut pa, 1e-2));
+    let (sb, xb) = runner.step(&b, &mut pb, &mut mb, Some(&mut ab), 1e-2).unwrap();
+    assert_eq!((sa.clipped, sa.lr, xa.lr), (sb.clipped, sb.lr, xb.unwrap().lr));
+    assert_eq!(pa.values, pb.values);
+    let err = runner.step(&b, &mut pb, &mut mb, Some(&mut ab), 1e-2).err().expect("the CPU records no graphs");
+    assert!(format!("{err:#}").contains("cannot capture device work"), "{err:#}");
+}

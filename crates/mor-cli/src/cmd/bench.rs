@@ -17,7 +17,7 @@ use anyhow::{ensure, Context, Result};
 use mor_config::{accounting, RouterKind, RunConfig, Sampling};
 use mor_engine::{Backend, MatmulPrecision, ParamGroup};
 use mor_model::{Batch, Model};
-use mor_train::{AdamW, AdamWConfig, StepRunner};
+use mor_train::{AdamW, AdamWConfig, OptimizerRunner, StepRunner};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
@@ -180,8 +180,20 @@ fn optimizers<B: Backend>(b: &B, model: &Model<B>, cfg: &RunConfig) -> (AdamW<B>
     (main, aux)
 }
 
-/// One optimizer step of `model` on `batch`: zeroed gradients, forward and backward (`runner`:
-/// eager or by a CUDA graph), AdamW.
+/// How a bench step runs: each part eager or by CUDA graphs.
+struct Runners {
+    micro: StepRunner,
+    optimizer: OptimizerRunner,
+}
+
+impl Runners {
+    fn new(graphs: bool) -> Self {
+        Runners { micro: StepRunner::new(graphs), optimizer: OptimizerRunner::new(graphs) }
+    }
+}
+
+/// One optimizer step of `model` on `batch`: zeroed gradients, forward and backward, AdamW
+/// (`runners`: eager or by CUDA graphs).
 fn train_step<B: Backend>(
     b: &B,
     model: &mut Model<B>,
@@ -189,14 +201,11 @@ fn train_step<B: Backend>(
     aux: &mut Option<AdamW<B>>,
     batch: &Batch,
     lr: f64,
-    runner: &mut StepRunner,
+    runners: &mut Runners,
 ) -> Result<mor_model::Stats> {
     model.params.zero_grads(b);
-    let stats = runner.step(b, model, batch, 1.0)?;
-    main.step(b, &mut model.params, lr);
-    if let Some(a) = aux.as_mut() {
-        a.step(b, &mut model.params, lr);
-    }
+    let stats = runners.micro.step(b, model, batch, 1.0)?;
+    runners.optimizer.step(b, &mut model.params, main, aux.as_mut(), lr)?;
     model.after_optimizer_step();
     Ok(stats)
 }
@@ -214,16 +223,16 @@ fn graph_check<B: Backend>(b: &B, cfg: &RunConfig, steps: usize, head_chunk: usi
         let mut model = Model::new(b, cfg.model.clone(), cfg.train.seed)?;
         model.head_chunk_elems = head_chunk;
         let (mut main, mut aux) = optimizers(b, &model, cfg);
-        let mut runner = StepRunner::new(graphed);
+        let mut runners = Runners::new(graphed);
         let mut losses = Vec::new();
         let mut r = Rng(rng.next());
         for _ in 0..steps {
             let seq: Vec<u32> = (0..tokens + 1).map(|_| (r.next() % vocab) as u32).collect();
             let batch = Batch { inputs: &seq[..tokens], targets: &seq[1..], batch: bsz, seq_len: len, doc_starts: None };
-            losses.push(train_step(b, &mut model, &mut main, &mut aux, &batch, 1e-4, &mut runner)?.loss);
+            losses.push(train_step(b, &mut model, &mut main, &mut aux, &batch, 1e-4, &mut runners)?.loss);
         }
         if graphed {
-            ensure!(runner.replays > 0, "graph check: no step was recordable ({})", model.capture_blocker().unwrap_or_default());
+            ensure!(runners.micro.replays > 0, "graph check: no step was recordable ({})", model.capture_blocker().unwrap_or_default());
         }
         let params: Vec<Vec<f32>> = model.params.values.iter().map(|v| b.to_f32(v)).collect();
         runs.push((losses, params));
@@ -280,13 +289,13 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
     let lr = 1e-4;
     let mut step_no = 0usize;
     // One training step on fresh random tokens; returns (seconds, loss).
-    let mut step = |model: &mut Model<B>, main: &mut AdamW<B>, aux: &mut Option<AdamW<B>>, runner: &mut StepRunner| -> Result<(f64, f64)> {
+    let mut step = |model: &mut Model<B>, main: &mut AdamW<B>, aux: &mut Option<AdamW<B>>, runners: &mut Runners| -> Result<(f64, f64)> {
         let seq: Vec<u32> = (0..tokens + 1).map(|_| (rng.next() % vocab) as u32).collect();
         let (inputs, targets) = (&seq[..tokens], &seq[1..]);
         let batch = Batch { inputs, targets, batch: bsz, seq_len: len, doc_starts: None };
         b.synchronize();
         let t0 = Instant::now();
-        let stats = train_step(b, model, main, aux, &batch, lr, runner)?;
+        let stats = train_step(b, model, main, aux, &batch, lr, runners)?;
         b.synchronize();
         let dt = t0.elapsed().as_secs_f64();
         if let Some((used, _)) = b.memory_info() {
@@ -306,11 +315,11 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
             graph_check(b, cfg, args.graph_check, head_chunk)?;
         }
         ensure!(!args.cuda_graph || args.warmup >= 2, "--cuda-graph needs --warmup >= 2 (one step allocates, the next records the graph)");
-        let mut runner = StepRunner::new(args.cuda_graph);
+        let mut runners = Runners::new(args.cuda_graph);
         let mut times = Vec::new();
         let mut losses = Vec::new();
         for i in 0..args.warmup + args.steps {
-            let (dt, loss) = step(&mut model, &mut main, &mut aux, &mut runner)?;
+            let (dt, loss) = step(&mut model, &mut main, &mut aux, &mut runners)?;
             step_no += 1;
             losses.push(loss);
             let tag = if i < args.warmup { " (warm-up)" } else { "          " };
@@ -325,7 +334,7 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
             if b.set_profiling(true) {
                 b.take_profile();
                 for _ in 0..args.profile_steps {
-                    let (dt, loss) = step(&mut model, &mut main, &mut aux, &mut StepRunner::new(false))?;
+                    let (dt, loss) = step(&mut model, &mut main, &mut aux, &mut Runners::new(false))?;
                     step_no += 1;
                     prof_wall += dt;
                     eprintln!("  step {step_no:>3} {gemm:?} (profiled) {:>9.1} ms  loss {loss:.4}", dt * 1e3);

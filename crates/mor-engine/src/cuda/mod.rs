@@ -157,6 +157,8 @@ const KERNELS: &[&str] = &[
     "fa_trace_take",
     "fill_many_f32",
     "adamw_many_f32",
+    "adamw_many_dev_f32",
+    "clip_scalars_f32",
     "sumsq_many_partial_f32",
     "sumsq_many_final",
 ];
@@ -579,12 +581,13 @@ struct DqRope {
     packed: Option<(u64, usize)>,
 }
 
-/// A captured stretch of the stream ([`Backend::capture_end`]) and the backend's resource
-/// generation it recorded pointers of.
+/// A captured stretch of the stream ([`Backend::capture_end`]), the backend's resource
+/// generation it recorded pointers of, and its capture epoch.
 struct CudaStepGraph {
     graph: cudarc::driver::CudaGraph,
     resources: Arc<AtomicU64>,
     recorded: u64,
+    epoch: Arc<AtomicU64>,
 }
 
 impl StepGraph for CudaStepGraph {
@@ -592,7 +595,11 @@ impl StepGraph for CudaStepGraph {
         if self.resources.load(Ordering::Relaxed) != self.recorded {
             return Err("the backend reallocated scratch or weight buffers the graph uses since its capture".into());
         }
-        self.graph.launch().map_err(|e| format!("CUDA graph launch failed: {e:?}"))
+        self.graph.launch().map_err(|e| format!("CUDA graph launch failed: {e:?}"))?;
+        // A replay may change weights (an optimizer step) without the host seeing a write: bf16
+        // copies made before it are stale.
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -1936,7 +1943,7 @@ impl Backend for Cuda {
             .ok_or("the capture recorded nothing")?;
         graph.upload().map_err(|e| format!("uploading the graph failed: {e:?}"))?;
         let recorded = self.resources.load(Ordering::Relaxed);
-        Ok(Box::new(CudaStepGraph { graph, resources: self.resources.clone(), recorded }))
+        Ok(Box::new(CudaStepGraph { graph, resources: self.resources.clone(), recorded, epoch: self.epoch.clone() }))
     }
 
     fn memory_info(&self) -> Option<(usize, usize)> {
@@ -2163,6 +2170,10 @@ impl Backend for Cuda {
 
     fn sum_squares_many(&self, xs: &[(&CudaBuf, usize)]) -> Vec<f64> {
         self.sum_squares_many_mt(xs)
+    }
+
+    fn clip_scalars(&self, xs: &[(&CudaBuf, usize)], max_norm: f64, sc: &mut CudaBuf) {
+        self.clip_scalars_mt(xs, max_norm, sc);
     }
 
     // ---- embedding ------------------------------------------------------------------------
@@ -3041,6 +3052,10 @@ impl Backend for Cuda {
 
     fn adamw_many(&self, items: &mut [AdamWItem<'_, Self>], lr: f32, beta1: f32, beta2: f32, eps: f32, step: u64, grad_scale: f32) {
         self.adamw_many_mt(items, lr, beta1, beta2, eps, step, grad_scale);
+    }
+
+    fn adamw_many_dev(&self, items: &mut [AdamWItem<'_, Self>], beta1: f32, beta2: f32, eps: f32, skip_nonfinite: bool, sc: &CudaBuf) {
+        self.adamw_many_dev_mt(items, beta1, beta2, eps, skip_nonfinite, sc);
     }
 }
 

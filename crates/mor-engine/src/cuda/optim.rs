@@ -13,12 +13,13 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use cudarc::driver::{result as drv_result, CudaSlice, PushKernelArg};
 
 use super::{cfg, check_len, sumsq_blocks, Cuda, CudaBuf, Slot, EW_THREADS};
-use crate::backend::{AdamStepScalars, AdamWItem};
+use crate::backend::{opt_scalars, AdamStepScalars, AdamWItem};
 
 /// Elements per block of the multi-tensor fill and AdamW kernels.
 const MT_CHUNK: usize = 16 * 1024;
@@ -53,10 +54,12 @@ impl Cuda {
         let mut tables = self.mt_tables.0.lock().unwrap();
         if tables.len() >= MT_TABLES_MAX && !tables.contains_key(&words) {
             tables.clear(); // freed in stream order, after the launches that used them
+            self.resources.fetch_add(1, Ordering::Relaxed); // a graph may have recorded one
         }
         let dev = match tables.entry(words) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
+                self.not_capturing("uploading a multi-tensor table");
                 let dev = self.stream.clone_htod(e.key().as_slice()).expect("cuda: host-to-device copy failed");
                 e.insert(dev)
             }
@@ -92,6 +95,47 @@ impl Cuda {
     pub(super) fn adamw_many_mt(&self, items: &mut [AdamWItem<'_, Cuda>], lr: f32, beta1: f32, beta2: f32, eps: f32, step: u64, grad_scale: f32) {
         let _p = self.prof("adamw_many");
         assert!(step >= 1, "adamw: step is 1-based");
+        let Some((table, count, blocks)) = self.adamw_table(items) else { return };
+        // The decay per tensor is formed on the device (in f64, as `adamw` forms it here).
+        let AdamScalars { step_size, bc2_sqrt, ob1, ob2 } = AdamScalars::new(lr, beta1, beta2, step);
+        launch!(
+            self,
+            "adamw_many_f32",
+            cfg((blocks as u32, 1, 1), EW_THREADS, 0),
+            [table, count, MT_CHUNK as i64, lr, grad_scale, step_size, bc2_sqrt, beta1, beta2, ob1, ob2, eps]
+        );
+    }
+
+    /// [`crate::Backend::adamw_many_dev`] in one launch (the scalars read by the kernel).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn adamw_many_dev_mt(&self, items: &mut [AdamWItem<'_, Cuda>], beta1: f32, beta2: f32, eps: f32, skip_nonfinite: bool, sc: &CudaBuf) {
+        let _p = self.prof("adamw_many");
+        check_len("scalars", sc.len(), opt_scalars::LEN);
+        Self::f32_only("adamw_many_dev", &[("scalars", sc)]);
+        let Some((table, count, blocks)) = self.adamw_table(items) else { return };
+        let scp = self.p(sc);
+        launch!(
+            self,
+            "adamw_many_dev_f32",
+            cfg((blocks as u32, 1, 1), EW_THREADS, 0),
+            [table, count, MT_CHUNK as i64, scp, beta1, beta2, eps, skip_nonfinite as i32]
+        );
+    }
+
+    /// [`crate::Backend::clip_scalars`]: the sums of squares as `sum_squares_many` launches them,
+    /// then one thread forms the norm and the clip scale into `sc` (no host read).
+    pub(super) fn clip_scalars_mt(&self, xs: &[(&CudaBuf, usize)], max_norm: f64, sc: &mut CudaBuf) {
+        let _p = self.prof("sum_squares");
+        check_len("scalars", sc.len(), opt_scalars::LEN);
+        Self::f32_only("clip_scalars", &[("scalars", &*sc)]);
+        let out = self.sumsq_many_launch(xs);
+        let scp = self.pm(sc);
+        launch!(self, "clip_scalars_f32", cfg((1, 1, 1), 1, 0), [out, xs.len() as i32, max_norm, scp]);
+    }
+
+    /// The multi-tensor table of an AdamW step over `items` (versions of the written buffers
+    /// bumped), its entry count and block count; `None` when there is nothing to update.
+    fn adamw_table(&self, items: &mut [AdamWItem<'_, Cuda>]) -> Option<(u64, i32, usize)> {
         let mut words = Vec::with_capacity(7 * items.len());
         let mut blocks = 0usize;
         for it in items.iter_mut() {
@@ -108,18 +152,10 @@ impl Cuda {
             blocks += it.n.div_ceil(MT_CHUNK);
         }
         if blocks == 0 {
-            return;
+            return None;
         }
-        // The decay per tensor is formed on the device (in f64, as `adamw` forms it here).
-        let AdamScalars { step_size, bc2_sqrt, ob1, ob2 } = AdamScalars::new(lr, beta1, beta2, step);
         let count = (words.len() / 7) as i32;
-        let table = self.mt_table(words);
-        launch!(
-            self,
-            "adamw_many_f32",
-            cfg((blocks as u32, 1, 1), EW_THREADS, 0),
-            [table, count, MT_CHUNK as i64, lr, grad_scale, step_size, bc2_sqrt, beta1, beta2, ob1, ob2, eps]
-        );
+        Some((self.mt_table(words), count, blocks))
     }
 
     /// [`crate::Backend::sum_squares_many`] in two launches and one read; each tensor keeps the
@@ -128,6 +164,19 @@ impl Cuda {
         let _p = self.prof("sum_squares");
         if xs.is_empty() {
             return Vec::new();
+        }
+        let out = self.sumsq_many_launch(xs);
+        let mut r = vec![0.0f64; xs.len()];
+        unsafe { drv_result::memcpy_dtoh_async(&mut r[..], out, self.stream.cu_stream()) }.expect("cuda: device-to-host copy failed");
+        self.synchronize();
+        r
+    }
+
+    /// The launches of `sum_squares_many`: the per-tensor f64 sums land in scratch, whose device
+    /// pointer is returned (`xs.len()` values).
+    fn sumsq_many_launch(&self, xs: &[(&CudaBuf, usize)]) -> u64 {
+        if xs.is_empty() {
+            return self.scratch(Slot::SumsqOut, 8);
         }
         let mut words = Vec::with_capacity(4 * xs.len());
         let mut blocks = 0usize;
@@ -145,9 +194,6 @@ impl Cuda {
         let table = self.mt_table(words);
         launch!(self, "sumsq_many_partial_f32", cfg((blocks as u32, 1, 1), EW_THREADS, 0), [table, count, partial]);
         launch!(self, "sumsq_many_final", cfg((count as u32, 1, 1), SUMSQ_FINAL_THREADS, 0), [table, partial, out]);
-        let mut r = vec![0.0f64; xs.len()];
-        unsafe { drv_result::memcpy_dtoh_async(&mut r[..], out, self.stream.cu_stream()) }.expect("cuda: device-to-host copy failed");
-        self.synchronize();
-        r
+        out
     }
 }

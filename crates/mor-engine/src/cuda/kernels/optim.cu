@@ -52,9 +52,9 @@ extern "C" __global__ void fill_many_f32(const MtFill* t, int count, i64 chunk, 
 
 // adamw_f32 with the gradient times `gscale` and each tensor's own decay `1 - lr * wd`, rounded
 // from double as the host rounds it for adamw_f32 (no contraction: __dmul_rn / __dsub_rn).
-extern "C" __global__ void adamw_many_f32(const MtAdamW* t, int count, i64 chunk, float lr, float gscale,
-                                          float step_size, float bc2_sqrt, float b1, float b2, float ob1,
-                                          float ob2, float eps) {
+__device__ __forceinline__ void adamw_many_block(const MtAdamW* t, int count, i64 chunk, float lr, float gscale,
+                                                 float step_size, float bc2_sqrt, float b1, float b2, float ob1,
+                                                 float ob2, float eps) {
     const MtAdamW& e = mt_entry(t, count, blockIdx.x);
     const i64 start = ((i64)blockIdx.x - e.first_block) * chunk;
     const i64 end = min(e.n, start + chunk);
@@ -87,6 +87,58 @@ extern "C" __global__ void adamw_many_f32(const MtAdamW* t, int count, i64 chunk
         m[i] = mi;
         v[i] = vi;
     }
+}
+
+extern "C" __global__ void adamw_many_f32(const MtAdamW* t, int count, i64 chunk, float lr, float gscale,
+                                          float step_size, float bc2_sqrt, float b1, float b2, float ob1,
+                                          float ob2, float eps) {
+    adamw_many_block(t, count, chunk, lr, gscale, step_size, bc2_sqrt, b1, b2, ob1, ob2, eps);
+}
+
+// The optimizer step's scalars on the device (a step recordable in a CUDA graph; cuda/optim.rs
+// OPT_SCALARS): written by clip_scalars_f32 and staged by the host before the step.
+#define OPT_GSCALE 0
+#define OPT_FINITE 1
+#define OPT_NORM_HI 2
+#define OPT_NORM_LO 3
+#define OPT_CLIPPED 4
+#define OPT_LR 5
+#define OPT_STEP_SIZE 7
+#define OPT_BC2_SQRT 8
+#define OPT_OB1 9
+#define OPT_OB2 10
+
+// adamw_many_f32 with lr, the clip scale and the step's scalars read from `sc`; nothing when
+// `skip` and the gradient norm is not finite.
+extern "C" __global__ void adamw_many_dev_f32(const MtAdamW* t, int count, i64 chunk, const float* sc, float b1,
+                                              float b2, float eps, int skip) {
+    if (skip && sc[OPT_FINITE] == 0.f) return;
+    adamw_many_block(t, count, chunk, sc[OPT_LR], sc[OPT_GSCALE], sc[OPT_STEP_SIZE], sc[OPT_BC2_SQRT], b1, b2,
+                     sc[OPT_OB1], sc[OPT_OB2], eps);
+}
+
+// The global gradient norm from the per-tensor sums of squares (sumsq_many_final's `out`), added
+// in tensor order, and PyTorch clip_grad_norm_'s coefficient max_norm / (norm + 1e-6) when
+// max_norm > 0, the norm is finite and the coefficient < 1 (else 1): the host's f64 operations
+// (IEEE, no contraction), one thread. The norm as a float pair (hi + lo) for the host to read.
+extern "C" __global__ void clip_scalars_f32(const double* sums, int count, double max_norm, float* sc) {
+    double t = 0.0;
+    for (int i = 0; i < count; ++i) t = __dadd_rn(t, sums[i]);
+    const double norm = __dsqrt_rn(t);
+    const bool finite = isfinite(norm);
+    float gscale = 1.f;
+    bool clipped = false;
+    if (max_norm > 0.0 && finite) {
+        const double coef = __ddiv_rn(max_norm, __dadd_rn(norm, 1e-6));
+        clipped = coef < 1.0;
+        if (clipped) gscale = __double2float_rn(coef);
+    }
+    const float hi = __double2float_rn(norm);
+    sc[OPT_GSCALE] = gscale;
+    sc[OPT_CLIPPED] = clipped ? 1.f : 0.f;
+    sc[OPT_FINITE] = finite ? 1.f : 0.f;
+    sc[OPT_NORM_HI] = hi;
+    sc[OPT_NORM_LO] = finite ? __double2float_rn(__dsub_rn(norm, (double)hi)) : 0.f;
 }
 
 // sumsq_partial_f32 of every tensor: block `first_block + j` of an entry is block j of that
