@@ -325,6 +325,6 @@ fn optimizer_runner_first_step_is_eager_and_the_cpu_cannot_record() {
     let (sb, xb) = runner.step(&b, &mut pb, &mut mb, Some(&mut ab), 1e-2).unwrap();
     assert_eq!((sa.clipped, sa.lr, xa.lr), (sb.clipped, sb.lr, xb.unwrap().lr));
     assert_eq!(pa.values, pb.values);
-    let err = runner.step(&b, &mut pb, &mut mb, Some(&mut ab), 1e-2).err().expect("the CPU records no graphs");
+    let err = runner.step(&b, &mut pb, &mut mb, Some(&mut ab), 1e-2).expect_err("the CPU records no graphs");
     assert!(format!("{err:#}").contains("cannot capture device work"), "{err:#}");
 }
