@@ -1186,16 +1186,46 @@ impl Cuda {
         }
     }
 
-    /// `dx[n, k]` = (or += when `accumulate`) `dout[n, Σm] · Wcat`, with `dout` a bf16 device
-    /// pointer and Wcat the weights `ws` stacked by rows: the input gradient of a fused backward.
-    fn gemm_dx_cat(&self, dx: &mut CudaBuf, accumulate: bool, dout: u64, n: usize, k: usize, ws: &[(&CudaBuf, usize)]) {
-        use blas_sys::cublasOperation_t::CUBLAS_OP_N;
-        let total: usize = ws.iter().map(|&(_, m)| m).sum();
-        let wcat = self.weights_bf16_concat(ws, k);
-        let dt = dx.dtype;
-        let dxp = self.pm(dx);
-        // dxᵀ[k, n] (+)= Wcat-as-[k, Σm] · doutᵀ[Σm, n]
-        self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, k, n, total, wcat, k, dout, total, if accumulate { 1.0 } else { 0.0 }, dxp, dt, k);
+    /// The bf16 GEMMs of a backward over weights whose output gradients sit side by side in
+    /// `dout[n, Σm]` (bf16 device pointer; `x` likewise, `[n, k]`): `dx` = (or += when
+    /// `accumulate`) `dout · Wcat` as one GEMM over `k = Σm` on the weights stacked by rows; the
+    /// weight gradients as one GEMM into f32 scratch added to each `dw` when some weight is
+    /// skinny ([`fuse_gemm`]: q/k/v, small GEMMs run slowly), else one GEMM per weight on its
+    /// columns of `dout` (gate/up).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_bwd_cat(&self, dx: Option<&mut CudaBuf>, accumulate: bool, xb: u64, dout: u64, n: usize, k: usize, items: &mut [(&mut CudaBuf, &CudaBuf, usize)]) {
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let ms: Vec<usize> = items.iter().map(|it| it.2).collect();
+        let total: usize = ms.iter().sum();
+        if let Some(dx) = dx {
+            let ws: Vec<(&CudaBuf, usize)> = items.iter().map(|it| (&*it.1, it.2)).collect();
+            let wcat = self.weights_bf16_concat(&ws, k);
+            let dt = dx.dtype;
+            let dxp = self.pm(dx);
+            // dxᵀ[k, n] (+)= Wcat-as-[k, Σm] · doutᵀ[Σm, n]
+            self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, k, n, total, wcat, k, dout, total, if accumulate { 1.0 } else { 0.0 }, dxp, dt, k);
+        }
+        if fuse_gemm(n, k, &ms) {
+            // dWcatᵀ[k, Σm] = xᵀ[k, n] · dout[n, Σm]: row-major [Σm, k], each weight's rows in turn.
+            let dwcat = self.scratch(Slot::FusedOut, total * k * 4);
+            self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, k, total, n, xb, k, dout, total, 0.0, dwcat, Dtype::F32, k);
+            let mut row = 0;
+            for (dw, _, m) in items.iter_mut() {
+                let len = *m * k;
+                let dwp = self.pm(*dw);
+                let src = dwcat + (row * k * 4) as u64;
+                launch!(self, "axpy_f32", self.ew(len), [dwp, src, 1.0f32, len as i64]);
+                row += *m;
+            }
+            return;
+        }
+        let mut col = 0;
+        for (dw, _, m) in items.iter_mut() {
+            // dwᵀ[k, m] += xᵀ[k, n] · dout[:, col..col + m]
+            let dwp = self.pm(*dw);
+            self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, k, *m, n, xb, k, dout + (col * 2) as u64, total, 1.0, dwp, Dtype::F32, k);
+            col += *m;
+        }
     }
 
     /// Copy a `rows x cols` block between row-major matrices of leading dimensions `dst_ld` /
@@ -2325,21 +2355,8 @@ impl Backend for Cuda {
                 self.copy_block(packed + (col * 2) as u64, total, true, self.p(it.dout), it.m, it.dout.is_bf16(), n, it.m);
                 col += it.m;
             }
-            if let Some(dx) = dx.as_deref_mut() {
-                let ws: Vec<(&CudaBuf, usize)> = items.iter().map(|it| (&*it.w, it.m)).collect();
-                self.gemm_dx_cat(dx, dx_written, packed, n, k, &ws);
-            }
-            // dWcatᵀ[k, Σm] = xᵀ[k, n] · packed[n, Σm]: row-major [Σm, k], each weight's rows in turn.
-            let dwcat = self.scratch(Slot::FusedOut, total * k * 4);
-            self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, k, total, n, xb, k, packed, total, 0.0, dwcat, Dtype::F32, k);
-            let mut row = 0;
-            for it in items.iter_mut() {
-                let len = it.m * k;
-                let dwp = self.pm(it.dw);
-                let src = dwcat + (row * k * 4) as u64;
-                launch!(self, "axpy_f32", self.ew(len), [dwp, src, 1.0f32, len as i64]);
-                row += it.m;
-            }
+            let mut cat: Vec<(&mut CudaBuf, &CudaBuf, usize)> = items.iter_mut().map(|it| (&mut *it.dw, &*it.w, it.m)).collect();
+            self.gemm_bwd_cat(dx, dx_written, xb, packed, n, k, &mut cat);
             return;
         }
         if n > 0 && k > 0 {
@@ -2408,11 +2425,11 @@ impl Backend for Cuda {
         }
     }
 
-    /// bf16 mode: `dx` as one GEMM over `k = Σm` on the stacked weights, each `dw` as one GEMM on
-    /// its columns of `dout` (leading dimension Σm, no packing); fp32 mode: SGEMMs per weight.
+    /// bf16 mode: [`Cuda::gemm_bwd_cat`] on `dout` as it is (no packing); fp32 mode: SGEMMs per
+    /// weight on its columns.
     fn matmul_bwd_cat(
         &self,
-        mut dx: Option<&mut CudaBuf>,
+        dx: Option<&mut CudaBuf>,
         dx_set: bool,
         x: &CudaBuf,
         dout: &CudaBuf,
@@ -2442,18 +2459,8 @@ impl Backend for Cuda {
         let bf16 = self.bf16_gemm(&[x, dout]) || dx.as_deref().is_some_and(|d| d.is_bf16()) || items.iter().any(|it| it.1.is_bf16());
         if bf16 {
             let gb = self.bf16_operand(Slot::BfC, dout, n * total);
-            if let Some(dx) = dx.as_deref_mut() {
-                let ws: Vec<(&CudaBuf, usize)> = items.iter().map(|it| (it.1, it.2)).collect();
-                self.gemm_dx_cat(dx, !dx_set, gb, n, k, &ws);
-            }
             let xb = self.bf16_operand(Slot::BfB, x, n * k);
-            let mut col = 0;
-            for (dw, _, m) in items.iter_mut() {
-                // dwᵀ[k, m] += xᵀ[k, n] · dout[:, col..col + m]
-                let dwp = self.pm(*dw);
-                self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, k, *m, n, xb, k, gb + (col * 2) as u64, total, 1.0, dwp, Dtype::F32, k);
-                col += *m;
-            }
+            self.gemm_bwd_cat(dx, !dx_set, xb, gb, n, k, items);
             return;
         }
         if let Some(dx) = dx {
