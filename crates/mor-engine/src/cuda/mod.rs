@@ -1198,7 +1198,7 @@ impl Cuda {
         let ms: Vec<usize> = items.iter().map(|it| it.2).collect();
         let total: usize = ms.iter().sum();
         if let Some(dx) = dx {
-            let ws: Vec<(&CudaBuf, usize)> = items.iter().map(|it| (&*it.1, it.2)).collect();
+            let ws: Vec<(&CudaBuf, usize)> = items.iter().map(|it| (it.1, it.2)).collect();
             let wcat = self.weights_bf16_concat(&ws, k);
             let dt = dx.dtype;
             let dxp = self.pm(dx);
@@ -2355,7 +2355,7 @@ impl Backend for Cuda {
                 self.copy_block(packed + (col * 2) as u64, total, true, self.p(it.dout), it.m, it.dout.is_bf16(), n, it.m);
                 col += it.m;
             }
-            let mut cat: Vec<(&mut CudaBuf, &CudaBuf, usize)> = items.iter_mut().map(|it| (&mut *it.dw, &*it.w, it.m)).collect();
+            let mut cat: Vec<(&mut CudaBuf, &CudaBuf, usize)> = items.iter_mut().map(|it| (&mut *it.dw, it.w, it.m)).collect();
             self.gemm_bwd_cat(dx, dx_written, xb, packed, n, k, &mut cat);
             return;
         }
