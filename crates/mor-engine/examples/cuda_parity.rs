@@ -23,7 +23,7 @@
 
 use std::time::Instant;
 
-use mor_engine::{AttnShape, Backend, Cpu, Cuda, GateFn, MatmulPrecision};
+use mor_engine::{AttnBwdInputs, AttnGrads, AttnShape, Backend, Cpu, Cuda, GateFn, MatmulPrecision};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -1150,8 +1150,10 @@ fn attention_case(e: &mut Env, r: &mut Report, case: &AttnCase, bf16: bool, act:
             let (mut qsc, mut qsg) = e.rnd_as(act, nq * heads * hd, 1.0);
             let (mut ksc, mut ksg) = e.rnd(nk * kvh * hd, 1.0);
             let (mut vsc, mut vsg) = e.rnd(nk * kvh * hd, 1.0);
-            e.c.attention_bwd_packed(&mut pc, &mut qsc, &mut ksc, &mut vsc, &doc, &oc, &lc, &qc, &kc, &vc, &sc, 10000.0);
-            e.g.attention_bwd_packed(&mut pg, &mut qsg, &mut ksg, &mut vsg, &dog, &og, &lg, &qg, &kg, &vg, &sg, 10000.0);
+            let xc = AttnBwdInputs { dout: &doc, out: &oc, lse: &lc, q: &qc, k: &kc, v: &vc, shape: &sc };
+            let xg = AttnBwdInputs { dout: &dog, out: &og, lse: &lg, q: &qg, k: &kg, v: &vg, shape: &sg };
+            e.c.attention_bwd_packed(&mut pc, AttnGrads { dq: &mut qsc, dk: &mut ksc, dv: &mut vsc }, &xc, 10000.0);
+            e.g.attention_bwd_packed(&mut pg, AttnGrads { dq: &mut qsg, dk: &mut ksg, dv: &mut vsg }, &xg, 10000.0);
             let (pg, pc) = (e.g.to_f32(&pg), pc);
             let cols = |v: &[f32], a: usize, b: usize| -> Vec<f32> { (0..nq).flat_map(|i| v[i * ld + a..i * ld + b].to_vec()).chain(vec![0.0; PAD]).collect() };
             let kvd = kvh * hd;
@@ -1547,7 +1549,8 @@ fn time_attention_360m(g: &Cuda, act: bool) -> (f64, f64, f64) {
         let (set, add) = (bwd_rope(true), bwd_rope(false));
         let ld = 2 * kvh * hd + heads * hd;
         let mut packed = g.zeros_act(n * ld);
-        let pk = time_ms(g, 10, || g.attention_bwd_packed(&mut packed, &mut dq, &mut dk, &mut dv, &dout, &o, &lse, &q, &k, &v, &shape, 1e4));
+        let x = AttnBwdInputs { dout: &dout, out: &o, lse: &lse, q: &q, k: &k, v: &v, shape: &shape };
+        let pk = time_ms(g, 10, || g.attention_bwd_packed(&mut packed, AttnGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv }, &x, 1e4));
         println!("  layer form: fwd_mirrored {mirrored:.3} ms (fwd {fwd:.3}); bwd_rope_dq kv set {set:.3} ms, kv add {add:.3}; bwd packed (with dk's RoPE and the packing) {pk:.3} ms");
     }
     (fwd, bwd, f_fwd)

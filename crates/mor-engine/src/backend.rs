@@ -464,23 +464,8 @@ pub trait Backend {
     /// unpacked gradients (their contents are left unspecified). The default runs
     /// [`Backend::attention_bwd_rope_dq`], `rope_bwd` on dk and three [`Backend::copy_cols`]; CUDA
     /// writes dq into its columns and packs dk / dv in one pass.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_bwd_packed(
-        &self,
-        dkvq: &mut Self::Buf,
-        dq: &mut Self::Buf,
-        dk: &mut Self::Buf,
-        dv: &mut Self::Buf,
-        dout: &Self::Buf,
-        out: &Self::Buf,
-        lse: &Self::Buf,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        shape: &AttnShape<'_, Self::Idx>,
-        theta: f32,
-    ) {
-        attention_bwd_packed_unfused(self, dkvq, dq, dk, dv, dout, out, lse, q, k, v, shape, theta);
+    fn attention_bwd_packed(&self, dkvq: &mut Self::Buf, scratch: AttnGrads<'_, Self>, inputs: &AttnBwdInputs<'_, Self>, theta: f32) {
+        attention_bwd_packed_unfused(self, dkvq, scratch, inputs, theta);
     }
 
     // ---- activations ----------------------------------------------------------------------
@@ -613,33 +598,38 @@ pub fn matmul_fwd_residual_unfused<B: Backend + ?Sized>(b: &B, out: &mut B::Buf,
     b.axpy(out, res, 1.0, n * m);
 }
 
+/// What an attention backward reads: the output's gradient, the forward's output and log-sum-exp,
+/// its queries, keys, values and shape.
+pub struct AttnBwdInputs<'a, B: Backend + ?Sized> {
+    pub dout: &'a B::Buf,
+    pub out: &'a B::Buf,
+    pub lse: &'a B::Buf,
+    pub q: &'a B::Buf,
+    pub k: &'a B::Buf,
+    pub v: &'a B::Buf,
+    pub shape: &'a AttnShape<'a, B::Idx>,
+}
+
+/// The gradients of an attention's queries, keys and values.
+pub struct AttnGrads<'a, B: Backend + ?Sized> {
+    pub dq: &'a mut B::Buf,
+    pub dk: &'a mut B::Buf,
+    pub dv: &'a mut B::Buf,
+}
+
 /// [`Backend::attention_bwd_packed`] by the unpacked ops (the default, and CUDA's path where its
 /// packed kernels do not apply).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_bwd_packed_unfused<B: Backend + ?Sized>(
-    b: &B,
-    dkvq: &mut B::Buf,
-    dq: &mut B::Buf,
-    dk: &mut B::Buf,
-    dv: &mut B::Buf,
-    dout: &B::Buf,
-    out: &B::Buf,
-    lse: &B::Buf,
-    q: &B::Buf,
-    k: &B::Buf,
-    v: &B::Buf,
-    shape: &AttnShape<'_, B::Idx>,
-    theta: f32,
-) {
+pub fn attention_bwd_packed_unfused<B: Backend + ?Sized>(b: &B, dkvq: &mut B::Buf, g: AttnGrads<'_, B>, x: &AttnBwdInputs<'_, B>, theta: f32) {
+    let shape = x.shape;
     assert_eq!(shape.nq, shape.nk, "attention_bwd_packed: queries and keys must be one token set");
     let (n, hd) = (shape.nq, shape.head_dim);
     let (qd, kvd) = (shape.heads * hd, shape.kv_heads * hd);
-    b.attention_bwd_rope_dq(dq, dk, dv, dout, out, lse, q, k, v, shape, theta, true);
-    b.rope_bwd(dk, shape.pos_k, n, shape.kv_heads, hd, theta);
+    b.attention_bwd_rope_dq(g.dq, g.dk, g.dv, x.dout, x.out, x.lse, x.q, x.k, x.v, shape, theta, true);
+    b.rope_bwd(g.dk, shape.pos_k, n, shape.kv_heads, hd, theta);
     let ld = 2 * kvd + qd;
-    b.copy_cols(dkvq, ld, 0, dk, n, kvd);
-    b.copy_cols(dkvq, ld, kvd, dv, n, kvd);
-    b.copy_cols(dkvq, ld, 2 * kvd, dq, n, qd);
+    b.copy_cols(dkvq, ld, 0, g.dk, n, kvd);
+    b.copy_cols(dkvq, ld, kvd, g.dv, n, kvd);
+    b.copy_cols(dkvq, ld, 2 * kvd, g.dq, n, qd);
 }
 
 /// [`Backend::matmul_fwd_many`] as one [`Backend::matmul_fwd`] per weight (the default, and the

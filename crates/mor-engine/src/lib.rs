@@ -8,7 +8,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod params;
 
-pub use backend::{AdamWItem, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision, Readback, StepGraph};
+pub use backend::{AdamWItem, AttnBwdInputs, AttnGrads, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision, Readback, StepGraph};
 pub use cpu::{Cpu, HostTraffic};
 #[cfg(feature = "cuda")]
 pub use cuda::Cuda;

@@ -10,7 +10,7 @@
 use crate::tokens::TokenSet;
 use crate::weights::LayerWeights;
 use mor_config::ModelConfig;
-use mor_engine::{Backend, MatmulGrad, ParamId, ParamStore};
+use mor_engine::{AttnBwdInputs, AttnGrads, Backend, MatmulGrad, ParamId, ParamStore};
 
 /// Dimensions every layer shares.
 #[derive(Debug, Clone, Copy)]
@@ -241,7 +241,9 @@ pub fn layer_backward<B: Backend>(
         KvGrad::Set => {
             // Nothing else attends to these keys: the gradients come packed for one GEMM.
             let shape = set.attn_shape(set, dims.heads, dims.kv_heads, dims.head_dim);
-            b.attention_bwd_packed(&mut s.dkvq, &mut s.dq, &mut act.dk, &mut act.dv, &s.datt, &act.att, &act.lse, &act.q, &act.k, &act.v, &shape, dims.theta);
+            let inputs = AttnBwdInputs { dout: &s.datt, out: &act.att, lse: &act.lse, q: &act.q, k: &act.k, v: &act.v, shape: &shape };
+            let scratch = AttnGrads { dq: &mut s.dq, dk: &mut act.dk, dv: &mut act.dv };
+            b.attention_bwd_packed(&mut s.dkvq, scratch, &inputs, dims.theta);
             let [g_k, g_v, g_q] = grads.get_disjoint_mut([w.wk.0, w.wv.0, w.wq.0]).expect(disjoint);
             let items = &mut [(g_k, v(w.wk), kvd), (g_v, v(w.wv), kvd), (g_q, v(w.wq), qd)];
             b.matmul_bwd_cat(Some(&mut s.dxn), true, &act.xn1, &s.dkvq, n, d, items);

@@ -53,7 +53,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
-use crate::backend::{attention_bwd_packed_unfused, matmul_bwd_each, matmul_fwd_each, matmul_fwd_residual_unfused, AdamWItem, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision, Readback, StepGraph};
+use crate::backend::{attention_bwd_packed_unfused, matmul_bwd_each, matmul_fwd_each, matmul_fwd_residual_unfused, AdamWItem, AttnBwdInputs, AttnGrads, AttnShape, Backend, GateFn, MatmulGrad, MatmulPrecision, Readback, StepGraph};
 
 /// The CUDA C source of every kernel, as handed to NVRTC.
 pub const KERNEL_SOURCE: &str = concat!(
@@ -2640,38 +2640,26 @@ impl Backend for Cuda {
     /// The fused flash backward writes dq through the inverse rotation straight into its columns
     /// of `dkvq`, then one pass rotates dk and packs dk and dv (`attn_pack_kv_rope`); other
     /// configurations take the unpacked ops.
-    fn attention_bwd_packed(
-        &self,
-        dkvq: &mut CudaBuf,
-        dq: &mut CudaBuf,
-        dk: &mut CudaBuf,
-        dv: &mut CudaBuf,
-        dout: &CudaBuf,
-        out: &CudaBuf,
-        lse: &CudaBuf,
-        q: &CudaBuf,
-        k: &CudaBuf,
-        v: &CudaBuf,
-        shape: &AttnShape<'_, CudaSlice<u32>>,
-        theta: f32,
-    ) {
+    fn attention_bwd_packed(&self, dkvq: &mut CudaBuf, g: AttnGrads<'_, Self>, x: &AttnBwdInputs<'_, Self>, theta: f32) {
         let _p = self.prof("attention_bwd");
+        let shape = x.shape;
         let (n, hd, kvh) = (shape.nq, shape.head_dim, shape.kv_heads);
         let (qd, kvd) = (shape.heads * hd, kvh * hd);
         let packed = !shape.is_empty()
             && shape.nq == shape.nk
             && dkvq.is_bf16()
-            && dk.dtype == Dtype::F32
-            && dv.dtype == Dtype::F32
-            && self.attention_bwd_fused(hd, &[self.p(dq), self.p(dk), self.p(dv)]);
+            && g.dk.dtype == Dtype::F32
+            && g.dv.dtype == Dtype::F32
+            && self.attention_bwd_fused(hd, &[self.p(g.dq), self.p(g.dk), self.p(g.dv)]);
         if !packed {
-            return attention_bwd_packed_unfused(self, dkvq, dq, dk, dv, dout, out, lse, q, k, v, shape, theta);
+            return attention_bwd_packed_unfused(self, dkvq, g, x, theta);
         }
         let ld = 2 * kvd + qd;
         check_len("dkvq", dkvq.len(), n * ld);
         let base = self.pm(dkvq);
         let rope = DqRope { theta, packed: Some((base + (2 * kvd * 2) as u64, ld)) };
-        self.attention_bwd_into(dq, dk, dv, dout, out, lse, q, k, v, shape, Some(rope), true);
+        let AttnGrads { dq, dk, dv } = g;
+        self.attention_bwd_into(dq, dk, dv, x.dout, x.out, x.lse, x.q, x.k, x.v, shape, Some(rope), true);
         let freqs = RopeFreqs::new(hd, theta);
         let (dkp, dvp, pk) = (self.p(dk), self.p(dv), self.p(shape.pos_k));
         launch!(self, "attn_pack_kv_rope", self.ew(n * hd / 2), [base, ld as i32, dkp, dvp, pk, freqs, n as i32, kvh as i32, hd as i32]);
