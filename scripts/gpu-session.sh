@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The two GPU calls of a working session, each within the device tool's 600 s per call:
+#   bash scripts/gpu-session.sh validate   # op and model parity, flash sweep, CUDA graph checks (~5 min)
+#   bash scripts/gpu-session.sh report     # mor and PyTorch side by side at 8 x 2048, memory at 16 x 2048 (~8 min)
+# Both write logs, the JSON records and the table under $OUT (the tool returns at most 8 files).
+# Binaries and the PTX cache come from .gpu/ (see scripts/gpu-bench.sh for how to build them).
+# Environment: MODELS ("vanilla mor-ec3"), FA_EXP_POLY_SWEEP (validate: "" or e.g. "8 4 2"),
+# GRAPH ("1": report also times the --cuda-graph steps).
+set -o pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu-out}"
+mkdir -p "$OUT"
+source scripts/gpu-env.sh >"$OUT/env.log" 2>&1
+export MOR_PTX_CACHE="${MOR_PTX_CACHE:-.gpu/kernels.ptx}" PYTHONUNBUFFERED=1
+MODELS="${MODELS:-vanilla mor-ec3}"
+START=$SECONDS
+# run LOG TIMEOUT_S CMD...: the command's output appended to $OUT/LOG, its rc and time on stdout.
+run() {
+  local log="$OUT/$1" t="$2"
+  shift 2
+  echo "== $* (+$((SECONDS - START))s)" | tee -a "$log"
+  timeout "$t" "$@" >>"$log" 2>&1
+  echo "== rc=$? (+$((SECONDS - START))s)" | tee -a "$log"
+}
+
+case "${1:-}" in
+validate)
+  run parity.log 200 .gpu/cuda_parity
+  grep -E "FAIL|checks|passed|failed" "$OUT/parity.log" | tail -5
+  grep -E "gate/up|swiglu|cross_entropy|layer form" "$OUT/parity.log"
+  run model_parity.log 120 .gpu/model_parity --bf16
+  tail -2 "$OUT/model_parity.log"
+  run sweep.log 100 .gpu/cuda_parity --flash-sweep "tmapp,fused,tma;8,fused,4"
+  for P in ${FA_EXP_POLY_SWEEP:-}; do
+    MOR_NVRTC_DEFINES="FA_EXP_POLY=$P" MOR_PTX_CACHE=".gpu/kernels-poly$P.ptx" \
+      run sweep.log 120 .gpu/cuda_parity --flash-sweep "tmapp,fused,tma"
+  done
+  grep -v PASS "$OUT/sweep.log" | grep -E "^flash|layer form|==" | head -20
+  # CUDA graphs: eager and graphed copies on the same batches (bit-identical in deterministic mode).
+  run graph.log 90 .gpu/mor bench train tiny-mor-ec3 --device cuda --gemm bf16 --deterministic --graph-check 4 --warmup 2 --steps 2
+  run graph.log 90 .gpu/mor bench train tiny-vanilla --device cuda --gemm bf16 --graph-check 4 --warmup 2 --steps 2
+  grep -E "graph check|rc=" "$OUT/graph.log"
+  ;;
+report)
+  RES="$OUT/results.jsonl"
+  : >"$RES"
+  run sdpa.log 60 python3 scripts/reference/sdpa_bench.py
+  tail -6 "$OUT/sdpa.log"
+  for m in $MODELS; do
+    run "bench-$m.log" 130 .gpu/mor bench train "360m-$m" --device cuda --micro-batch 8 --seq-len 2048 --warmup 1 --steps 4 \
+      --gemm bf16 --profile-steps 1 --json "$RES"
+    if [ "${GRAPH:-1}" = 1 ]; then
+      run "bench-$m.log" 130 .gpu/mor bench train "360m-$m" --device cuda --micro-batch 8 --seq-len 2048 --warmup 2 --steps 4 \
+        --gemm bf16 --cuda-graph --label "360m-$m cuda graph" --json "$RES"
+    fi
+    for dt in amp bf16; do
+      run "torch-$m.log" 130 python3 scripts/bench/torch_reference.py --model "$m" --batch 8 --seq 2048 --compile --dtype "$dt" --json "$RES"
+    done
+  done
+  run bench-mem.log 130 .gpu/mor bench train 360m-mor-ec3 --device cuda --micro-batch 16 --seq-len 2048 --warmup 1 --steps 2 \
+    --gemm bf16 --json "$RES"
+  python3 scripts/bench/make_table.py "$RES" | tee "$OUT/table.md"
+  ;;
+*)
+  echo "usage: $0 validate|report" >&2
+  exit 2
+  ;;
+esac
+echo "== done in $((SECONDS - START))s"
