@@ -583,6 +583,27 @@ fn rope_ops(e: &mut Env, r: &mut Report) {
         e.g.rope_bwd(&mut xg, &pg, n, heads, hd, 10000.0);
         r.check_prec(bf16, &format!("{tag} bwd"), "dx", &e.g.to_f32(&xg), &xc, None, TOL);
     }
+    // Queries and keys in one launch: the bits of two rope_fwd calls (the vector kernel, and the
+    // per-pair fallback at hd 6), f32 and bf16.
+    for (n, heads, kvh, hd, bf16) in [(77usize, 15usize, 5usize, 64usize, true), (50, 4, 2, 32, false), (20, 3, 1, 6, false), (9, 8, 8, 128, true)] {
+        let tag = format!("rope_fwd_qk{} n{n} h{heads}/{kvh} hd{hd}", if bf16 { " bf16" } else { "" });
+        let pos: Vec<u32> = (0..n as u32).map(|i| (i * 613) % 8192).collect();
+        let (_, pg) = e.upi(&pos);
+        let input = |e: &mut Env, len: usize| {
+            let v: Vec<f32> = (0..len).map(|_| half::bf16::from_f32(e.rng.gen_range(-1.0f32..1.0)).to_f32()).collect();
+            let mut a = if bf16 { e.zeros_bf16(len) } else { e.g.zeros(len) };
+            let mut b = if bf16 { e.zeros_bf16(len) } else { e.g.zeros(len) };
+            e.g.write_f32(&mut a, &v);
+            e.g.write_f32(&mut b, &v);
+            (a, b)
+        };
+        let ((mut q1, mut q2), (mut k1, mut k2)) = (input(e, n * heads * hd), input(e, n * kvh * hd));
+        e.g.rope_fwd_qk(&mut q1, &mut k1, &pg, n, heads, kvh, hd, 10000.0);
+        e.g.rope_fwd(&mut q2, &pg, n, heads, hd, 10000.0);
+        e.g.rope_fwd(&mut k2, &pg, n, kvh, hd, 10000.0);
+        r.add_exact(&tag, "q", bit_diffs(&e.g.to_f32(&q1), &e.g.to_f32(&q2)));
+        r.add_exact(&tag, "k", bit_diffs(&e.g.to_f32(&k1), &e.g.to_f32(&k2)));
+    }
 }
 
 fn softmax_ops(e: &mut Env, r: &mut Report) {
@@ -1680,6 +1701,9 @@ fn bench(g: &Cuda) {
             let ms = time_ms(g, 10, || g.rope_fwd(&mut xb, &pos, n, heads, 64, 1e4));
             println!("  rope_fwd 16384 x {heads:>2} heads x 64 bf16:          {:.3} ms, {:.0} GB/s", ms, (n * heads * 64 * 4) as f64 / ms / 1e6);
         }
+        let (mut qb, mut kb) = (g.zeros_act(n * 15 * 64), g.zeros_act(n * 5 * 64));
+        let ms = time_ms(g, 10, || g.rope_fwd_qk(&mut qb, &mut kb, &pos, n, 15, 5, 64, 1e4));
+        println!("  rope_fwd_qk 16384 x 15 + 5 heads x 64 bf16:     {:.3} ms, {:.0} GB/s", ms, (n * 20 * 64 * 4) as f64 / ms / 1e6);
         let (rows, f) = (n, 2560usize);
         let nf = rows * f;
         let mut act = |len: usize, s: f32| {

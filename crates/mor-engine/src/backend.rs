@@ -380,6 +380,13 @@ pub trait Backend {
     fn rope_fwd(&self, x: &mut Self::Buf, pos: &Self::Idx, n: usize, heads: usize, head_dim: usize, theta: f32);
     /// In place on a gradient: applies the inverse rotation (the transpose of the forward).
     fn rope_bwd(&self, dx: &mut Self::Buf, pos: &Self::Idx, n: usize, heads: usize, head_dim: usize, theta: f32);
+    /// [`Backend::rope_fwd`] of a layer's queries `q[n, heads, head_dim]` and keys `k[n, kv_heads,
+    /// head_dim]` at the same positions (CUDA: one launch, the angles computed once).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_fwd_qk(&self, q: &mut Self::Buf, k: &mut Self::Buf, pos: &Self::Idx, n: usize, heads: usize, kv_heads: usize, head_dim: usize, theta: f32) {
+        self.rope_fwd(q, pos, n, heads, head_dim, theta);
+        self.rope_fwd(k, pos, n, kv_heads, head_dim, theta);
+    }
 
     // ---- attention ------------------------------------------------------------------------
     /// `out[nq, heads*head_dim]`, `lse[nq*heads]` (log-sum-exp of the scaled scores, saved for

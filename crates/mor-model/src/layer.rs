@@ -169,17 +169,15 @@ pub fn layer_forward<B: Backend>(
     b.rmsnorm_fwd(&mut act.xn1, &mut act.rstd1, &act.x, p.value(w.attn_norm), n, d, dims.eps);
     let (wq, wk, wv) = (p.value(w.wq), p.value(w.wk), p.value(w.wv));
     match &shared {
-        None => b.matmul_fwd_many(&act.xn1, n, d, &mut [(&mut act.q, wq, qd), (&mut act.k, wk, kvd), (&mut act.v, wv, kvd)]),
-        Some(_) => b.matmul_fwd(&mut act.q, &act.xn1, wq, n, d, qd),
-    }
-    b.rope_fwd(&mut act.q, &set.pos, n, dims.heads, dims.head_dim, dims.theta);
-    match &shared {
         None => {
-            b.rope_fwd(&mut act.k, &set.pos, n, dims.kv_heads, dims.head_dim, dims.theta);
+            b.matmul_fwd_many(&act.xn1, n, d, &mut [(&mut act.q, wq, qd), (&mut act.k, wk, kvd), (&mut act.v, wv, kvd)]);
+            b.rope_fwd_qk(&mut act.q, &mut act.k, &set.pos, n, dims.heads, dims.kv_heads, dims.head_dim, dims.theta);
             let shape = set.attn_shape(set, dims.heads, dims.kv_heads, dims.head_dim);
             b.attention_fwd_mirrored(&mut act.att, &mut act.att_act, &mut act.lse, &act.q, &act.k, &act.v, &shape);
         }
         Some(kv) => {
+            b.matmul_fwd(&mut act.q, &act.xn1, wq, n, d, qd);
+            b.rope_fwd(&mut act.q, &set.pos, n, dims.heads, dims.head_dim, dims.theta);
             let shape = set.attn_shape(kv.set, dims.heads, dims.kv_heads, dims.head_dim);
             b.attention_fwd_mirrored(&mut act.att, &mut act.att_act, &mut act.lse, &act.q, &kv.src.k, &kv.src.v, &shape);
         }

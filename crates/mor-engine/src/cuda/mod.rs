@@ -2560,6 +2560,23 @@ impl Backend for Cuda {
         self.rope(dx, pos, n, heads, head_dim, theta, -1.0);
     }
 
+    /// One launch of the vector kernel for both, the angles computed once per (row, pair).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_fwd_qk(&self, q: &mut CudaBuf, k: &mut CudaBuf, pos: &CudaSlice<u32>, n: usize, heads: usize, kv_heads: usize, head_dim: usize, theta: f32) {
+        let _p = self.prof("rope_fwd");
+        if n == 0 || head_dim == 0 || heads == 0 || kv_heads == 0 {
+            self.rope(q, pos, n, heads, head_dim, theta, 1.0);
+            return self.rope(k, pos, n, kv_heads, head_dim, theta, 1.0);
+        }
+        check_len("q", q.len(), n * heads * head_dim);
+        check_len("k", k.len(), n * kv_heads * head_dim);
+        check_len("pos", pos.len(), n);
+        if !self.rope_vec(q, heads, Some((k, kv_heads)), pos, n, head_dim, theta, 1.0) {
+            self.rope(q, pos, n, heads, head_dim, theta, 1.0);
+            self.rope(k, pos, n, kv_heads, head_dim, theta, 1.0);
+        }
+    }
+
     // ---- attention ------------------------------------------------------------------------
     fn attention_fwd(
         &self,
@@ -3077,20 +3094,43 @@ impl Cuda {
         if n == 0 || heads == 0 || head_dim == 0 {
             return;
         }
-        let freqs = RopeFreqs::new(head_dim, theta);
         check_len("x", x.len(), n * heads * head_dim);
         check_len("pos", pos.len(), n);
-        let (xp, pp) = (self.pm(x), self.p(pos));
-        let (suffix, vec) = if x.is_bf16() { ("bf16", 8) } else { ("f32", 4) };
-        // The vector kernel: 16-byte halves of heads, at most ROPE_ITEMS * 256 vectors per row.
-        let per_row = heads * (head_dim / 2 / vec);
-        if (head_dim / 2).is_multiple_of(vec) && xp.is_multiple_of(16) && per_row <= ROPE_ITEMS * 256 {
-            let rpb = (ROPE_ITEMS * 256 / per_row).min(ROPE_ROWS);
-            let blocks = n.div_ceil(rpb).min(self.sm_count as usize * 16);
-            let c = cfg((blocks as u32, 1, 1), 256, 0);
-            launch!(self, &format!("rope_vec_{suffix}"), c, [xp, pp, freqs, n as i32, heads as i32, head_dim as i32, sign, rpb as i32]);
+        if self.rope_vec(x, heads, None, pos, n, head_dim, theta, sign) {
             return;
         }
+        let freqs = RopeFreqs::new(head_dim, theta);
+        let (xp, pp) = (self.pm(x), self.p(pos));
+        let suffix = if x.is_bf16() { "bf16" } else { "f32" };
         launch!(self, &format!("rope_{suffix}"), self.ew(n * head_dim / 2), [xp, pp, freqs, n as i32, heads as i32, head_dim as i32, sign]);
+    }
+
+    /// The vector kernel on `x[n, heads, head_dim]` and, sharing the angles, `x2`'s `[n, heads2,
+    /// head_dim]` (one element type): 16-byte halves of heads, at most ROPE_ITEMS * 256 vectors per
+    /// row. False (nothing launched) for shapes or alignments it does not take.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_vec(&self, x: &mut CudaBuf, heads: usize, x2: Option<(&mut CudaBuf, usize)>, pos: &CudaSlice<u32>, n: usize, head_dim: usize, theta: f32, sign: f32) -> bool {
+        let (suffix, vec) = if x.is_bf16() { ("bf16", 8) } else { ("f32", 4) };
+        let heads2 = x2.as_ref().map_or(0, |x2| x2.1);
+        let per_row = (heads + heads2) * (head_dim / 2 / vec);
+        let xp = self.pm(x);
+        let (x2p, ok2) = match x2 {
+            Some((x2, _)) => {
+                let p = self.pm(x2);
+                (p, x2.dtype == x.dtype && p.is_multiple_of(16))
+            }
+            None => (0, true),
+        };
+        if !((head_dim / 2).is_multiple_of(vec) && xp.is_multiple_of(16) && ok2 && per_row <= ROPE_ITEMS * 256) {
+            return false;
+        }
+        let freqs = RopeFreqs::new(head_dim, theta);
+        let pp = self.p(pos);
+        let rpb = (ROPE_ITEMS * 256 / per_row).min(ROPE_ROWS);
+        let blocks = n.div_ceil(rpb).min(self.sm_count as usize * 16);
+        let c = cfg((blocks as u32, 1, 1), 256, 0);
+        let (h, h2) = (heads as i32, heads2 as i32);
+        launch!(self, &format!("rope_vec_{suffix}"), c, [xp, h, x2p, h2, pp, freqs, n as i32, head_dim as i32, sign, rpb as i32]);
+        true
     }
 }

@@ -247,14 +247,21 @@ __device__ void rope(T* x, const u32* pos, const RopeFreqs& fq, int n, int heads
 // a block takes `rpb` rows (rpb * heads * half / VEC <= ROPE_ITEMS * blockDim.x vectors pairs, the
 // items). Each thread first issues the loads of its items, then the block computes each (row, pair)
 // angle once into shared memory (the FP64 work under the loads' latency), then the items are
-// rotated and stored. The same arithmetic per element as `rope`.
+// rotated and stored. The same arithmetic per element as `rope`. A second tensor x2[n, heads2, hd]
+// at the same positions (a layer's keys with its queries) rides along: its heads follow x's in
+// each row's items and share the row's angles (heads2 = 0: none).
 #define ROPE_ROWS 8
 #define ROPE_ITEMS 4
 template <typename T>
-__device__ void rope_vec(T* x, const u32* pos, const RopeFreqs& fq, int n, int heads, int hd, float sign, int rpb) {
+__device__ void rope_vec(T* x, int heads, T* x2, int heads2, const u32* pos, const RopeFreqs& fq, int n, int hd, float sign,
+                         int rpb) {
     constexpr int VEC = 16 / (int)sizeof(T);
     __shared__ float2 cs[ROPE_ROWS * ROPE_MAX_PAIRS];
-    const int half = hd / 2, vph = half / VEC, per_row = heads * vph;
+    const int half = hd / 2, vph = half / VEC, per_row = (heads + heads2) * vph;
+    // Element 0 of vector v of head h of row r (x's heads, then x2's).
+    auto at = [&](i64 r, int h, int v) {
+        return h < heads ? x + (r * heads + h) * hd + v * VEC : x2 + (r * heads2 + h - heads) * hd + v * VEC;
+    };
     for (i64 r0 = (i64)blockIdx.x * rpb; r0 < n; r0 += (i64)gridDim.x * rpb) {
         const int items = (int)min((i64)rpb, n - r0) * per_row;
         uint4 lo[ROPE_ITEMS], hi[ROPE_ITEMS];
@@ -263,7 +270,7 @@ __device__ void rope_vec(T* x, const u32* pos, const RopeFreqs& fq, int n, int h
             const int it = threadIdx.x + k * blockDim.x;
             if (it < items) {
                 const int rr = it / per_row, h = (it % per_row) / vph, v = it % vph;
-                const T* p = x + ((r0 + rr) * heads + h) * hd + v * VEC;
+                const T* p = at(r0 + rr, h, v);
                 lo[k] = ld16_raw(p);
                 hi[k] = ld16_raw(p + half);
             }
@@ -288,7 +295,7 @@ __device__ void rope_vec(T* x, const u32* pos, const RopeFreqs& fq, int n, int h
                     y1[u] = x1 * q.x - x2 * q.y;
                     y2[u] = x2 * q.x + x1 * q.y;
                 }
-                T* p = x + ((r0 + rr) * heads + h) * hd + v * VEC;
+                T* p = at(r0 + rr, h, v);
                 st16(p, y1);
                 st16(p + half, y2);
             }
@@ -676,11 +683,13 @@ extern "C" __global__ void rope_bf16(bf16* x, const u32* pos, const __grid_const
                                      float sg) {
     rope<bf16>(x, pos, fq, n, h, hd, sg);
 }
-extern "C" __global__ void __launch_bounds__(256) rope_vec_f32(float* x, const u32* pos, const __grid_constant__ RopeFreqs fq,
-                                                             int n, int h, int hd, float sg, int rpb) {
-    rope_vec<float>(x, pos, fq, n, h, hd, sg, rpb);
+extern "C" __global__ void __launch_bounds__(256) rope_vec_f32(float* x, int h, float* x2, int h2, const u32* pos,
+                                                             const __grid_constant__ RopeFreqs fq, int n, int hd,
+                                                             float sg, int rpb) {
+    rope_vec<float>(x, h, x2, h2, pos, fq, n, hd, sg, rpb);
 }
-extern "C" __global__ void __launch_bounds__(256) rope_vec_bf16(bf16* x, const u32* pos, const __grid_constant__ RopeFreqs fq,
-                                                              int n, int h, int hd, float sg, int rpb) {
-    rope_vec<bf16>(x, pos, fq, n, h, hd, sg, rpb);
+extern "C" __global__ void __launch_bounds__(256) rope_vec_bf16(bf16* x, int h, bf16* x2, int h2, const u32* pos,
+                                                              const __grid_constant__ RopeFreqs fq, int n, int hd,
+                                                              float sg, int rpb) {
+    rope_vec<bf16>(x, h, x2, h2, pos, fq, n, hd, sg, rpb);
 }
