@@ -642,9 +642,20 @@ fn subset_ops(e: &mut Env, r: &mut Report) {
 
         let (yc, yg) = e.rnd(mm * d, 1.0);
         let (mut hc, mut hg) = e.rnd(rows * d, 1.0);
+        let h0 = e.g.to_f32(&hg);
         e.c.scatter_add_rows(&mut hc, &yc, &ic, mm, d);
         e.g.scatter_add_rows(&mut hg, &yg, &ig, mm, d);
         r.check(&format!("scatter_add_rows ({name})"), "dx", &e.g.to_f32(&hg), &hc, TOL);
+        if name == "unique" {
+            // The distinct-rows kernel: the grouped kernel's bits (one add per element), also at d = 1.
+            for dd in [d, 1] {
+                let mut h1 = e.g.from_f32(&h0);
+                e.g.scatter_add_rows_distinct(&mut h1, &yg, &ig, mm, dd);
+                let mut h2 = e.g.from_f32(&h0);
+                e.g.scatter_add_rows(&mut h2, &yg, &ig, mm, dd);
+                r.add_exact(&format!("scatter_add_rows_distinct d={dd}"), "dx", bit_diffs(&e.g.to_f32(&h1), &e.g.to_f32(&h2)));
+            }
+        }
 
         let (sc, sg) = e.rnd(mm, 1.0);
         e.c.scatter_add_scaled(&mut hc, &yc, &sc, &ic, mm, d);

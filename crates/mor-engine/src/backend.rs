@@ -500,8 +500,14 @@ pub trait Backend {
     // ---- token subsets --------------------------------------------------------------------
     /// `out[i] = x[idx[i]]` for `i < m`, rows of `d`.
     fn gather_rows(&self, out: &mut Self::Buf, x: &Self::Buf, idx: &Self::Idx, m: usize, d: usize);
-    /// `dx[idx[i]] += dout[i]` (the backward of `gather_rows`).
+    /// `dx[idx[i]] += dout[i]` (the backward of `gather_rows`); repeated rows add in index order.
     fn scatter_add_rows(&self, dx: &mut Self::Buf, dout: &Self::Buf, idx: &Self::Idx, m: usize, d: usize);
+    /// [`Backend::scatter_add_rows`] for distinct rows `idx[..m]` (a token set's rows, the
+    /// backward of gathering a set): no two sources meet, so a device needs no grouping pass. The
+    /// same result; with repeated rows the result is unspecified.
+    fn scatter_add_rows_distinct(&self, dx: &mut Self::Buf, dout: &Self::Buf, idx: &Self::Idx, m: usize, d: usize) {
+        self.scatter_add_rows(dx, dout, idx, m, d);
+    }
     /// `h[idx[i]] += scale[i] * y[i]` (the MoR combine step).
     fn scatter_add_scaled(&self, h: &mut Self::Buf, y: &Self::Buf, scale: &Self::Buf, idx: &Self::Idx, m: usize, d: usize);
     /// Backward of `scatter_add_scaled`: `dy[i] += scale[i] * dh[idx[i]]`,

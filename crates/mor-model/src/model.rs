@@ -1355,7 +1355,7 @@ impl<B: Backend> Model<B> {
                 b.fill(&mut ws.head_dx, rows * d, 0.0);
                 let ParamStore { values, grads, .. } = &mut self.params;
                 b.matmul_bwd(Some(&mut ws.head_dx), &mut grads[head.0], dlogits, &ws.head_x, &values[head.0], rows, d, vocab);
-                b.scatter_add_rows(&mut ws.dhn, &ws.head_dx, idx, rows, d);
+                b.scatter_add_rows_distinct(&mut ws.dhn, &ws.head_dx, idx, rows, d);
             }
         }
     }
@@ -1421,7 +1421,7 @@ impl<B: Backend> Model<B> {
             Combine::Replace => b.scatter_rows_bwd(&mut sb.dy, dh, sel_idx, m, d),
         }
         run_block_backward(b, &self.dims, &mut self.params, &self.weights, tr, acts, scratch, et.apps.clone(), &mut sb.dy);
-        b.scatter_add_rows(dh, &sb.dy, sel_idx, m, d);
+        b.scatter_add_rows_distinct(dh, &sb.dy, sel_idx, m, d);
         if !et.has_router {
             return Ok(());
         }
@@ -1429,7 +1429,7 @@ impl<B: Backend> Model<B> {
         b.fill(&mut ra.dlogits, n_c, 0.0);
         if rc.combine == Combine::Add {
             b.fill(&mut sb.dg, n_c, 0.0);
-            b.scatter_add_rows(&mut sb.dg, &sb.dgk, &sb.sel_local, m, 1);
+            b.scatter_add_rows_distinct(&mut sb.dg, &sb.dgk, &sb.sel_local, m, 1);
             b.gate_bwd(&mut ra.dlogits, &sb.dg, &ra.logits, gate_fn(rc.activation()), rc.alpha() as f32, n_c);
         }
         if rc.sampling == Sampling::AuxLoss && rc.aux_coeff > 0.0 {
@@ -1440,7 +1440,7 @@ impl<B: Backend> Model<B> {
         }
         b.fill(&mut sb.dx, n_c * d, 0.0);
         router_backward(b, &mut self.params, &self.weights.routers[et.r], ra, &sb.x, n_c, d, rc.temperature as f32, Some(&mut sb.dx));
-        b.scatter_add_rows(dh, &sb.dx, &tr.sets[et.cand].idx, n_c, d);
+        b.scatter_add_rows_distinct(dh, &sb.dx, &tr.sets[et.cand].idx, n_c, d);
         if rc.sampling == Sampling::AuxRouter {
             let ar = &mut aux_routers[et.r];
             b.fill(&mut ar.dlogits, n_c, 0.0);
@@ -1469,7 +1469,7 @@ impl<B: Backend> Model<B> {
                 b.fill(&mut sb.dgk, st.n_exit, 0.0);
                 b.gather_rows(&mut sb.ye, &sb.y, &st.exit_local, st.n_exit, d);
                 b.scatter_add_scaled_bwd(&mut sb.dyin, &mut sb.dgk, dh, &sb.ye, &sb.gk, &st.exit_global, st.n_exit, d);
-                b.scatter_add_rows(&mut sb.dy, &sb.dyin, &st.exit_local, st.n_exit, d);
+                b.scatter_add_rows_distinct(&mut sb.dy, &sb.dyin, &st.exit_local, st.n_exit, d);
                 let dw = b.to_f64_prefix(&sb.dgk, st.n_exit);
                 let exits: Vec<u32> = b.idx_to_vec(&st.exit_global);
                 for (i, &t) in exits.iter().enumerate() {
@@ -1478,10 +1478,10 @@ impl<B: Backend> Model<B> {
                 // continuing tokens
                 b.fill(&mut sb.dyin, st.n_cont * d, 0.0);
                 b.scatter_rows_bwd(&mut sb.dyin, dtx, &st.cont_global, st.n_cont, d);
-                b.scatter_add_rows(&mut sb.dy, &sb.dyin, &st.cont_local, st.n_cont, d);
+                b.scatter_add_rows_distinct(&mut sb.dy, &sb.dyin, &st.cont_local, st.n_cont, d);
                 // through the block into x
                 run_block_backward(b, &self.dims, &mut self.params, &self.weights, tr, acts, scratch, st.apps.clone(), &mut sb.dy);
-                b.scatter_add_rows(dtx, &sb.dy, &tr.sets[st.set].idx, m, d);
+                b.scatter_add_rows_distinct(dtx, &sb.dy, &tr.sets[st.set].idx, m, d);
             }
             b.axpy(dh, dtx, 1.0, n * d);
         }

@@ -139,6 +139,7 @@ const KERNELS: &[&str] = &[
     "group_place",
     "group_rank",
     "group_apply_f32",
+    "scatter_add_distinct_f32",
     "topk_segments_f32",
     "subset_rows_u32",
     "attn_tiles",
@@ -2814,6 +2815,21 @@ impl Backend for Cuda {
         check_len("dout", dout.len(), m * d);
         let src = self.p(dout);
         self.grouped_scatter(dx, src, 0, idx, m, d, 0);
+    }
+
+    /// One kernel, a block per source row (no grouping: the rows are distinct).
+    fn scatter_add_rows_distinct(&self, dx: &mut CudaBuf, dout: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        let _p = self.prof("scatter_add_rows");
+        Self::f32_only("scatter_add_rows", &[("dx", dx), ("dout", dout)]);
+        if m == 0 || d == 0 {
+            return;
+        }
+        check_len("dout", dout.len(), m * d);
+        check_len("idx", idx.len(), m);
+        let rows = dx.len() / d;
+        let (dp, sp, ip) = (self.pm(dx), self.p(dout), self.p(idx));
+        let c = cfg((rows_grid(m), 1, 1), row_threads(d, 256), 0);
+        launch!(self, "scatter_add_distinct_f32", c, [dp, sp, ip, m as i32, rows as i32, d as i32]);
     }
 
     fn scatter_add_scaled(&self, h: &mut CudaBuf, y: &CudaBuf, scale: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {

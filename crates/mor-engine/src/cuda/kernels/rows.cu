@@ -624,6 +624,32 @@ __device__ void group_apply(T* dst, const T* src, const float* scale, const u32*
     }
 }
 
+// dst[idx[i]] += src[i] for distinct rows idx[..m] (a token set's): no two sources meet, so one
+// pass without group_apply's grouping, its arithmetic (one add per element). A block per row;
+// rows past `rows` are skipped as group_apply skips them.
+extern "C" __global__ void scatter_add_distinct_f32(float* dst, const float* src, const u32* idx, int m, int rows,
+                                                    int d) {
+    const bool vec = (d & 3) == 0 && aligned16(dst) && aligned16(src);
+    for (int i = blockIdx.x; i < m; i += gridDim.x) {
+        const u32 r = idx[i];
+        if (r >= (u32)rows) continue;
+        float* drow = dst + (i64)r * d;
+        const float* srow = src + (i64)i * d;
+        if (vec) {
+            for (int q = threadIdx.x; q < (d >> 2); q += blockDim.x) {
+                float a[4], v[4];
+                ld4(a, drow + 4 * q);
+                ld4(v, srow + 4 * q);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) a[e] = a[e] + v[e];
+                st4(drow + 4 * q, a);
+            }
+        } else {
+            for (int j = threadIdx.x; j < d; j += blockDim.x) drow[j] = drow[j] + srow[j];
+        }
+    }
+}
+
 #define INST_ROWS(T, SUF)                                                                              \
     extern "C" __global__ void rmsnorm_fwd_##SUF(T* o, float* rs, const T* x, const float* w, int n, int d, \
                                                  float eps) {                                          \
