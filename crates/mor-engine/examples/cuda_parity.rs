@@ -647,13 +647,21 @@ fn subset_ops(e: &mut Env, r: &mut Report) {
         e.g.scatter_add_rows(&mut hg, &yg, &ig, mm, d);
         r.check(&format!("scatter_add_rows ({name})"), "dx", &e.g.to_f32(&hg), &hc, TOL);
         if name == "unique" {
-            // The distinct-rows kernel: the grouped kernel's bits (one add per element), also at d = 1.
+            // The distinct-rows kernel against the grouped one, also at d = 1: the same bits for
+            // the add and the copy; the scaled add the same expression (checked to rounding).
+            let (_, sg1) = e.rnd(mm, 1.0);
             for dd in [d, 1] {
-                let mut h1 = e.g.from_f32(&h0);
-                e.g.scatter_add_rows_distinct(&mut h1, &yg, &ig, mm, dd);
-                let mut h2 = e.g.from_f32(&h0);
-                e.g.scatter_add_rows(&mut h2, &yg, &ig, mm, dd);
-                r.add_exact(&format!("scatter_add_rows_distinct d={dd}"), "dx", bit_diffs(&e.g.to_f32(&h1), &e.g.to_f32(&h2)));
+                let fresh = |e: &Env| e.g.from_f32(&h0);
+                let (mut a1, mut a2, mut s1, mut s2, mut c1, mut c2) = (fresh(e), fresh(e), fresh(e), fresh(e), fresh(e), fresh(e));
+                e.g.scatter_add_rows_distinct(&mut a1, &yg, &ig, mm, dd);
+                e.g.scatter_add_rows(&mut a2, &yg, &ig, mm, dd);
+                e.g.scatter_add_scaled_distinct(&mut s1, &yg, &sg1, &ig, mm, dd);
+                e.g.scatter_add_scaled(&mut s2, &yg, &sg1, &ig, mm, dd);
+                e.g.scatter_rows_distinct(&mut c1, &yg, &ig, mm, dd);
+                e.g.scatter_rows(&mut c2, &yg, &ig, mm, dd);
+                r.add_exact(&format!("scatter_add_rows_distinct d={dd}"), "dx", bit_diffs(&e.g.to_f32(&a1), &e.g.to_f32(&a2)));
+                r.check(&format!("scatter_add_scaled_distinct d={dd}"), "h", &e.g.to_f32(&s1), &e.g.to_f32(&s2), 1e-6);
+                r.add_exact(&format!("scatter_rows_distinct d={dd}"), "x", bit_diffs(&e.g.to_f32(&c1), &e.g.to_f32(&c2)));
             }
         }
 

@@ -510,6 +510,10 @@ pub trait Backend {
     }
     /// `h[idx[i]] += scale[i] * y[i]` (the MoR combine step).
     fn scatter_add_scaled(&self, h: &mut Self::Buf, y: &Self::Buf, scale: &Self::Buf, idx: &Self::Idx, m: usize, d: usize);
+    /// [`Backend::scatter_add_scaled`] for distinct rows (see [`Backend::scatter_add_rows_distinct`]).
+    fn scatter_add_scaled_distinct(&self, h: &mut Self::Buf, y: &Self::Buf, scale: &Self::Buf, idx: &Self::Idx, m: usize, d: usize) {
+        self.scatter_add_scaled(h, y, scale, idx, m, d);
+    }
     /// Backward of `scatter_add_scaled`: `dy[i] += scale[i] * dh[idx[i]]`,
     /// `dscale[i] += <dh[idx[i]], y[i]>`. `dh` itself passes through unchanged.
     #[allow(clippy::too_many_arguments)]
@@ -524,8 +528,12 @@ pub trait Backend {
         m: usize,
         d: usize,
     );
-    /// `x[idx[i]] = y[i]` (rows replaced).
+    /// `x[idx[i]] = y[i]` (rows replaced; of repeated rows the last source).
     fn scatter_rows(&self, x: &mut Self::Buf, y: &Self::Buf, idx: &Self::Idx, m: usize, d: usize);
+    /// [`Backend::scatter_rows`] for distinct rows (see [`Backend::scatter_add_rows_distinct`]).
+    fn scatter_rows_distinct(&self, x: &mut Self::Buf, y: &Self::Buf, idx: &Self::Idx, m: usize, d: usize) {
+        self.scatter_rows(x, y, idx, m, d);
+    }
     /// Backward of `scatter_rows`: `dy[i] += dx[idx[i]]`, then `dx[idx[i]] = 0`.
     fn scatter_rows_bwd(&self, dy: &mut Self::Buf, dx: &mut Self::Buf, idx: &Self::Idx, m: usize, d: usize);
     /// `x[idx[i]] = value` for scalars (`d = 1`), `i < m`.

@@ -1084,8 +1084,8 @@ impl<B: Backend> Model<B> {
             b.gather_rows(&mut acts[apps.start].x, h, sel_idx, m, d);
             run_block(b, &self.dims, &self.params, &self.weights, tr, acts, apps.clone(), &mut sb.y);
             match rc.combine {
-                Combine::Add => b.scatter_add_scaled(h, &sb.y, &sb.gk, &tr.sets[sel].idx, m, d),
-                Combine::Replace => b.scatter_rows(h, &sb.y, &tr.sets[sel].idx, m, d),
+                Combine::Add => b.scatter_add_scaled_distinct(h, &sb.y, &sb.gk, &tr.sets[sel].idx, m, d),
+                Combine::Replace => b.scatter_rows_distinct(h, &sb.y, &tr.sets[sel].idx, m, d),
             }
             stats.recursions.push(RecursionStats { selected_fraction: m as f64 / (bsz * len) as f64, ..Default::default() });
             // Statistics of a host selection now, on the host while the device runs the block.
@@ -1303,10 +1303,10 @@ impl<B: Backend> Model<B> {
             // exits: out[t] = h1[t] + w_t · y[t]   (h holds h1 for every token until it exits)
             b.gather_rows(&mut sb.ye, &sb.y, &st.exit_local, st.n_exit, d);
             b.gather_rows(&mut sb.gk, &wbuf, &st.exit_global, st.n_exit, 1);
-            b.scatter_add_scaled(h, &sb.ye, &sb.gk, &st.exit_global, st.n_exit, d);
+            b.scatter_add_scaled_distinct(h, &sb.ye, &sb.gk, &st.exit_global, st.n_exit, d);
             // continuing tokens: x[t] = y[t]
             b.gather_rows(&mut sb.x, &sb.y, &st.cont_local, st.n_cont, d);
-            b.scatter_rows(tx, &sb.x, &st.cont_global, st.n_cont, d);
+            b.scatter_rows_distinct(tx, &sb.x, &st.cont_global, st.n_cont, d);
             steps.push(st);
             active = cont_g;
         }
@@ -1348,7 +1348,7 @@ impl<B: Backend> Model<B> {
             }
             if rows != n {
                 // Collect the chunk's losses on the device: one host read per forward, not per chunk.
-                b.scatter_rows(&mut ws.ce_all, &ws.ce, idx, rows, 1);
+                b.scatter_rows_distinct(&mut ws.ce_all, &ws.ce, idx, rows, 1);
             }
             if grad {
                 let dlogits = ws.dlogits.as_ref().unwrap();

@@ -139,7 +139,7 @@ const KERNELS: &[&str] = &[
     "group_place",
     "group_rank",
     "group_apply_f32",
-    "scatter_add_distinct_f32",
+    "scatter_distinct_f32",
     "topk_segments_f32",
     "subset_rows_u32",
     "attn_tiles",
@@ -1765,6 +1765,20 @@ impl Cuda {
     /// (see `group_*` in kernels/rows.cu). mode 0: add; 1: add `scale[i]` times; 2: replace
     /// (last source wins).
     #[allow(clippy::too_many_arguments)]
+    /// [`Cuda::grouped_scatter`] for distinct rows: one kernel, a block per source row.
+    #[allow(clippy::too_many_arguments)]
+    fn scatter_distinct(&self, dst: &mut CudaBuf, src: u64, scale: u64, idx: &CudaSlice<u32>, m: usize, d: usize, mode: i32) {
+        if m == 0 || d == 0 {
+            return;
+        }
+        check_len("idx", idx.len(), m);
+        let rows = dst.len() / d;
+        let (dp, ip) = (self.pm(dst), self.p(idx));
+        let c = cfg((rows_grid(m), 1, 1), row_threads(d, 256), 0);
+        launch!(self, "scatter_distinct_f32", c, [dp, src, scale, ip, m as i32, rows as i32, d as i32, mode]);
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn grouped_scatter(&self, dst: &mut CudaBuf, src: u64, scale: u64, idx: &CudaSlice<u32>, m: usize, d: usize, mode: i32) {
         if m == 0 || d == 0 {
             return;
@@ -2817,19 +2831,26 @@ impl Backend for Cuda {
         self.grouped_scatter(dx, src, 0, idx, m, d, 0);
     }
 
-    /// One kernel, a block per source row (no grouping: the rows are distinct).
     fn scatter_add_rows_distinct(&self, dx: &mut CudaBuf, dout: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
         let _p = self.prof("scatter_add_rows");
         Self::f32_only("scatter_add_rows", &[("dx", dx), ("dout", dout)]);
-        if m == 0 || d == 0 {
-            return;
-        }
         check_len("dout", dout.len(), m * d);
-        check_len("idx", idx.len(), m);
-        let rows = dx.len() / d;
-        let (dp, sp, ip) = (self.pm(dx), self.p(dout), self.p(idx));
-        let c = cfg((rows_grid(m), 1, 1), row_threads(d, 256), 0);
-        launch!(self, "scatter_add_distinct_f32", c, [dp, sp, ip, m as i32, rows as i32, d as i32]);
+        self.scatter_distinct(dx, self.p(dout), 0, idx, m, d, 0);
+    }
+
+    fn scatter_add_scaled_distinct(&self, h: &mut CudaBuf, y: &CudaBuf, scale: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        let _p = self.prof("scatter_add_scaled");
+        Self::f32_only("scatter_add_scaled", &[("h", h), ("y", y), ("scale", scale)]);
+        check_len("y", y.len(), m * d);
+        check_len("scale", scale.len(), m);
+        self.scatter_distinct(h, self.p(y), self.p(scale), idx, m, d, 1);
+    }
+
+    fn scatter_rows_distinct(&self, x: &mut CudaBuf, y: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        let _p = self.prof("scatter_rows");
+        Self::f32_only("scatter_rows", &[("x", x), ("y", y)]);
+        check_len("y", y.len(), m * d);
+        self.scatter_distinct(x, self.p(y), 0, idx, m, d, 2);
     }
 
     fn scatter_add_scaled(&self, h: &mut CudaBuf, y: &CudaBuf, scale: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {

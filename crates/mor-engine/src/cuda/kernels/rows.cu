@@ -624,28 +624,31 @@ __device__ void group_apply(T* dst, const T* src, const float* scale, const u32*
     }
 }
 
-// dst[idx[i]] += src[i] for distinct rows idx[..m] (a token set's): no two sources meet, so one
-// pass without group_apply's grouping, its arithmetic (one add per element). A block per row;
-// rows past `rows` are skipped as group_apply skips them.
-extern "C" __global__ void scatter_add_distinct_f32(float* dst, const float* src, const u32* idx, int m, int rows,
-                                                    int d) {
+// group_apply for distinct rows idx[..m] (a token set's): no two sources meet, so one pass without
+// the grouping, group_apply's arithmetic per element (mode 0: dst[r] += src[i]; 1: dst[r] +=
+// scale[i] * src[i]; 2: dst[r] = src[i]). A block per source row; rows past `rows` are skipped as
+// group_apply skips them.
+extern "C" __global__ void scatter_distinct_f32(float* dst, const float* src, const float* scale, const u32* idx, int m,
+                                                int rows, int d, int mode) {
     const bool vec = (d & 3) == 0 && aligned16(dst) && aligned16(src);
     for (int i = blockIdx.x; i < m; i += gridDim.x) {
         const u32 r = idx[i];
         if (r >= (u32)rows) continue;
         float* drow = dst + (i64)r * d;
         const float* srow = src + (i64)i * d;
+        const float s = mode == 1 ? scale[i] : 0.f;
+        auto apply = [&](float acc, float v) { return mode == 2 ? v : mode == 1 ? acc + s * v : acc + v; };
         if (vec) {
             for (int q = threadIdx.x; q < (d >> 2); q += blockDim.x) {
                 float a[4], v[4];
                 ld4(a, drow + 4 * q);
                 ld4(v, srow + 4 * q);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) a[e] = a[e] + v[e];
+                for (int e = 0; e < 4; ++e) a[e] = apply(a[e], v[e]);
                 st4(drow + 4 * q, a);
             }
         } else {
-            for (int j = threadIdx.x; j < d; j += blockDim.x) drow[j] = drow[j] + srow[j];
+            for (int j = threadIdx.x; j < d; j += blockDim.x) drow[j] = apply(drow[j], srow[j]);
         }
     }
 }
