@@ -310,6 +310,16 @@ pub fn train_with_eval<B: Backend>(
             metrics.sync()?;
         }
     }
+    if opts.cuda_graph {
+        // Steps that could not be recorded (token-choice, document masks, the capacity warm-up)
+        // ran eagerly: say how many replayed.
+        progress.println(format!(
+            "CUDA graphs: {} micro-step recording(s), {} micro-steps replayed{}",
+            steps.captures,
+            steps.replays,
+            model.capture_blocker().map_or(String::new(), |why| format!(" (last step not recordable: {why})"))
+        ));
+    }
     progress.finish();
     save(&model, &main, &aux, &*data, step)?;
     metrics.sync()?;
