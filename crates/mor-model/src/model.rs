@@ -746,8 +746,8 @@ impl<B: Backend> Model<B> {
         self.head_forward(b, grad, loss_scale);
         match reads {
             Reads::Eager => {
-                // The selections left on the device (read while it still ran the last blocks),
-                // then the losses.
+                // The selections left on the device (their reads queued when made, waited for
+                // now, while the device runs the head), then the losses.
                 self.expert_stats(b, &mut tr, &mut stats);
                 let ce = b.to_f64_prefix(&self.ws.as_ref().unwrap().ce_all, n);
                 self.add_losses(ce, &mut stats);
@@ -1004,7 +1004,7 @@ impl<B: Backend> Model<B> {
                 }
             }
             // Selection. Top-k with the batch rows as segments stays on the device (the subset is
-            // composed there; its reads come back for `expert_stats`, before the head); with
+            // composed there; `expert_stats` reads it after the forward, or after the step); with
             // document masks or threshold routing the host reads it and builds the subset, with
             // the router's logits for the statistics (read while the selection's read has drained
             // the queue: no wait of their own).
@@ -1149,8 +1149,9 @@ impl<B: Backend> Model<B> {
     }
 
     /// The statistics of the expert-choice recursions whose selection stayed on the device: waits
-    /// for their reads, fills in the selected sets' host copies (in recursion order: a set's
-    /// candidates are the previous recursion's selection) and adds the router statistics.
+    /// for their queued reads or reads now ([`Reads::AfterStep`]), fills in the selected sets' host
+    /// copies (in recursion order: a set's candidates are the previous recursion's selection) and
+    /// adds the router statistics.
     fn expert_stats(&self, b: &B, tr: &mut Trace<B>, stats: &mut Stats) {
         let ws = self.ws.as_ref().unwrap();
         for i in 0..tr.pending.len() {
