@@ -566,3 +566,72 @@ fn matmul_layout_and_prefix_semantics() {
     assert_eq!(b64.to_f64_prefix(&x, 2), vec![0.1, 1.0 / 3.0]);
     assert_eq!(b.to_f64_prefix(&vec![0.1f32, 2.0], 1), vec![0.1f32 as f64]);
 }
+
+/// The device scalar block's layout is written twice, in Rust (`backend::opt_scalars`) and in
+/// kernels/optim.cu (`OPT_*`): they must agree.
+#[test]
+fn opt_scalar_indices_match_the_kernels() {
+    use mor_engine::backend::opt_scalars as o;
+    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cuda/kernels/optim.cu")).unwrap();
+    let defined = |name: &str| -> usize {
+        let line = src.lines().find(|l| l.split_whitespace().nth(1) == Some(name)).unwrap_or_else(|| panic!("#define {name} missing"));
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    for (name, index) in [
+        ("OPT_GSCALE", o::GSCALE),
+        ("OPT_FINITE", o::FINITE),
+        ("OPT_NORM_HI", o::NORM_HI),
+        ("OPT_NORM_LO", o::NORM_LO),
+        ("OPT_CLIPPED", o::CLIPPED),
+        ("OPT_LR", o::LR),
+        ("OPT_STEP_SIZE", o::STEP_SIZE),
+        ("OPT_BC2_SQRT", o::BC2_SQRT),
+        ("OPT_OB1", o::OB1),
+        ("OPT_OB2", o::OB2),
+    ] {
+        assert_eq!(defined(name), index, "{name}");
+    }
+    assert!(o::CLIP_LEN == o::CLIPPED + 1 && o::LEN == o::OB2 + 1 && o::STEP < o::LEN);
+}
+
+/// Every kernel the CUDA backend loads by name at start-up (`KERNELS` in cuda/mod.rs) is an
+/// `extern "C"` kernel of the sources (a missing one fails only on a GPU, at start-up).
+#[test]
+fn cuda_kernel_names_exist_in_the_sources() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/cuda");
+    let rust = std::fs::read_to_string(format!("{dir}/mod.rs")).unwrap();
+    let list = rust.split("const KERNELS: &[&str] = &[").nth(1).expect("the KERNELS list").split("];").next().unwrap();
+    let names: Vec<&str> = list.split('"').skip(1).step_by(2).collect();
+    assert!(names.len() > 50, "{} names", names.len());
+    let mut cuda = String::new();
+    for f in std::fs::read_dir(format!("{dir}/kernels")).unwrap() {
+        cuda += &std::fs::read_to_string(f.unwrap().path()).unwrap();
+    }
+    // Kernel names as written after `void`: literal, or templates of instantiation macros whose
+    // `##PARAM##` pieces stand for identifier characters (`rmsnorm_fwd_v##V##_f32`).
+    let templates: Vec<Vec<&str>> = cuda
+        .split("__global__")
+        .skip(1)
+        .filter_map(|k| {
+            let after = k.split_once("void")?.1.trim_start();
+            // `__launch_bounds__(...)` may stand between `void` and the name.
+            let after = match after.strip_prefix("__launch_bounds__(") {
+                Some(rest) => rest.split_once(')')?.1,
+                None => after,
+            };
+            after.split('(').next()
+        })
+        .map(|name| name.trim_start_matches(|c: char| c.is_whitespace() || c == '\\').trim().split("##").collect())
+        .collect();
+    // Template pieces alternate literal, parameter, literal, ... (a parameter: one or more
+    // identifier characters).
+    fn matches(pieces: &[&str], name: &str) -> bool {
+        let Some((lit, rest)) = pieces.split_first() else { return name.is_empty() };
+        let Some(tail) = name.strip_prefix(lit) else { return false };
+        let Some((_, after)) = rest.split_first() else { return tail.is_empty() };
+        (1..=tail.len()).take_while(|&i| tail.as_bytes()[i - 1].is_ascii_alphanumeric() || tail.as_bytes()[i - 1] == b'_').any(|i| matches(after, &tail[i..]))
+    }
+    let defined = |name: &str| templates.iter().any(|t| matches(t, name));
+    let missing: Vec<&&str> = names.iter().filter(|n| !defined(n)).collect();
+    assert!(missing.is_empty(), "kernels listed but not defined: {missing:?}");
+}
