@@ -591,7 +591,7 @@ fn opt_scalar_indices_match_the_kernels() {
     ] {
         assert_eq!(defined(name), index, "{name}");
     }
-    assert!(o::CLIP_LEN == o::CLIPPED + 1 && o::LEN == o::OB2 + 1 && o::STEP < o::LEN);
+    const { assert!(o::CLIP_LEN == o::CLIPPED + 1 && o::LEN == o::OB2 + 1 && o::STEP < o::LEN) };
 }
 
 /// Every kernel the CUDA backend loads by name at start-up (`KERNELS` in cuda/mod.rs) is an
