@@ -48,7 +48,7 @@ use rayon::prelude::*;
 use crate::backend::{AdamStepScalars, AdamWItem, AttnShape, Backend, GateFn, MatmulPrecision, Readback};
 
 use math::{axpy, bce_with_logits, sigmoid};
-use precision::{AttnRounding, GemmCall, GemmProduct, GemmRule, Operand};
+use precision::{AttnRounding, GemmCall, GemmOutRule, GemmProduct, GemmRule, Operand};
 
 mod sealed {
     pub trait Sealed {}
@@ -356,12 +356,19 @@ impl TrafficCounters {
 struct Emulation {
     /// Operand formats of the GEMMs; `None`: unchanged operands.
     gemm: Option<GemmRule>,
+    /// Output formats of the forward GEMMs (CUDA's bf16 mode stores some outputs, e.g. the LM
+    /// head's logits, in bf16); `None`: unrounded.
+    gemm_out: Option<GemmOutRule>,
     attention: AttnRounding,
 }
 
 impl<T: CpuFloat> Cpu<T> {
     pub fn new() -> Self {
-        Cpu { emulation: RwLock::new(Emulation { gemm: None, attention: AttnRounding::EXACT }), traffic: TrafficCounters::default(), _t: PhantomData }
+        Cpu {
+            emulation: RwLock::new(Emulation { gemm: None, gemm_out: None, attention: AttnRounding::EXACT }),
+            traffic: TrafficCounters::default(),
+            _t: PhantomData,
+        }
     }
 
     /// The host traffic counted since the backend was made or [`Cpu::reset_traffic`].
@@ -383,6 +390,12 @@ impl<T: CpuFloat> Cpu<T> {
     /// [`precision::all_bf16`].
     pub fn set_gemm_rule(&self, rule: Option<GemmRule>) {
         self.emulation.write().unwrap().gemm = rule;
+    }
+
+    /// Round the outputs of forward GEMMs per `rule` from now on (`None`: unrounded): e.g. the LM
+    /// head's logits, which CUDA's bf16 mode stores in bf16.
+    pub fn set_gemm_output_rule(&self, rule: Option<GemmOutRule>) {
+        self.emulation.write().unwrap().gemm_out = rule;
     }
 
     /// Round attention operands like the CUDA flash kernels from now on (`false`: exact).
@@ -570,6 +583,10 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let (x, w) = (operand(x, n * k, fx), operand(w, m * k, fw));
         // out[n, m] = x[n, k] · (w[m, k])ᵀ; Wᵀ as a [k, m] view has strides (1, k).
         gemm(n, k, m, T::one(), &x, (k, 1), &w, (1, k), T::zero(), out, (m, 1));
+        let out_format = self.emulation.read().unwrap().gemm_out.as_ref().map(|r| r(&GemmCall { product: GemmProduct::Fwd, n, k, m }));
+        if let Some(f) = out_format.filter(|&f| f != Operand::F32) {
+            out[..n * m].par_iter_mut().for_each(|v| *v = T::of_f32(f.round(v.as_f32())));
+        }
     }
 
     fn matmul_bwd(

@@ -30,6 +30,8 @@
 //!   one operand group alone; `flash.delta=FMT`: the dout that `D = <dout, out>` reads (f32 in the
 //!   kernels; `bf16` makes it the dout of `dP`, so the rows of dS sum to zero again);
 //!   `flash.delta_out=FMT`: the out that `D` reads (bf16 when activations are stored in bf16);
+//! * `logits=FMT`: the LM head's logits stored in FMT before the cross-entropy (`bf16`: CUDA's bf16
+//!   mode since session 10);
 //! * `weights=bf16` / `weights=noise:EPS`: run at perturbed weights (every parameter rounded to
 //!   bf16, or multiplied by `1 + EPS·u`, `u` uniform in [-1, 1]), restored afterwards: how much
 //!   the exact gradient itself moves when the weights move by a rounding;
@@ -82,6 +84,8 @@ struct Spec {
     weights: Option<f64>,
     base: [Operand; 2],
     rules: Vec<(Vec<Site>, Option<GemmProduct>, [Operand; 2])>,
+    /// The LM head's logits stored in this format (`logits=bf16`: CUDA's bf16 mode).
+    logits: Operand,
 }
 
 fn fmt(s: &str) -> Operand {
@@ -102,7 +106,7 @@ fn parse_spec(s: &str) -> Spec {
         Some("bf16") => ([Operand::Bf16; 2], AttnRounding::FLASH),
         w => panic!("spec {s:?}: base must be f32 or bf16, got {w:?}"),
     };
-    let mut spec = Spec { flash, base, weights: None, rules: Vec::new() };
+    let mut spec = Spec { flash, base, weights: None, rules: Vec::new(), logits: Operand::F32 };
     for w in words {
         let (lhs, rhs) = w.split_once('=').unwrap_or_else(|| panic!("spec {s:?}: {w:?} is not KEY=VALUE"));
         match lhs {
@@ -143,6 +147,10 @@ fn parse_spec(s: &str) -> Spec {
                     None if rhs == "bf16" => 0.0,
                     None => panic!("weights=bf16 or weights=noise:EPS"),
                 });
+                continue;
+            }
+            "logits" => {
+                spec.logits = fmt(rhs);
                 continue;
             }
             "flash.p" => {
@@ -322,6 +330,8 @@ fn restore(c: &Cpu<f32>, model: &mut Model<Cpu<f32>>, originals: &[Vec<f32>]) {
 fn run_spec(c: &Cpu<f32>, model: &mut Model<Cpu<f32>>, batch: &Batch, spec: &Spec, cfg: &ModelConfig) -> (Run, [f64; 3]) {
     let flops: Flops = Arc::new(Mutex::new([0.0; 3]));
     c.set_gemm_rule(Some(rule(spec, cfg, flops.clone())));
+    let (vocab, logits) = (cfg.vocab_size, spec.logits);
+    c.set_gemm_output_rule(Some(Arc::new(move |g: &GemmCall| if g.m == vocab { logits } else { Operand::F32 })));
     c.set_attention_rounding(spec.flash);
     let saved = spec.weights.map(|eps| perturb(c, model, eps));
     let r = run(c, model, batch);
@@ -329,6 +339,7 @@ fn run_spec(c: &Cpu<f32>, model: &mut Model<Cpu<f32>>, batch: &Batch, spec: &Spe
         restore(c, model, &o);
     }
     c.set_gemm_rule(None);
+    c.set_gemm_output_rule(None);
     c.set_attention_rounding(AttnRounding::EXACT);
     let fl = *flops.lock().unwrap();
     (r, fl)

@@ -96,6 +96,9 @@ pub struct GemmCall {
 /// Operand formats per GEMM, chosen from the call (e.g. by shape: `m == vocab` is the LM head).
 pub type GemmRule = Arc<dyn Fn(&GemmCall) -> [Operand; 2] + Send + Sync>;
 
+/// Output format per forward GEMM (see [`super::Cpu::set_gemm_output_rule`]).
+pub type GemmOutRule = Arc<dyn Fn(&GemmCall) -> Operand + Send + Sync>;
+
 /// The operand formats of attention's products (see `cpu.rs`; `Bf16` everywhere is what the CUDA
 /// tensor-core flash kernels do, [`Operand::F32`] everywhere is exact).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
