@@ -533,13 +533,7 @@ impl<B: Backend> Model<B> {
             anyhow::bail!("collect_stats without a training step (run_staged) whose statistics are still to collect");
         }
         let mut stats = tr.stats.clone();
-        self.expert_stats(b, &mut tr, &mut stats);
-        let ce = match tr.ce_read.take() {
-            Some(read) => read.wait(),
-            None => b.to_f64_prefix(&self.ws.as_ref().unwrap().ce_all, tr.sets[0].len()),
-        };
-        self.add_losses(ce, &mut stats);
-        self.token_depths = self.depths_of(&tr);
+        self.read_stats(b, &mut tr, &mut stats);
         tr.collected = true;
         self.trace = Some(tr);
         Ok(stats)
@@ -653,14 +647,22 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// The per-token losses into `token_losses`, their mean into `stats.ce` and the loss.
-    fn add_losses(&mut self, ce: Vec<f64>, stats: &mut Stats) {
+    /// The statistics of `tr` that come from its reads: the expert-choice selections (and the
+    /// router statistics from them), then the per-token losses (waited for when queued, else read
+    /// now) into `token_losses`, their mean into `stats.ce` and the loss, and the depths.
+    fn read_stats(&mut self, b: &B, tr: &mut Trace<B>, stats: &mut Stats) {
+        self.expert_stats(b, tr, stats);
+        let ce = match tr.ce_read.take() {
+            Some(read) => read.wait(),
+            None => b.to_f64_prefix(&self.ws.as_ref().unwrap().ce_all, tr.sets[0].len()),
+        };
         let valid = self.staged.as_ref().expect("a staged batch").valid;
         self.token_losses = ce;
         let total: f64 = self.token_losses.iter().sum();
         stats.tokens = valid;
         stats.ce = if valid > 0 { total / valid as f64 } else { 0.0 };
         stats.loss += stats.ce;
+        self.token_depths = self.depths_of(tr);
     }
 
     /// A trace's token sets back to the workspace's pool, for the next forward.
@@ -745,14 +747,9 @@ impl<B: Backend> Model<B> {
 
         self.head_forward(b, grad, loss_scale);
         match reads {
-            Reads::Eager => {
-                // The selections left on the device (their reads queued when made, waited for
-                // now, while the device runs the head), then the losses.
-                self.expert_stats(b, &mut tr, &mut stats);
-                let ce = b.to_f64_prefix(&self.ws.as_ref().unwrap().ce_all, n);
-                self.add_losses(ce, &mut stats);
-                self.token_depths = self.depths_of(&tr);
-            }
+            // The selections' reads were queued when made and are waited for now, while the
+            // device runs the head; then the losses.
+            Reads::Eager => self.read_stats(b, &mut tr, &mut stats),
             Reads::Async => tr.ce_read = Some(b.to_f64_prefix_async(&self.ws.as_ref().unwrap().ce_all, n)),
             Reads::AfterStep => {}
         }

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublaslt::result::{self as lt_result, CublasError};
 use cudarc::cublaslt::{sys as lt, MatmulShared as _};
-use cudarc::driver::{result as drv_result, sys::CUevent_flags, CudaSlice};
+use cudarc::driver::{sys::CUevent_flags, CudaSlice};
 use serde::{Deserialize, Serialize};
 
 use super::{check_len, Cuda, CudaBuf, CudaError, Dtype};
@@ -733,17 +733,13 @@ impl Cuda {
             return;
         }
         let src = self.stream.clone_htod(&block).expect("cuda: host-to-device copy failed");
-        let first = block.len() * 2;
-        let cu = self.stream.cu_stream();
-        // SAFETY: both ranges lie in the caller's allocation of `bytes` and do not overlap.
-        unsafe {
-            drv_result::memcpy_dtod_async(ptr, self.p(&src), first, cu).expect("cuda: device copy failed");
-            let mut filled = first;
-            while filled < bytes {
-                let n = filled.min(bytes - filled);
-                drv_result::memcpy_dtod_async(ptr + filled as u64, ptr, n, cu).expect("cuda: device copy failed");
-                filled += n;
-            }
+        // Both ranges of each copy lie in the caller's allocation of `bytes` and do not overlap.
+        let mut filled = block.len() * 2;
+        self.memcpy_dtod(ptr, self.p(&src), filled);
+        while filled < bytes {
+            let n = filled.min(bytes - filled);
+            self.memcpy_dtod(ptr + filled as u64, ptr, n);
+            filled += n;
         }
     }
 

@@ -1181,6 +1181,7 @@ impl Cuda {
         self.p(&cache[&ids].2)
     }
 
+    /// Copies `bytes` from device pointer `src` to `dst` (non-overlapping) on the stream.
     fn memcpy_dtod(&self, dst: u64, src: u64, bytes: usize) {
         if bytes > 0 {
             unsafe { drv_result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }.expect("cuda: device copy failed");
@@ -1761,30 +1762,23 @@ impl Cuda {
         [2, 4, 8, 16].into_iter().find(|&v| groups_per_lane <= v)
     }
 
-    /// Scatter `src` rows into `dst` rows `idx[i]` with a stable grouping by destination row
-    /// (see `group_*` in kernels/rows.cu). mode 0: add; 1: add `scale[i]` times; 2: replace
-    /// (last source wins).
+    /// Scatter `src` rows into `dst` rows `idx[i]`. mode 0: add; 1: add `scale[i]` times; 2:
+    /// replace. `distinct` rows (a token set's): one kernel, a block per source row; otherwise
+    /// with a stable grouping by destination row (see `group_*` in kernels/rows.cu), repeated rows
+    /// added in index order (replace: the last source wins).
     #[allow(clippy::too_many_arguments)]
-    /// [`Cuda::grouped_scatter`] for distinct rows: one kernel, a block per source row.
-    #[allow(clippy::too_many_arguments)]
-    fn scatter_distinct(&self, dst: &mut CudaBuf, src: u64, scale: u64, idx: &CudaSlice<u32>, m: usize, d: usize, mode: i32) {
+    fn scatter_into(&self, dst: &mut CudaBuf, src: u64, scale: u64, idx: &CudaSlice<u32>, m: usize, d: usize, mode: i32, distinct: bool) {
         if m == 0 || d == 0 {
             return;
         }
         check_len("idx", idx.len(), m);
         let rows = dst.len() / d;
-        let (dp, ip) = (self.pm(dst), self.p(idx));
-        let c = cfg((rows_grid(m), 1, 1), row_threads(d, 256), 0);
-        launch!(self, "scatter_distinct_f32", c, [dp, src, scale, ip, m as i32, rows as i32, d as i32, mode]);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn grouped_scatter(&self, dst: &mut CudaBuf, src: u64, scale: u64, idx: &CudaSlice<u32>, m: usize, d: usize, mode: i32) {
-        if m == 0 || d == 0 {
+        if distinct {
+            let (dp, ip) = (self.pm(dst), self.p(idx));
+            let c = cfg((rows_grid(m), 1, 1), row_threads(d, 256), 0);
+            launch!(self, "scatter_distinct_f32", c, [dp, src, scale, ip, m as i32, rows as i32, d as i32, mode]);
             return;
         }
-        check_len("idx", idx.len(), m);
-        let rows = dst.len() / d;
         let counts = self.scratch(Slot::GroupCounts, (rows + 1) * 4);
         let fill = self.scratch(Slot::GroupFill, rows.max(1) * 4);
         let tmp = self.scratch(Slot::GroupTmp, m * 4);
@@ -1804,6 +1798,32 @@ impl Cuda {
             cfg((rows_grid(m), 1, 1), row_threads(d, 256), 0),
             [dstp, src, scale, idxp, counts, order, mi, ri, di, mode]
         );
+    }
+
+    /// `scatter_add_rows` (`distinct`: its `_distinct` form).
+    fn scatter_add_rows_into(&self, dx: &mut CudaBuf, dout: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize, distinct: bool) {
+        let _p = self.prof("scatter_add_rows");
+        Self::f32_only("scatter_add_rows", &[("dx", dx), ("dout", dout)]);
+        check_len("dout", dout.len(), m * d);
+        self.scatter_into(dx, self.p(dout), 0, idx, m, d, 0, distinct);
+    }
+
+    /// `scatter_add_scaled` (`distinct`: its `_distinct` form).
+    #[allow(clippy::too_many_arguments)]
+    fn scatter_add_scaled_into(&self, h: &mut CudaBuf, y: &CudaBuf, scale: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize, distinct: bool) {
+        let _p = self.prof("scatter_add_scaled");
+        Self::f32_only("scatter_add_scaled", &[("h", h), ("y", y), ("scale", scale)]);
+        check_len("y", y.len(), m * d);
+        check_len("scale", scale.len(), m);
+        self.scatter_into(h, self.p(y), self.p(scale), idx, m, d, 1, distinct);
+    }
+
+    /// `scatter_rows` (`distinct`: its `_distinct` form).
+    fn scatter_rows_into(&self, x: &mut CudaBuf, y: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize, distinct: bool) {
+        let _p = self.prof("scatter_rows");
+        Self::f32_only("scatter_rows", &[("x", x), ("y", y)]);
+        check_len("y", y.len(), m * d);
+        self.scatter_into(x, self.p(y), 0, idx, m, d, 2, distinct);
     }
 
     fn swiglu_bwd_impl(&self, dgate_up: &mut CudaBuf, dout: &CudaBuf, gate_up: &CudaBuf, rows: usize, f: usize, acc: bool) {
@@ -2162,8 +2182,7 @@ impl Backend for Cuda {
         }
         let (dp, sp) = (self.pm(dst), self.p(src));
         match (src.dtype, dst.dtype) {
-            (a, b) if a == b => unsafe { drv_result::memcpy_dtod_async(dp, sp, n * a.size(), self.stream.cu_stream()) }
-                .expect("cuda: device copy failed"),
+            (a, b) if a == b => self.memcpy_dtod(dp, sp, n * a.size()),
             (Dtype::F32, _) => launch!(self, "f32_to_bf16", self.ew(n), [sp, dp, n as i64]),
             (Dtype::Bf16, _) => launch!(self, "bf16_to_f32", self.ew(n), [sp, dp, n as i64]),
         }
@@ -2579,14 +2598,13 @@ impl Backend for Cuda {
     #[allow(clippy::too_many_arguments)]
     fn rope_fwd_qk(&self, q: &mut CudaBuf, k: &mut CudaBuf, pos: &CudaSlice<u32>, n: usize, heads: usize, kv_heads: usize, head_dim: usize, theta: f32) {
         let _p = self.prof("rope_fwd");
-        if n == 0 || head_dim == 0 || heads == 0 || kv_heads == 0 {
-            self.rope(q, pos, n, heads, head_dim, theta, 1.0);
-            return self.rope(k, pos, n, kv_heads, head_dim, theta, 1.0);
-        }
-        check_len("q", q.len(), n * heads * head_dim);
-        check_len("k", k.len(), n * kv_heads * head_dim);
-        check_len("pos", pos.len(), n);
-        if !self.rope_vec(q, heads, Some((k, kv_heads)), pos, n, head_dim, theta, 1.0) {
+        let one_launch = n > 0 && head_dim > 0 && heads > 0 && kv_heads > 0 && {
+            check_len("q", q.len(), n * heads * head_dim);
+            check_len("k", k.len(), n * kv_heads * head_dim);
+            check_len("pos", pos.len(), n);
+            self.rope_vec(q, heads, Some((k, kv_heads)), pos, n, head_dim, theta, 1.0)
+        };
+        if !one_launch {
             self.rope(q, pos, n, heads, head_dim, theta, 1.0);
             self.rope(k, pos, n, kv_heads, head_dim, theta, 1.0);
         }
@@ -2824,42 +2842,19 @@ impl Backend for Cuda {
     }
 
     fn scatter_add_rows(&self, dx: &mut CudaBuf, dout: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
-        let _p = self.prof("scatter_add_rows");
-        Self::f32_only("scatter_add_rows", &[("dx", dx), ("dout", dout)]);
-        check_len("dout", dout.len(), m * d);
-        let src = self.p(dout);
-        self.grouped_scatter(dx, src, 0, idx, m, d, 0);
+        self.scatter_add_rows_into(dx, dout, idx, m, d, false);
     }
 
     fn scatter_add_rows_distinct(&self, dx: &mut CudaBuf, dout: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
-        let _p = self.prof("scatter_add_rows");
-        Self::f32_only("scatter_add_rows", &[("dx", dx), ("dout", dout)]);
-        check_len("dout", dout.len(), m * d);
-        self.scatter_distinct(dx, self.p(dout), 0, idx, m, d, 0);
-    }
-
-    fn scatter_add_scaled_distinct(&self, h: &mut CudaBuf, y: &CudaBuf, scale: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
-        let _p = self.prof("scatter_add_scaled");
-        Self::f32_only("scatter_add_scaled", &[("h", h), ("y", y), ("scale", scale)]);
-        check_len("y", y.len(), m * d);
-        check_len("scale", scale.len(), m);
-        self.scatter_distinct(h, self.p(y), self.p(scale), idx, m, d, 1);
-    }
-
-    fn scatter_rows_distinct(&self, x: &mut CudaBuf, y: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
-        let _p = self.prof("scatter_rows");
-        Self::f32_only("scatter_rows", &[("x", x), ("y", y)]);
-        check_len("y", y.len(), m * d);
-        self.scatter_distinct(x, self.p(y), 0, idx, m, d, 2);
+        self.scatter_add_rows_into(dx, dout, idx, m, d, true);
     }
 
     fn scatter_add_scaled(&self, h: &mut CudaBuf, y: &CudaBuf, scale: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
-        let _p = self.prof("scatter_add_scaled");
-        Self::f32_only("scatter_add_scaled", &[("h", h), ("y", y), ("scale", scale)]);
-        check_len("y", y.len(), m * d);
-        check_len("scale", scale.len(), m);
-        let (src, sp) = (self.p(y), self.p(scale));
-        self.grouped_scatter(h, src, sp, idx, m, d, 1);
+        self.scatter_add_scaled_into(h, y, scale, idx, m, d, false);
+    }
+
+    fn scatter_add_scaled_distinct(&self, h: &mut CudaBuf, y: &CudaBuf, scale: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        self.scatter_add_scaled_into(h, y, scale, idx, m, d, true);
     }
 
     fn scatter_add_scaled_bwd(
@@ -2893,11 +2888,11 @@ impl Backend for Cuda {
     }
 
     fn scatter_rows(&self, x: &mut CudaBuf, y: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
-        let _p = self.prof("scatter_rows");
-        Self::f32_only("scatter_rows", &[("x", x), ("y", y)]);
-        check_len("y", y.len(), m * d);
-        let src = self.p(y);
-        self.grouped_scatter(x, src, 0, idx, m, d, 2);
+        self.scatter_rows_into(x, y, idx, m, d, false);
+    }
+
+    fn scatter_rows_distinct(&self, x: &mut CudaBuf, y: &CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
+        self.scatter_rows_into(x, y, idx, m, d, true);
     }
 
     fn scatter_rows_bwd(&self, dy: &mut CudaBuf, dx: &mut CudaBuf, idx: &CudaSlice<u32>, m: usize, d: usize) {
