@@ -19,12 +19,15 @@ pub struct StepRunner {
     /// Graphs recorded and steps replayed so far.
     pub captures: usize,
     pub replays: usize,
+    /// With graphs: why the last micro-step ran eagerly ([`Model::capture_blocker`]); `None`
+    /// when it was replayed.
+    pub last_eager: Option<String>,
 }
 
 impl StepRunner {
     /// `graphs`: record and replay CUDA graphs where the backend and the step allow it.
     pub fn new(graphs: bool) -> Self {
-        StepRunner { graphs, graph: None, captures: 0, replays: 0 }
+        StepRunner { graphs, graph: None, captures: 0, replays: 0, last_eager: None }
     }
 
     /// One forward and backward of `batch`, gradients accumulated into the model's.
@@ -36,11 +39,13 @@ impl StepRunner {
             if let Some((graph, _)) = self.graph.as_ref().filter(|g| fits(g)) {
                 if model.replay_step(graph).is_ok() {
                     self.replays += 1;
+                    self.last_eager = None;
                     return model.collect_stats(b);
                 }
             }
             self.graph = None;
-            if model.capture_blocker().is_none() {
+            self.last_eager = model.capture_blocker();
+            if self.last_eager.is_none() {
                 let graph = model.capture_step(b, loss_scale)?;
                 model.replay_step(&graph)?;
                 self.graph = Some((graph, loss_scale));

@@ -317,7 +317,7 @@ pub fn train_with_eval<B: Backend>(
             "CUDA graphs: {} micro-step recording(s), {} micro-steps replayed{}",
             steps.captures,
             steps.replays,
-            model.capture_blocker().map_or(String::new(), |why| format!(" (last step not recordable: {why})"))
+            steps.last_eager.as_ref().map_or(String::new(), |why| format!(" (the last ran eagerly: {why})"))
         ));
     }
     progress.finish();
