@@ -389,6 +389,14 @@ fn matmul_ops(e: &mut Env, r: &mut Report) {
         e.c.matmul_bwd(None, &mut dwc, &doc, &xc, &wc, n, k, m);
         e.g.matmul_bwd(None, &mut dwg, &dog, &xg, &wg, n, k, m);
         r.check(&format!("{tag} bwd(dx=None)"), "dw", &e.g.to_f32(&dwg), &dwc, TOL_RED);
+        // dx alone: added to, then overwritten (over NaN on the GPU).
+        e.c.matmul_bwd_dx(&mut dxc, false, &doc, &wc, n, k, m);
+        e.g.matmul_bwd_dx(&mut dxg, false, &dog, &wg, n, k, m);
+        r.check(&format!("{tag} bwd_dx"), "dx", &e.g.to_f32(&dxg), &dxc, TOL_RED);
+        e.g.fill(&mut dxg, n * k, f32::NAN);
+        e.c.matmul_bwd_dx(&mut dxc, true, &doc, &wc, n, k, m);
+        e.g.matmul_bwd_dx(&mut dxg, true, &dog, &wg, n, k, m);
+        r.check(&format!("{tag} bwd_dx set"), "dx", &e.g.to_f32(&dxg), &dxc, TOL_RED);
     }
     matmul_many_ops(e, r);
 }
@@ -798,7 +806,8 @@ fn loss_ops(e: &mut Env, r: &mut Report) {
         e.g.cross_entropy_fwd_bwd(&mut lg, &mut dg, &xg, &tg, scale, n, vocab);
         r.check(&format!("{tag} fwd_bwd"), "loss", &e.g.to_f32(&lg), &lc, TOL);
         r.check_prec(true, &format!("{tag} fwd_bwd"), "dlogits", &e.g.to_f32(&dg), &dc, None, TOL);
-        let (_, mut lg) = e.rnd(n, 1.0);
+        // The same loss buffer (its padding equals the CPU's), its losses cleared first.
+        e.g.fill(&mut lg, n, 0.0);
         e.g.cross_entropy_fwd(&mut lg, &xg, &tg, n, vocab);
         r.check(&format!("{tag} fwd"), "loss", &e.g.to_f32(&lg), &lc, TOL);
     }
@@ -1234,6 +1243,16 @@ fn swiglu_small(e: &mut Env, r: &mut Report, bf16: bool) {
         e.g.swiglu_bwd_set(&mut dg, &dog, &gug, rows, f);
         let tag = format!("{p}swiglu_bwd_set rows={rows} f={f}");
         r.check_prec(bf16, &tag, "dgate_up", &e.g.to_f32(&dg), &dc0, None, TOL);
+        // With the output recomputed: both bit-identical to the separate kernels' (over NaN).
+        let (_, mut dg2) = e.rnd_as(bf16, 2 * n, 1.0);
+        let (_, mut og2) = e.rnd_as(bf16, n, 1.0);
+        e.g.fill(&mut dg2, 2 * n, f32::NAN);
+        e.g.fill(&mut og2, n, f32::NAN);
+        e.g.swiglu_bwd_recompute(&mut dg2, &mut og2, &dog, &gug, rows, f);
+        let tag = format!("{p}swiglu_bwd_recompute rows={rows} f={f}");
+        let exact = |a: &[f32], b: &[f32]| if a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()) { 0.0 } else { f64::INFINITY };
+        r.add(&tag, "out (exact)", exact(&e.g.to_f32_prefix(&og2, n), &e.g.to_f32_prefix(&og, n)), TOL);
+        r.add(&tag, "dgate_up (exact)", exact(&e.g.to_f32_prefix(&dg2, 2 * n), &e.g.to_f32_prefix(&dg, 2 * n)), TOL);
     }
 }
 
@@ -1284,6 +1303,23 @@ fn bf16_act_ops(e: &mut Env, r: &mut Report) {
     r.check_prec(true, "bf16 swiglu_bwd_set", "dgate_up", &e.g.to_f32(&dg), &dc0, None, TOL);
 
     swiglu_small(e, r, true);
+
+    // The input gradient alone (the MLP's down projection): bf16 output gradient and weight
+    // operands, into a bf16 or an f32 dx, added to and overwritten.
+    for dx_act in [false, true] {
+        let (n, k, m) = (300usize, 264usize, 96usize);
+        let (doc, dog) = e.rnd_act(n * m, 1.0);
+        let (wc, wg) = e.rnd(m * k, 0.1);
+        let (mut dxc, mut dxg) = e.rnd_as(dx_act, n * k, 1.0);
+        let tag = format!("bf16 matmul_bwd_dx ({} dx)", if dx_act { "bf16" } else { "f32" });
+        e.c.matmul_bwd_dx(&mut dxc, false, &doc, &wc, n, k, m);
+        e.g.matmul_bwd_dx(&mut dxg, false, &dog, &wg, n, k, m);
+        r.check_prec(true, &tag, "dx added", &e.g.to_f32(&dxg), &dxc, None, TOL);
+        e.g.fill(&mut dxg, n * k, f32::NAN);
+        e.c.matmul_bwd_dx(&mut dxc, true, &doc, &wc, n, k, m);
+        e.g.matmul_bwd_dx(&mut dxg, true, &dog, &wg, n, k, m);
+        r.check_prec(true, &tag, "dx set", &e.g.to_f32(&dxg), &dxc, None, TOL);
+    }
 
     // RMSNorm of an f32 residual into a bf16 activation (warp-per-row kernels for d % 4 == 0, the
     // block-per-row one for 1001 and 7).

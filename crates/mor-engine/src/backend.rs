@@ -301,6 +301,12 @@ pub trait Backend {
         k: usize,
         m: usize,
     );
+    /// The input gradient of [`Backend::matmul_fwd`] alone: `dx[n, k] = dout · w`, overwritten
+    /// when `dx_set`, else added to. For a backward whose weight-gradient operand is made from
+    /// `dx` (the MLP recomputes its SwiGLU output while differentiating it); the weight gradient
+    /// then comes from [`Backend::matmul_bwd`] with no `dx`. The same GEMM as `matmul_bwd`'s `dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_bwd_dx(&self, dx: &mut Self::Buf, dx_set: bool, dout: &Self::Buf, w: &Self::Buf, n: usize, k: usize, m: usize);
     /// `out[n, m] = x[n, k] · w[m, k]ᵀ + res[n, m]` (a projection added to the residual stream;
     /// `out` and `res` are distinct). Backends with GEMM epilogues fuse the add.
     #[allow(clippy::too_many_arguments)]
@@ -486,6 +492,15 @@ pub trait Backend {
     fn swiglu_bwd_set(&self, dgate_up: &mut Self::Buf, dout: &Self::Buf, gate_up: &Self::Buf, rows: usize, f: usize) {
         self.fill(dgate_up, 2 * rows * f, 0.0);
         self.swiglu_bwd(dgate_up, dout, gate_up, rows, f);
+    }
+    /// [`Backend::swiglu_bwd_set`] that also writes the forward's `out` again, bit for bit as
+    /// [`Backend::swiglu_fwd`]: a layer keeps `gate_up` and recomputes its SwiGLU output in the
+    /// backward instead of keeping it (one write where keeping it costs `rows · f` elements per
+    /// layer application). Backends fuse the two passes.
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu_bwd_recompute(&self, dgate_up: &mut Self::Buf, out: &mut Self::Buf, dout: &Self::Buf, gate_up: &Self::Buf, rows: usize, f: usize) {
+        self.swiglu_fwd(out, gate_up, rows, f);
+        self.swiglu_bwd_set(dgate_up, dout, gate_up, rows, f);
     }
     /// Exact (erf) GELU, as `torch.nn.GELU()`.
     fn gelu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf, n: usize);

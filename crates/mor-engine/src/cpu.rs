@@ -612,6 +612,14 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         gemm(m, n, k, T::one(), &g, (1, m), &x, (k, 1), T::one(), dw, (k, 1));
     }
 
+    fn matmul_bwd_dx(&self, dx: &mut Vec<T>, dx_set: bool, dout: &Vec<T>, w: &Vec<T>, n: usize, k: usize, m: usize) {
+        let [fg, fw] = self.gemm_formats(GemmProduct::Dx, n, k, m);
+        let (g, w) = (operand(dout, n * m, fg), operand(w, m * k, fw));
+        let beta = if dx_set { T::zero() } else { T::one() };
+        // dx[n, k] (+)= dout[n, m] · w[m, k], as in matmul_bwd
+        gemm(n, m, k, T::one(), &g, (m, 1), &w, (k, 1), beta, dx, (k, 1));
+    }
+
     fn matmul_fwd_cat(&self, out: &mut Vec<T>, x: &Vec<T>, n: usize, k: usize, ws: &[(&Vec<T>, usize)]) {
         let total: usize = ws.iter().map(|&(_, m)| m).sum();
         let mut col = 0;

@@ -485,6 +485,48 @@ fn matmul_cat_equals_one_matmul_per_weight_side_by_side() {
     assert!(err < 1e-12, "dx: {err}");
 }
 
+/// `matmul_bwd_dx` is `matmul_bwd`'s dx alone: overwritten (over NaN garbage) or added to, bit
+/// for bit; `matmul_bwd` without dx then gives the same weight gradient.
+#[test]
+fn matmul_bwd_dx_is_the_input_gradient_of_matmul_bwd() {
+    let b = Cpu::<f32>::new();
+    let (n, k, m) = (7usize, 5usize, 3usize);
+    let mut r = rng(17);
+    let (x, w, dout) = (uniform(&mut r, n * k, 1.0), uniform(&mut r, m * k, 1.0), uniform(&mut r, n * m, 1.0));
+    let dx0 = uniform(&mut r, n * k, 1.0);
+    let (mut dx_ref, mut dw_ref) = (dx0.clone(), vec![0.5; m * k]);
+    b.matmul_bwd(Some(&mut dx_ref), &mut dw_ref, &dout, &x, &w, n, k, m);
+    let mut dx = dx0.clone();
+    b.matmul_bwd_dx(&mut dx, false, &dout, &w, n, k, m);
+    assert_eq!(dx, dx_ref, "added");
+    let mut dw = vec![0.5; m * k];
+    b.matmul_bwd(None, &mut dw, &dout, &x, &w, n, k, m);
+    assert_eq!(dw, dw_ref, "dw without dx");
+    let mut set = vec![f32::NAN; n * k];
+    b.matmul_bwd_dx(&mut set, true, &dout, &w, n, k, m);
+    let mut from_zero = vec![0.0; n * k];
+    b.matmul_bwd_dx(&mut from_zero, false, &dout, &w, n, k, m);
+    assert_eq!(set, from_zero, "overwritten");
+}
+
+/// `swiglu_bwd_recompute` = `swiglu_fwd` + `swiglu_bwd_set`, bit for bit (the layer's MLP
+/// backward relies on the recomputed output equalling the forward's).
+#[test]
+fn swiglu_bwd_recompute_writes_the_forward_output_and_the_set_gradient() {
+    let b = Cpu::<f32>::new();
+    let (rows, f) = (6usize, 10usize);
+    let mut r = rng(18);
+    let (gate_up, dout) = (uniform(&mut r, rows * 2 * f, 4.0), uniform(&mut r, rows * f, 1.0));
+    let mut out_ref = vec![0.0; rows * f];
+    b.swiglu_fwd(&mut out_ref, &gate_up, rows, f);
+    let mut dgu_ref = vec![f32::NAN; rows * 2 * f];
+    b.swiglu_bwd_set(&mut dgu_ref, &dout, &gate_up, rows, f);
+    let (mut out, mut dgu) = (vec![f32::NAN; rows * f], vec![f32::NAN; rows * 2 * f]);
+    b.swiglu_bwd_recompute(&mut dgu, &mut out, &dout, &gate_up, rows, f);
+    assert_eq!(out, out_ref);
+    assert_eq!(dgu, dgu_ref);
+}
+
 #[test]
 fn copy_cols_writes_only_its_columns() {
     let b = Cpu::<f32>::new();

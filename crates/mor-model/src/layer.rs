@@ -44,14 +44,26 @@ impl Dims {
     }
 }
 
+/// What a layer application does with keys/values, which decides the buffers it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvRole {
+    /// Borrows them from an earlier application (KV sharing): no `k`, `v`, `dk`, `dv`.
+    Borrows,
+    /// Computes its own, which nothing borrows: `k`, `v`; their gradients are made and consumed
+    /// inside its backward, in [`LayerScratch`].
+    Owns,
+    /// Computes its own, which later applications may borrow (KV-sharing models): `k`, `v` and
+    /// `dk`, `dv`, where the borrowers' backwards add their share before this one's.
+    Lends,
+}
+
 /// Saved activations of one layer application, sized for `cap` tokens. The residual stream
 /// (`x`, `a`), the attention output, row statistics and the key/value gradients (accumulated by
 /// every layer sharing them) are full-precision buffers; the rest are activation buffers ([`Backend::zeros_act`]:
 /// bf16 in CUDA's bf16 mode).
 pub struct LayerAct<B: Backend> {
     pub cap: usize,
-    /// Whether `k`, `v`, `dk`, `dv` exist (false for an application that borrows them).
-    pub owns_kv: bool,
+    pub kv_role: KvRole,
     pub x: B::Buf,
     pub rstd1: B::Buf,
     pub xn1: B::Buf,
@@ -66,23 +78,23 @@ pub struct LayerAct<B: Backend> {
     pub rstd2: B::Buf,
     pub xn2: B::Buf,
     /// `[rows, 2f]`: per row the gate projection, then the up projection (one GEMM writes both).
+    /// Their SwiGLU output is not kept: the backward recomputes it ([`LayerScratch::act`]).
     pub gate_up: B::Buf,
-    pub act: B::Buf,
     /// Gradients of `k` / `v` (post-RoPE), accumulated by this layer and by layers sharing its
-    /// keys/values before this layer's own backward consumes them.
+    /// keys/values before this layer's own backward consumes them ([`KvRole::Lends`] only).
     pub dk: B::Buf,
     pub dv: B::Buf,
 }
 
 impl<B: Backend> LayerAct<B> {
-    /// Buffers for `cap` tokens; an application that borrows keys/values (KV sharing,
-    /// `owns_kv = false`) gets empty `k`, `v`, `dk`, `dv`.
-    pub fn new(b: &B, dims: &Dims, cap: usize, owns_kv: bool) -> Self {
+    /// Buffers for `cap` tokens; empty ones for what `kv_role` does not keep.
+    pub fn new(b: &B, dims: &Dims, cap: usize, kv_role: KvRole) -> Self {
         let (d, f, qd) = (dims.d, dims.f, dims.qd());
-        let kvd = if owns_kv { dims.kvd() } else { 0 };
+        let kvd = if kv_role == KvRole::Borrows { 0 } else { dims.kvd() };
+        let dkvd = if kv_role == KvRole::Lends { kvd } else { 0 };
         LayerAct {
             cap,
-            owns_kv,
+            kv_role,
             x: b.zeros(cap * d),
             rstd1: b.zeros(cap),
             xn1: b.zeros_act(cap * d),
@@ -98,9 +110,8 @@ impl<B: Backend> LayerAct<B> {
             rstd2: b.zeros(cap),
             xn2: b.zeros_act(cap * d),
             gate_up: b.zeros_act(cap * 2 * f),
-            act: b.zeros_act(cap * f),
-            dk: b.zeros(cap * kvd),
-            dv: b.zeros(cap * kvd),
+            dk: b.zeros(cap * dkvd),
+            dv: b.zeros(cap * dkvd),
         }
     }
 }
@@ -108,6 +119,10 @@ impl<B: Backend> LayerAct<B> {
 /// Scratch gradient buffers shared by all layer backwards (sized for the largest token set);
 /// `dxn` (a residual-stream gradient) is full precision, the rest activation buffers.
 pub struct LayerScratch<B: Backend> {
+    /// The SwiGLU output of the layer running its forward, or its backward (which recomputes
+    /// it): the down projection's input. Keeping it per layer application would cost as much as
+    /// a third of the layer's saved activations; recomputing it costs one extra write.
+    pub act: B::Buf,
     /// The residual-stream gradient last written by a layer backward (∂L/∂a, then ∂L/∂x) in
     /// activation precision: the operand of the next backward GEMM that reads it.
     pub dres: B::Buf,
@@ -120,11 +135,16 @@ pub struct LayerScratch<B: Backend> {
     /// `[rows, 2 kvd + qd]`: the key, value and query gradients side by side, as the q/k/v
     /// projections' backward reads them ([`Backend::attention_bwd_packed`]).
     pub dkvq: B::Buf,
+    /// Key/value gradients of an application whose keys/values nothing borrows
+    /// ([`KvRole::Owns`]; full precision, as [`LayerAct::dk`]).
+    pub dk: B::Buf,
+    pub dv: B::Buf,
 }
 
 impl<B: Backend> LayerScratch<B> {
     pub fn new(b: &B, dims: &Dims, cap: usize) -> Self {
         LayerScratch {
+            act: b.zeros_act(cap * dims.f),
             dres: b.zeros_act(cap * dims.d),
             dact: b.zeros_act(cap * dims.f),
             dgate_up: b.zeros_act(cap * 2 * dims.f),
@@ -132,6 +152,8 @@ impl<B: Backend> LayerScratch<B> {
             datt: b.zeros_act(cap * dims.qd()),
             dq: b.zeros_act(cap * dims.qd()),
             dkvq: b.zeros_act(cap * (2 * dims.kvd() + dims.qd())),
+            dk: b.zeros(cap * dims.kvd()),
+            dv: b.zeros(cap * dims.kvd()),
         }
     }
 }
@@ -153,7 +175,9 @@ pub enum KvGrad<'a, B: Backend> {
     Into(SharedKv<'a, B>),
 }
 
-/// Forward of one layer on `act.x` (n = `set.len()` rows), writing `out`.
+/// Forward of one layer on `act.x` (n = `set.len()` rows), writing `out`; `mlp_act` takes the
+/// SwiGLU output ([`LayerScratch::act`]).
+#[allow(clippy::too_many_arguments)]
 pub fn layer_forward<B: Backend>(
     b: &B,
     dims: &Dims,
@@ -162,6 +186,7 @@ pub fn layer_forward<B: Backend>(
     act: &mut LayerAct<B>,
     set: &TokenSet<B>,
     shared: Option<SharedKv<'_, B>>,
+    mlp_act: &mut B::Buf,
     out: &mut B::Buf,
 ) {
     let n = set.len();
@@ -186,9 +211,9 @@ pub fn layer_forward<B: Backend>(
     b.matmul_fwd_residual(&mut act.a, &act.att_act, p.value(w.wo), &act.x, n, qd, d);
     b.rmsnorm_fwd(&mut act.xn2, &mut act.rstd2, &act.a, p.value(w.mlp_norm), n, d, dims.eps);
     b.matmul_fwd_cat(&mut act.gate_up, &act.xn2, n, d, &[(p.value(w.w_gate), f), (p.value(w.w_up), f)]);
-    b.swiglu_fwd(&mut act.act, &act.gate_up, n, f);
+    b.swiglu_fwd(mlp_act, &act.gate_up, n, f);
     // y = a + Down(act)
-    b.matmul_fwd_residual(out, &act.act, p.value(w.w_down), &act.a, n, f, d);
+    b.matmul_fwd_residual(out, mlp_act, p.value(w.w_down), &act.a, n, f, d);
 }
 
 /// Backward of one layer given `dy = ∂L/∂y`; `∂L/∂x` replaces `dy` in place (a stack of layers
@@ -222,9 +247,12 @@ pub fn layer_backward<B: Backend>(
 
     // MLP branch; da = dy + ∂(mlp)/∂a, accumulated in dy. First contributions overwrite their
     // gradient buffers.
+    // The down projection's input gradient, then its input (the SwiGLU output, recomputed with
+    // the SwiGLU backward), then its weight gradient.
     let dy_op = if dy_in_dres { &s.dres } else { &*dy };
-    b.matmul_bwd_many(Some(&mut s.dact), true, &act.act, n, f, &mut [grad(&mut grads[w.w_down.0], dy_op, v(w.w_down), d)]);
-    b.swiglu_bwd_set(&mut s.dgate_up, &s.dact, &act.gate_up, n, f);
+    b.matmul_bwd_dx(&mut s.dact, true, dy_op, v(w.w_down), n, f, d);
+    b.swiglu_bwd_recompute(&mut s.dgate_up, &mut s.act, &s.dact, &act.gate_up, n, f);
+    b.matmul_bwd(None, &mut grads[w.w_down.0], dy_op, &s.act, v(w.w_down), n, f, d);
     let [g_gate, g_up] = grads.get_disjoint_mut([w.w_gate.0, w.w_up.0]).expect(disjoint);
     let items = &mut [(g_gate, v(w.w_gate), f), (g_up, v(w.w_up), f)];
     b.matmul_bwd_cat(Some(&mut s.dxn), true, &act.xn2, &s.dgate_up, n, d, items);
@@ -240,7 +268,7 @@ pub fn layer_backward<B: Backend>(
             // Nothing else attends to these keys: the gradients come packed for one GEMM.
             let shape = set.attn_shape(set, dims.heads, dims.kv_heads, dims.head_dim);
             let inputs = AttnBwdInputs { dout: &s.datt, out: &act.att, lse: &act.lse, q: &act.q, k: &act.k, v: &act.v, shape: &shape };
-            let scratch = AttnGrads { dq: &mut s.dq, dk: &mut act.dk, dv: &mut act.dv };
+            let scratch = AttnGrads { dq: &mut s.dq, dk: &mut s.dk, dv: &mut s.dv };
             b.attention_bwd_packed(&mut s.dkvq, scratch, &inputs, dims.theta);
             let [g_k, g_v, g_q] = grads.get_disjoint_mut([w.wk.0, w.wv.0, w.wq.0]).expect(disjoint);
             let items = &mut [(g_k, v(w.wk), kvd), (g_v, v(w.wv), kvd), (g_q, v(w.wq), qd)];
@@ -248,6 +276,7 @@ pub fn layer_backward<B: Backend>(
         }
         KvGrad::Add => {
             // Later layers added their share of dk / dv already.
+            debug_assert_eq!(act.kv_role, KvRole::Lends);
             let shape = set.attn_shape(set, dims.heads, dims.kv_heads, dims.head_dim);
             b.attention_bwd_rope_dq(&mut s.dq, &mut act.dk, &mut act.dv, &s.datt, &act.att, &act.lse, &act.q, &act.k, &act.v, &shape, dims.theta, false);
             b.rope_bwd(&mut act.dk, &set.pos, n, dims.kv_heads, dims.head_dim, dims.theta);

@@ -109,23 +109,26 @@ pub fn estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, head_chunk_elem
             app_rows[map.step_positions(r)].iter_mut().for_each(|a| *a = sel);
         }
     }
-    // LayerAct: x, xn1, a, xn2 (d); q, att, att_act (qd); k, v, dk, dv (kvd, only where the
-    // application owns its keys/values: with KV sharing, recursions after the first borrow them);
-    // gate_up (2f), act (f); lse (heads); rstd1, rstd2.
-    let per_app = 4 * d + 3 * qd + 3 * f + heads + 2;
-    // Of those, activation buffers: xn1, xn2, q, att_act, gate_up, act; and k, v.
-    let per_app_act = 2 * d + 2 * qd + 3 * f;
+    // LayerAct: x, xn1, a, xn2 (d); q, att, att_act (qd); k, v (kvd, only where the
+    // application owns its keys/values: with KV sharing, recursions after the first borrow them)
+    // and dk, dv (kvd, only for the first recursion of KV-sharing models, whose keys/values the
+    // later recursions borrow and add gradients to);
+    // gate_up (2f); lse (heads); rstd1, rstd2.
+    let per_app = 4 * d + 3 * qd + 2 * f + heads + 2;
+    // Of those, activation buffers: xn1, xn2, q, att_act, gate_up; and k, v.
+    let per_app_act = 2 * d + 2 * qd + 2 * f;
     let mut kv_rows: usize = app_rows.iter().sum();
     if cfg.kv_mode() == KvMode::Share && blocks_contiguous(&map) {
         kv_rows -= (1..map.num_recursions).flat_map(|r| map.step_positions(r)).map(|pos| app_rows[pos]).sum::<usize>();
     }
+    let kv_grad_rows = if cfg.kv_mode() == KvMode::Share { map.step_positions(0).map(|pos| app_rows[pos]).sum() } else { 0 };
     let layer_rows: usize = app_rows.iter().sum();
-    let layer_activations = layer_rows * per_app + kv_rows * 4 * kvd;
+    let layer_activations = layer_rows * per_app + kv_rows * 2 * kvd + kv_grad_rows * 2 * kvd;
     let layer_act_buffers = layer_rows * per_app_act + kv_rows * 2 * kvd;
-    // LayerScratch: dxn, dres (d); dact (f), dgate_up (2f); datt, dq (qd); dkvq (2 kvd + qd); all
-    // but dxn are activation buffers.
-    let scratch = n * (2 * d + 3 * f + 3 * qd + 2 * kvd);
-    let scratch_act = n * (d + 3 * f + 3 * qd + 2 * kvd);
+    // LayerScratch: dxn, dres (d); act, dact (f), dgate_up (2f); datt, dq (qd); dkvq (2 kvd + qd);
+    // dk, dv (kvd); all but dxn, dk, dv are activation buffers.
+    let scratch = n * (2 * d + 4 * f + 3 * qd + 4 * kvd);
+    let scratch_act = n * (d + 4 * f + 3 * qd + 2 * kvd);
     // Residual buffers h, h1, tx, hn, dh, dhn, dtx; rstd; ce_all.
     let residual = n * (7 * d + 2);
     let vocab = cfg.vocab_size;

@@ -5,7 +5,7 @@
 //! to which layer application); the backward pass walks it in reverse. Buffers live in a
 //! [`Workspace`] allocated for the batch shape and reused across steps.
 
-use crate::layer::{layer_backward, layer_forward, Dims, KvGrad, LayerAct, LayerScratch, SharedKv};
+use crate::layer::{layer_backward, layer_forward, Dims, KvGrad, KvRole, LayerAct, LayerScratch, SharedKv};
 use crate::router::{router_backward, router_forward, RouterAct};
 use crate::tokens::{Segments, TokenSet};
 use crate::weights::Weights;
@@ -794,8 +794,13 @@ impl<B: Backend> Model<B> {
         let end = tr.apps.len();
         let ws = self.ws.as_mut().unwrap();
         for i in start..end {
-            let owns_kv = tr.apps[i].kv_src.is_none();
-            if ensure_slot(&mut ws.acts, i, |a| a.cap >= rows && a.owns_kv == owns_kv, || LayerAct::new(b, &self.dims, rows, owns_kv)) {
+            // Borrowers take the first recursion's keys/values (`kv_sources`).
+            let kv_role = match tr.apps[i].kv_src {
+                Some(_) => KvRole::Borrows,
+                None if self.cfg.kv_mode() == KvMode::Share && self.map.step_positions(0).contains(&tr.apps[i].pos) => KvRole::Lends,
+                None => KvRole::Owns,
+            };
+            if ensure_slot(&mut ws.acts, i, |a| a.cap >= rows && a.kv_role == kv_role, || LayerAct::new(b, &self.dims, rows, kv_role)) {
                 self.ws_generation += 1;
             }
         }
@@ -809,8 +814,8 @@ impl<B: Backend> Model<B> {
         let n = tr.sets[set].len() * self.dims.d;
         let ws = self.ws.as_mut().unwrap();
         b.copy(&mut ws.acts[apps.start].x, &ws.h, n);
-        let Workspace { acts, h, .. } = ws;
-        run_block(b, &self.dims, &self.params, &self.weights, tr, acts, apps.clone(), h);
+        let Workspace { acts, scratch, h, .. } = ws;
+        run_block(b, &self.dims, &self.params, &self.weights, tr, acts, &mut scratch.act, apps.clone(), h);
         tr.steps.push(StepTrace::Plain { apps });
         self.capture_h(b);
     }
@@ -886,12 +891,12 @@ impl<B: Backend> Model<B> {
         let Some(ws) = &self.ws else { return 0 };
         let mut t = 0;
         for a in &ws.acts {
-            for x in [&a.x, &a.rstd1, &a.xn1, &a.q, &a.k, &a.v, &a.att, &a.att_act, &a.lse, &a.a, &a.rstd2, &a.xn2, &a.gate_up, &a.act, &a.dk, &a.dv] {
+            for x in [&a.x, &a.rstd1, &a.xn1, &a.q, &a.k, &a.v, &a.att, &a.att_act, &a.lse, &a.a, &a.rstd2, &a.xn2, &a.gate_up, &a.dk, &a.dv] {
                 t += b.len(x);
             }
         }
         let s = &ws.scratch;
-        for x in [&s.dres, &s.dact, &s.dgate_up, &s.dxn, &s.datt, &s.dq, &s.dkvq] {
+        for x in [&s.act, &s.dres, &s.dact, &s.dgate_up, &s.dxn, &s.datt, &s.dq, &s.dkvq, &s.dk, &s.dv] {
             t += b.len(x);
         }
         for sb in &ws.steps {
@@ -1054,7 +1059,7 @@ impl<B: Backend> Model<B> {
 
             let mut aux_bce_host = None;
             let ws = self.ws.as_mut().unwrap();
-            let Workspace { acts, steps, aux_routers, h, .. } = ws;
+            let Workspace { acts, scratch, steps, aux_routers, h, .. } = ws;
             let sb = &mut steps[r];
             // The auxiliary router's objective on the candidates (device work, before the block).
             if has_router {
@@ -1079,7 +1084,7 @@ impl<B: Backend> Model<B> {
             b.gather_rows(&mut sb.gk, &sb.g, &sb.sel_local, m, 1);
             let sel_idx = &tr.sets[sel].idx;
             b.gather_rows(&mut acts[apps.start].x, h, sel_idx, m, d);
-            run_block(b, &self.dims, &self.params, &self.weights, tr, acts, apps.clone(), &mut sb.y);
+            run_block(b, &self.dims, &self.params, &self.weights, tr, acts, &mut scratch.act, apps.clone(), &mut sb.y);
             match rc.combine {
                 Combine::Add => b.scatter_add_scaled_distinct(h, &sb.y, &sb.gk, &tr.sets[sel].idx, m, d),
                 Combine::Replace => b.scatter_rows_distinct(h, &sb.y, &tr.sets[sel].idx, m, d),
@@ -1294,10 +1299,10 @@ impl<B: Backend> Model<B> {
                 buf: r,
             };
             let ws = self.ws.as_mut().unwrap();
-            let Workspace { acts, steps: sbufs, h, tx, .. } = ws;
+            let Workspace { acts, scratch, steps: sbufs, h, tx, .. } = ws;
             let sb = &mut sbufs[r];
             b.gather_rows(&mut acts[apps.start].x, tx, &tr.sets[set_i].idx, m, d);
-            run_block(b, &self.dims, &self.params, &self.weights, tr, acts, apps.clone(), &mut sb.y);
+            run_block(b, &self.dims, &self.params, &self.weights, tr, acts, &mut scratch.act, apps.clone(), &mut sb.y);
             // exits: out[t] = h1[t] + w_t · y[t]   (h holds h1 for every token until it exits)
             b.gather_rows(&mut sb.ye, &sb.y, &st.exit_local, st.n_exit, d);
             b.gather_rows(&mut sb.gk, &wbuf, &st.exit_global, st.n_exit, 1);
@@ -1374,7 +1379,7 @@ impl<B: Backend> Model<B> {
             let ws = self.ws.as_mut().unwrap();
             // Keys/values that later applications borrow collect their gradients before the
             // owner's backward; the others are written by the owner's attention backward alone.
-            for a in ws.acts.iter_mut().take(tr.apps.len()).enumerate().filter(|(i, a)| a.owns_kv && tr.kv_borrowed(*i)).map(|(_, a)| a) {
+            for a in ws.acts.iter_mut().take(tr.apps.len()).enumerate().filter(|(i, a)| a.kv_role == KvRole::Lends && tr.kv_borrowed(*i)).map(|(_, a)| a) {
                 let kvd = self.dims.kvd() * a.cap;
                 b.fill(&mut a.dk, kvd, 0.0);
                 b.fill(&mut a.dv, kvd, 0.0);
@@ -1588,7 +1593,7 @@ fn ensure_slot<T>(slots: &mut Vec<T>, i: usize, fits: impl Fn(&T) -> bool, new: 
 }
 
 /// Forward through the consecutive applications `apps`; the first one's input is already in
-/// `acts[apps.start].x`; the last one writes `out`.
+/// `acts[apps.start].x`; the last one writes `out`. `mlp_act`: [`LayerScratch::act`].
 #[allow(clippy::too_many_arguments)]
 fn run_block<B: Backend>(
     b: &B,
@@ -1597,6 +1602,7 @@ fn run_block<B: Backend>(
     weights: &Weights,
     tr: &Trace<B>,
     acts: &mut [LayerAct<B>],
+    mlp_act: &mut B::Buf,
     apps: Range<usize>,
     out: &mut B::Buf,
 ) {
@@ -1606,7 +1612,7 @@ fn run_block<B: Backend>(
         let (cur, after) = rest.split_first_mut().unwrap();
         let target = if i + 1 < apps.end { &mut after[0].x } else { &mut *out };
         let shared = app.kv_src.map(|s| SharedKv { src: &mut before[s], set: &tr.sets[tr.apps[s].set] });
-        layer_forward(b, dims, params, &weights.layers[app.pos], cur, &tr.sets[app.set], shared, target);
+        layer_forward(b, dims, params, &weights.layers[app.pos], cur, &tr.sets[app.set], shared, mlp_act, target);
     }
 }
 

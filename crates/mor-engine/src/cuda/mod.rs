@@ -1826,7 +1826,9 @@ impl Cuda {
         self.scatter_into(x, self.p(y), 0, idx, m, d, 2, distinct);
     }
 
-    fn swiglu_bwd_impl(&self, dgate_up: &mut CudaBuf, dout: &CudaBuf, gate_up: &CudaBuf, rows: usize, f: usize, acc: bool) {
+    /// `out`: the forward's output, written again (`swiglu_bwd_recompute`).
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu_bwd_impl(&self, dgate_up: &mut CudaBuf, out: Option<&mut CudaBuf>, dout: &CudaBuf, gate_up: &CudaBuf, rows: usize, f: usize, acc: bool) {
         let n = rows * f;
         if n == 0 {
             return;
@@ -1835,9 +1837,17 @@ impl Cuda {
         check_len("dout", dout.len(), n);
         check_len("gate_up", gate_up.len(), 2 * n);
         let name = Self::typed("swiglu_bwd", &[("dgate_up", &*dgate_up), ("dout", dout), ("gate_up", gate_up)]);
+        let outp = match out {
+            Some(o) => {
+                check_len("out", o.len(), n);
+                assert_eq!(o.dtype, dgate_up.dtype, "cuda: swiglu_bwd_recompute: out and dgate_up differ in element type");
+                self.pm(o)
+            }
+            None => 0u64,
+        };
         let c = self.ew16(n, dgate_up.dtype);
         let (dp, op, gp) = (self.pm(dgate_up), self.p(dout), self.p(gate_up));
-        launch!(self, &name, c, [dp, op, gp, f as i32, acc as i32, n as i64]);
+        launch!(self, &name, c, [dp, outp, op, gp, f as i32, acc as i32, n as i64]);
     }
 
     /// Tile table of an attention pass over the segments of `cu` (see kernels/attention.cu);
@@ -2312,6 +2322,34 @@ impl Backend for Cuda {
         self.gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, k, m, n, xp, k, gp, m, 1.0, dwp, k);
     }
 
+    fn matmul_bwd_dx(&self, dx: &mut CudaBuf, dx_set: bool, dout: &CudaBuf, w: &CudaBuf, n: usize, k: usize, m: usize) {
+        let _p = self.prof("matmul_bwd");
+        if k == 0 || n == 0 {
+            return;
+        }
+        check_len("dx", dx.len(), n * k);
+        if m == 0 {
+            if dx_set {
+                self.fill(dx, n * k, 0.0);
+            }
+            return;
+        }
+        check_len("dout", dout.len(), n * m);
+        check_len("w", w.len(), m * k);
+        use blas_sys::cublasOperation_t::CUBLAS_OP_N;
+        let beta = if dx_set { 0.0 } else { 1.0 };
+        // dxᵀ[k, n] (+)= w-as-[k, m] · doutᵀ[m, n], as matmul_bwd / matmul_bwd_many
+        if self.bf16_gemm(&[w, dout, dx]) {
+            let (wb, gb) = (self.weight_bf16(w), self.bf16_operand(Slot::BfC, dout, n * m));
+            let dt = dx.dtype;
+            let dxp = self.pm(dx);
+            self.gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, k, n, m, wb, k, gb, m, beta, dxp, dt, k);
+        } else {
+            let (wp, gp, dxp) = (self.p(w), self.p(dout), self.pm(dx));
+            self.gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, k, n, m, wp, k, gp, m, beta, dxp, k);
+        }
+    }
+
     /// bf16 mode: one cuBLASLt GEMM whose epilogue adds `res` (no separate pass over the
     /// residual stream); fp32 mode: the reference path (SGEMM, then the add).
     #[allow(clippy::too_many_arguments)]
@@ -2745,12 +2783,17 @@ impl Backend for Cuda {
 
     fn swiglu_bwd(&self, dgate_up: &mut CudaBuf, dout: &CudaBuf, gate_up: &CudaBuf, rows: usize, f: usize) {
         let _p = self.prof("swiglu_bwd");
-        self.swiglu_bwd_impl(dgate_up, dout, gate_up, rows, f, true);
+        self.swiglu_bwd_impl(dgate_up, None, dout, gate_up, rows, f, true);
     }
 
     fn swiglu_bwd_set(&self, dgate_up: &mut CudaBuf, dout: &CudaBuf, gate_up: &CudaBuf, rows: usize, f: usize) {
         let _p = self.prof("swiglu_bwd");
-        self.swiglu_bwd_impl(dgate_up, dout, gate_up, rows, f, false);
+        self.swiglu_bwd_impl(dgate_up, None, dout, gate_up, rows, f, false);
+    }
+
+    fn swiglu_bwd_recompute(&self, dgate_up: &mut CudaBuf, out: &mut CudaBuf, dout: &CudaBuf, gate_up: &CudaBuf, rows: usize, f: usize) {
+        let _p = self.prof("swiglu_bwd");
+        self.swiglu_bwd_impl(dgate_up, Some(out), dout, gate_up, rows, f, false);
     }
 
     fn gelu_fwd(&self, out: &mut CudaBuf, x: &CudaBuf, n: usize) {

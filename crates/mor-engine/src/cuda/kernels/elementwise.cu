@@ -128,12 +128,13 @@ __device__ void swiglu_fwd(T* out, const T* gu, int f, i64 n) {
 }
 
 // acc = 1: add to dgate_up (the op interface's backward convention); 0: overwrite it (and never
-// read it).
+// read it). out (may be null): the forward's output written again, as swiglu_fwd computes it (the
+// layer recomputes it here instead of keeping it).
 template <typename T>
-__device__ void swiglu_bwd(T* dgu, const T* dout, const T* gu, int f, int acc, i64 n) {
+__device__ void swiglu_bwd(T* dgu, T* out, const T* dout, const T* gu, int f, int acc, i64 n) {
     constexpr int N = 16 / sizeof(T);
     const i64 t0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, st = (i64)blockDim.x * gridDim.x;
-    const i64 nv = f % N == 0 && aligned_to(16, dgu, dout, gu) ? n / N : 0;
+    const i64 nv = f % N == 0 && aligned_to(16, dgu, dout, gu) && (!out || aligned_to(16, out)) ? n / N : 0;
     for (i64 v = t0; v < nv; v += EW_UNROLL * st) {
         uint4 o[EW_UNROLL], g[EW_UNROLL], u[EW_UNROLL], ag[EW_UNROLL], au[EW_UNROLL];
         i64 j[EW_UNROLL];
@@ -157,6 +158,12 @@ __device__ void swiglu_bwd(T* dgu, const T* dout, const T* gu, int f, int acc, i
             }
             st16(dgu + j[k], dg);
             st16(dgu + j[k] + f, du);
+            if (out) {
+                float h[N];
+#pragma unroll
+                for (int e = 0; e < N; ++e) h[e] = swiglu_f(raw_elem<T>(g[k], e), raw_elem<T>(u[k], e));
+                st16(out + (v + k * st) * N, h);
+            }
         }
     }
     for (i64 i = nv * N + t0; i < n; i += st) {
@@ -165,6 +172,7 @@ __device__ void swiglu_bwd(T* dgu, const T* dout, const T* gu, int f, int acc, i
         swiglu_df(to_f(dout[i]), to_f(gu[j]), to_f(gu[j + f]), dg, du);
         dgu[j] = from_f<T>(acc ? to_f(dgu[j]) + dg : dg);
         dgu[j + f] = from_f<T>(acc ? to_f(dgu[j + f]) + du : du);
+        if (out) out[i] = from_f<T>(swiglu_f(to_f(gu[j]), to_f(gu[j + f])));
     }
 }
 
@@ -249,9 +257,9 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
     extern "C" __global__ void swiglu_fwd_##SUF(T* o, const T* gu, int f, i64 n) {                  \
         swiglu_fwd<T>(o, gu, f, n);                                                                  \
     }                                                                                                \
-    extern "C" __global__ void swiglu_bwd_##SUF(T* dgu, const T* d, const T* gu, int f, int acc,    \
+    extern "C" __global__ void swiglu_bwd_##SUF(T* dgu, T* o, const T* d, const T* gu, int f, int acc, \
                                                 i64 n) {                                             \
-        swiglu_bwd<T>(dgu, d, gu, f, acc, n);                                                        \
+        swiglu_bwd<T>(dgu, o, d, gu, f, acc, n);                                                  \
     }                                                                                                \
     extern "C" __global__ void gelu_fwd_##SUF(T* o, const T* x, i64 n) { gelu_fwd<T>(o, x, n); }    \
     extern "C" __global__ void gelu_bwd_##SUF(T* dx, const T* d, const T* x, i64 n) {               \
