@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The two GPU calls of a working session, each within the device tool's 600 s per call:
+# The GPU calls of a working session, each within the device tool's 600 s per call:
 #   bash scripts/gpu-session.sh validate   # op and model parity, flash sweep, CUDA graph checks (~5 min)
-#   bash scripts/gpu-session.sh report     # mor and PyTorch side by side at 8 x 2048, memory at 16 x 2048 (~8 min)
-# Both write logs, the JSON records and the table under $OUT (the tool returns at most 8 files).
+#   bash scripts/gpu-session.sh report     # mor and PyTorch side by side at 8 x 2048, memory at 16 x 2048 (~9 min;
+#                                          # MODELS=vanilla, MODELS=mor-ec3 split it into two calls)
+#   bash scripts/gpu-session.sh train-graph  # `mor train` eager vs --cuda-graph, bit-identical losses (~1 min)
+# Each writes its logs (report: also the JSON records and the table) under $OUT (the tool returns at most 8 files).
 # Binaries and the PTX cache come from .gpu/ (see scripts/gpu-bench.sh for how to build them).
 # Environment: MODELS ("vanilla mor-ec3"), FA_EXP_POLY_SWEEP (validate: "" or e.g. "8 4 2"),
-# GRAPH ("1": report also times the --cuda-graph steps).
+# GRAPH ("1": report also times the --cuda-graph steps), SKIP_MEM=1 (report: no 16 x 2048 memory runs).
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-out}"
@@ -57,12 +59,35 @@ report)
       run "torch-$m.log" 130 python3 scripts/bench/torch_reference.py --model "$m" --batch 8 --seq 2048 --compile --dtype "$dt" --json "$RES"
     done
   done
-  run bench-mem.log 130 .gpu/mor bench train 360m-mor-ec3 --device cuda --micro-batch 16 --seq-len 2048 --warmup 1 --steps 2 \
-    --gemm bf16 --json "$RES"
+  # Peak memory at 16 x 2048: mor against the torch.compile reference (AMP, the recipe mor follows).
+  [ -n "${SKIP_MEM:-}" ] || {
+    run bench-mem.log 130 .gpu/mor bench train 360m-mor-ec3 --device cuda --micro-batch 16 --seq-len 2048 --warmup 1 --steps 2 \
+      --gemm bf16 --json "$RES"
+    run torch-mem.log 150 python3 scripts/bench/torch_reference.py --model mor-ec3 --batch 16 --seq 2048 --compile --dtype amp \
+      --warmup 2 --steps 3 --json "$RES"
+    grep -h "peak memory\|median step" "$OUT/bench-mem.log" "$OUT/torch-mem.log"
+  }
   python3 scripts/bench/make_table.py "$RES" | tee "$OUT/table.md"
   ;;
+train-graph)
+  # `mor train` itself, eager and with --cuda-graph on the same synthetic tokens in deterministic
+  # mode: the two loss curves must be bit-identical.
+  for m in tiny-mor-ec3 tiny-vanilla; do
+    for g in "" --cuda-graph; do
+      run train.log 120 .gpu/mor train "$m" --device cuda --gemm bf16 --deterministic --data synthetic --steps 12 \
+        --out "$OUT/train-$m${g:+-graph}" $g
+    done
+    python3 - "$OUT/train-$m/metrics.jsonl" "$OUT/train-$m-graph/metrics.jsonl" <<'PY' | tee -a "$OUT/train.log"
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(p) if '"loss"' in l] for p in sys.argv[1:3])
+same = len(a) == len(b) > 0 and all(x == y for x, y in zip(a, b))
+print(f"{sys.argv[1]}: {len(a)} steps, eager vs --cuda-graph losses {'bit-identical' if same else 'DIFFER'}: {a[-1:]} {b[-1:]}")
+PY
+  done
+  grep -h "CUDA graphs" "$OUT/train.log"
+  ;;
 *)
-  echo "usage: $0 validate|report" >&2
+  echo "usage: $0 validate|report|train-graph" >&2
   exit 2
   ;;
 esac
