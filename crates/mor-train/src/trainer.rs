@@ -56,6 +56,10 @@ pub struct TrainOptions {
     /// Run each micro-step's forward and backward as a CUDA graph where the backend and the
     /// model allow it ([`crate::StepRunner`]); otherwise (and on the CPU) eagerly.
     pub cuda_graph: bool,
+    /// For tests of `time_limit` and `fit_schedule`: every step counts as this long instead of
+    /// the wall time it took, so the stopping and fitting decisions do not depend on the
+    /// machine's load.
+    pub step_time_override: Option<Duration>,
 }
 
 impl TrainOptions {
@@ -70,6 +74,7 @@ impl TrainOptions {
             time_limit: None,
             fit_schedule: false,
             cuda_graph: false,
+            step_time_override: None,
         }
     }
 }
@@ -218,6 +223,8 @@ pub fn train_with_eval<B: Backend>(
     let mut end = opts.stop_after.map_or(tc.steps, |k| (start + k).min(tc.steps));
     let mut fitting = opts.fit_schedule && opts.time_limit.is_some();
     let (mut timed_steps, mut timed_s) = (0usize, 0.0f64);
+    // Seconds of this call's steps as the time limit counts them (see `step_time_override`).
+    let mut counted_s = 0.0f64;
     let mut steps = crate::StepRunner::new(opts.cuda_graph);
     let mut optimizer = crate::OptimizerRunner::new(opts.cuda_graph);
     while step < end {
@@ -249,14 +256,16 @@ pub fn train_with_eval<B: Backend>(
         if let Some(ev) = evaluator.as_mut().filter(|e| e.every > 0 && step.is_multiple_of(e.every)) {
             val = Some((ev.eval)(backend, &mut model).with_context(|| format!("evaluation after step {step}"))?);
         }
-        let step_s = t0.elapsed().as_secs_f64();
+        let step_s = opts.step_time_override.map_or_else(|| t0.elapsed().as_secs_f64(), |d| d.as_secs_f64());
+        counted_s += step_s;
+        let call_s = if opts.step_time_override.is_some() { counted_s } else { t_call.elapsed().as_secs_f64() };
         let mut out_of_time = false;
         if let Some(limit) = opts.time_limit {
             if step > start + 1 {
                 timed_steps += 1;
                 timed_s += step_s;
             }
-            let remaining = limit.as_secs_f64() - t_call.elapsed().as_secs_f64();
+            let remaining = limit.as_secs_f64() - call_s;
             if fitting && timed_steps > 0 {
                 if step >= schedule.total_independent_until() {
                     // The next LR depends on the total: keep the fitted schedule from here on.
@@ -278,8 +287,7 @@ pub fn train_with_eval<B: Backend>(
             out_of_time = step < end && remaining < step_s;
             if out_of_time {
                 progress.println(format!(
-                    "time limit: stopping after step {step} ({:.0} s of {:.0} s used; a step takes {step_s:.1} s)",
-                    t_call.elapsed().as_secs_f64(),
+                    "time limit: stopping after step {step} ({call_s:.0} s of {:.0} s used; a step takes {step_s:.1} s)",
                     limit.as_secs_f64()
                 ));
             }

@@ -139,20 +139,35 @@ fn time_limit_stops_cleanly_with_checkpoint_metrics_and_plot() {
     assert!(more.steps_done > out.steps_done);
 }
 
-/// `fit_schedule`: the WSD cool-down happens inside the time limit.
+/// `fit_schedule`: the WSD cool-down happens inside the time limit. Steps count as 10 ms each
+/// (`step_time_override`), so the decisions do not depend on the machine's load: 2 s fit ~198
+/// steps, and the fitted run ends its schedule (the last LR is the cool-down's last, 1/D of the
+/// peak) without running out of time.
 #[test]
 fn fit_schedule_completes_the_cooldown_within_the_time_limit() {
     let be = Cpu::<f32>::new();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(1_000_000);
-    let o = TrainOptions { time_limit: Some(std::time::Duration::from_millis(2000)), fit_schedule: true, ..opts(dir.path(), false, None) };
+    let step = std::time::Duration::from_millis(10);
+    let limit = std::time::Duration::from_millis(2000);
+    let o = TrainOptions { time_limit: Some(limit), fit_schedule: true, step_time_override: Some(step), ..opts(dir.path(), false, None) };
     let out = train(&be, &cfg, &mut Motifs { vocab: 64, next_row: 0 }, &o).unwrap();
-    assert!(out.steps_done > 10 && out.steps_done < 1_000_000, "steps {}", out.steps_done);
+    assert!((190..=200).contains(&out.steps_done), "steps {}", out.steps_done);
     let peak = cfg.train.lr;
     let last = out.log.last().unwrap();
+    let fitted = mor_train::LrSchedule::from_config(&mor_config::TrainConfig { steps: out.steps_done, ..cfg.train.clone() });
     eprintln!("fitted run: {} steps, last LR {:.3e} of peak {peak:.1e}", out.steps_done, last.lr);
-    assert!(last.lr < 0.5 * peak, "no cool-down: last LR {} of peak {peak} after {} steps", last.lr, out.steps_done);
+    assert!(fitted.decay_steps > 10, "{fitted:?}");
+    assert!((last.lr - fitted.lr(out.steps_done - 1)).abs() <= 1e-12 * peak, "the schedule did not end: last LR {} of peak {peak}", last.lr);
+    assert!(last.lr < 0.1 * peak, "no cool-down: last LR {} of peak {peak}", last.lr);
     assert!(out.log.iter().any(|l| l.lr == peak), "the stable phase runs at the peak LR");
+
+    // Without fitting, the same limit stops the unshortened schedule in its stable phase.
+    let dir2 = tempfile::tempdir().unwrap();
+    let o2 = TrainOptions { time_limit: Some(limit), step_time_override: Some(step), ..opts(dir2.path(), false, None) };
+    let plain = train(&be, &cfg, &mut Motifs { vocab: 64, next_row: 0 }, &o2).unwrap();
+    assert!((190..=200).contains(&plain.steps_done), "steps {}", plain.steps_done);
+    assert_eq!(plain.log.last().unwrap().lr, peak);
 }
 
 /// An evaluator runs every `every` steps and after the last, is logged as `val_loss`, and leaves
