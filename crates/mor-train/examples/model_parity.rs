@@ -15,7 +15,9 @@
 //! model_parity [--bf16] [--only NAME,...]
 //! ```
 //! Errors: scalars `|gpu - cpu| / |cpu|`; a gradient tensor norm-wise, `||gpu - cpu|| / ||cpu||`,
-//! and element-wise as in `cuda_parity`, `max_i |gpu_i - cpu_i| / (|cpu_i| + mean_j |cpu_j|)`.
+//! and element-wise as in `cuda_parity`, `max_i |gpu_i - cpu_i| / (|cpu_i| + mean_j |cpu_j|)`;
+//! `G err` (printed, not a bar) the norm-wise error of the whole gradient vector, every parameter
+//! together (docs/design/bf16-gradient-error.md measures the bf16 mode by it).
 //!
 //! Pass (fp32): loss, CE, aux losses and the gradient norm within 1e-4; every gradient within 1e-4
 //! norm-wise and 2e-4 element-wise (the op-level bound for long reductions: GEMMs and attention
@@ -187,8 +189,14 @@ fn run_case(c: &Cpu<f32>, g: &Cuda, case: &Case, t: &Tol, bf16: bool) -> Outcome
     mg.backward(g).expect("gpu backward");
     let mut worst = (0.0f64, String::new());
     let mut worst_norm = 0.0f64;
+    // The whole gradient vector: ||G_gpu - G_cpu||² and ||G_cpu||² over every parameter.
+    let (mut diff2, mut ref2) = (0.0f64, 0.0f64);
     for (i, info) in mc.params.info.iter().enumerate() {
         let (gg, cc) = (g.to_f32(&mg.params.grads[i]), c.to_f32(&mc.params.grads[i]));
+        for (a, b) in gg.iter().zip(&cc) {
+            diff2 += (*a as f64 - *b as f64).powi(2);
+            ref2 += (*b as f64).powi(2);
+        }
         let e = rel_err(&gg, &cc);
         let en = norm_err(&gg, &cc);
         worst_norm = worst_norm.max(en);
@@ -230,13 +238,14 @@ fn run_case(c: &Cpu<f32>, g: &Cuda, case: &Case, t: &Tol, bf16: bool) -> Outcome
     }
     let ok = failures.is_empty();
     let line = format!(
-        "{:<28} loss {:>9.6} err {:>8.1e} | grads max err {:>8.1e} (norm-wise {:>8.1e}; worst {}) | |g| err {:>8.1e} | after step err {:>8.1e}  {}",
+        "{:<28} loss {:>9.6} err {:>8.1e} | grads max err {:>8.1e} (norm-wise {:>8.1e}; worst {}; G err {:>8.1e}) | |g| err {:>8.1e} | after step err {:>8.1e}  {}",
         case.name,
         sc.loss,
         loss_err,
         worst.0,
         worst_norm,
         worst.1.replace("model.", ""),
+        (diff2 / ref2.max(f64::MIN_POSITIVE)).sqrt(),
         gn_err,
         step_err,
         if ok { "PASS" } else { "FAIL" }
