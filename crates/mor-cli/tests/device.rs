@@ -81,4 +81,6 @@ fn dry_run_prints_memory_estimates() {
     let f32_peak = peak(&["train", "360m-vanilla", "--dry-run", "--device", "cuda"]);
     let bf16_peak = peak(&["train", "360m-vanilla", "--dry-run", "--device", "cuda", "--gemm", "bf16"]);
     assert!(bf16_peak < f32_peak, "bf16 activations: {bf16_peak} GiB vs {f32_peak} GiB");
+    let out = mor(&["train", "360m-vanilla", "--dry-run", "--device", "cuda", "--gemm", "bf16"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bf16 weight copies"), "{}", String::from_utf8_lossy(&out.stdout));
 }

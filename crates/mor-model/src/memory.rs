@@ -71,6 +71,22 @@ impl MemoryEstimate {
         elems * Self::BYTES - act * (Self::BYTES - act_bytes)
     }
 
+    /// Bf16 weight copies the bf16 mode keeps (`act_bytes == 2`; CUDA caches a bf16 copy of every
+    /// weight it multiplies, refreshed after each optimizer step): one element per parameter,
+    /// 2 bytes each (stacked gate/up and q/k/v copies not counted). 0 otherwise.
+    pub fn weight_copies(&self, act_bytes: usize) -> usize {
+        if act_bytes == 2 {
+            self.params
+        } else {
+            0
+        }
+    }
+
+    /// Bytes resident during a training step: [`Part::Total`] plus the bf16 weight copies.
+    pub fn peak_bytes(&self, act_bytes: usize) -> usize {
+        self.bytes(Part::Total, act_bytes) + 2 * self.weight_copies(act_bytes)
+    }
+
     /// All activations and workspace buffers.
     pub fn activations(&self) -> usize {
         self.layer_activations + self.workspace_other

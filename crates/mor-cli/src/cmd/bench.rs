@@ -352,7 +352,7 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
         let mfu = achieved / (args.peak_tflops * 1e12);
         let gib = |x: usize| x as f64 / (1u64 << 30) as f64;
         let est = mor_model::memory::estimate(&cfg.model, bsz, len, head_chunk)?;
-        let est_bytes = est.bytes(mor_model::memory::Part::Total, if gemm == Gemm::Bf16 { 2 } else { 4 });
+        let est_bytes = est.peak_bytes(if gemm == Gemm::Bf16 { 2 } else { 4 });
         let gemm_name = format!("{gemm:?}").to_lowercase();
         let mut text = format!(
             "{label} on {} ({gemm_name} GEMMs): {bsz} x {len} tokens, median step {:.1} ms (min {:.1}, max {:.1}) over {} steps\n  \
@@ -378,7 +378,7 @@ fn bench_train<B: Backend>(b: &B, cfg: &RunConfig, args: &TrainArgs) -> Result<(
                 gib(base)
             ));
         }
-        text.push_str(&format!("  estimate        {:.2} GiB (params, grads, AdamW, activations; `mor train --dry-run`)\n", gib(est_bytes)));
+        text.push_str(&format!("  estimate        {:.2} GiB (params, grads, AdamW, activations, weight copies; `mor train --dry-run`)\n", gib(est_bytes)));
         let mut prof_json = Vec::new();
         if !profile.is_empty() {
             let steps = args.profile_steps as f64;

@@ -367,9 +367,13 @@ pub fn dry_run_report(cfg: &mor_config::RunConfig, device: Device, gemm: Gemm) -
             gib(est.bytes(Part::WorkspaceOther, act_bytes) as f64)
         ),
     ));
-    text.push_str(&row("peak (estimate)", est.total(), est.bytes(Part::Total, act_bytes), "everything above is resident during a step".into()));
+    let copies = est.weight_copies(act_bytes);
+    if copies > 0 {
+        text.push_str(&row("bf16 weight copies", copies, copies * 2, "the GEMMs' cached operands (without the stacked gate/up and q/k/v copies)".into()));
+    }
+    text.push_str(&row("peak (estimate)", est.total() + copies, est.peak_bytes(act_bytes), "everything above is resident during a step".into()));
     if device == Device::Cuda {
-        text.push_str("  not included: the CUDA context (~0.5 GiB), index buffers and backend scratch (attention statistics, sort buffers, bf16 GEMM operand copies)\n");
+        text.push_str("  not included: the CUDA context (~0.5 GiB), index buffers and backend scratch (attention statistics, sort buffers, bf16 copies of f32 GEMM operands)\n");
     }
     Ok(text)
 }
