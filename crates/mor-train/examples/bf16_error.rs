@@ -11,6 +11,8 @@
 //!     [--study sites,remedies] [--config SPEC]... [--detail SPEC]... [--f64] [--bf16-weights]
 //!     [--data-seed 11] [--reference SPEC] [--train-steps N]
 //! ```
+//! `--presets` also takes `test:NAME`, the small models of the model tests (`model_parity`'s
+//! `test:` cases; run them with `--batch 3 --seq-len 16`).
 //! `--train-steps N` first trains the model exactly for N AdamW steps (lr 1e-3) on a structured
 //! task (random ids below 512, each row repeated twice) and measures on a batch of that task, so
 //! the errors are not those of initialisation only.
@@ -55,6 +57,10 @@
 
 #[path = "shared/batch_tokens.rs"]
 mod batch_tokens;
+
+#[path = "../../mor-model/tests/common/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod common;
 
 use batch_tokens::tokens;
 use mor_config::ModelConfig;
@@ -465,7 +471,11 @@ fn main() {
     let train_steps: usize = opt("--train-steps").map_or(0, |s| s.parse().expect("--train-steps"));
 
     for name in &presets {
-        let cfg = mor_config::load(name).expect("preset loads").model;
+        // `test:NAME`: the small models of the model tests (model_parity runs them at 3 x 16).
+        let cfg = match name.strip_prefix("test:") {
+            Some(v) => common::variants().into_iter().find(|(n, _)| n == v).unwrap_or_else(|| panic!("no test model {v}")).1,
+            None => mor_config::load(name).expect("preset loads").model,
+        };
         let n = bsz * seq;
         let vocab = cfg.vocab_size;
         let (inputs, mut targets) = if train_steps > 0 { repeat_task(bsz, seq, seed) } else { (tokens(n, vocab, seed), tokens(n, vocab, seed + 1)) };
