@@ -601,10 +601,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         m: usize,
     ) {
         if let Some(dx) = dx {
-            let [fg, fw] = self.gemm_formats(GemmProduct::Dx, n, k, m);
-            let (g, w) = (operand(dout, n * m, fg), operand(w, m * k, fw));
-            // dx[n, k] += dout[n, m] · w[m, k]
-            gemm(n, m, k, T::one(), &g, (m, 1), &w, (k, 1), T::one(), dx, (k, 1));
+            self.matmul_bwd_dx(dx, false, dout, w, n, k, m);
         }
         let [fg, fx] = self.gemm_formats(GemmProduct::Dw, n, k, m);
         let (g, x) = (operand(dout, n * m, fg), operand(x, n * k, fx));
@@ -616,7 +613,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let [fg, fw] = self.gemm_formats(GemmProduct::Dx, n, k, m);
         let (g, w) = (operand(dout, n * m, fg), operand(w, m * k, fw));
         let beta = if dx_set { T::zero() } else { T::one() };
-        // dx[n, k] (+)= dout[n, m] · w[m, k], as in matmul_bwd
+        // dx[n, k] (+)= dout[n, m] · w[m, k]
         gemm(n, m, k, T::one(), &g, (m, 1), &w, (k, 1), beta, dx, (k, 1));
     }
 

@@ -59,7 +59,7 @@
 mod batch_tokens;
 
 #[path = "../../mor-model/tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common;
 
 use batch_tokens::tokens;

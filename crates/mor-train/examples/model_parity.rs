@@ -31,7 +31,7 @@
 //! reported and not compared further. Exits non-zero if any check fails.
 
 #[path = "../../mor-model/tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common;
 
 #[path = "shared/batch_tokens.rs"]

@@ -223,8 +223,6 @@ pub fn train_with_eval<B: Backend>(
     let mut end = opts.stop_after.map_or(tc.steps, |k| (start + k).min(tc.steps));
     let mut fitting = opts.fit_schedule && opts.time_limit.is_some();
     let (mut timed_steps, mut timed_s) = (0usize, 0.0f64);
-    // Seconds of this call's steps as the time limit counts them (see `step_time_override`).
-    let mut counted_s = 0.0f64;
     let mut steps = crate::StepRunner::new(opts.cuda_graph);
     let mut optimizer = crate::OptimizerRunner::new(opts.cuda_graph);
     while step < end {
@@ -256,9 +254,9 @@ pub fn train_with_eval<B: Backend>(
         if let Some(ev) = evaluator.as_mut().filter(|e| e.every > 0 && step.is_multiple_of(e.every)) {
             val = Some((ev.eval)(backend, &mut model).with_context(|| format!("evaluation after step {step}"))?);
         }
+        // Seconds of this step and of this call as the time limit counts them.
         let step_s = opts.step_time_override.map_or_else(|| t0.elapsed().as_secs_f64(), |d| d.as_secs_f64());
-        counted_s += step_s;
-        let call_s = if opts.step_time_override.is_some() { counted_s } else { t_call.elapsed().as_secs_f64() };
+        let call_s = opts.step_time_override.map_or_else(|| t_call.elapsed().as_secs_f64(), |d| d.as_secs_f64() * (step - start) as f64);
         let mut out_of_time = false;
         if let Some(limit) = opts.time_limit {
             if step > start + 1 {

@@ -2312,10 +2312,7 @@ impl Backend for Cuda {
             return;
         }
         if let Some(dx) = dx {
-            check_len("dx", dx.len(), n * k);
-            // dxᵀ[k, n] += w-as-[k, m] · doutᵀ[m, n]
-            let (wp, gp, dxp) = (self.p(w), self.p(dout), self.pm(dx));
-            self.gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, k, n, m, wp, k, gp, m, 1.0, dxp, k);
+            self.matmul_bwd_dx(dx, false, dout, w, n, k, m);
         }
         // dwᵀ[k, m] += xᵀ[k, n] · dout[n, m] (doutᵀ is column-major [m, n], op T)
         let (xp, gp, dwp) = (self.p(x), self.p(dout), self.pm(dw));
@@ -2338,7 +2335,7 @@ impl Backend for Cuda {
         check_len("w", w.len(), m * k);
         use blas_sys::cublasOperation_t::CUBLAS_OP_N;
         let beta = if dx_set { 0.0 } else { 1.0 };
-        // dxᵀ[k, n] (+)= w-as-[k, m] · doutᵀ[m, n], as matmul_bwd / matmul_bwd_many
+        // dxᵀ[k, n] (+)= w-as-[k, m] · doutᵀ[m, n] (matmul_bwd_many runs the same GEMM per weight)
         if self.bf16_gemm(&[w, dout, dx]) {
             let (wb, gb) = (self.weight_bf16(w), self.bf16_operand(Slot::BfC, dout, n * m));
             let dt = dx.dtype;
