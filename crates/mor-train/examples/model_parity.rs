@@ -38,7 +38,7 @@ mod common;
 mod batch_tokens;
 
 use batch_tokens::tokens;
-use mor_config::{ModelConfig, RouterKind, Sampling};
+use mor_config::ModelConfig;
 use mor_engine::cuda::{CudaOptions, GemmPrecision};
 use mor_engine::{Backend, Cpu, Cuda, ParamGroup};
 use mor_model::{Batch, Model, Routing};
@@ -130,11 +130,8 @@ struct Outcome {
 }
 
 fn optimizers<B: Backend>(b: &B, model: &Model<B>) -> Vec<AdamW<B>> {
-    let mut v = vec![AdamW::new(b, &model.params, ParamGroup::Main, AdamWConfig::default())];
-    if let Some(r) = model.cfg.router.as_ref().filter(|r| r.kind == RouterKind::Expert && r.sampling == Sampling::AuxRouter) {
-        v.push(AdamW::new(b, &model.params, ParamGroup::AuxRouter, AdamWConfig::default().with_lr_mult(r.aux_router_lr_mult)));
-    }
-    v
+    let (main, aux) = mor_train::model_optimizers(b, &model.params, &model.cfg, AdamWConfig::default());
+    std::iter::once(main).chain(aux).collect()
 }
 
 fn run_case(c: &Cpu<f32>, g: &Cuda, case: &Case, t: &Tol, bf16: bool) -> Outcome {

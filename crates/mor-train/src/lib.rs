@@ -21,7 +21,7 @@ pub mod trainer;
 
 pub use checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint};
 pub use metrics::{MetricsWriter, Record};
-pub use optim::{AdamW, AdamWConfig, NamedTensor, Optimizer, StepStats};
+pub use optim::{model_optimizers, AdamW, AdamWConfig, NamedTensor, Optimizer, StepStats};
 pub use plot::{plot_loss_curve, plot_metrics_file, PlotOptions};
 pub use progress::Progress;
 pub use schedule::LrSchedule;

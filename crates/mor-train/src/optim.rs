@@ -27,7 +27,7 @@
 //! it: after a step the gradient buffers still hold the unclipped gradients.
 
 use anyhow::{bail, Result};
-use mor_config::TrainConfig;
+use mor_config::{ModelConfig, RouterKind, Sampling, TrainConfig};
 use mor_engine::backend::{opt_scalars, AdamStepScalars};
 use mor_engine::{AdamWItem, Backend, ParamGroup, ParamId, ParamStore};
 use std::collections::HashMap;
@@ -128,6 +128,16 @@ pub fn exp_avg_name(param: &str) -> String {
 }
 pub fn exp_avg_sq_name(param: &str) -> String {
     format!("{param}.exp_avg_sq")
+}
+
+/// The optimizers a model trains with: AdamW over the main parameters, and over the auxiliary
+/// routers when the model has them (expert-choice with `sampling = aux_router`), at
+/// `aux_router_lr_mult` times the LR.
+pub fn model_optimizers<B: Backend>(b: &B, params: &ParamStore<B>, model: &ModelConfig, cfg: AdamWConfig) -> (AdamW<B>, Option<AdamW<B>>) {
+    let main = AdamW::new(b, params, ParamGroup::Main, cfg);
+    let aux_router = model.router.as_ref().filter(|r| r.kind == RouterKind::Expert && r.sampling == Sampling::AuxRouter);
+    let aux = aux_router.map(|r| AdamW::new(b, params, ParamGroup::AuxRouter, cfg.with_lr_mult(r.aux_router_lr_mult)));
+    (main, aux)
 }
 
 impl<B: Backend> AdamW<B> {

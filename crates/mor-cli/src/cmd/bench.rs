@@ -14,10 +14,10 @@
 
 use super::device::{self, Device, DeviceOptions, Gemm, OnBackend};
 use anyhow::{ensure, Context, Result};
-use mor_config::{accounting, RouterKind, RunConfig, Sampling};
-use mor_engine::{Backend, MatmulPrecision, ParamGroup};
+use mor_config::{accounting, RunConfig};
+use mor_engine::{Backend, MatmulPrecision};
 use mor_model::{Batch, Model};
-use mor_train::{AdamW, AdamWConfig, OptimizerRunner, StepRunner};
+use mor_train::{model_optimizers, AdamW, AdamWConfig, OptimizerRunner, StepRunner};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
@@ -169,15 +169,7 @@ fn category(op: &str) -> &'static str {
 
 /// AdamW for the main parameters, and for the aux routers where the config trains them.
 fn optimizers<B: Backend>(b: &B, model: &Model<B>, cfg: &RunConfig) -> (AdamW<B>, Option<AdamW<B>>) {
-    let main = AdamW::new(b, &model.params, ParamGroup::Main, AdamWConfig::from_train(&cfg.train));
-    let aux_mult = cfg
-        .model
-        .router
-        .as_ref()
-        .filter(|r| r.kind == RouterKind::Expert && r.sampling == Sampling::AuxRouter)
-        .map(|r| r.aux_router_lr_mult);
-    let aux = aux_mult.map(|m| AdamW::new(b, &model.params, ParamGroup::AuxRouter, AdamWConfig::from_train(&cfg.train).with_lr_mult(m)));
-    (main, aux)
+    model_optimizers(b, &model.params, &cfg.model, AdamWConfig::from_train(&cfg.train))
 }
 
 /// How a bench step runs: each part eager or by CUDA graphs.
